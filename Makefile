@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh clone: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARCH := $(shell uname -m)
+# torch/torchvision pair that imports together here (see pyproject.toml).
+ifeq ($(ARCH),aarch64)
+TORCH_PAIR := torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: demo test lint bench clean-venv
+
+$(BIN)/igam: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PAIR)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(BIN)/igam
+
+demo: $(BIN)/igam
+	$(BIN)/igam demo
+
+test: $(BIN)/igam
+	$(BIN)/python -m ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q -n 2 --timeout 900
+
+bench: $(BIN)/igam
+	$(BIN)/python benchmarks/step_cost.py --model small-cnn
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+import sys
+
+from igam.cli import main
+
+sys.exit(main())

@@ -1,0 +1,326 @@
+"""Typed configuration: dataclass defaults, then a YAML file, then `key=value` / `--key value` overrides.
+
+Every key is a field of :class:`Config` with a help string; unknown keys and values of the wrong
+type are errors that name the closest valid key. The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from igam.errors import IgamError, suggest
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+METHODS = ("standard", "pgd-at", "trades", "finetune", "igam", "igr")
+
+
+@dataclass
+class Config:
+    """Every setting of a run. Groups: run, data, model, optimisation, method, attack, IGAM, logging."""
+
+    # --- run -----------------------------------------------------------------------------------
+    name: str = opt("", "run name (default: METHOD-MODEL-DATASET-SEED)")
+    out_dir: str = opt("runs", "directory that holds run directories")
+    seed: int = opt(0, "random seed (data order, augmentation, initialisation, attacks)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    resume: bool = opt(False, "continue an interrupted run in out_dir/name from its last good checkpoint")
+    deterministic: bool = opt(False, "torch.use_deterministic_algorithms(True) (slower on GPU)")
+    threads: int = opt(0, "CPU threads for torch (0: torch's default)")
+    # --- data ----------------------------------------------------------------------------------
+    dataset: str = opt("synthetic", "mnist | fashion-mnist | cifar10 | cifar100 | svhn | tiny-imagenet | "
+                       "imagefolder:PATH | npz:PATH | synthetic[:HxWxC:K]")
+    data_dir: str = opt("", "data root (default: $IGAM_DATA, else ./data)")
+    download: bool = opt(False, "download a named dataset into data_dir when its files are missing")
+    train_subset: int = opt(0, "use only the first N training images (0: all)")
+    test_subset: int = opt(0, "use only the first N test images (0: all)")
+    augment: str = opt("auto", "auto | none | flip | crop | crop-flip (auto: crop-flip for colour data, "
+                       "none for grey)", ("auto", "none", "flip", "crop", "crop-flip"))
+    crop_padding: int = opt(4, "zero padding of the random crop, in pixels (Madry/IGAM used 2)")
+    noise: str = opt("0", "uniform noise U(-noise, noise) added to training inputs (official IGAM "
+                     "CIFAR-100 run: 8/255)")
+    batch_size: int = opt(128, "training batch size (per process under torchrun)")
+    eval_batch_size: int = opt(500, "evaluation batch size")
+    # --- model ---------------------------------------------------------------------------------
+    model: str = opt("small-cnn", "architecture from the zoo (`igam models`), timm:NAME or torchvision:NAME")
+    activation: str = opt("default", "default | relu | leaky-relu | softplus | silu | gelu (zoo models)")
+    width: int = opt(0, "width multiplier / base channels of zoo models that have one (0: model default)")
+    normalize: str = opt("dataset", "input normalisation inside the model: dataset (per-channel mean/std "
+                         "of the training set) | none | per-image | l2", ("dataset", "none", "per-image", "l2"))
+    init_from: str = opt("", "start from the weights of this run directory (e.g. a standard-trained "
+                         "student, as the official IGAM schedule does)")
+    # --- optimisation --------------------------------------------------------------------------
+    epochs: float = opt(10.0, "training epochs (fractions allowed)")
+    optimizer: str = opt("sgd", "sgd | adam", ("sgd", "adam"))
+    lr: float = opt(0.1, "learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "weight decay (applied to weights of conv/linear layers only)")
+    schedule: str = opt("cosine", "cosine | step | constant", ("cosine", "step", "constant"))
+    lr_milestones: list = opt([0.5, 0.75], "step schedule: fractions of training where lr *= lr_gamma")
+    lr_gamma: float = opt(0.1, "step schedule factor")
+    warmup_epochs: float = opt(0.0, "linear learning-rate warm-up")
+    grad_clip: float = opt(0.0, "clip the student's gradient norm (0: off)")
+    # --- method --------------------------------------------------------------------------------
+    method: str = opt("standard", "training objective: " + " | ".join(METHODS), METHODS)
+    # --- attacks used for training (pgd-at, trades) ------------------------------------------------
+    eps: str = opt("8/255", "L-inf radius in [0,1] pixel units; fractions like 8/255 allowed")
+    step_size: str = opt("2/255", "PGD step size")
+    steps: int = opt(7, "PGD steps for adversarial training (Madry: 7 CIFAR, 40 MNIST)")
+    random_start: bool = opt(True, "PGD starts from a uniform random point of the eps-ball")
+    attack_bn: str = opt("eval", "BatchNorm mode while crafting training attacks: eval | train",
+                         ("eval", "train"))
+    trades_beta: float = opt(6.0, "TRADES robustness weight")
+    # --- teacher and adapter (finetune, igam) -----------------------------------------------------
+    teacher: str = opt("", "teacher: a run directory, or a .safetensors/.pt/.pth file with teacher_model")
+    teacher_model: str = opt("", "architecture of a foreign teacher checkpoint")
+    teacher_classes: int = opt(0, "classes of a foreign teacher checkpoint's own head")
+    teacher_in_shape: str = opt("", "input shape CxHxW of a foreign teacher (e.g. 1x28x28)")
+    adapter: str = opt("auto", "input adapter from target to teacher input: auto | identity | resize | "
+                       "crop | crop28 | pad | random-pad | gray | transpose-conv | compositions like gray+crop28")
+    teacher_bn: str = opt("eval", "teacher BatchNorm mode: eval (paper) | train (official code)",
+                          ("eval", "train"))
+    # --- IGAM (paper eqs. 7-14) ------------------------------------------------------------------
+    preset: str = opt("", "paper | official: sets the gradient target, scaling, discriminator input and "
+                      "schedule of IGAM (see docs/IGAM.md)")
+    lambda_adv: float = opt(1.0, "weight of the adversarial discriminator loss L_adv (eq. 14)")
+    lambda_diff: str = opt("auto", "weight of L_diff = ||J_s - J_t||^2 (eq. 13); 'auto' scales it to "
+                           "lambda_diff_auto / E||J_t||^2 on the first batches")
+    lambda_diff_auto: float = opt(2.3, "target of lambda_diff=auto: lambda_diff * E||J_t||^2")
+    gradient_target: str = opt("ce", "differentiate the cross-entropy (paper eq. 8) or the true-class "
+                               "probability p_y (official code)", ("ce", "true-prob"))
+    pixel_scale: float = opt(1.0, "gradients taken w.r.t. x * pixel_scale (official code: 255)")
+    diff_reduction: str = opt("mean", "L_diff over the batch: mean (paper) | sum (official)", ("mean", "sum"))
+    disc_input_norm: str = opt("none", "gradient normalisation before the discriminator: none | "
+                               "zero-mean-l2 (official)", ("none", "zero-mean-l2"))
+    adv_loss: str = opt("non-saturating", "student's adversarial loss: saturating (minimax, eq. 14; "
+                        "official uses it at weight lambda_adv/2) | non-saturating",
+                        ("saturating", "non-saturating"))
+    disc_layers: int = opt(4, "discriminator conv layers (Appendix A: 4 or 5)")
+    disc_channels: int = opt(8, "discriminator channels of the first layer, doubled per layer (8 or 16)")
+    disc_every: int = opt(5, "discriminator update every k student steps")
+    disc_lr: float = opt(0.0, "discriminator learning rate (0: the student's lr and schedule)")
+    disc_optimizer: str = opt("sgd", "sgd | adam", ("sgd", "adam"))
+    igam_start: str = opt("0", "when the IGAM terms switch on: a step (1000), an epoch (5ep) or a "
+                          "fraction of training (0.875 = official); plain cross-entropy before")
+    grad_matching: str = opt("exact", "student gradient of the matching terms: exact (double backprop) | "
+                             "finite-difference (Hessian-vector product from first-order passes)",
+                             ("exact", "finite-difference"))
+    fd_step: float = opt(1e-2, "finite-difference step h relative to ||x|| / ||v||")
+    # --- finetune --------------------------------------------------------------------------------
+    finetune_lr: float = opt(1e-3, "Adam learning rate of the new logit layer (and learned adapter)")
+    # --- evaluation during training --------------------------------------------------------------
+    eval_every: float = opt(1.0, "evaluate every N epochs (0: only at the end)")
+    eval_n: int = opt(1000, "test images used by evaluations during training (0: all)")
+    eval_attack: str = opt("", "attack preset also evaluated during training, e.g. pgd10 (empty: none)")
+    eval_bn: str = opt("eval", "BatchNorm mode at evaluation: eval | train (reproduces the official "
+                       "evaluation; labelled as such)", ("eval", "train"))
+    # --- logging and checkpoints -----------------------------------------------------------------
+    log_every: int = opt(50, "write a CSV/TensorBoard row every N steps")
+    checkpoint_every: int = opt(500, "write a resumable checkpoint every N steps (and at every epoch end)")
+    keep_checkpoints: int = opt(2, "resumable checkpoints kept on disk")
+    nan_policy: str = opt("skip", "NaN/Inf in a loss or gradient: skip (drop the step, go on) | stop",
+                          ("skip", "stop"))
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(True, "write TensorBoard events")
+    amp: str = opt("none", "mixed precision on GPU: none | bf16 | fp16", ("none", "bf16", "fp16"))
+    compile: bool = opt(False, "torch.compile the modules that allow it (teacher, discriminator, "
+                        "evaluation; student in finite-difference mode)")
+    channels_last: bool = opt(False, "channels-last memory format on GPU")
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw: Any) -> Config:
+        return apply_overrides(self, kw)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = get_type_hints(Config)
+
+
+def parse_fraction(value: str | float | int, key: str = "value") -> float:
+    """'8/255' -> 0.0313..., '0.3' -> 0.3. Raises IgamError on junk."""
+    if isinstance(value, bool):
+        raise IgamError(f"{key}={value!r} is not a number.")
+    if isinstance(value, int | float):
+        return float(value)
+    s = str(value).strip()
+    m = re.fullmatch(r"([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)", s)
+    try:
+        out = float(m.group(1)) / float(m.group(2)) if m else float(s)
+    except (ValueError, ZeroDivisionError):
+        raise IgamError(f"{key}={value!r} is not a number; write e.g. 0.3 or 8/255.") from None
+    if not math.isfinite(out):
+        raise IgamError(f"{key}={value!r} is not a finite number.")
+    return out
+
+
+def check_eps(value: str | float, key: str = "eps") -> float:
+    """An L-inf radius in [0,1] pixel units; catches the common mistake of 8 meaning 8/255."""
+    eps = parse_fraction(value, key)
+    if eps < 0:
+        raise IgamError(f"{key}={value} is negative; radii are >= 0.")
+    if eps > 1:
+        raise IgamError(f"{key}={value} is larger than 1, but inputs live in [0, 1]. If you meant "
+                        f"{value}/255 on the 0-255 scale, write {key}={value}/255.")
+    return eps
+
+
+def _coerce(key: str, value: Any) -> Any:
+    typ = _TYPES[key]
+    if value is None:
+        raise IgamError(f"Config key '{key}' has no value; write {key}=VALUE.")
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return int(str(value).strip())
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = parse_fraction(value, key)
+            return out
+        if typ is list:
+            if isinstance(value, list | tuple):
+                return [parse_fraction(v, key) for v in value]
+            s = str(value).strip().strip("[]")
+            return [parse_fraction(v, key) for v in s.split(",") if v.strip()]
+        if isinstance(value, dict | list):
+            raise ValueError
+        return str(value)
+    except (ValueError, TypeError, IgamError):
+        want = {bool: "true/false", int: "an integer", float: "a number", list: "a comma-separated list",
+                str: "a string"}[typ]
+        raise IgamError(f"Config key '{key}' needs {want}, got {value!r}.") from None
+
+
+def _check_choice(key: str, value: Any) -> None:
+    choices = FIELDS[key].metadata.get("choices")
+    if choices and value not in choices:
+        raise IgamError(f"{key}={value!r} is not allowed.{suggest(str(value), choices)} "
+                        f"Choose one of: {', '.join(choices)}.")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return a copy of cfg with overrides applied (keys may use - or _)."""
+    values = cfg.to_dict()
+    for raw_key, value in overrides.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in FIELDS:
+            raise IgamError(f"Unknown config key '{raw_key}'.{suggest(key, FIELDS)} "
+                            "Run `igam train --help` for the list of keys.")
+        values[key] = _coerce(key, value)
+        _check_choice(key, values[key])
+    out = Config(**values)
+    validate(out)
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type cannot express."""
+    for key in ("eps", "step_size"):
+        check_eps(getattr(cfg, key), key)
+    parse_fraction(cfg.noise, "noise")
+    if cfg.lambda_diff != "auto":
+        parse_fraction(cfg.lambda_diff, "lambda_diff")
+    for key in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every", "disc_every",
+                "disc_layers", "disc_channels"):
+        if getattr(cfg, key) < 1:
+            raise IgamError(f"{key}={getattr(cfg, key)} must be at least 1.")
+    for key in ("epochs", "lr", "steps"):
+        if getattr(cfg, key) < 0:
+            raise IgamError(f"{key}={getattr(cfg, key)} must not be negative.")
+    if cfg.preset not in ("", "paper", "official"):
+        raise IgamError(f"preset={cfg.preset!r} is not allowed.{suggest(cfg.preset, ['paper', 'official'])} "
+                        "Choose paper or official (or leave it empty).")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise IgamError(f"Config file '{path}' does not exist.")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise IgamError(f"Config file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise IgamError(f"Config file '{path}' must hold a mapping of key: value, not {type(data).__name__}.")
+    return data
+
+
+def parse_override_args(args: list[str]) -> dict[str, Any]:
+    """['lr=0.1', '--epochs', '3', '--resume'] -> {'lr': '0.1', 'epochs': '3', 'resume': 'true'}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            body = a[2:]
+            if "=" in body:
+                k, v = body.split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--") and "=" not in args[i + 1]:
+                k, v = body, args[i + 1]
+                i += 1
+            else:
+                k, v = body, "true"
+        elif "=" in a:
+            k, v = a.split("=", 1)
+        else:
+            raise IgamError(f"Cannot read argument '{a}': write overrides as key=value or --key value.")
+        if not k:
+            raise IgamError(f"Cannot read argument '{a}': the key is empty.")
+        out[k] = v
+        i += 1
+    return out
+
+
+def make_config(config_file: str | None = None, overrides: dict[str, Any] | None = None,
+                base: Config | None = None) -> Config:
+    """Defaults (or base), then a YAML file, then overrides."""
+    cfg = base or Config()
+    if config_file:
+        cfg = apply_overrides(cfg, load_yaml(config_file))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def config_help() -> str:
+    """The key reference printed by `igam train --help`."""
+    lines = ["configuration keys (key=value or --key value; defaults in brackets):"]
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {f.name:<18} {f.metadata['help']} [{default}]")
+    return "\n".join(lines)
+
+
+def save_yaml(data: dict[str, Any], path: str | Path) -> None:
+    from igam.runs import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,21 @@
+"""One error type for problems a user can fix: the CLI prints its message without a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class IgamError(Exception):
+    """A problem with the user's input, named with its fix. The CLI prints it as one paragraph."""
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """' Did you mean X?' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def unknown(kind: str, name: str, choices: Iterable[str]) -> IgamError:
+    choices = sorted(choices)
+    return IgamError(f"Unknown {kind} '{name}'.{suggest(name, choices)} Valid {kind}s: {', '.join(choices)}.")

@@ -1,0 +1,319 @@
+"""The one training loop. Every method (standard, pgd-at, trades, finetune, igam, igr) is an objective
+plugged into it; see igam.objectives.base for the contract.
+
+Read top to bottom: set-up (device, data, model, objective, optimiser), resume, the step loop
+(loss -> backward -> clip -> step -> objective.after_step -> log -> checkpoint), per-epoch evaluation,
+final weights and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from igam.config import Config, parse_fraction, save_yaml
+from igam.data import BatchLoader, DataSpec, load_data, resolve_augment, spec_of
+from igam.errors import IgamError
+from igam.models import create_model, model_from_args
+from igam.objectives import create_objective
+from igam.runs import (PACKAGE_VERSION, CSVLogger, git_commit, load_latest_state, load_weights, read_json,
+                       resolve_run, save_state, save_weights, write_json)
+from igam.utils import Dist, bn_mode, seed_everything, setup_distributed, unwrap
+
+
+# ---------------------------------------------------------------------------------------------
+def run_name(cfg: Config) -> str:
+    ds = cfg.dataset.replace(":", "-").replace("/", "_")[:40]
+    return cfg.name or f"{cfg.method}-{cfg.model.replace(':', '-')}-{ds}-s{cfg.seed}"
+
+
+def build_model(cfg: Config, spec: DataSpec) -> nn.Module:
+    """The network a method trains: a zoo/timm/torchvision student, or (finetune) a frozen teacher with a
+    new logit layer behind an input adapter."""
+    if cfg.method == "finetune":
+        from igam.teacher import build_finetune_model
+
+        return build_finetune_model(cfg, spec)
+    model = create_model(cfg.model, num_classes=spec.num_classes, in_chans=spec.shape[0],
+                         input_size=spec.shape[1:], activation=cfg.activation, width=cfg.width,
+                         normalize=cfg.normalize, mean=spec.mean, std=spec.std)
+    if cfg.init_from:
+        src = resolve_run(cfg.init_from)
+        meta = read_json(src / "meta.json")
+        if meta.get("model", {}).get("name") != cfg.model:
+            raise IgamError(f"init_from={cfg.init_from} holds a {meta.get('model', {}).get('name')}, not a "
+                            f"{cfg.model}; start from a run of the same architecture.")
+        model.load_state_dict(load_weights(src / "model.safetensors"))
+    return model
+
+
+def lr_factor(cfg: Config, step: int, total: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at `step`: linear warm-up, then cosine, step or constant."""
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "cosine":
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if cfg.schedule == "step":
+        return cfg.lr_gamma ** sum(step >= m * total for m in cfg.lr_milestones)
+    return 1.0
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Weight decay on conv/linear weights only (not biases, BatchNorm or normalisation buffers)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise IgamError("This model has no trainable parameters.")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.method == "finetune":
+        return torch.optim.Adam(groups, lr=cfg.finetune_lr)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
+             bn: str = "eval") -> float:
+    """Clean accuracy in [0, 1] with eval-mode BatchNorm (or train-mode, labelled, for the official protocol)."""
+    correct = 0
+    device = next(model.parameters()).device
+    with bn_mode(model, bn):
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device).float().div(255) if x.dtype == torch.uint8 else x[i:i + batch_size]
+            correct += int((model(xb.to(device)).argmax(1) == y[i:i + batch_size].to(device)).sum())
+    return correct / max(1, len(x))
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _reduce(values: dict[str, torch.Tensor], dist: Dist) -> dict[str, float]:
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.stack([values[k].float() for k in keys])
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(t)
+        t /= dist.world
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+# ---------------------------------------------------------------------------------------------
+def train(cfg: Config, log=print) -> Path:
+    """Train according to cfg and return the run directory."""
+    dist, device = setup_distributed(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(cfg.seed)
+    say = log if dist.main else (lambda *a, **k: None)
+
+    run_dir = Path(cfg.out_dir) / run_name(cfg)
+    state = None
+    if cfg.resume:
+        state = load_latest_state(run_dir, log=say)
+        if state is None:
+            say(f"igam: no usable checkpoint in {run_dir}; starting from the beginning.")
+    elif (run_dir / "meta.json").exists() and read_json(run_dir / "meta.json").get("status") != "created":
+        raise IgamError(f"Run directory '{run_dir}' already holds a run. Pass resume=true to continue it, "
+                        "another name=..., or delete the directory.")
+
+    # data and model ----------------------------------------------------------------------------
+    arrays = load_data(cfg.dataset, cfg.data_dir or None, cfg.download, cfg.train_subset, cfg.test_subset)
+    spec = spec_of(arrays)
+    say(f"igam: {arrays.name} from {arrays.source}: {len(arrays.x_train)} train / {len(arrays.x_test)} test "
+        f"images of shape {spec.shape}, {spec.num_classes} classes")
+    model = build_model(cfg, spec).to(device)
+    objective = create_objective(cfg, model, spec, device)
+    optimizer = make_optimizer(cfg, model)
+    augment = resolve_augment(cfg.augment, spec.shape)
+    loader = BatchLoader(arrays.x_train, arrays.y_train, cfg.batch_size, augment=augment,
+                         crop_padding=cfg.crop_padding, noise=parse_fraction(cfg.noise), seed=cfg.seed,
+                         device=device, rank=dist.rank, world=dist.world)
+    steps_per_epoch = len(loader)
+    total = max(1, round(cfg.epochs * steps_per_epoch))
+    eval_x, eval_y = arrays.x_test[: cfg.eval_n or None], arrays.y_test[: cfg.eval_n or None]
+
+    step = 0
+    if state is not None:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        objective.load_state_dict(state["objective"])
+        objective.load_extra_state(state["objective_extra"])
+        _set_rng_state(state["rng"])
+        step = int(state["step"])
+        say(f"igam: resumed {run_dir} at step {step}/{total}")
+
+    train_model: nn.Module = model
+    if dist.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    meta = {"status": "running", "method": cfg.method, "model": unwrap(model).igam_args,
+            "data": spec.to_dict(), "augment": augment, "seed": cfg.seed, "version": PACKAGE_VERSION,
+            "git_commit": git_commit(), "torch": torch.__version__, "device": str(device),
+            "world_size": dist.world, "steps": total, "steps_per_epoch": steps_per_epoch,
+            "adapter": getattr(unwrap(model), "adapter_spec", None), "teacher": cfg.teacher or None,
+            "eval_bn": cfg.eval_bn}
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg.to_dict(), run_dir / "config.yaml")
+        write_json(run_dir / "meta.json", meta)
+    logger = CSVLogger(run_dir / "log.csv", (run_dir / "tb") if cfg.tensorboard else None,
+                       resume_step=step if state else None) if dist.main else None
+    eval_logger = CSVLogger(run_dir / "eval_log.csv", None, resume_step=step if state else None) \
+        if dist.main else None
+
+    def checkpoint() -> None:
+        if dist.main:
+            save_state(run_dir, step, {
+                "step": step, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "objective": objective.state_dict(), "objective_extra": objective.extra_state(),
+                "rng": _rng_state()}, keep=cfg.keep_checkpoints)
+
+    def evaluate_now(epoch: float) -> dict[str, float]:
+        res = {"epoch": round(epoch, 3), "clean_acc": accuracy(unwrap(model), eval_x, eval_y,
+                                                               cfg.eval_batch_size, cfg.eval_bn)}
+        if cfg.eval_attack:
+            from igam.evaluate import evaluate_attack
+
+            res[f"{cfg.eval_attack}_acc"] = evaluate_attack(unwrap(model), eval_x, eval_y, cfg.eval_attack,
+                                                            spec, cfg.eval_batch_size, cfg.seed, cfg.eval_bn)
+        if dist.main:
+            eval_logger.log(step, res)
+        return res
+
+    # the loop --------------------------------------------------------------------------------
+    amp_ctx = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
+               if cfg.amp != "none" and device.type == "cuda" else nullcontext())
+    scaler = torch.amp.GradScaler(device.type, enabled=(cfg.amp == "fp16" and device.type == "cuda"))
+    eval_every_steps = max(1, round(cfg.eval_every * steps_per_epoch)) if cfg.eval_every > 0 else 0
+    sums: dict[str, torch.Tensor] = {}
+    count, skipped, t0, last = 0, 0, time.time(), {}
+    bar = None
+    if cfg.progress and dist.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=run_name(cfg), unit="step", dynamic_ncols=True,
+                   mininterval=1.0, leave=False)
+    while step < total:
+        epoch, start = divmod(step, steps_per_epoch)
+        for x, y in loader.epoch(epoch, start):
+            factor = lr_factor(cfg, step, total, steps_per_epoch)
+            for g in optimizer.param_groups:
+                g["lr"] = (cfg.finetune_lr if cfg.method == "finetune" else cfg.lr) * factor
+            objective.on_lr(factor)
+            model.train()
+            with amp_ctx:
+                loss, metrics = objective.loss(train_model, x, y, step)
+            optimizer.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                finite = bool(torch.isfinite(gnorm))
+                metrics["grad_norm"] = gnorm.detach()
+            if not finite:
+                bad = [k for k, v in metrics.items() if not bool(torch.isfinite(v).all())] or ["gradient"]
+                msg = f"non-finite {', '.join(bad)} at step {step}"
+                if cfg.nan_policy == "stop":
+                    checkpoint()
+                    raise IgamError(f"Training stopped: {msg}. The last good state is checkpointed in "
+                                    f"{run_dir}; lower lr or the lambdas, or set grad_clip, then resume=true.")
+                say(f"igam: {msg}; step skipped (nan_policy=skip)")
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+                metrics.update(objective.after_step(train_model, x, y, step))
+            step += 1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            count += 1
+            if step % cfg.log_every == 0 or step == total:
+                last = {k: v / count for k, v in _reduce(sums, dist).items()}
+                last.update(lr=optimizer.param_groups[0]["lr"], epoch=round(step / steps_per_epoch, 3),
+                            images_per_s=round(count * cfg.batch_size * dist.world / (time.time() - t0), 1),
+                            skipped_steps=skipped)
+                if dist.main:
+                    logger.log(step, last)
+                sums, count, t0 = {}, 0, time.time()
+                if bar is not None:
+                    bar.set_postfix({k: f"{last[k]:.3g}" for k in ("ce", "acc") if k in last})
+            if bar is not None:
+                bar.update(1)
+            if eval_every_steps and step % eval_every_steps == 0 and step < total:
+                res = evaluate_now(step / steps_per_epoch)
+                say(f"igam: epoch {res['epoch']:.2f} " + " ".join(f"{k}={v:.4f}" for k, v in res.items()
+                                                                   if k != "epoch"))
+            if step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0:
+                checkpoint()
+            if step >= total:
+                break
+    if bar is not None:
+        bar.close()
+
+    # the end -----------------------------------------------------------------------------------
+    final = evaluate_now(step / steps_per_epoch)
+    checkpoint()
+    if dist.main:
+        save_weights(unwrap(model), run_dir / "model.safetensors")
+        for name, module in objective.named_children():
+            if any(True for _ in module.parameters()):
+                save_weights(module, run_dir / f"{name}.safetensors")
+        metrics = {"final": final, "train": last, "skipped_steps": skipped, "steps": step}
+        write_json(run_dir / "metrics.json", metrics)
+        meta.update(status="finished", finished=time.time())
+        write_json(run_dir / "meta.json", meta)
+        logger.close()
+        say(f"igam: finished {run_dir}: " + " ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "epoch"))
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    return run_dir
+
+
+def load_run_model(run: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained network of a run (including its adapter and teacher body for fine-tuned runs)."""
+    run_dir = resolve_run(run)
+    meta = read_json(run_dir / "meta.json")
+    if meta.get("method") == "finetune" or meta.get("adapter"):
+        from igam.teacher import model_from_meta
+
+        model = model_from_meta(meta)
+    else:
+        model = model_from_args(meta["model"])
+    weights = run_dir / "model.safetensors"
+    if not weights.exists():
+        raise IgamError(f"Run '{run_dir}' has no model.safetensors yet (status: {meta.get('status')}). "
+                        "Finish it first, e.g. with resume=true.")
+    model.load_state_dict(load_weights(weights))
+    return model.to(device).eval()
