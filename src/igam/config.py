@@ -299,14 +299,33 @@ def parse_override_args(args: list[str]) -> dict[str, Any]:
     return out
 
 
+# IGAM presets (docs/IGAM.md): what each sets unless the key is given explicitly.
+PRESETS: dict[str, dict[str, Any]] = {
+    # the paper's equations 8-14: CE input gradients on [0,1] pixels, per-example mean L_diff, raw gradients
+    # to the discriminator, minimax L_adv, eval-mode teacher, IGAM from the first step
+    "paper": {"gradient_target": "ce", "pixel_scale": 1.0, "diff_reduction": "mean", "disc_input_norm": "none",
+              "adv_loss": "saturating", "teacher_bn": "eval", "igam_start": "0"},
+    # the released TF1 code: true-class-probability gradients on 0-255 pixels, batch-summed L_diff,
+    # zero-mean unit-L2 maps to the discriminator, minimax L_adv at weight lambda_adv/2, train-mode
+    # BatchNorm in the teacher, IGAM only for the last 12.5% of training, +-2 px crops
+    "official": {"gradient_target": "true-prob", "pixel_scale": 255.0, "diff_reduction": "sum",
+                 "disc_input_norm": "zero-mean-l2", "adv_loss": "saturating", "teacher_bn": "train",
+                 "igam_start": "0.875", "crop_padding": 2},
+}
+
+
 def make_config(config_file: str | None = None, overrides: dict[str, Any] | None = None,
                 base: Config | None = None) -> Config:
-    """Defaults (or base), then a YAML file, then overrides."""
+    """Defaults (or base), then a YAML file, then overrides; a preset fills the keys not given explicitly."""
     cfg = base or Config()
+    given: dict[str, Any] = {}
     if config_file:
-        cfg = apply_overrides(cfg, load_yaml(config_file))
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
+        given.update(load_yaml(config_file))
+    given.update({str(k).replace("-", "_"): v for k, v in (overrides or {}).items()})
+    cfg = apply_overrides(cfg, given)
+    if cfg.preset:
+        preset = {k: v for k, v in PRESETS[cfg.preset].items() if k not in given}
+        cfg = apply_overrides(cfg, preset)
     validate(cfg)
     return cfg
 

@@ -1,50 +1,182 @@
-"""Evaluation of runs: accuracy under named attacks, written to RUN/eval.json.
+"""Evaluation of runs: accuracy under named attacks, with gradient-masking checks, written to RUN/eval.json.
 
-This version knows `clean`; attack presets (fgsm, pgdK, autoattack, square) come from igam.attacks.
+Protocol (docs: evaluation-and-infrastructure.md, sec. 4): the model in eval mode (or train-mode BatchNorm
+with bn='train', labelled in every record), deterministic given the seed (each batch's random draws come
+from (seed, batch index)), robust accuracy counted per example as "correct on the clean image and on the
+attack's output" (the clean image is itself a point of the eps-ball), and every record carrying the attack's
+settings, n, seed, time and, for AutoAttack, the library and its version.
+
+    from igam.evaluate import run_attack
+    rec = run_attack(model, x_uint8, y, "pgd20")          # {"accuracy": ..., "attack": {...}, ...}
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 import yaml
 
+from igam.attacks import FGSM, PGD, Square, make_attack, parse_preset
+from igam.attacks.autoattack import INSTALL_HINT, torchattacks_version
+from igam.attacks.checks import Observation, gradient_stats, run_checks, warning_block
+from igam.attacks.presets import default_eps, is_mnist_like
+from igam.config import check_eps
 from igam.data import load_data
-from igam.errors import unknown
+from igam.errors import IgamError
 from igam.runs import read_json, resolve_run, write_json
+from igam.utils import bn_mode
+
+__all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "data_dir_of", "evaluate_attack", "evaluate_run",
+           "large_eps", "result_key", "run_attack", "warning_block"]
+
+CHECK_STEPS = (10, 20, 50)  # PGD step counts of the --checks step sweep
+EPS_SWEEP = (0.25, 0.5, 1.0, 1.5)  # multiples of eps of the --checks eps sweep (PGD-20)
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    return (int(seed) * 1_000_003 + index * 7919 + 1) % (2**62)
+
+
+def _as_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device)
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+def validate_attacks(names: list[str]) -> None:
+    """Fail before any work on a bad name, or on autoattack without torchattacks."""
+    if not names:
+        raise IgamError("No attacks given; write e.g. --attacks clean,fgsm,pgd20.")
+    for name in names:
+        if name != "clean" and parse_preset(name).kind == "autoattack" and torchattacks_version() is None:
+            raise IgamError(INSTALL_HINT)
+
+
+def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str | object, *,
+               eps: float | str | None = None, step_size: float | str | None = None, batch_size: int = 500,
+               seed: int = 0, bn: str = "eval") -> dict[str, Any]:
+    """Accuracy of `model` on images x (uint8 0..255 or float [0,1], NCHW) under an attack preset name
+    ('clean', 'fgsm', 'pgd20x5', ...) or an Attack object; returns the record saved in eval.json."""
+    if batch_size < 1:
+        raise IgamError(f"batch_size={batch_size} must be at least 1.")
+    device = next(model.parameters()).device
+    shape = tuple(x.shape[1:])
+    if isinstance(attack, str):
+        atk = None if attack == "clean" else make_attack(attack, model, shape, eps=eps, step_size=step_size,
+                                                         bn=bn, seed=seed)
+    else:
+        atk = attack
+    t0 = time.time()
+    correct = torch.zeros(len(x), dtype=torch.bool)
+    for b, i in enumerate(range(0, len(x), batch_size)):
+        xb, yb = _as_float(x[i:i + batch_size], device), y[i:i + batch_size].to(device)
+        with bn_mode(model, bn), torch.no_grad():
+            ok = model(xb).argmax(1) == yb
+        if atk is not None:
+            x_adv = atk(xb, yb, seed=_batch_seed(seed, b))
+            with bn_mode(model, bn), torch.no_grad():
+                ok &= model(x_adv).argmax(1) == yb
+        correct[i:i + batch_size] = ok.cpu()
+    settings = {"attack": "clean", "bn": bn} if atk is None else atk.settings()
+    return {"accuracy": float(correct.float().mean()) if len(x) else 0.0, "n": len(x), "seed": seed, "bn": bn,
+            "eps": None if atk is None else atk.eps, "batch_size": batch_size, "attack": settings,
+            "time_s": round(time.time() - t0, 2)}
 
 
 def evaluate_attack(model: nn.Module, x, y, attack: str, spec=None, batch_size: int = 500, seed: int = 0,
                     bn: str = "eval") -> float:
-    """Accuracy in [0, 1] of `model` on uint8 images x under a named attack."""
-    from igam.train import accuracy
+    """Accuracy in [0, 1] of `model` on uint8 images x under a named attack (used during training)."""
+    return run_attack(model, x, y, attack, batch_size=batch_size, seed=seed, bn=bn)["accuracy"]
 
-    if attack == "clean":
-        return accuracy(model, x, y, batch_size, bn)
-    raise unknown("attack", attack, ["clean"])
+
+def result_key(name: str, eps: float | str | None = None, bn: str = "eval") -> str:
+    """Key of a result in eval.json: the attack name, plus @eps=... when eps is overridden and @bn=train."""
+    key = name
+    if eps is not None and name != "clean":
+        key += f"@eps={str(eps).replace(' ', '')}"
+    return key + ("@bn=train" if bn == "train" else "")
+
+
+def large_eps(shape: tuple[int, ...], eps: float = 0.0) -> float:
+    """The radius at which PGD must reach about 0%: 0.5 for MNIST-like inputs, 64/255 for colour, and at
+    least 1.5 eps."""
+    return max(0.5 if is_mnist_like(shape) else 64 / 255, min(1.0, 1.5 * eps))
+
+
+def check_attacks(model: nn.Module, shape: tuple[int, ...], eps: float, *, queries: int = 1000,
+                  bn: str = "eval", seed: int = 0) -> list[tuple[str, object]]:
+    """The extra attacks of --checks: FGSM, a PGD step sweep, a PGD-20 eps sweep, PGD-50 at a large eps
+    (step 2.5 eps / 50, Madry et al.) and Square, as (label, attack) pairs."""
+    eps0, step0 = default_eps(shape)
+    ratio = step0 / eps0
+    out: list[tuple[str, object]] = [("fgsm", FGSM(model, eps, bn=bn, seed=seed))]
+    out += [(f"pgd{k}", PGD(model, eps, eps * ratio, k, bn=bn, seed=seed)) for k in CHECK_STEPS]
+    out += [(f"pgd20@eps={f * eps:.4g}", PGD(model, min(1.0, f * eps), min(1.0, f * eps) * ratio, 20, bn=bn,
+                                            seed=seed)) for f in EPS_SWEEP if f != 1.0]
+    big = large_eps(shape, eps)
+    out.append((f"pgd50@eps={big:.4g}", PGD(model, big, 2.5 * big / 50, 50, bn=bn, seed=seed)))
+    out.append((f"square{queries}", Square(model, eps, queries, bn=bn, seed=seed)))
+    return out
+
+
+def observation(key: str, rec: dict[str, Any]) -> Observation | None:
+    """An eval.json record as an input of the masking checks (None for clean or unreadable records)."""
+    s = rec.get("attack")
+    if not isinstance(s, dict) or s.get("attack") in (None, "clean") or rec.get("eps") is None:
+        return None
+    return Observation(key, str(s["attack"]), float(rec["eps"]), float(rec["accuracy"]), int(rec["n"]),
+                       str(rec.get("bn", "eval")), int(s.get("steps", 0)), int(s.get("restarts", 1)),
+                       str(s.get("loss", "ce")))
 
 
 def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size: int = 500, seed: int = 0,
-                 bn: str = "eval", data_dir: str | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Evaluate a run on the first n test images of its dataset; results merge into RUN/eval.json."""
+                 bn: str = "eval", data_dir: str | None = None, device: str = "cpu", *,
+                 eps: float | str | None = None, checks: bool = False, check_n: int = 500,
+                 check_queries: int = 1000, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate a run on the first n test images of its dataset. Results merge into RUN/eval.json under
+    `result_key(name, eps, bn)`; the masking checks (always those the results allow, plus the sweeps of
+    `checks=True` on the first check_n images) replace its `masking_checks` section. Returns this call's
+    records, keyed like eval.json, and `masking_checks`."""
     from igam.train import load_run_model
 
+    say = log or (lambda s: None)
+    validate_attacks(attacks)
+    if eps is not None:
+        check_eps(eps)
     run_dir = resolve_run(run)
     meta = read_json(run_dir / "meta.json")
     arrays = load_data(meta["data"]["dataset"], data_dir or data_dir_of(run_dir), False, 0, n)
+    x, y = arrays.x_test, arrays.y_test
+    shape = tuple(x.shape[1:])
     model = load_run_model(run_dir, device)
     results: dict[str, Any] = {}
     for name in attacks:
-        t0 = time.time()
-        acc = evaluate_attack(model, arrays.x_test, arrays.y_test, name, None, batch_size, seed, bn)
-        results[name] = {"accuracy": acc, "n": len(arrays.x_test), "seed": seed, "bn": bn,
-                         "time_s": round(time.time() - t0, 2)}
+        say(f"igam: {run_dir.name}: {name} on {len(x)} images ...")
+        rec = run_attack(model, x, y, name, eps=eps, batch_size=batch_size, seed=seed, bn=bn)
+        results[result_key(name, eps, bn)] = rec
+        say(f"igam: {run_dir.name}: {name}: {100 * rec['accuracy']:.2f}% ({rec['time_s']} s)")
+
     path = run_dir / "eval.json"
     merged = read_json(path) if path.exists() else {}
     merged.update(results)
+    nominal = check_eps(eps) if eps is not None else default_eps(shape)[0]
+    obs = [o for k, r in merged.items() if isinstance(r, dict) and (o := observation(k, r)) is not None]
+    nc = min(len(x), check_n)
+    grads = gradient_stats(model, _as_float(x[:nc], torch.device(device)), y[:nc], batch_size, bn)
+    if checks:
+        for label, atk in check_attacks(model, shape, nominal, queries=check_queries, bn=bn, seed=seed):
+            say(f"igam: {run_dir.name}: check {label} on {nc} images ...")
+            rec = run_attack(model, x[:nc], y[:nc], atk, batch_size=batch_size, seed=seed, bn=bn)
+            obs.append(observation(f"check:{label}", rec))  # type: ignore[arg-type]
+    verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads)
+    failed = [k for k, v in verdicts.items() if v["passed"] is False]
+    results["masking_checks"] = {"passed": not failed, "failed": failed, "eps": nominal, "check_n": nc,
+                                 "checks": verdicts, "observations": [o.to_dict() for o in obs]}
+    merged["masking_checks"] = results["masking_checks"]
     write_json(path, merged)
     return results
 

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
+import re
+import signal
 import subprocess
 import tempfile
 import time
@@ -32,7 +35,37 @@ PACKAGE_VERSION = "0.1.0"
 
 
 # ---------------------------------------------------------------------------------------------
-# atomic file writes: temp file in the same directory, fsync, rename
+# crash-test hook (docs/RELIABILITY.md): IGAM_TEST_KILL_AT=POINT:N makes the process SIGKILL itself the
+# N-th time it reaches kill_point(POINT). Unset (normal use), kill_point does nothing.
+KILL_ENV = "IGAM_TEST_KILL_AT"
+KILL_POINTS = ("step", "after-step", "checkpoint-write", "checkpoint-sidecar", "weights-write")
+_kill_hits: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec or spec.partition(":")[0] != name:
+        return
+    _kill_hits[name] = _kill_hits.get(name, 0) + 1
+    if _kill_hits[name] == int(spec.partition(":")[2] or 1):
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic file writes: temp file in the same directory, fsync, rename, fsync the directory
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -42,6 +75,7 @@ def _atomic(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -87,7 +121,9 @@ def save_weights(module_or_state: torch.nn.Module | dict, path: Path) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp)
+        kill_point("weights-write")
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -102,20 +138,32 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
-            raise IgamError(f"'{path}' is not a valid safetensors file ({e}).") from None
-    return load_torch_file(path)
+            raise IgamError(f"'{path}' is not a valid safetensors file ({e}); it may be truncated or "
+                            "corrupted. Re-create it (e.g. rerun the training with resume=true).") from None
+    return _check_tensor_dict(load_torch_file(path), path)
+
+
+def _load_error(e: BaseException) -> str:
+    """The one informative line of a torch.load failure (torch's own text is long and has ANSI codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|\n|$)", text)
+    line = m.group(1) if m else next((t.strip() for t in text.splitlines() if t.strip()), "")
+    return f"{type(e).__name__}: {line[:200]}"
 
 
 def load_torch_file(path: Path) -> Any:
     """torch.load with weights_only=True: a pickle payload that would run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise IgamError(f"Checkpoint file '{path}' does not exist.")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise IgamError(
-            f"Refused to load '{path}': it is not a plain tensor checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}). igam never unpickles arbitrary objects. If you trust the "
-            "file, convert it to safetensors in a separate Python session "
-            "(torch.load(..., weights_only=False) then safetensors.torch.save_file).") from None
+            f"Refused to load '{path}': it is not a plain tensor checkpoint ({_load_error(e)}). igam never "
+            "unpickles arbitrary objects. If you trust the file, convert it to safetensors in a separate "
+            "Python session (torch.load(..., weights_only=False), then safetensors.torch.save_file)."
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -123,32 +171,78 @@ def load_torch_file(path: Path) -> Any:
     return obj
 
 
+def _check_tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise IgamError(f"'{path}' does not hold a state dict (a mapping of parameter names to tensors), so "
+                        "it cannot be loaded as model weights.")
+    return obj
+
+
 # ---------------------------------------------------------------------------------------------
 # resumable training state: tensors and primitives only, with a checksum
 def save_state(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ckpt-STEP.pt atomically, then its sidecar ckpt-STEP.json (step, sha256): a checkpoint counts
+    only once its sidecar exists and matches. Older checkpoints beyond `keep` are removed afterwards."""
     ckdir = Path(run_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     path = ckdir / f"ckpt-{step:09d}.pt"
-    _atomic(path, lambda f: torch.save(state, f))
-    write_json(path.with_suffix(".json"), {"step": step, "sha256": sha256_file(path), "time": time.time()})
-    for old in sorted(ckdir.glob("ckpt-*.pt"))[:-keep]:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+
+    def write(f) -> None:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        kill_point("checkpoint-write")  # crash tests: die with half a file written
+        f.write(data[len(data) // 2:])
+
+    _atomic(path, write)
+    kill_point("checkpoint-sidecar")  # crash tests: die between the file and its sidecar
+    write_json(path.with_suffix(".json"), {"step": step, "sha256": hashlib.sha256(data).hexdigest(),
+                                           "size": len(data), "time": time.time()})
+    for old in sorted(ckdir.glob("ckpt-*.pt"))[:-max(1, keep)]:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
     return path
 
 
+def _clean_partial_writes(ckdir: Path) -> None:
+    """Remove temp files left by a process killed while writing (never renamed, so never used)."""
+    for tmp in ckdir.glob(".ckpt-*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def load_latest_state(run_dir: Path, log=print) -> dict[str, Any] | None:
-    """The newest checkpoint whose checksum matches; corrupt ones are reported and skipped."""
+    """The newest checkpoint whose sidecar checksum matches; truncated, corrupted or unfinished ones are
+    reported and skipped. A checkpoint with a matching checksum that still fails to load under
+    weights_only=True holds objects other than tensors (e.g. a planted pickle payload): refused with an
+    IgamError instead of silently falling back."""
     ckdir = Path(run_dir) / "checkpoints"
+    if ckdir.is_dir():
+        _clean_partial_writes(ckdir)
     for path in sorted(ckdir.glob("ckpt-*.pt"), reverse=True):
         meta_path = path.with_suffix(".json")
         try:
+            if not meta_path.exists():
+                raise ValueError(f"its sidecar {meta_path.name} is missing (the write was interrupted)")
             meta = json.loads(meta_path.read_text())
-            if meta.get("sha256") != sha256_file(path):
-                raise ValueError("checksum mismatch (truncated or corrupted)")
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            if not isinstance(meta, dict) or meta.get("sha256") != sha256_file(path):
+                raise ValueError("checksum mismatch: the file is truncated or corrupted")
         except Exception as e:
-            log(f"igam: checkpoint {path.name} is unusable ({type(e).__name__}: {e}); trying the previous one.")
+            log(f"igam: checkpoint {path.name} is unusable ({e}); trying the previous one.")
+            continue
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise IgamError(
+                f"Refused to load checkpoint '{path}': its checksum matches, but it holds something other "
+                f"than tensors ({_load_error(e)}). igam never unpickles arbitrary objects; this file was not "
+                "written by igam or was tampered with. Delete it (and its .json) to resume from an earlier "
+                "checkpoint.") from None
+        if not isinstance(state, dict) or "step" not in state or "model" not in state:
+            raise IgamError(f"Checkpoint '{path}' is not an igam training state (no step/model entries).")
+        return state
     return None
 
 
@@ -170,9 +264,12 @@ class CSVLogger:
         self.path = Path(path)
         self.keys: list[str] = []
         if self.path.exists() and resume_step is not None:
-            # a resumed run re-logs the steps after its checkpoint: drop those rows
-            rows = [r for r in _read_csv(self.path) if float(r["step"]) <= resume_step]
-            self.keys = list(rows[0].keys()) if rows else []
+            # a resumed run re-logs the steps after its checkpoint: drop those rows (and a row cut short
+            # by a crash in the middle of an append)
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.keys = [k for k in (reader.fieldnames or []) if k]
+                rows = [r for r in reader if _complete(r) and float(r["step"]) <= resume_step]
             self._rewrite(rows)
         elif self.path.exists():
             self.path.unlink()
@@ -181,13 +278,12 @@ class CSVLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step)
+                self.tb = SummaryWriter(str(tensorboard_dir),
+                                        purge_step=None if resume_step is None else resume_step + 1)
             except Exception:  # tensorboard missing or broken: CSV still works
                 self.tb = None
 
     def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        import io
-
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=self.keys)
         w.writeheader()
@@ -212,6 +308,17 @@ class CSVLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _complete(row: dict[Any, Any]) -> bool:
+    """A CSV row with every column present (a crash mid-append leaves a short one) and a numeric step."""
+    if None in row or any(v is None for v in row.values()):
+        return False
+    try:
+        float(row.get("step", ""))
+    except ValueError:
+        return False
+    return True
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:

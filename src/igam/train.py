@@ -157,8 +157,9 @@ def train(cfg: Config, log=print) -> Path:
     steps_per_epoch = len(loader)
     total = max(1, round(cfg.epochs * steps_per_epoch))
     eval_x, eval_y = arrays.x_test[: cfg.eval_n or None], arrays.y_test[: cfg.eval_n or None]
+    objective.begin(total, steps_per_epoch)
 
-    step = 0
+    step, elapsed_before, t_start = 0, 0.0, time.time()
     if state is not None:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -166,6 +167,7 @@ def train(cfg: Config, log=print) -> Path:
         objective.load_extra_state(state["objective_extra"])
         _set_rng_state(state["rng"])
         step = int(state["step"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         say(f"igam: resumed {run_dir} at step {step}/{total}")
 
     train_model: nn.Module = model
@@ -193,11 +195,15 @@ def train(cfg: Config, log=print) -> Path:
             save_state(run_dir, step, {
                 "step": step, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "objective": objective.state_dict(), "objective_extra": objective.extra_state(),
-                "rng": _rng_state()}, keep=cfg.keep_checkpoints)
+                "rng": _rng_state(), "elapsed_s": elapsed_before + time.time() - t_start},
+                keep=cfg.keep_checkpoints)
 
     def evaluate_now(epoch: float) -> dict[str, float]:
         res = {"epoch": round(epoch, 3), "clean_acc": accuracy(unwrap(model), eval_x, eval_y,
                                                                cfg.eval_batch_size, cfg.eval_bn)}
+        with bn_mode(unwrap(model), cfg.eval_bn):
+            xb = eval_x[:256].to(device).float() / 255
+            res.update(objective.eval_metrics(unwrap(model), xb, eval_y[:256].to(device)))
         if cfg.eval_attack:
             from igam.evaluate import evaluate_attack
 
@@ -285,12 +291,12 @@ def train(cfg: Config, log=print) -> Path:
     checkpoint()
     if dist.main:
         save_weights(unwrap(model), run_dir / "model.safetensors")
-        for name, module in objective.named_children():
-            if any(True for _ in module.parameters()):
-                save_weights(module, run_dir / f"{name}.safetensors")
+        if objective.state_dict():  # e.g. the discriminator and the resolved lambda_diff
+            save_weights(objective, run_dir / "objective.safetensors")
         metrics = {"final": final, "train": last, "skipped_steps": skipped, "steps": step}
         write_json(run_dir / "metrics.json", metrics)
-        meta.update(status="finished", finished=time.time())
+        meta.update(status="finished", finished=time.time(), epochs=round(step / steps_per_epoch, 4),
+                    train_time_s=round(elapsed_before + time.time() - t_start, 1))
         write_json(run_dir / "meta.json", meta)
         logger.close()
         say(f"igam: finished {run_dir}: " + " ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "epoch"))

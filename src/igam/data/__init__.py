@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from igam.data.sources import NAMED, Arrays, default_data_dir, load_arrays, make_synthetic, parse_synthetic
+from igam.errors import IgamError
 
 __all__ = ["NAMED", "Arrays", "BatchLoader", "DataSpec", "default_data_dir", "load_arrays", "load_data",
            "make_synthetic", "parse_synthetic", "spec_of", "resolve_augment"]
@@ -96,8 +97,11 @@ class BatchLoader:
         self.crop_padding, self.noise, self.seed = crop_padding, noise, seed
         self.drop_last, self.device, self.rank, self.world = drop_last, torch.device(device), rank, world
         gb = batch_size * world
+        if batch_size < 1:
+            raise IgamError(f"batch_size={batch_size} must be at least 1.")
         if drop_last and len(x) < gb:
-            raise ValueError(f"{len(x)} images cannot fill one batch of {gb}; lower batch_size.")
+            raise IgamError(f"{len(x)} training images cannot fill one batch of {gb}; lower batch_size "
+                            "(or raise train_subset).")
 
     def __len__(self) -> int:
         gb = self.batch_size * self.world

@@ -2,13 +2,19 @@
 
 A data root holds a named dataset as `<name>.npz` (arrays x_train, y_train, x_test, y_test, uint8 images,
 as in ../shared/data) or in its standard download layout (torchvision's for MNIST, Fashion-MNIST,
-CIFAR-10/100 and SVHN; `tiny-imagenet-200/` for Tiny-ImageNet).
+CIFAR-10/100 and SVHN; `tiny-imagenet-200/` for Tiny-ImageNet). igam reads those layouts itself: idx files
+plain or gzipped, CIFAR's pickles through an unpickler that admits only numpy arrays (a tampered file
+cannot run code), SVHN's .mat files with scipy. torchvision is used only to download (download=true).
 """
 
 from __future__ import annotations
 
+import gzip
+import importlib
 import os
+import pickle
 import socket
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +46,9 @@ class Arrays:
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names) if self.class_names else int(max(self.y_train.max(), self.y_test.max())) + 1
+        if self.class_names:
+            return len(self.class_names)
+        return int(max(self.y_train.max(), self.y_test.max())) + 1
 
 
 def default_data_dir() -> Path:
@@ -60,25 +68,44 @@ def _to_nchw(x: np.ndarray, where: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
+def _labels(y: np.ndarray, where: Path) -> torch.Tensor:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise IgamError(f"'{where}': labels must be a 1-D array of integers, got {y.dtype} of shape "
+                        f"{y.shape}.")
+    if np.issubdtype(y.dtype, np.floating) and not np.array_equal(y, np.round(y)):
+        raise IgamError(f"'{where}': labels must be whole numbers (class indices), not fractions.")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _npz_arrays(d, path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    if not hasattr(d, "files"):
+        raise IgamError(f"'{path}' is a single array, not an npz archive of x_train, y_train, x_test, "
+                        "y_test.")
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in d.files]
+    if missing:
+        raise IgamError(f"'{path}' lacks the arrays {missing}; an npz dataset holds x_train, y_train, "
+                        "x_test, y_test (uint8 images, integer labels).")
+    arrs = {k: d[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    names = [str(s) for s in d["class_names"].reshape(-1)] if "class_names" in d.files else []
+    return arrs, names
+
+
 def load_npz(path: Path, name: str) -> Arrays:
     path = Path(path)
     if not path.is_file():
         raise IgamError(f"npz file '{path}' does not exist.")
     try:
-        d = np.load(path, allow_pickle=False)
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in d.files]
-        if missing:
-            raise IgamError(f"'{path}' lacks the arrays {missing}; an npz dataset holds x_train, y_train, "
-                            "x_test, y_test (uint8 images, integer labels).")
-        arrs = {k: d[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-        names = [str(s) for s in d["class_names"]] if "class_names" in d.files else []
+        with np.load(path, allow_pickle=False) as d:
+            arrs, names = _npz_arrays(d, path)
     except IgamError:
         raise
     except Exception as e:
-        raise IgamError(f"Cannot read '{path}' as an npz dataset ({e}).") from None
-    out = Arrays(name, _to_nchw(arrs["x_train"], str(path)), torch.from_numpy(arrs["y_train"].astype(np.int64)),
-                 _to_nchw(arrs["x_test"], str(path)), torch.from_numpy(arrs["y_test"].astype(np.int64)),
-                 names, f"npz {path}")
+        raise IgamError(f"Cannot read '{path}' as an npz dataset ({type(e).__name__}: {e}).") from None
+    out = Arrays(name, _to_nchw(arrs["x_train"], str(path)), _labels(arrs["y_train"], path),
+                 _to_nchw(arrs["x_test"], str(path)), _labels(arrs["y_test"], path), names, f"npz {path}")
     if out.x_train.shape[1:] != out.x_test.shape[1:]:
         raise IgamError(f"'{path}': train images {tuple(out.x_train.shape[1:])} and test images "
                         f"{tuple(out.x_test.shape[1:])} differ in shape.")
@@ -90,7 +117,16 @@ def load_npz(path: Path, name: str) -> Arrays:
 
 
 # ---------------------------------------------------------------------------------------------
-# torchvision layouts
+# the standard download layouts (torchvision's), read by igam itself: no md5 gate, no arbitrary unpickling
+TV_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+CIFAR = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                     "batches.meta", "label_names", "labels"),
+         "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels")}
+SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+
+
 def _network_ok(host: str = "pypi.org", timeout: float = 2.0) -> bool:
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -99,37 +135,190 @@ def _network_ok(host: str = "pypi.org", timeout: float = 2.0) -> bool:
         return False
 
 
-def _torchvision(name: str, root: Path, download: bool) -> Arrays | None:
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file of uint8 data (MNIST's format), plain or gzipped."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path) as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise IgamError(f"Cannot read '{path}' ({e}); the file is truncated or corrupted. Delete it and get "
+                        "it again.") from None
+    ndim = raw[3] if len(raw) >= 4 else 0
+    if len(raw) < 4 + 4 * ndim or raw[:3] != b"\x00\x00\x08" or not 1 <= ndim <= 4:
+        raise IgamError(f"'{path}' is not an idx file of uint8 data (bad header); the file is corrupted or "
+                        "of another kind. Delete it and get it again.")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    body = raw[4 + 4 * ndim:]
+    if len(body) != int(np.prod(dims)):
+        raise IgamError(f"'{path}' holds {len(body)} bytes of data but its header announces {dims}; the file "
+                        "is truncated or corrupted. Delete it and get it again.")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _find_idx(name: str, root: Path) -> dict[str, Path] | None:
+    for folder in (root / TV_FOLDER[name] / "raw", root / TV_FOLDER[name]):
+        found = {}
+        for split, files in IDX_FILES.items():
+            for i, base in enumerate(files):
+                path = next((folder / f for f in (base, base + ".gz") if (folder / f).is_file()), None)
+                if path is not None:
+                    found[f"{split}{i}"] = path
+        if len(found) == 4:
+            return found
+        if found:
+            missing = [f for split, files in IDX_FILES.items() for i, f in enumerate(files)
+                       if f"{split}{i}" not in found]
+            raise IgamError(f"'{folder}' holds only part of {name}: {', '.join(missing)} (or .gz) "
+                            "are missing.")
+    return None
+
+
+def load_idx_dataset(name: str, root: Path) -> Arrays | None:
+    """MNIST / Fashion-MNIST from ROOT/MNIST/raw/*-ubyte(.gz) (torchvision's layout)."""
+    files = _find_idx(name, root)
+    if files is None:
+        return None
+    xtr, ytr, xte, yte = (read_idx(files[k]) for k in ("train0", "train1", "test0", "test1"))
+    for x, y, split in ((xtr, ytr, "train"), (xte, yte, "test")):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise IgamError(f"{name} in '{files['train0'].parent}': the {split} images {x.shape} and labels "
+                            f"{y.shape} do not match.")
+    classes = {"mnist": [str(i) for i in range(10)],
+               "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                 "Sneaker", "Bag", "Ankle boot"]}[name]
+    return Arrays(name, _to_nchw(xtr, name), torch.from_numpy(ytr.astype(np.int64)), _to_nchw(xte, name),
+                  torch.from_numpy(yte.astype(np.int64)), classes, f"idx files in {files['train0'].parent}")
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numpy arrays only: any other global (a code payload) is refused."""
+
+    ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        mod = module.replace("numpy.core.", "numpy._core.", 1) if module.startswith("numpy.core.") else module
+        if (mod, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a data file")
+        for candidate in (mod, mod.replace("numpy._core", "numpy.core")):
+            try:
+                return getattr(importlib.import_module(candidate), name)
+            except (ImportError, AttributeError):
+                continue
+        raise pickle.UnpicklingError(f"cannot find '{module}.{name}'")
+
+
+def read_cifar_pickle(path: Path) -> dict[str, object]:
+    """One file of the CIFAR python version, without running code that a tampered file might carry."""
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise IgamError(f"'{path}' is missing; the CIFAR python layout needs all its batch files.") from None
+    except Exception as e:
+        raise IgamError(f"Cannot read '{path}' as a CIFAR batch ({type(e).__name__}: {e}). The file is "
+                        "truncated, corrupted or not a CIFAR file; delete it and get it again.") from None
+    if not isinstance(obj, dict):
+        raise IgamError(f"'{path}' does not hold a CIFAR batch (a dict), but a {type(obj).__name__}.")
+    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+
+
+def load_cifar(name: str, root: Path) -> Arrays | None:
+    """CIFAR-10 / CIFAR-100 from ROOT/cifar-10-batches-py or ROOT/cifar-100-python (the python version)."""
+    folder, train_files, test_files, meta_file, names_key, labels_key = CIFAR[name]
+    base = root / folder
+    if not base.is_dir():
+        return None
+
+    def read(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for fname in files:
+            d = read_cifar_pickle(base / fname)
+            if "data" not in d or labels_key not in d:
+                raise IgamError(f"'{base / fname}' lacks the entries 'data' and '{labels_key}' of a {name} "
+                                "batch.")
+            x, y = np.asarray(d["data"]), np.asarray(d[labels_key])
+            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
+                raise IgamError(f"'{base / fname}': data {x.shape} {x.dtype} and labels {y.shape} are not a "
+                                f"{name} batch (uint8 rows of 3072 pixels, one label each).")
+            xs.append(x.reshape(-1, 3, 32, 32))
+            ys.append(y.astype(np.int64))
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    xtr, ytr = read(train_files)
+    xte, yte = read(test_files)
+    k = 10 if name == "cifar10" else 100
+    classes = [str(i) for i in range(k)]
+    if (base / meta_file).is_file():
+        names = read_cifar_pickle(base / meta_file).get(names_key)
+        if isinstance(names, list) and len(names) == k:
+            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    return Arrays(name, xtr, ytr, xte, yte, classes, f"{folder} in {root}")
+
+
+def load_svhn(root: Path) -> Arrays | None:
+    """SVHN from ROOT/train_32x32.mat and ROOT/test_32x32.mat (label 10 means digit 0)."""
+    paths = {split: root / f for split, f in SVHN_FILES.items()}
+    present = [p for p in paths.values() if p.is_file()]
+    if not present:
+        return None
+    if len(present) < 2:
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        raise IgamError(f"SVHN is incomplete: {', '.join(missing)} is missing.")
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise IgamError("Reading SVHN's .mat files needs scipy: pip install scipy (or pip install "
+                        "'igam[svhn]').") from None
+    out = []
+    for path in paths.values():
+        try:
+            m = loadmat(str(path))
+            x, y = np.asarray(m["X"]), np.asarray(m["y"]).reshape(-1).astype(np.int64)
+        except Exception as e:
+            raise IgamError(f"Cannot read '{path}' as an SVHN .mat file ({type(e).__name__}: {e}); it is "
+                            "truncated or corrupted. Delete it and get it again.") from None
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != len(y):
+            raise IgamError(f"'{path}': X {x.shape} {x.dtype} and y ({len(y)},) are not SVHN arrays "
+                            "(uint8 X of shape 32x32x3xN, N labels).")
+        y[y == 10] = 0
+        out += [torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))), torch.from_numpy(y)]
+    return Arrays("svhn", *out, [str(i) for i in range(10)], f"SVHN .mat files in {root}")
+
+
+def _download(name: str, root: Path) -> None:
+    """Fetch a named dataset into root in torchvision's layout (only with download=true)."""
     import torchvision.datasets as tvd
 
-    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10,
-           "cifar100": tvd.CIFAR100, "svhn": tvd.SVHN}[name]
-
-    def make(train: bool, dl: bool):
-        if name == "svhn":
-            return cls(str(root), split="train" if train else "test", download=dl)
-        return cls(str(root), train=train, download=dl)
-
+    if not _network_ok():
+        raise IgamError(f"Dataset '{name}' is not in '{root}' and the network is unreachable, so it cannot "
+                        f"be downloaded. {expected_files(name, root)}")
     try:
-        tr, te = make(True, False), make(False, False)
-    except (RuntimeError, FileNotFoundError, ImportError, OSError):
-        if not download:
-            return None
-        if not _network_ok():
-            raise IgamError(f"Dataset '{name}' is not in '{root}' and the network is unreachable, so it "
-                            f"cannot be downloaded. {expected_files(name, root)}") from None
-        tr, te = make(True, True), make(False, True)
+        if name == "svhn":
+            for split in ("train", "test"):
+                tvd.SVHN(str(root), split=split, download=True)
+        else:
+            cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10,
+                   "cifar100": tvd.CIFAR100}[name]
+            for train in (True, False):
+                cls(str(root), train=train, download=True)
+    except Exception as e:
+        raise IgamError(f"Downloading '{name}' into '{root}' failed ({type(e).__name__}: {e}). "
+                        f"{expected_files(name, root)}") from None
 
-    def arrays(ds):
-        x = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
-        y = ds.targets if hasattr(ds, "targets") else ds.labels
-        y = y.numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-        return _to_nchw(x.astype(np.uint8), name), torch.from_numpy(y.astype(np.int64))
 
-    xtr, ytr = arrays(tr)
-    xte, yte = arrays(te)
-    names = list(getattr(tr, "classes", [])) or [str(i) for i in range(int(ytr.max()) + 1)]
-    return Arrays(name, xtr, ytr, xte, yte, [str(c) for c in names], f"torchvision layout in {root}")
+def load_standard(name: str, root: Path) -> Arrays | None:
+    """A named dataset in its standard layout under root, or None when its files are not there."""
+    if name in TV_FOLDER:
+        return load_idx_dataset(name, root)
+    if name in CIFAR:
+        return load_cifar(name, root)
+    if name == "svhn":
+        return load_svhn(root)
+    return load_tiny_imagenet(root)
 
 
 def expected_files(name: str, root: Path) -> str:
@@ -144,28 +333,51 @@ def expected_files(name: str, root: Path) -> str:
                          "val/val_annotations.txt) from http://cs231n.stanford.edu/tiny-imagenet-200.zip",
     }[name]
     how = "pass download=true on a machine with internet" if name != "tiny-imagenet" else "unzip it there"
-    return (f"Expected either {npz} or {layout}. Get it with --data-dir pointing at a folder that has it, "
-            f"or {how}.")
+    return (f"Expected either {npz} or {layout}. Point data_dir=... (or --data-dir, or $IGAM_DATA) at a "
+            f"folder that has it, or {how}.")
 
 
 def _read_image(path: Path) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise IgamError(f"Image '{path}' is missing.") from None
+    except Exception as e:
+        raise IgamError(f"Cannot read image '{path}' ({type(e).__name__}: {e}); the file is truncated, "
+                        "corrupted or not an image. Delete or replace it.") from None
+
+
+def _stack(images: list[np.ndarray], where: Path) -> np.ndarray:
+    shapes = sorted({x.shape for x in images})
+    if len(shapes) > 1:
+        raise IgamError(f"Images in '{where}' have different sizes {shapes[:3]}; resize them to one size "
+                        "first.")
+    return np.stack(images)
 
 
 def load_tiny_imagenet(root: Path) -> Arrays | None:
+    """ROOT/tiny-imagenet-200/: wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and
+    val/val_annotations.txt (the labelled validation set serves as the test set)."""
     base = root / "tiny-imagenet-200"
     if not (base / "wnids.txt").exists():
         return None
-    wnids = [w.strip() for w in (base / "wnids.txt").read_text().split() if w.strip()]
-    index = {w: i for i, w in enumerate(sorted(wnids))}
+    wnids = sorted({w.strip() for w in (base / "wnids.txt").read_text().split() if w.strip()})
+    if not wnids:
+        raise IgamError(f"'{base / 'wnids.txt'}' lists no classes (one WordNet id like n01443537 per line).")
+    index = {w: i for i, w in enumerate(wnids)}
     xs, ys = [], []
-    for w in sorted(wnids):
-        files = sorted((base / "train" / w / "images").glob("*"))
-        xs += [_read_image(f) for f in files if f.suffix.lower() in IMAGE_EXTS]
-        ys += [index[w]] * sum(f.suffix.lower() in IMAGE_EXTS for f in files)
+    for w in wnids:
+        folder = base / "train" / w / "images"
+        files = sorted(f for f in folder.glob("*") if f.suffix.lower() in IMAGE_EXTS) \
+            if folder.is_dir() else []
+        if not files:
+            raise IgamError(f"'{folder}' holds no images; the Tiny-ImageNet layout has "
+                            "train/<wnid>/images/*.JPEG for every class of wnids.txt.")
+        xs += [_read_image(f) for f in files]
+        ys += [index[w]] * len(files)
     ann = base / "val" / "val_annotations.txt"
     if not ann.exists():
         raise IgamError(f"'{ann}' is missing; the standard Tiny-ImageNet layout has val/val_annotations.txt "
@@ -176,16 +388,17 @@ def load_tiny_imagenet(root: Path) -> Arrays | None:
         if len(parts) >= 2 and parts[1] in index:
             vx.append(_read_image(base / "val" / "images" / parts[0]))
             vy.append(index[parts[1]])
-    if not xs or not vx:
-        raise IgamError(f"'{base}' holds no readable images; check the Tiny-ImageNet layout.")
+    if not vx:
+        raise IgamError(f"'{ann}' names no image of a class in wnids.txt; check the Tiny-ImageNet layout.")
     words = {}
     if (base / "words.txt").exists():
         for line in (base / "words.txt").read_text().splitlines():
             k, _, v = line.partition("\t")
-            words[k] = v.split(",")[0]
-    return Arrays("tiny-imagenet", _to_nchw(np.stack(xs), str(base)), torch.tensor(ys),
-                  _to_nchw(np.stack(vx), str(base)), torch.tensor(vy),
-                  [words.get(w, w) for w in sorted(wnids)], f"tiny-imagenet-200 in {root}")
+            words[k] = v.split(",")[0].strip()
+    return Arrays("tiny-imagenet", _to_nchw(_stack(xs, base / "train"), str(base)),
+                  torch.tensor(ys, dtype=torch.int64), _to_nchw(_stack(vx, base / "val"), str(base)),
+                  torch.tensor(vy, dtype=torch.int64), [words.get(w) or w for w in wnids],
+                  f"tiny-imagenet-200 in {root}")
 
 
 def load_imagefolder(path: Path) -> Arrays:
@@ -212,12 +425,8 @@ def load_imagefolder(path: Path) -> Arrays:
                     xs.append(_read_image(f))
                     ys.append(index[c])
         if not xs:
-            raise IgamError(f"'{split}' holds no images ({', '.join(sorted(IMAGE_EXTS))}).")
-        shapes = {x.shape for x in xs}
-        if len(shapes) > 1:
-            raise IgamError(f"Images in '{split}' have different sizes {sorted(shapes)[:3]}; resize them to "
-                            "one size first.")
-        x = np.stack(xs)
+            raise IgamError(f"'{split}' holds no images ({', '.join(sorted(IMAGE_EXTS))}) in class folders.")
+        x = _stack(xs, split)
         if all(np.array_equal(x[..., 0], x[..., c]) for c in (1, 2)):
             x = x[..., :1]  # grey images stored as RGB
         return _to_nchw(x, str(split)), torch.tensor(ys, dtype=torch.int64)
@@ -240,15 +449,17 @@ def parse_synthetic(name: str) -> tuple[int, int, int, int]:
             h, w, c = (int(v) for v in parts[1].lower().split("x"))
         if len(parts) >= 3 and parts[2]:
             k = int(parts[2])
-        if len(parts) > 3 or min(h, w, c, k) < 1 or k < 2:
+        if len(parts) > 3 or min(h, w, c, k) < 1 or k < 2 or max(h, w) > 512 or c > 16 or k > 1000:
             raise ValueError
     except ValueError:
-        raise IgamError(f"Cannot read synthetic dataset spec '{name}'; write synthetic:HxWxC:K, e.g. "
-                        "synthetic:32x32x3:10.") from None
+        raise IgamError(f"Cannot read synthetic dataset spec '{name}'; write synthetic:HxWxC:K with sides "
+                        "up to 512, up to 16 channels and 2 to 1000 classes, e.g. synthetic:32x32x3:10."
+                        ) from None
     return h, w, c, k
 
 
-def make_synthetic(name: str = "synthetic", n_train: int = 4000, n_test: int = 1000, seed: int = 1234) -> Arrays:
+def make_synthetic(name: str = "synthetic", n_train: int = 4000, n_test: int = 1000,
+                   seed: int = 1234) -> Arrays:
     """A learnable image task made on the fly: each class is a smooth random colour pattern; samples are
     shifted, contrast-jittered, noisy copies of their class pattern plus a distractor from another class."""
     h, w, c, k = parse_synthetic(name)
@@ -273,27 +484,43 @@ def make_synthetic(name: str = "synthetic", n_train: int = 4000, n_test: int = 1
     return Arrays(name, xtr, ytr, xte, yte, [f"class{i}" for i in range(k)], "synthetic (made on the fly)")
 
 
+def check_arrays(a: Arrays) -> Arrays:
+    """Catch what would otherwise fail deep inside training: no images, labels out of range."""
+    for split, x, y in (("train", a.x_train, a.y_train), ("test", a.x_test, a.y_test)):
+        if len(x) == 0:
+            raise IgamError(f"Dataset '{a.name}' has no {split} images ({a.source}).")
+        if len(x) != len(y):
+            raise IgamError(f"Dataset '{a.name}': {len(x)} {split} images but {len(y)} labels ({a.source}).")
+        k = a.num_classes
+        if int(y.min()) < 0 or int(y.max()) >= k:
+            raise IgamError(f"Dataset '{a.name}': {split} labels run from {int(y.min())} to {int(y.max())}, "
+                            f"but there are {k} classes (labels must be 0..{k - 1}) ({a.source}).")
+    return a
+
+
 def load_arrays(name: str, data_dir: str | Path | None = None, download: bool = False) -> Arrays:
     """Load a dataset by name; see the module docstring for where files are looked for."""
     name = str(name).strip()
     if name.startswith("synthetic"):
         return make_synthetic(name)
     if name.startswith("npz:"):
-        return load_npz(Path(name[4:]), name)
+        return check_arrays(load_npz(Path(name[4:]), name))
     if name.startswith("imagefolder:"):
-        return load_imagefolder(Path(name[len("imagefolder:"):]))
+        return check_arrays(load_imagefolder(Path(name[len("imagefolder:"):])))
     if name not in NAMED:
         raise unknown("dataset", name, list(NAMED) + ["imagefolder:PATH", "npz:PATH", "synthetic"])
     root = Path(data_dir) if data_dir else default_data_dir()
     if root.exists() and not root.is_dir():
-        raise IgamError(f"Data root '{root}' is a file, not a directory; --data-dir names a folder.")
+        raise IgamError(f"Data root '{root}' is a file, not a directory; data_dir (--data-dir) names a "
+                        "folder.")
     if (root / f"{name}.npz").is_file():
-        return load_npz(root / f"{name}.npz", name)
-    if name == "tiny-imagenet":
-        out = load_tiny_imagenet(root)
-    else:
-        out = _torchvision(name, root, download) if root.is_dir() or download else None
+        return check_arrays(load_npz(root / f"{name}.npz", name))
+    out = load_standard(name, root) if root.is_dir() else None
+    if out is None and download and name != "tiny-imagenet":
+        _download(name, root)
+        out = load_standard(name, root)
     if out is None:
         where = "does not exist" if not root.exists() else "does not hold it"
-        raise IgamError(f"Dataset '{name}' not found: data root '{root}' {where}. {expected_files(name, root)}")
-    return out
+        raise IgamError(f"Dataset '{name}' not found: data root '{root}' {where}. "
+                        f"{expected_files(name, root)}")
+    return check_arrays(out)

@@ -29,7 +29,9 @@ class MadryMNIST(ImageClassifier):
 
 
 class SmallCNN(ImageClassifier):
-    """A small fast CNN: [conv, conv, pool] x2, conv, global average pool, fc. Optional BatchNorm."""
+    """A small fast CNN: [conv, conv, pool] x2, conv, global average pool, fc. Optional BatchNorm.
+    Max pooling with (leaky) ReLU; average pooling with a smooth activation, so the whole network is smooth
+    (finite-difference gradient matching is then exact up to O(h^2))."""
 
     def __init__(self, norm: Normalize, num_classes: int, in_chans: int, input_size: tuple[int, int],
                  act: str = "relu", width: int = 0, bn: bool = False):
@@ -40,9 +42,10 @@ class SmallCNN(ImageClassifier):
             layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=not bn)]
             return layers + ([nn.BatchNorm2d(cout)] if bn else []) + [make_act(act)]
 
+        pool = nn.MaxPool2d if act in ("relu", "leaky-relu") else nn.AvgPool2d
         self.features = nn.Sequential(
-            *block(in_chans, w), *block(w, w), nn.MaxPool2d(2),
-            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+            *block(in_chans, w), *block(w, w), pool(2),
+            *block(w, 2 * w), *block(2 * w, 2 * w), pool(2),
             *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(4 * w, num_classes)
         init_weights(self)

@@ -32,6 +32,13 @@ class Objective(nn.Module):
         ce = F.cross_entropy(logits, y)
         return ce, {"ce": ce.detach(), "acc": (logits.argmax(1) == y).float().mean()}
 
+    def begin(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Called once before the loop with the run's length (for schedules such as igam_start)."""
+
+    def eval_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Extra held-out metrics at each evaluation (eval mode), e.g. cos(J_s, J_t)."""
+        return {}
+
     def after_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> Metrics:
         return {}
 

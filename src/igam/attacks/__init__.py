@@ -1,0 +1,28 @@
+"""Adversarial attacks in pixel space (inputs in [0, 1], L-inf ball), one small file each.
+
+    from igam.attacks import PGD, make_attack
+    x_adv = PGD(model, eps=0.3, step_size=0.01, steps=40)(x, y)
+    x_adv = make_attack("pgd20x5", model, (1, 28, 28))(x, y)
+
+FGSM (Goodfellow et al. 2015), PGD (Madry et al. 2018) with restarts and CE/margin loss, Square
+(Andriushchenko et al. 2020, our own), AutoAttack standard (Croce & Hein 2020, through torchattacks).
+"""
+
+from igam.attacks.autoattack import INSTALL_HINT, AutoAttack, torchattacks_version
+from igam.attacks.base import Attack, attack_loss, margin, project
+from igam.attacks.fgsm import FGSM
+from igam.attacks.pgd import PGD
+from igam.attacks.presets import (
+    PRESET_EXAMPLES,
+    AttackSpec,
+    column_name,
+    default_eps,
+    is_mnist_like,
+    make_attack,
+    parse_preset,
+)
+from igam.attacks.square import Square
+
+__all__ = ["INSTALL_HINT", "PRESET_EXAMPLES", "Attack", "AttackSpec", "AutoAttack", "FGSM", "PGD", "Square",
+           "attack_loss", "column_name", "default_eps", "is_mnist_like", "make_attack", "margin",
+           "parse_preset", "project", "torchattacks_version"]

@@ -1,0 +1,99 @@
+"""The attack interface: `Attack(model, eps=...)(x, y) -> x_adv`, pixel space, L-inf ball, inputs in [0, 1].
+
+Cross-cutting concerns live here and nowhere else: input checks, the model's mode (eval by default,
+train-mode BatchNorm for the official-IGAM protocol, always restored), seeding, and the loss that
+iterative attacks ascend (cross-entropy or Carlini-Wagner margin, untargeted or targeted).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from igam.config import check_eps
+from igam.errors import IgamError
+from igam.utils import bn_mode
+
+LOSSES = ("ce", "cw")
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example logit margin z_y - max_{j != y} z_j (Carlini & Wagner 2017); negative = misclassified."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return z_y - other
+
+
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce",
+                targeted: bool = False) -> torch.Tensor:
+    """Per-example loss an attack *ascends*. Untargeted: CE(y) or -margin(y); targeted (y = target class):
+    -CE(target) or margin(target)."""
+    if loss == "ce":
+        out = F.cross_entropy(logits, y, reduction="none")
+    elif loss == "cw":
+        out = -margin(logits, y)
+    else:
+        raise IgamError(f"Unknown attack loss '{loss}'; use one of {', '.join(LOSSES)}.")
+    return -out if targeted else out
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Projection onto the L-inf ball of radius eps around x, intersected with the image box [0, 1]."""
+    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def generator_for(seed: int, device: torch.device) -> torch.Generator:
+    """A generator on `device` (random draws on CUDA stay on CUDA; same seed, same draws per device)."""
+    return torch.Generator(device=device).manual_seed(int(seed) % (2**63))
+
+
+class Attack:
+    """Base class. Subclasses implement `forward(x, y, gen) -> x_adv` and list their settings.
+
+    `__call__` checks shapes and range, switches the model to eval mode (or train-mode BatchNorm with
+    bn='train', leaving running statistics alone) and back, and returns a detached x_adv. An attack is
+    a pure function of (x, y, seed): calling it twice with the same seed gives the same result.
+
+    Shape: x (N, C, H, W) float in [0, 1]; y (N,) int64 labels (target classes when targeted).
+    """
+
+    name = "attack"
+
+    def __init__(self, model: nn.Module, eps: float | str, *, bn: str = "eval", seed: int = 0):
+        if bn not in ("eval", "train"):
+            raise IgamError(f"bn={bn!r} is not a BatchNorm mode; use eval or train.")
+        self.model, self.eps, self.bn, self.seed = model, check_eps(eps), bn, int(seed)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """What produced the numbers (saved with every result)."""
+        return {"attack": self.name, "eps": self.eps, "bn": self.bn}
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
+        check_inputs(x, y)
+        gen = generator_for(self.seed if seed is None else seed, x.device)
+        with bn_mode(self.model, self.bn), torch.enable_grad():
+            x_adv = self.forward(x.detach(), y.detach(), gen)
+        return x_adv.detach()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.settings().items() if k != "attack")
+        return f"{type(self).__name__}({args})"
+
+
+def check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim != 4:
+        raise IgamError(f"Attacks take float images of shape (N, C, H, W) in [0, 1]; got "
+                        f"{getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}. "
+                        "Convert uint8 images with x.float() / 255.")
+    if not torch.is_tensor(y) or y.ndim != 1 or len(y) != len(x) or y.is_floating_point():
+        raise IgamError(f"Attacks take integer labels of shape (N,) = ({len(x)},); got "
+                        f"{getattr(y, 'dtype', type(y))} of shape {tuple(getattr(y, 'shape', ()))}.")
+    if len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise IgamError(f"Attack inputs must lie in [0, 1] (pixel space; normalisation belongs inside the "
+                        f"model); got values in [{float(x.min()):.3g}, {float(x.max()):.3g}].")

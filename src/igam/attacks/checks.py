@@ -1,0 +1,175 @@
+"""Gradient-masking sanity checks (Athalye, Carlini & Wagner, ICML 2018; Carlini et al. 2019, "On evaluating
+adversarial robustness", sec. 5; Croce & Hein 2020's AutoAttack flags).
+
+A robust-accuracy number is only trustworthy when the attacks behave as attacks on a model with useful
+gradients do. Each check compares accuracies measured on the same first-n test images with the same
+BatchNorm mode, allowing binomial noise (`noise_margin`):
+
+- steps_monotone: more PGD steps must not raise accuracy.
+- eps_monotone: a larger eps must not raise accuracy.
+- large_eps_zero: at a large eps (0.5 MNIST, 64/255 colour) PGD must reach about 0%.
+- blackbox_vs_whitebox: Square (no gradients) must not beat white-box PGD.
+- fgsm_vs_pgd: single-step FGSM must not beat iterative PGD.
+- gradients: inputs whose loss gradient is exactly zero or not finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from igam.attacks.base import margin
+from igam.utils import bn_mode
+
+CHECKS = ("steps_monotone", "eps_monotone", "large_eps_zero", "blackbox_vs_whitebox", "fgsm_vs_pgd",
+          "gradients")
+LARGE_EPS_MAX_ACC = 0.02  # "about 0%": accuracy allowed at the large eps, before the noise margin
+ZERO_GRAD_MAX_FRAC = 0.01  # share of inputs with an all-zero margin-loss gradient that still passes
+
+
+def noise_margin(p: float, n: int, z: float = 3.0) -> float:
+    """Slack for comparing two accuracies near p measured on n examples: z binomial standard errors plus
+    one example."""
+    p = min(max(p, 0.0), 1.0)
+    return z * math.sqrt(p * (1 - p) / max(n, 1)) + 1.0 / max(n, 1)
+
+
+@dataclass
+class Observation:
+    """One measured accuracy, with what is needed to compare it with others."""
+
+    name: str
+    kind: str  # fgsm | pgd | square | autoattack
+    eps: float
+    accuracy: float
+    n: int
+    bn: str = "eval"
+    steps: int = 0
+    restarts: int = 1
+    loss: str = "ce"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}%"
+
+
+def _same_eps(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(1.0, abs(a))
+
+
+def run_checks(obs: list[Observation], eps: float, large_eps: float,
+               grads: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Pass/fail (or None: not enough measurements) and a one-line reason for every check."""
+    out: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple[int, str], list[Observation]] = {}
+    for o in obs:
+        groups.setdefault((o.n, o.bn), []).append(o)
+
+    def verdict(name: str, fails: list[str], compared: int, what: str) -> None:
+        if compared == 0:
+            out[name] = {"passed": None, "detail": f"not run: needs {what} (use --checks)"}
+        elif fails:
+            out[name] = {"passed": False, "detail": "; ".join(fails)}
+        else:
+            out[name] = {"passed": True, "detail": f"{compared} comparison(s) within noise"}
+
+    # more steps -> not higher accuracy; larger eps -> not higher accuracy
+    fails_s, fails_e, n_s, n_e = [], [], 0, 0
+    for (n, _), g in groups.items():
+        pgd = [o for o in g if o.kind == "pgd"]
+        for a in pgd:
+            for b in pgd:
+                m = noise_margin((a.accuracy + b.accuracy) / 2, n)
+                if (_same_eps(a.eps, b.eps) and a.loss == b.loss and a.restarts == b.restarts
+                        and a.steps < b.steps):
+                    n_s += 1
+                    if b.accuracy > a.accuracy + m:
+                        fails_s.append(f"{b.name} {_pct(b.accuracy)} > {a.name} {_pct(a.accuracy)} "
+                                       f"(+{_pct(m)} noise) at eps {a.eps:.4g}, n={n}")
+                same_attack = a.steps == b.steps and a.loss == b.loss and a.restarts == b.restarts
+                if same_attack and a.eps < b.eps - 1e-9:
+                    n_e += 1
+                    if b.accuracy > a.accuracy + m:
+                        fails_e.append(f"eps {b.eps:.4g}: {_pct(b.accuracy)} > eps {a.eps:.4g}: "
+                                       f"{_pct(a.accuracy)} (+{_pct(m)} noise), {a.steps} steps, n={n}")
+    verdict("steps_monotone", fails_s, n_s, "PGD with two step counts")
+    verdict("eps_monotone", fails_e, n_e, "PGD at two eps")
+
+    # large eps -> about 0%
+    big = [o for g in groups.values() for o in g
+           if o.kind in ("pgd", "autoattack") and o.eps >= large_eps - 1e-9]
+    fails = [f"{o.name} at eps {o.eps:.4g}: {_pct(o.accuracy)} > {_pct(LARGE_EPS_MAX_ACC)}, n={o.n}"
+             for o in big if o.accuracy > LARGE_EPS_MAX_ACC + noise_margin(LARGE_EPS_MAX_ACC, o.n)]
+    verdict("large_eps_zero", fails, len(big), f"PGD at eps >= {large_eps:.4g}")
+
+    # black-box and single-step must not beat the best white-box PGD at the same eps
+    for name, kinds, what in (("blackbox_vs_whitebox", ("square",), "Square and PGD at the same eps"),
+                              ("fgsm_vs_pgd", ("fgsm",), "FGSM and PGD at the same eps")):
+        fails, compared = [], 0
+        for (n, _), g in groups.items():
+            for weak in (o for o in g if o.kind in kinds):
+                pgd = [o for o in g if o.kind == "pgd" and _same_eps(o.eps, weak.eps)]
+                if not pgd:
+                    continue
+                best = min(pgd, key=lambda o: o.accuracy)
+                compared += 1
+                m = noise_margin((weak.accuracy + best.accuracy) / 2, n)
+                if weak.accuracy < best.accuracy - m:
+                    fails.append(f"{weak.name} {_pct(weak.accuracy)} < {best.name} {_pct(best.accuracy)} "
+                                 f"(-{_pct(m)} noise) at eps {weak.eps:.4g}, n={n}")
+        verdict(name, fails, compared, what)
+
+    if grads is not None:
+        bad = grads["zero_margin"] > ZERO_GRAD_MAX_FRAC or grads["nonfinite"] > 0
+        out["gradients"] = {"passed": not bad, "detail": (
+            f"{_pct(grads['zero_margin'])} of {grads['n']} inputs have an all-zero margin-loss gradient "
+            f"(limit {_pct(ZERO_GRAD_MAX_FRAC)}), {_pct(grads['nonfinite'])} a non-finite one; "
+            f"cross-entropy gradient all-zero for {_pct(grads['zero_ce'])}"), **grads}
+    else:
+        out["gradients"] = {"passed": None, "detail": "not run"}
+    return out
+
+
+def gradient_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
+                   bn: str = "eval") -> dict[str, Any]:
+    """Share of inputs (float, [0,1]) whose input gradient of the CE loss / of the logit margin is all zero,
+    and share with a non-finite gradient (ART's loss_gradient_check). The margin loss works on logits, so
+    a zero there is masking, not softmax saturation of a confident model."""
+    zero_ce = zero_margin = nonfinite = 0
+    device = next(model.parameters()).device
+    with bn_mode(model, bn), torch.enable_grad():
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device).clone().requires_grad_(True)
+            yb = y[i:i + batch_size].to(device)
+            logits = model(xb)
+            g_ce, = torch.autograd.grad(F.cross_entropy(logits, yb, reduction="sum"), xb, retain_graph=True)
+            g_m, = torch.autograd.grad(margin(logits, yb).sum(), xb)
+            zero_ce += int((g_ce.flatten(1) == 0).all(1).sum())
+            zero_margin += int((g_m.flatten(1) == 0).all(1).sum())
+            finite = torch.isfinite(g_ce.flatten(1)).all(1) & torch.isfinite(g_m.flatten(1)).all(1)
+            nonfinite += int((~finite).sum())
+    n = max(len(x), 1)
+    return {"n": len(x), "zero_ce": zero_ce / n, "zero_margin": zero_margin / n, "nonfinite": nonfinite / n}
+
+
+def warning_block(run: str, checks: dict[str, dict[str, Any]]) -> str:
+    """The loud text printed when a check fails ('' when none does)."""
+    failed = {k: v for k, v in checks.items() if v.get("passed") is False}
+    if not failed:
+        return ""
+    bar = "=" * 100
+    lines = [bar, f"WARNING: {run}: {len(failed)} gradient-masking check(s) FAILED.",
+             "Its robust accuracies are probably overestimates: the gradients mislead the attacks "
+             "(Athalye et al. 2018).", "Trust black-box (square) and AutoAttack numbers more, and report "
+             "these failures with the results."]
+    lines += [f"  FAIL {k}: {v['detail']}" for k, v in failed.items()]
+    lines.append(bar)
+    return "\n".join(lines)

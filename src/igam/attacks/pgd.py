@@ -1,0 +1,101 @@
+"""PGD: Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards deep learning models resistant to
+adversarial attacks", ICLR 2018 (arXiv:1706.06083)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from igam.attacks.base import LOSSES, Attack, attack_loss, project
+from igam.config import check_eps
+from igam.errors import IgamError
+
+
+class PGD(Attack):
+    """Projected gradient descent on the L-inf ball: `steps` signed-gradient steps of `step_size`, each
+    followed by projection onto the eps-ball and [0, 1], from a uniform random start, `restarts` times.
+
+    Per example the worst case is kept: across restarts, and (keep_best=True, for evaluation) across the
+    iterates of a restart, any misclassified point found is kept; otherwise the point of highest loss.
+    Restart 0 uses the same random start as a single-restart attack with the same seed, so more
+    restarts can only add successes.
+
+    Distance measure: Linf.
+    Arguments:
+        model: maps (N, C, H, W) images in [0, 1] to logits.
+        eps: radius (default 8/255; MNIST 0.3). step_size: default 2/255 (MNIST 0.01). steps: default 10.
+        random_start: uniform start in the eps-ball (default True). restarts: default 1.
+        loss: 'ce' (default) or 'cw' (margin, Carlini & Wagner 2017). targeted: y holds target classes.
+        keep_best: keep the best iterate per example (default True; training uses the last iterate).
+        bn: 'eval' (default) or 'train'. seed: seed of the random starts.
+    Shape: x (N, C, H, W) in [0, 1]; y (N,) int64. Returns x_adv of x's shape, |x_adv - x| <= eps, in [0, 1].
+    Example:
+        >>> attack = PGD(model, eps=0.3, step_size=0.01, steps=40)
+        >>> x_adv = attack(x, y)
+    """
+
+    name = "pgd"
+
+    def __init__(self, model: nn.Module, eps: float | str = 8 / 255, step_size: float | str = 2 / 255,
+                 steps: int = 10, *, random_start: bool = True, restarts: int = 1, loss: str = "ce",
+                 targeted: bool = False, keep_best: bool = True, bn: str = "eval", seed: int = 0):
+        super().__init__(model, eps, bn=bn, seed=seed)
+        self.step_size = check_eps(step_size, "step_size")
+        if int(steps) < 1 or int(restarts) < 1:
+            raise IgamError(f"PGD needs steps >= 1 and restarts >= 1; got steps={steps}, "
+                            f"restarts={restarts}.")
+        if loss not in LOSSES:
+            raise IgamError(f"PGD loss={loss!r}; use one of {', '.join(LOSSES)}.")
+        self.steps, self.restarts, self.random_start = int(steps), int(restarts), bool(random_start)
+        self.loss, self.targeted, self.keep_best = loss, bool(targeted), bool(keep_best)
+
+    def _success(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        pred = logits.argmax(1)
+        return pred == y if self.targeted else pred != y
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, score: bool = True):
+        """One restart: (x_adv, success mask, loss) of the kept point per example (score=False: x_adv only,
+        Madry's last iterate, without the extra forward pass)."""
+        if self.random_start:
+            noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            x_adv = (x + (2 * noise - 1) * self.eps).clamp_(0.0, 1.0)
+        else:
+            x_adv = x.clone()
+        best = x_adv.clone()
+        found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for i in range(self.steps):
+            x_adv.requires_grad_(True)
+            logits = self.model(x_adv)
+            loss = attack_loss(logits, y, self.loss, self.targeted)
+            (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+            if self.keep_best and i > 0:  # x_adv is an iterate after a step: keep it if it succeeds
+                new = self._success(logits.detach(), y) & ~found
+                best[new], found = x_adv.detach()[new], found | new
+            x_adv = project(x_adv.detach() + self.step_size * grad.sign(), x, self.eps)
+        if not score:
+            return x_adv, None, None
+        with torch.no_grad():
+            logits = self.model(x_adv)
+            loss = attack_loss(logits, y, self.loss, self.targeted)
+            success = self._success(logits, y)
+        if not self.keep_best:
+            return x_adv, success, loss
+        x_out = torch.where(found[:, None, None, None], best, x_adv)
+        return x_out, found | success, torch.where(found, torch.full_like(loss, float("inf")), loss)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x_best, success, loss = self._run(x, y, gen, score=self.keep_best or self.restarts > 1)
+        for _ in range(self.restarts - 1):
+            x_new, s_new, l_new = self._run(x, y, gen)
+            # take the new point where it succeeds and the kept one does not, or neither does and it is worse
+            take = (s_new & ~success) | (~s_new & ~success & (l_new > loss))
+            x_best[take], loss[take] = x_new[take], l_new[take]
+            success = success | s_new
+        return x_best
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "step_size": self.step_size, "steps": self.steps,
+                "restarts": self.restarts, "random_start": self.random_start, "loss": self.loss,
+                "targeted": self.targeted}

@@ -1,0 +1,656 @@
+"""`igam report`: one self-contained HTML page for a run or an experiment directory (runs as
+subdirectories). Everything is inline: CSS in a <style> block, pictures as data:image/png;base64, so the
+file can be mailed, archived or opened offline.
+
+A run page has the run's summary, evaluation table (eval.json, with masking checks), metrics
+(metrics.json), training curves, an input-gradient grid (paper Figs. 1, 4) and its configuration.
+An experiment page has the experiment's results.md / results.json when present, a table of all runs,
+overlaid curves, one gradient grid per input shape and each run's details.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from igam.errors import IgamError
+from igam.report.common import png_bytes, run_labels
+from igam.runs import PACKAGE_VERSION, atomic_write_text, read_json
+
+CSS = """
+:root { --fg:#1f2328; --muted:#59636e; --border:#d0d7de; --alt:#f6f8fa; --accent:#0969da; }
+* { box-sizing: border-box; }
+body { margin:0; color:var(--fg); background:#fff;
+       font:15px/1.5 -apple-system, "Segoe UI", "Helvetica Neue", Helvetica, Arial, "DejaVu Sans",
+       sans-serif; }
+main { max-width:1160px; margin:0 auto; padding:28px 32px 56px; }
+header.top { border-bottom:3px solid var(--accent); padding-bottom:14px; margin-bottom:8px; }
+header.top .kicker { color:var(--accent); font-weight:600; font-size:13px; letter-spacing:.06em;
+                     text-transform:uppercase; }
+h1 { font-size:28px; margin:2px 0 4px; word-break:break-word; }
+.sub { color:var(--muted); font-size:14px; }
+h2 { font-size:20px; margin:36px 0 10px; padding-bottom:6px; border-bottom:1px solid var(--border); }
+h3 { font-size:16px; margin:22px 0 8px; }
+p { margin:6px 0 10px; }
+.wrap { overflow-x:auto; }
+table { border-collapse:collapse; font-size:14px; margin:6px 0 14px; }
+th, td { border:1px solid var(--border); padding:5px 11px; text-align:left; vertical-align:top; }
+th { background:var(--alt); font-weight:600; vertical-align:bottom; }
+td { white-space:nowrap; }
+td.wide, .md td { white-space:normal; }
+tbody tr:nth-child(even) td { background:#fafbfc; }
+tbody tr:hover td { background:#eef4fb; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
+td.key { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", monospace;
+         font-size:13px; white-space:nowrap; }
+td.best { font-weight:700; }
+.cards { display:flex; flex-wrap:wrap; gap:12px; margin:18px 0 4px; }
+.card { border:1px solid var(--border); border-radius:8px; padding:10px 16px 8px; min-width:140px;
+        background:linear-gradient(#fff, #fafbfc); }
+.card .k { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.05em; }
+.card .v { font-size:24px; font-weight:650; font-variant-numeric:tabular-nums; }
+.card .u { color:var(--muted); font-size:12px; }
+figure { margin:10px 0 24px; }
+figure img { max-width:100%; height:auto; border:1px solid var(--border); border-radius:6px; }
+figcaption { color:var(--muted); font-size:13px; margin-top:4px; max-width:900px; }
+details { margin:8px 0; border:1px solid var(--border); border-radius:6px; padding:6px 12px; }
+details[open] { padding-bottom:10px; }
+summary { cursor:pointer; font-weight:600; }
+.ok { color:#1a7f37; font-weight:600; }
+.bad { color:#cf222e; font-weight:600; }
+.note { background:#fff8c5; border:1px solid #d4a72c80; padding:8px 12px; border-radius:6px; font-size:14px; }
+code, pre { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", monospace;
+            font-size:13px; }
+pre { background:var(--alt); padding:10px 12px; border-radius:6px; overflow-x:auto; }
+.md table { font-size:14px; }
+.cols { display:flex; flex-wrap:wrap; gap:8px 36px; align-items:flex-start; }
+.cols h3 { margin-top:10px; }
+footer { color:var(--muted); font-size:12px; margin-top:44px; border-top:1px solid var(--border);
+         padding-top:10px; }
+"""
+
+ATTACK_ORDER = ("clean", "fgsm")
+NUMBER = re.compile(r"[-+]?[0-9.]+\s*(±\s*[0-9.]+)?\s*%?")
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunInfo:
+    """Everything a report shows about one run, read once."""
+
+    dir: Path
+    label: str
+    meta: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attacks(self) -> dict[str, dict[str, Any]]:
+        return {k: v for k, v in self.eval.items() if isinstance(v, dict) and "accuracy" in v}
+
+    @property
+    def has_model(self) -> bool:
+        return (self.dir / "model.safetensors").exists()
+
+
+def read_run(run_dir: Path, label: str | None = None) -> RunInfo:
+    meta = read_json(run_dir / "meta.json")
+    info = RunInfo(run_dir, label or run_dir.name, meta)
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.exists():
+        try:
+            info.config = yaml.safe_load(cfg_path.read_text()) or {}
+        except yaml.YAMLError:
+            info.config = {}
+    for name in ("metrics", "eval"):
+        path = run_dir / f"{name}.json"
+        if path.exists():
+            setattr(info, name, read_json(path))
+    return info
+
+
+def find_runs(path: Path) -> list[Path]:
+    """Run directories (holding meta.json) directly under `path`, or one level further down."""
+    children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    runs = [p for p in children if (p / "meta.json").exists()]
+    for p in children:
+        if p not in runs:
+            runs += sorted(q for q in p.iterdir() if q.is_dir() and (q / "meta.json").exists())
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting
+def esc(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def is_acc_key(key: str) -> bool:
+    k = key.lower().rsplit(".", 1)[-1]
+    return k in ("acc", "accuracy") or k.endswith("_acc") or k.startswith("acc_") or k.endswith("_accuracy")
+
+
+CHECK_KEYS = ("pass", "passed", "ok", "success")
+
+
+def fmt(v: Any, key: str = "", checks: bool = False, pct: bool = True) -> str:
+    """A value as HTML text: accuracies in %, floats to 4 significant digits; booleans under a key like
+    'passed' as a coloured pass/fail, others as true/false (bold in check tables, checks=True)."""
+    if isinstance(v, bool):
+        if key.lower().rsplit(".", 1)[-1] in CHECK_KEYS:
+            return f'<span class="{"ok" if v else "bad"}">{"pass" if v else "fail"}</span>'
+        return f"<strong>{str(v).lower()}</strong>" if checks else str(v).lower()
+    if v is None:
+        return "&ndash;"
+    if isinstance(v, float):
+        if is_acc_key(key) and 0.0 <= v <= 1.0:
+            return f"{100 * v:.2f}" + ("&thinsp;%" if pct else "")
+        if v != 0 and (abs(v) >= 1e7 or abs(v) < 1e-3):
+            return f"{v:.3e}"
+        if abs(v) >= 1e4:
+            return f"{v:,.0f}"
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, list | tuple):
+        return esc(", ".join(str(x) for x in v)) if all(not isinstance(x, dict | list) for x in v) \
+            else f"<code>{esc(json.dumps(v, default=str))}</code>"
+    if isinstance(v, dict):
+        return f"<code>{esc(json.dumps(v, default=str))}</code>"
+    return esc(v)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def table(headers: list[str], rows: list[list[Any]], keys: list[str] | None = None,
+          best: set[int] | None = None, raw: set[int] | None = None, checks: bool = False,
+          wide: set[int] | None = None) -> str:
+    """An HTML table; numbers right-aligned and formatted by `fmt` with the column's key; the largest
+    value of each column in `best` is bold; columns in `raw` hold ready HTML; text in `wide` columns wraps."""
+    keys = keys or headers
+    best_vals = {}
+    for j in best or ():
+        vals = [r[j] for r in rows if j < len(r) and _is_num(r[j])]
+        if len(vals) > 1:
+            best_vals[j] = max(vals)
+    numeric = {j for j in range(len(headers)) if any(j < len(r) and _is_num(r[j]) for r in rows)}
+    head = "".join(f'<th class="num">{esc(h)}</th>' if j in numeric else f"<th>{esc(h)}</th>"
+                   for j, h in enumerate(headers))
+    body = []
+    for r in rows:
+        cells = []
+        for j, v in enumerate(r):
+            cls = ["wide"] if wide and j in wide else []
+            if _is_num(v) or (v is None and j in numeric):
+                cls.append("num")
+                if j in best_vals and v == best_vals[j]:
+                    cls.append("best")
+            text = v if raw and j in raw else fmt(v, keys[j] if j < len(keys) else "", checks, pct=False)
+            cells.append(f'<td class="{" ".join(cls)}">{text}</td>' if cls else f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return wrap_table(head, "".join(body))
+
+
+def wrap_table(head_cells: str, body_rows: str) -> str:
+    return (f'<div class="wrap"><table><thead><tr>{head_cells}</tr></thead><tbody>{body_rows}</tbody>'
+            "</table></div>")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def kv_table(d: dict[str, Any], headers: tuple[str, str] = ("key", "value"), numbers: bool = True,
+             checks: bool = False) -> str:
+    """Two columns, key and value; numbers right-aligned when `numbers` (metrics), else left (settings)."""
+    rows = "".join(f'<tr><td class="key">{esc(k)}</td>'
+                   f'<td class="{"num" if numbers and _is_num(v) else "wide"}">{fmt(v, k, checks)}</td></tr>'
+                   for k, v in d.items())
+    return (f'<div class="wrap"><table><thead><tr><th>{esc(headers[0])}</th><th>{esc(headers[1])}</th></tr>'
+            f"</thead><tbody>{rows}</tbody></table></div>")
+
+
+def generic(obj: Any, checks: bool = False) -> str:
+    """Any JSON-like object as HTML: a dict of dicts as a table (one row per key), a dict as key/value
+    rows, a list of dicts as a table, anything else as preformatted JSON."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
+        cols = list(dict.fromkeys(k for v in obj.values() for k in v))
+        rows = [[k, *[v.get(c) for c in cols]] for k, v in obj.items()]
+        return table(["check" if checks else "", *cols], rows, ["", *cols], checks=checks)
+    if isinstance(obj, dict):
+        return kv_table(flatten(obj), checks=checks)
+    if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
+        cols = list(dict.fromkeys(k for v in obj for k in v))
+        return table(cols, [[v.get(c) for c in cols] for v in obj], checks=checks)
+    return f"<pre>{esc(json.dumps(obj, indent=2, default=str))}</pre>"
+
+
+def markdown(text: str) -> str:
+    """A small Markdown subset (headings, pipe tables, lists, code fences, paragraphs, `code`, **bold**)
+    as HTML, enough for results.md."""
+
+    def inline(s: str) -> str:
+        s = esc(s)
+        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+        return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
+
+    out, lines, i = [], text.splitlines(), 0
+    para: list[str] = []
+
+    def flush() -> None:
+        if para:
+            out.append("<p>" + inline(" ".join(para)) + "</p>")
+            para.clear()
+
+    while i < len(lines):
+        line = lines[i].rstrip()
+        if line.startswith("```"):
+            flush()
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith("```"):
+                j += 1
+            out.append("<pre>" + esc("\n".join(lines[i + 1:j])) + "</pre>")
+            i = j + 1
+            continue
+        if line.lstrip().startswith("|"):
+            flush()
+            block = []
+            while i < len(lines) and lines[i].lstrip().startswith("|"):
+                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            head, body = block[0], [r for r in block[1:] if not all(re.fullmatch(r":?-{2,}:?", c) for c in r)]
+            th = "".join(f"<th>{inline(c)}</th>" for c in head)
+            trs = "".join("<tr>" + "".join(("<td class=num>" if NUMBER.fullmatch(c) else "<td>") + inline(c)
+                                           + "</td>" for c in r) + "</tr>" for r in body)
+            out.append(wrap_table(th, trs))
+            continue
+        if m := re.match(r"(#{1,6})\s+(.*)", line):
+            flush()
+            level = min(6, len(m.group(1)) + 2)
+            out.append(f"<h{level}>{inline(m.group(2))}</h{level}>")
+        elif re.match(r"\s*[-*]\s+", line):
+            flush()
+            items = []
+            while i < len(lines) and re.match(r"\s*[-*]\s+", lines[i]):
+                items.append("<li>" + inline(re.sub(r"^\s*[-*]\s+", "", lines[i])) + "</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif not line.strip():
+            flush()
+        else:
+            para.append(line.strip())
+        i += 1
+    flush()
+    return '<div class="md">' + "\n".join(out) + "</div>"
+
+
+def img_tag(png: bytes, alt: str, caption: str = "") -> str:
+    """An inline PNG (base64), shown at about its physical size (150 dpi -> 96 CSS px per inch)."""
+    import struct
+
+    width = struct.unpack(">I", png[16:20])[0] if png[:8] == b"\x89PNG\r\n\x1a\n" else 0
+    w = f' width="{round(width * 96 / 150)}"' if width else ""
+    cap = f"<figcaption>{caption}</figcaption>" if caption else ""
+    return (f'<figure><img{w} alt="{esc(alt)}" src="data:image/png;base64,'
+            f'{base64.b64encode(png).decode("ascii")}">{cap}</figure>')
+
+
+def note(text: str) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+def ordered_attacks(runs: list[RunInfo]) -> list[str]:
+    """eval.json keys in reading order: clean, FGSM, then attacks by strength (steps), variants with
+    @eps=/@bn= after their base attack."""
+    names = list(dict.fromkeys(a for r in runs for a in r.attacks))
+
+    def key(a: str) -> tuple[int, str, int, str]:
+        base = a.split("@")[0]
+        m = re.search(r"(\d+)", base)
+        return (ATTACK_ORDER.index(base) if base in ATTACK_ORDER else len(ATTACK_ORDER),
+                re.sub(r"\d+", "", base), int(m.group(1)) if m else 0, a)
+
+    return sorted(names, key=key)
+
+
+def attack_title(a: str) -> str:
+    """'pgd20@eps=0.0157' -> 'PGD20 (eps=0.0157)', 'square1000' -> 'SQUARE1000', 'clean' -> 'Clean'."""
+    base, *variants = a.split("@")
+    name = base.capitalize() if base == "clean" else base.upper()
+    return name + (f" ({', '.join(variants)})" if variants else "")
+
+
+def fmt_eps(eps: Any) -> Any:
+    """0.0313725 -> '8/255' (radii are usually k/255), other numbers unchanged."""
+    if _is_num(eps) and 0 < eps < 0.25 and abs(eps * 255 - round(eps * 255)) < 1e-4:
+        return f"{round(eps * 255)}/255"
+    return eps
+
+
+ATTACK_FIELDS = (("eps", "eps"), ("steps", "steps"), ("step_size", "step"), ("restarts", "restarts"),
+                 ("queries", "queries"), ("loss", "loss"), ("bn", "BatchNorm"), ("seed", "seed"),
+                 ("time_s", "time (s)"))
+
+
+def eval_section(run: RunInfo) -> str:
+    """The attack table of eval.json and its masking checks."""
+    attacks = run.attacks
+    if not attacks:
+        return note("No eval.json yet: `igam evaluate RUN --attacks clean,fgsm,pgd20` fills this table.")
+
+    def field_of(rec: dict[str, Any], key: str) -> Any:
+        spec = rec.get("attack") if isinstance(rec.get("attack"), dict) else {}
+        v = rec.get(key, spec.get(key))
+        return fmt_eps(v) if key in ("eps", "step_size") else v
+
+    order = ordered_attacks([run])
+    fields = [(k, h) for k, h in ATTACK_FIELDS if any(field_of(attacks[a], k) is not None for a in order)]
+    rows = [[attack_title(a), attacks[a]["accuracy"], attacks[a].get("n"),
+             *[field_of(attacks[a], k) for k, _ in fields]] for a in order]
+    out = table(["attack", "accuracy (%)", "n", *[h for _, h in fields]], rows,
+                ["", "accuracy", "n", *[k for k, _ in fields]])
+    for k, v in run.eval.items():
+        if k in attacks:
+            continue
+        if k == "masking_checks" and isinstance(v, dict) and isinstance(v.get("checks"), dict):
+            out += "<h3>Gradient-masking checks</h3>" + masking_html(v)
+        else:
+            out += f"<h3>{esc(k.replace('_', ' ').capitalize())}</h3>" + generic(v, checks="check" in k)
+    return out
+
+
+def masking_html(mc: dict[str, Any]) -> str:
+    """The verdicts of `igam evaluate --checks`: a summary line, one row per check, the observations."""
+    failed = mc.get("failed") or []
+    eps = fmt_eps(mc.get("eps"))
+    head = ('<p><span class="ok">All checks passed</span>' if mc.get("passed") and not failed
+            else f'<p><span class="bad">Failed: {esc(", ".join(map(str, failed)) or "?")}</span>')
+    head += f" &middot; nominal eps {fmt(eps, 'eps')} &middot; sweeps on {fmt(mc.get('check_n'))} images.</p>"
+    rows = []
+    for name, v in mc["checks"].items():
+        v = v if isinstance(v, dict) else {"passed": v}
+        p = v.get("passed")
+        verdict = ('<span class="ok">pass</span>' if p is True else '<span class="bad">fail</span>'
+                   if p is False else '<span class="sub">not run</span>')
+        rows.append([esc(name.replace("_", " ")), verdict, esc(v.get("detail", ""))])
+    out = head + table(["check", "result", "detail"], rows, raw={0, 1, 2}, wide={2})
+    obs = mc.get("observations")
+    if isinstance(obs, list) and obs and all(isinstance(o, dict) for o in obs):
+        cols = list(dict.fromkeys(k for o in obs for k in o))
+        out += ("<details><summary>Attack results the checks used</summary>"
+                + table(cols, [[fmt_eps(o.get(c)) if c == "eps" else o.get(c) for c in cols] for o in obs])
+                + "</details>")
+    return out
+
+
+def masking_summary(run: RunInfo) -> str:
+    """'6/6 passed' for the results table (coloured), or a dash."""
+    mc = run.eval.get("masking_checks")
+    if not isinstance(mc, dict):
+        return "&ndash;"
+    checks = mc.get("checks") if isinstance(mc.get("checks"), dict) else {}
+    verdicts = [v.get("passed") for v in checks.values()
+                if isinstance(v, dict) and v.get("passed") is not None]
+    ok = bool(mc.get("passed", all(verdicts))) and all(verdicts)
+    text = (f"{sum(bool(v) for v in verdicts)}/{len(verdicts)} passed" if verdicts
+            else "passed" if ok else "failed")
+    return f'<span class="{"ok" if ok else "bad"}">{text}</span>'
+
+
+def metrics_section(run: RunInfo) -> str:
+    if not run.metrics:
+        return note("No metrics.json yet (the run has not finished).")
+    parts = []
+    final, train = run.metrics.get("final"), run.metrics.get("train")
+    if isinstance(final, dict) and final:
+        parts.append("<h3>Last evaluation during training</h3>" + kv_table(final, ("metric", "value")))
+    if isinstance(train, dict) and train:
+        parts.append("<h3>Last training-log row</h3>" + kv_table(train, ("metric", "value")))
+    rest = {k: v for k, v in run.metrics.items() if k not in ("final", "train")}
+    if rest:
+        parts.append("<h3>Other</h3>" + kv_table(flatten(rest), ("metric", "value")))
+    return '<div class="cols">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>"
+
+
+def config_section(run: RunInfo) -> str:
+    from igam.config import Config
+
+    if not run.config:
+        return note("No config.yaml in this run.")
+    defaults = Config().to_dict()
+    changed = {k: v for k, v in run.config.items() if k not in defaults or defaults[k] != v}
+    out = ("<p>Keys that differ from the defaults:</p>" + kv_table(changed, ("key", "value"), numbers=False)
+           if changed else "<p>All keys have their default values.</p>")
+    return out + ("<details><summary>Full configuration (config.yaml)</summary>"
+                  + kv_table(run.config, ("key", "value"), numbers=False) + "</details>")
+
+
+def meta_table(run: RunInfo) -> str:
+    m = run.meta
+    model = m.get("model", {}) or {}
+    data = m.get("data", {}) or {}
+    rows = {"status": m.get("status"), "method": m.get("method"),
+            "model": f"{model.get('name')} (width {model.get('width') or 'default'}, activation "
+                     f"{model.get('activation')}, normalise {model.get('normalize')})",
+            "dataset": f"{data.get('dataset')} ({'x'.join(map(str, data.get('shape', [])))}, "
+                       f"{data.get('num_classes')} classes)",
+            "teacher": m.get("teacher"), "adapter": m.get("adapter"), "seed": m.get("seed"),
+            "steps": m.get("steps"), "steps per epoch": m.get("steps_per_epoch"), "augment": m.get("augment"),
+            "device": f"{m.get('device')} x {m.get('world_size', 1)}", "igam version": m.get("version"),
+            "git commit": str(m.get("git_commit"))[:12], "torch": m.get("torch")}
+    return kv_table({k: v for k, v in rows.items() if v not in (None, "", "None")}, ("field", "value"),
+                    numbers=False)
+
+
+def cards(run: RunInfo) -> str:
+    items = []
+    final = run.metrics.get("final", {}) if isinstance(run.metrics.get("final"), dict) else {}
+    for k, v in final.items():
+        if is_acc_key(k) and _is_num(v):
+            items.append((f"{k.removesuffix('_acc')} (train-time eval)", f"{100 * v:.2f}", "% accuracy"))
+    for a in ordered_attacks([run])[:5]:
+        r = run.attacks[a]
+        items.append((attack_title(a), f"{100 * r['accuracy']:.2f}", f"% accuracy, n = {r.get('n', '?')}"))
+    if run.meta.get("steps"):
+        items.append(("steps", str(run.meta["steps"]), f"{run.meta.get('status', '')}"))
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="k">{esc(k)}</div><div class="v">{esc(v)}</div>'
+        f'<div class="u">{esc(u)}</div></div>' for k, v, u in items) + "</div>"
+
+
+def curves_html(runs: list[RunInfo], title: str) -> str:
+    from igam.report.curves import curves_figure
+
+    try:
+        fig = curves_figure({r.label: r.dir for r in runs}, title=title)
+    except IgamError as e:
+        return note(str(e))
+    return img_tag(png_bytes(fig), "training curves",
+                   "Per-step training metrics (log.csv, averaged over each logging interval) and the test "
+                   "accuracy of every evaluation during training (eval_log.csv). Only logged quantities "
+                   "are drawn; L<sub>adv</sub> and L<sub>diff</sub> are eqs. 14 and 13 of the paper.")
+
+
+def gradients_html(runs: list[RunInfo], n: int, seed: int, data_dir: str | None, device: str,
+                   log: Callable[[str], None]) -> str:
+    """One gradient grid per input shape (runs of one shape share test images)."""
+    from igam.report.gradients import run_gradient_figure
+
+    with_model = [r for r in runs if r.has_model]
+    missing = [r.label for r in runs if not r.has_model]
+    out = note(f"No model.safetensors yet for: {', '.join(missing)}.") if missing else ""
+    groups: dict[tuple, list[RunInfo]] = {}
+    for r in with_model:
+        groups.setdefault(tuple(r.meta["data"]["shape"]), []).append(r)
+    for shape, group in groups.items():
+        try:
+            fig = run_gradient_figure([r.dir for r in group], n=n, seed=seed, data_dir=data_dir,
+                                      device=device, log=log)
+        except IgamError as e:
+            log(f"igam report: gradient grid skipped: {e}")
+            out += note(f"Gradient grid for inputs {'x'.join(map(str, shape))} skipped: {e}")
+            continue
+        out += img_tag(png_bytes(fig), "input gradients",
+                       "Input gradients of the cross-entropy at the true label w.r.t. the [0, 1] input, as "
+                       "in the paper's Figs. 1 and 4: robust models give salient gradients that resemble the "
+                       "image, standard models noisy ones. Below each gradient: the model's prediction "
+                       "(green: correct, red: wrong).")
+    return out
+
+
+def landscape_html(run: RunInfo, index: int, data_dir: str | None, device: str) -> str:
+    from igam.report.landscape import run_landscapes
+
+    try:
+        _, fig = run_landscapes([run.dir], index, data_dir=data_dir, device=device)
+    except IgamError as e:
+        return note(f"Loss landscape skipped: {e}")
+    return img_tag(png_bytes(fig), "loss landscape", "Cross-entropy and decision regions around one test "
+                   "image along the adversarial and a random direction, as in the paper's Fig. 7.")
+
+
+def page(title: str, kicker: str, subtitle: str, body: str) -> str:
+    now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
+            f'<header class="top"><div class="kicker">{esc(kicker)}</div><h1>{esc(title)}</h1>'
+            f'<div class="sub">{subtitle}</div></header>{body}'
+            f"<footer>Written by igam {PACKAGE_VERSION} on {now}. Input Gradient Adversarial Matching "
+            f"(Chan, Tay &amp; Ong, CVPR 2020). Self-contained: no external resources.</footer>"
+            f"</main></body></html>\n")
+
+
+def run_subtitle(run: RunInfo) -> str:
+    m = run.meta
+    return " &middot; ".join(esc(s) for s in (
+        f"method {m.get('method')}", f"model {m.get('model', {}).get('name')}",
+        f"dataset {m.get('data', {}).get('dataset')}", f"seed {m.get('seed')}", f"status {m.get('status')}"))
+
+
+# ---------------------------------------------------------------------------------------------
+def run_report(run: RunInfo, n: int, seed: int, data_dir: str | None, device: str, gradients: bool,
+               landscape_index: int | None, log: Callable[[str], None]) -> str:
+    body = cards(run)
+    body += "<h2>Evaluation</h2>" + eval_section(run)
+    body += "<h2>Metrics</h2>" + metrics_section(run)
+    body += "<h2>Training curves</h2>" + curves_html([run], f"Training curves: {run.label}")
+    if gradients:
+        body += "<h2>Input gradients</h2>" + gradients_html([run], n, seed, data_dir, device, log)
+    if landscape_index is not None and run.has_model:
+        body += "<h2>Loss landscape</h2>" + landscape_html(run, landscape_index, data_dir, device)
+    body += "<h2>Run</h2>" + meta_table(run)
+    body += "<h2>Configuration</h2>" + config_section(run)
+    return page(run.label, "igam run report", run_subtitle(run), body)
+
+
+def results_table(runs: list[RunInfo]) -> str:
+    """One row per run: what it is, then accuracies (train-time evaluation, then each eval.json attack) in %.
+    Descriptive columns that are the same for every run move to one line above the table."""
+    attacks = ordered_attacks(runs)
+    finals = list(dict.fromkeys(k for r in runs for k, v in (r.metrics.get("final") or {}).items()
+                                if is_acc_key(k) and _is_num(v)))
+    info = {"method": [r.meta.get("method") for r in runs],
+            "model": [r.meta.get("model", {}).get("name") for r in runs],
+            "dataset": [r.meta.get("data", {}).get("dataset") for r in runs],
+            "seed": [r.meta.get("seed") for r in runs], "status": [r.meta.get("status") for r in runs],
+            "steps": [r.meta.get("steps") for r in runs]}
+    shared = {k: v[0] for k, v in info.items() if len(runs) > 1 and len(set(map(str, v))) == 1}
+    varying = [k for k in info if k not in shared]
+    headers = ["run", *varying, *[f"train-time {k.removesuffix('_acc')} (%)" for k in finals],
+               *[f"{attack_title(a)} (%)" for a in attacks], "masking checks"]
+    keys = ["", *varying, *finals, *["accuracy"] * len(attacks), ""]
+    rows = []
+    for i, r in enumerate(runs):
+        rows.append([r.label, *[info[k][i] for k in varying],
+                     *[(r.metrics.get("final") or {}).get(k) for k in finals],
+                     *[r.attacks.get(a, {}).get("accuracy") for a in attacks], masking_summary(r)])
+    first = 1 + len(varying)
+    out = ""
+    if shared:
+        out += ("<p>All runs: " + ", ".join(f"{esc(k)} <strong>{esc(v)}</strong>" for k, v in shared.items())
+                + ".</p>")
+    out += table(headers, rows, keys, best=set(range(first, first + len(finals) + len(attacks))),
+                 raw={len(headers) - 1})
+    sizes = {a: "/".join(map(str, sorted({r.attacks[a].get("n") for r in runs if a in r.attacks}, key=str)))
+             for a in attacks}
+    if sizes:
+        ns = (f"n = {next(iter(sizes.values()))} for every attack" if len(set(sizes.values())) == 1
+              else "; ".join(f"{attack_title(a)} n = {v}" for a, v in sizes.items()))
+        out += (f'<p class="sub">Test images per attack (eval.json): {esc(ns)}. '
+                "Train-time columns come from the last evaluation during training (eval_n images). "
+                "The best value of each accuracy column is bold.</p>")
+    return out
+
+
+def experiment_report(root: Path, runs: list[RunInfo], n: int, seed: int, data_dir: str | None, device: str,
+                      gradients: bool, log: Callable[[str], None]) -> str:
+    body = ""
+    if (root / "results.md").exists():
+        body += "<h2>Results</h2>" + markdown((root / "results.md").read_text())
+    if (root / "results.json").exists():
+        try:
+            data = json.loads((root / "results.json").read_text())
+            body += ("<details><summary>results.json</summary><pre>"
+                     + esc(json.dumps(data, indent=2, default=str)) + "</pre></details>")
+        except json.JSONDecodeError as e:
+            body += note(f"results.json is not valid JSON ({e}).")
+    body += "<h2>Runs</h2>" + results_table(runs)
+    body += "<h2>Training curves</h2>" + curves_html(runs, f"Training curves: {root.name}")
+    if gradients:
+        body += "<h2>Input gradients</h2>" + gradients_html(runs, n, seed, data_dir, device, log)
+    body += "<h2>Each run</h2>"
+    for r in runs:
+        body += (f"<details><summary>{esc(r.label)} &middot; {run_subtitle(r)}</summary>"
+                 f"<h3>Evaluation</h3>{eval_section(r)}<h3>Run</h3>{meta_table(r)}"
+                 f"<h3>Configuration</h3>{config_section(r)}</details>")
+    subtitle = f"{len(runs)} runs in {esc(root)}"
+    return page(root.name or str(root), "igam experiment report", subtitle, body)
+
+
+def write_report(path_or_dir: str | Path, out: str | Path | None = None, *, n: int = 8, seed: int = 0,
+                 data_dir: str | None = None, device: str = "cpu", gradients: bool = True,
+                 landscape_index: int | None = None, log: Callable[[str], None] = print) -> Path:
+    """Write one self-contained HTML report for a run directory or an experiment directory (whose
+    subdirectories are runs) and return its path (default: PATH/report.html)."""
+    path = Path(path_or_dir)
+    if not path.is_dir():
+        raise IgamError(f"'{path}' does not exist or is not a directory; give a run directory or an "
+                        "experiment directory whose subdirectories are runs.")
+    out = Path(out) if out is not None else path / "report.html"
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise IgamError(f"Report output '{out}' should end in .html.")
+    if (path / "meta.json").exists():
+        text = run_report(read_run(path), n, seed, data_dir, device, gradients, landscape_index, log)
+    else:
+        dirs = find_runs(path)
+        if not dirs:
+            raise IgamError(f"'{path}' is neither a run directory (no meta.json) nor an experiment directory "
+                            "(no subdirectory holds a meta.json).")
+        runs = [read_run(d, label) for d, label in zip(dirs, run_labels(dirs))]
+        text = experiment_report(path, runs, n, seed, data_dir, device, gradients, log)
+    atomic_write_text(out, text)
+    out.chmod(0o644)  # a report is for sharing (the atomic temp file starts private)
+    return out
