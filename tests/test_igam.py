@@ -1,4 +1,4 @@
-"""IGAM core: adapters, input gradients, the matching loss in both modes, the discriminator (paper 4.2-4.3)."""
+"""IGAM core: adapters, input gradients, the matching loss in both modes, the discriminator (paper 4.2f)."""
 
 from __future__ import annotations
 
@@ -183,8 +183,14 @@ def test_finite_difference_matches_exact_on_smooth_models(bn):
 
 def test_loss_value_and_terms_are_the_same_in_both_modes():
     torch.manual_seed(0)
-    student = create_model("small-cnn", num_classes=3, in_chans=1, input_size=8, width=4, activation="softplus")
-    teacher = create_model("small-cnn", num_classes=3, in_chans=1, input_size=8, width=4).eval().requires_grad_(False)
+    student = create_model(
+        "small-cnn", num_classes=3, in_chans=1, input_size=8, width=4, activation="softplus"
+    )
+    teacher = (
+        create_model("small-cnn", num_classes=3, in_chans=1, input_size=8, width=4)
+        .eval()
+        .requires_grad_(False)
+    )
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,))
     a = InputGradientMatching(teacher, lambda_adv=0, lambda_diff=2.0)(student, x, y)
     b = InputGradientMatching(teacher, lambda_adv=0, lambda_diff=2.0, mode="finite-difference")(student, x, y)
@@ -196,7 +202,11 @@ def test_loss_value_and_terms_are_the_same_in_both_modes():
 
 def test_lambda_diff_auto_targets_the_teacher_gradient_energy():
     torch.manual_seed(0)
-    teacher = create_model("small-cnn", num_classes=3, in_chans=1, input_size=8, width=4).eval().requires_grad_(False)
+    teacher = (
+        create_model("small-cnn", num_classes=3, in_chans=1, input_size=8, width=4)
+        .eval()
+        .requires_grad_(False)
+    )
     student = create_model("small-cnn", num_classes=3, in_chans=1, input_size=8, width=4)
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 3, (16,))
     igm = InputGradientMatching(teacher, lambda_diff="auto", lambda_diff_auto=2.3)
@@ -271,7 +281,11 @@ def test_adversarial_loss_is_minimal_when_student_matches_teacher():
 
 def test_student_side_terms_never_update_the_discriminator():
     torch.manual_seed(0)
-    teacher = create_model("small-cnn", num_classes=3, in_chans=1, input_size=8, width=4).eval().requires_grad_(False)
+    teacher = (
+        create_model("small-cnn", num_classes=3, in_chans=1, input_size=8, width=4)
+        .eval()
+        .requires_grad_(False)
+    )
     student = create_model("small-cnn", num_classes=3, in_chans=1, input_size=8, width=4)
     disc = GradientDiscriminator((1, 8, 8), layers=2, channels=4)
     igm = InputGradientMatching(teacher, disc, lambda_adv=1.0, lambda_diff=1.0)

@@ -80,7 +80,7 @@ class Crop(Step):
 
     def forward(self, x):
         t, l, oh, ow = self._window()
-        return x[:, :, t:t + oh, l:l + ow]
+        return x[:, :, t : t + oh, l : l + ow]
 
     def disc_view(self, g):
         return self.forward(g)
@@ -182,8 +182,10 @@ def auto_spec(target: Shape, teacher: Shape) -> str:
         elif (target[0], teacher[0]) == (1, 3):
             parts.append("rgb")
         else:
-            raise IgamError(f"No automatic adapter from {target[0]} to {teacher[0]} channels; the target is "
-                            f"{_fmt(target)} and the teacher expects {_fmt(teacher)}.")
+            raise IgamError(
+                f"No automatic adapter from {target[0]} to {teacher[0]} channels; the target is "
+                f"{_fmt(target)} and the teacher expects {_fmt(teacher)}."
+            )
     if target[1:] != teacher[1:]:
         (h, w), (th, tw) = target[1:], teacher[1:]
         bigger = h >= th and w >= tw
@@ -208,8 +210,9 @@ def build_adapter(spec: str, target: Shape, teacher: Shape) -> Adapter:
     shape = target
     for i, token in enumerate(tokens):
         name, size = _parse(token)
-        last_spatial = not any(_parse(t)[0] in ("resize", "crop", "pad", "random-pad", "transpose-conv")
-                               for t in tokens[i + 1:])
+        last_spatial = not any(
+            _parse(t)[0] in ("resize", "crop", "pad", "random-pad", "transpose-conv") for t in tokens[i + 1 :]
+        )
         c, h, w = shape
         if name == "identity":
             out, step = shape, Identity
@@ -228,23 +231,33 @@ def build_adapter(spec: str, target: Shape, teacher: Shape) -> Adapter:
             elif last_spatial:
                 oh, ow = teacher[1:]
             else:
-                raise IgamError(f"Adapter step '{token}' needs a size (e.g. {name}28) when another spatial "
-                                "step follows it.")
+                raise IgamError(
+                    f"Adapter step '{token}' needs a size (e.g. {name}28) when another spatial "
+                    "step follows it."
+                )
             if name == "crop" and (oh > h or ow > w):
-                raise IgamError(f"Adapter '{spec}': cannot crop {_fmt(shape)} to {oh}x{ow}; crop only "
-                                f"shrinks. Use pad or resize to reach the teacher's {_fmt(teacher)}.")
+                raise IgamError(
+                    f"Adapter '{spec}': cannot crop {_fmt(shape)} to {oh}x{ow}; crop only "
+                    f"shrinks. Use pad or resize to reach the teacher's {_fmt(teacher)}."
+                )
             if name in ("pad", "random-pad") and (oh < h or ow < w):
-                raise IgamError(f"Adapter '{spec}': cannot pad {_fmt(shape)} to {oh}x{ow}; padding only "
-                                f"grows. Use crop or resize to reach the teacher's {_fmt(teacher)}.")
+                raise IgamError(
+                    f"Adapter '{spec}': cannot pad {_fmt(shape)} to {oh}x{ow}; padding only "
+                    f"grows. Use crop or resize to reach the teacher's {_fmt(teacher)}."
+                )
             if name == "crop" and steps and any(isinstance(s, Resize | Pad | TransposeConv) for s in steps):
-                raise IgamError(f"Adapter '{spec}': put crop before any resize/pad step, so the "
-                                "discriminator's cropped view lines up with the target image.")
+                raise IgamError(
+                    f"Adapter '{spec}': put crop before any resize/pad step, so the "
+                    "discriminator's cropped view lines up with the target image."
+                )
             out = (c, oh, ow)
             step = {"resize": Resize, "crop": Crop, "pad": Pad, "random-pad": RandomPad}[name]
         steps.append(step(shape, out))
         shape = out
     if shape != teacher:
-        raise IgamError(f"Adapter '{spec}' maps the target input {_fmt(target)} to {_fmt(shape)}, but the "
-                        f"teacher expects {_fmt(teacher)}. Try adapter={auto_spec(target, teacher)}"
-                        f"{' (or e.g. gray+crop28)' if teacher[0] != target[0] else ''}.")
+        raise IgamError(
+            f"Adapter '{spec}' maps the target input {_fmt(target)} to {_fmt(shape)}, but the "
+            f"teacher expects {_fmt(teacher)}. Try adapter={auto_spec(target, teacher)}"
+            f"{' (or e.g. gray+crop28)' if teacher[0] != target[0] else ''}."
+        )
     return Adapter(spec, steps or [Identity(target, target)])

@@ -53,7 +53,7 @@ def cmd_run(args, extra) -> int:
 
     overrides = parse_override_args(list(args.overrides or []) + list(extra))
     run_experiment(args.experiment, dry_run=args.dry_run, out_dir=args.out_dir, overrides=overrides,
-                   only=args.only.split(",") if args.only else None)
+                   only=args.only.split(",") if args.only else None, miniature=args.miniature)
     return 0
 
 
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the plan with estimated costs, run nothing")
     r.add_argument("--out-dir", default=None, help="where the stages' runs go (default: the file's out_dir)")
     r.add_argument("--only", default=None, help="comma-separated stage names to run (others are skipped)")
+    r.add_argument("--miniature", action="store_true", help="smoke-test the pipeline in seconds: tiny synthetic "
+                   "stand-ins of every dataset (same shapes), width-4 models, a few steps, cheap attacks")
     ev = verb("evaluate", cmd_evaluate, "Evaluate runs under attacks; writes RUN/eval.json and prints a table.")
     ev.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     ev.add_argument("--attacks", default="clean",

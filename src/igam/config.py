@@ -25,6 +25,8 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata=meta)
 
 
+# The built-in methods (for the help text). What `method` accepts is the objective registry
+# (igam.objectives.OBJECTIVES), so objectives registered by plug-ins or tests are valid methods too.
 METHODS = ("standard", "pgd-at", "trades", "finetune", "igam", "igr")
 
 
@@ -59,7 +61,8 @@ class Config:
     activation: str = opt("default", "default | relu | leaky-relu | softplus | silu | gelu (zoo models)")
     width: int = opt(0, "width multiplier / base channels of zoo models that have one (0: model default)")
     normalize: str = opt("dataset", "input normalisation inside the model: dataset (per-channel mean/std "
-                         "of the training set) | none | per-image | l2", ("dataset", "none", "per-image", "l2"))
+                         "of the training set) | none | per-image | l2",
+                         ("dataset", "none", "per-image", "l2"))
     init_from: str = opt("", "start from the weights of this run directory (e.g. a standard-trained "
                          "student, as the official IGAM schedule does)")
     # --- optimisation --------------------------------------------------------------------------
@@ -74,7 +77,7 @@ class Config:
     warmup_epochs: float = opt(0.0, "linear learning-rate warm-up")
     grad_clip: float = opt(0.0, "clip the student's gradient norm (0: off)")
     # --- method --------------------------------------------------------------------------------
-    method: str = opt("standard", "training objective: " + " | ".join(METHODS), METHODS)
+    method: str = opt("standard", "training objective: " + " | ".join(METHODS))
     # --- attacks used for training (pgd-at, trades) ------------------------------------------------
     eps: str = opt("8/255", "L-inf radius in [0,1] pixel units; fractions like 8/255 allowed")
     step_size: str = opt("2/255", "PGD step size")
@@ -89,7 +92,8 @@ class Config:
     teacher_classes: int = opt(0, "classes of a foreign teacher checkpoint's own head")
     teacher_in_shape: str = opt("", "input shape CxHxW of a foreign teacher (e.g. 1x28x28)")
     adapter: str = opt("auto", "input adapter from target to teacher input: auto | identity | resize | "
-                       "crop | crop28 | pad | random-pad | gray | transpose-conv | compositions like gray+crop28")
+                       "crop | crop28 | pad | random-pad | gray | transpose-conv | compositions like "
+                       "gray+crop28")
     teacher_bn: str = opt("eval", "teacher BatchNorm mode: eval (paper) | train (official code)",
                           ("eval", "train"))
     # --- IGAM (paper eqs. 7-14) ------------------------------------------------------------------
@@ -241,8 +245,18 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return out
 
 
+def check_method(method: str) -> None:
+    """`method` must name a registered objective (built-in, or registered with register_objective)."""
+    from igam.objectives import OBJECTIVES  # importing registers the built-in objectives
+
+    if method not in OBJECTIVES:
+        raise IgamError(f"method={method!r} is not a training objective.{suggest(method, OBJECTIVES)} "
+                        f"Choose one of: {', '.join(sorted(OBJECTIVES))}.")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type cannot express."""
+    check_method(cfg.method)
     for key in ("eps", "step_size"):
         check_eps(getattr(cfg, key), key)
     parse_fraction(cfg.noise, "noise")
@@ -252,9 +266,22 @@ def validate(cfg: Config) -> None:
                 "disc_layers", "disc_channels"):
         if getattr(cfg, key) < 1:
             raise IgamError(f"{key}={getattr(cfg, key)} must be at least 1.")
-    for key in ("epochs", "lr", "steps"):
+    for key in ("epochs", "lr", "steps", "momentum", "weight_decay", "warmup_epochs", "grad_clip", "threads",
+                "train_subset", "test_subset", "crop_padding", "width", "eval_every", "eval_n", "trades_beta",
+                "lambda_adv", "lambda_diff_auto", "disc_lr", "finetune_lr", "teacher_classes", "lr_gamma",
+                "fd_step", "pixel_scale"):
         if getattr(cfg, key) < 0:
             raise IgamError(f"{key}={getattr(cfg, key)} must not be negative.")
+    if not 0 <= cfg.seed < 2**63:
+        raise IgamError(f"seed={cfg.seed} must lie in 0 .. 2**63-1.")
+    if cfg.keep_checkpoints < 1:
+        raise IgamError(f"keep_checkpoints={cfg.keep_checkpoints} must be at least 1 (2 or more lets a "
+                        "corrupted newest checkpoint fall back to the previous one).")
+    if any(not 0 <= m <= 1 for m in cfg.lr_milestones):
+        raise IgamError(f"lr_milestones={cfg.lr_milestones} must be fractions of training in [0, 1], "
+                        "e.g. 0.5,0.75.")
+    if parse_fraction(cfg.noise, "noise") < 0:
+        raise IgamError(f"noise={cfg.noise} must not be negative.")
     if cfg.preset not in ("", "paper", "official"):
         raise IgamError(f"preset={cfg.preset!r} is not allowed.{suggest(cfg.preset, ['paper', 'official'])} "
                         "Choose paper or official (or leave it empty).")
@@ -303,8 +330,8 @@ def parse_override_args(args: list[str]) -> dict[str, Any]:
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's equations 8-14: CE input gradients on [0,1] pixels, per-example mean L_diff, raw gradients
     # to the discriminator, minimax L_adv, eval-mode teacher, IGAM from the first step
-    "paper": {"gradient_target": "ce", "pixel_scale": 1.0, "diff_reduction": "mean", "disc_input_norm": "none",
-              "adv_loss": "saturating", "teacher_bn": "eval", "igam_start": "0"},
+    "paper": {"gradient_target": "ce", "pixel_scale": 1.0, "diff_reduction": "mean",
+              "disc_input_norm": "none", "adv_loss": "saturating", "teacher_bn": "eval", "igam_start": "0"},
     # the released TF1 code: true-class-probability gradients on 0-255 pixels, batch-summed L_diff,
     # zero-mean unit-L2 maps to the discriminator, minimax L_adv at weight lambda_adv/2, train-mode
     # BatchNorm in the teacher, IGAM only for the last 12.5% of training, +-2 px crops

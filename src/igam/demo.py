@@ -16,7 +16,7 @@ from igam.errors import IgamError
 
 
 def _find_data(root: Path) -> str:
-    """'real' when MNIST and CIFAR-10 load from root (downloading them if the network allows), else 'synthetic'."""
+    """'real' when MNIST and CIFAR-10 load from root (downloaded if the network allows), else 'synthetic'."""
     from igam.data import load_arrays
 
     try:
@@ -35,16 +35,21 @@ def demo(out_dir: str = "runs/demo", data_dir: str | None = None, quick: bool = 
     if kind == "real":
         log(f"igam demo: real MNIST and CIFAR-10 from {root}")
     elif kind == "synthetic":
-        log(f"igam demo: MNIST/CIFAR-10 not found in {root} and not downloadable; using the synthetic task "
-            "(put mnist.npz and cifar10.npz there, or pass --data-dir, for the real transfer)")
+        log(
+            f"igam demo: MNIST/CIFAR-10 not found in {root} and not downloadable; using the synthetic task "
+            "(put mnist.npz and cifar10.npz there, or pass --data-dir, for the real transfer)"
+        )
     os.environ.setdefault("IGAM_DATA", str(root))
     spec = resources.files("igam.experiments") / f"demo-{kind}.yaml"
     with resources.as_file(spec) as path:
-        exp_dir = run_experiment(path, out_dir=out_dir, overrides={"data_dir": str(root)} if kind == "real" else None,
-                                 log=log)
+        exp_dir = run_experiment(
+            path, out_dir=out_dir, overrides={"data_dir": str(root)} if kind == "real" else None, log=log
+        )
     log("")
     log((exp_dir / "results.md").read_text())
     report = exp_dir / "report.html"
-    log(f"igam demo: runs in {exp_dir}/, table in {exp_dir / 'results.md'}"
-        + (f", report in {report}" if report.exists() else ""))
+    log(
+        f"igam demo: runs in {exp_dir}/, table in {exp_dir / 'results.md'}"
+        + (f", report in {report}" if report.exists() else "")
+    )
     return exp_dir

@@ -1,6 +1,6 @@
 """The gradient discriminator f_disc (paper 4.2.1, Appendix A; official `IgamConvDiscriminatorModel`).
 
-N x [conv 4x4 stride 2 pad 1 (bias) -> BatchNorm (eps 1e-3) -> LeakyReLU 0.1], flatten, linear -> one
+N x [conv 4x4 stride 2 'SAME' (bias) -> BatchNorm (eps 1e-3) -> LeakyReLU 0.1], flatten, linear -> one
 logit: log-odds that a gradient map came from the teacher. (The official code uses 2 softmax outputs;
 a 2-way softmax is a sigmoid of the logit difference, so one logit is the same family of functions.)
 Appendix A: 4 layers 8-16-32-64 (Tiny-ImageNet teacher) or 5 layers 16-32-64-128-256 (MNIST/CIFAR).
@@ -19,15 +19,28 @@ def zero_mean_l2(g: torch.Tensor) -> torch.Tensor:
     return g * torch.rsqrt((g * g).sum((1, 2, 3), keepdim=True).clamp_min(1e-12))
 
 
+class SameConv2d(nn.Conv2d):
+    """TensorFlow 'SAME' padding for a strided conv: output ceil(H/s), extra padding at the bottom/right.
+    (For 32x32 inputs this equals padding=1; for 28x28 views it keeps 5 layers possible: 28-14-7-4-2-1.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(nn.functional.pad(x, pads))
+
+
 class GradientDiscriminator(nn.Module):
-    def __init__(self, in_shape: tuple[int, int, int], layers: int = 5, channels: int = 16,
-                 input_norm: str = "none"):
+    def __init__(
+        self, in_shape: tuple[int, int, int], layers: int = 5, channels: int = 16, input_norm: str = "none"
+    ):
         super().__init__()
         c, h, w = in_shape
         blocks: list[nn.Module] = []
         for i in range(layers):
             cout = channels * 2**i
-            blocks += [nn.Conv2d(c, cout, 4, 2, 1), nn.BatchNorm2d(cout, eps=1e-3), nn.LeakyReLU(0.1)]
+            blocks += [SameConv2d(c, cout, 4, 2), nn.BatchNorm2d(cout, eps=1e-3), nn.LeakyReLU(0.1)]
             c = cout
         self.features = nn.Sequential(*blocks, nn.Flatten())
         with torch.no_grad():

@@ -32,7 +32,7 @@ from igam.runs import read_json, resolve_run, write_json
 from igam.utils import bn_mode
 
 __all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "data_dir_of", "evaluate_attack", "evaluate_run",
-           "large_eps", "result_key", "run_attack", "warning_block"]
+           "large_eps", "masking_report", "result_key", "run_attack", "warning_block"]
 
 CHECK_STEPS = (10, 20, 50)  # PGD step counts of the --checks step sweep
 EPS_SWEEP = (0.25, 0.5, 1.0, 1.5)  # multiples of eps of the --checks eps sweep (PGD-20)
@@ -133,6 +133,29 @@ def observation(key: str, rec: dict[str, Any]) -> Observation | None:
                        str(s.get("loss", "ce")))
 
 
+def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | str | None = None,
+                   observations: list[Observation] = (), sweeps: bool = True, queries: int = 1000,  # type: ignore[assignment]
+                   batch_size: int = 500, seed: int = 0, bn: str = "eval",
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Gradient-masking checks of `model` on images x (uint8 or float [0,1]): input-gradient statistics,
+    plus the sweeps of `check_attacks` (sweeps=True), judged together with earlier `observations`."""
+    say = log or (lambda s: None)
+    shape = tuple(x.shape[1:])
+    nominal = check_eps(eps) if eps is not None else default_eps(shape)[0]
+    device = next(model.parameters()).device
+    obs = list(observations)
+    grads = gradient_stats(model, _as_float(x, device), y, batch_size, bn)
+    if sweeps:
+        for label, atk in check_attacks(model, shape, nominal, queries=queries, bn=bn, seed=seed):
+            say(f"check {label} on {len(x)} images ...")
+            rec = run_attack(model, x, y, atk, batch_size=batch_size, seed=seed, bn=bn)
+            obs.append(observation(f"check:{label}", rec))  # type: ignore[arg-type]
+    verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads)
+    failed = [k for k, v in verdicts.items() if v["passed"] is False]
+    return {"passed": not failed, "failed": failed, "eps": nominal, "check_n": len(x), "checks": verdicts,
+            "observations": [o.to_dict() for o in obs]}
+
+
 def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size: int = 500, seed: int = 0,
                  bn: str = "eval", data_dir: str | None = None, device: str = "cpu", *,
                  eps: float | str | None = None, checks: bool = False, check_n: int = 500,
@@ -151,7 +174,6 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     meta = read_json(run_dir / "meta.json")
     arrays = load_data(meta["data"]["dataset"], data_dir or data_dir_of(run_dir), False, 0, n)
     x, y = arrays.x_test, arrays.y_test
-    shape = tuple(x.shape[1:])
     model = load_run_model(run_dir, device)
     results: dict[str, Any] = {}
     for name in attacks:
@@ -163,19 +185,11 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     path = run_dir / "eval.json"
     merged = read_json(path) if path.exists() else {}
     merged.update(results)
-    nominal = check_eps(eps) if eps is not None else default_eps(shape)[0]
     obs = [o for k, r in merged.items() if isinstance(r, dict) and (o := observation(k, r)) is not None]
     nc = min(len(x), check_n)
-    grads = gradient_stats(model, _as_float(x[:nc], torch.device(device)), y[:nc], batch_size, bn)
-    if checks:
-        for label, atk in check_attacks(model, shape, nominal, queries=check_queries, bn=bn, seed=seed):
-            say(f"igam: {run_dir.name}: check {label} on {nc} images ...")
-            rec = run_attack(model, x[:nc], y[:nc], atk, batch_size=batch_size, seed=seed, bn=bn)
-            obs.append(observation(f"check:{label}", rec))  # type: ignore[arg-type]
-    verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads)
-    failed = [k for k, v in verdicts.items() if v["passed"] is False]
-    results["masking_checks"] = {"passed": not failed, "failed": failed, "eps": nominal, "check_n": nc,
-                                 "checks": verdicts, "observations": [o.to_dict() for o in obs]}
+    results["masking_checks"] = masking_report(
+        model, x[:nc], y[:nc], eps=eps, observations=obs, sweeps=checks, queries=check_queries,
+        batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"igam: {run_dir.name}: {s}"))
     merged["masking_checks"] = results["masking_checks"]
     write_json(path, merged)
     return results

@@ -44,16 +44,47 @@ from igam.errors import IgamError, suggest
 from igam.runs import atomic_write_text, read_json, write_json
 
 IGNORED_KEYS = ("progress", "resume", "threads", "device", "tensorboard", "out_dir", "name")
-EXPERIMENT_KEYS = ("experiment", "description", "out_dir", "defaults", "stages", "evaluation", "notes",
-                   "primary_metric")
+EXPERIMENT_KEYS = (
+    "experiment",
+    "description",
+    "out_dir",
+    "defaults",
+    "stages",
+    "evaluation",
+    "notes",
+    "primary_metric",
+)
 STAGE_KEYS = ("name", "title", "config", "row", "paper", "curve", "sweep")
 
 # Rough CPU throughput (images/s, standard training, 2 cores, batch 128) and method cost factors, for
 # --dry-run estimates only (docs/PERFORMANCE.md has the measured figures).
-CPU_IMAGES_PER_S = {"madry-mnist": 1500, "small-cnn": 1000, "small-cnn-bn": 800, "resnet20": 550,
-                    "preact-resnet18": 60, "wrn-16-4": 95, "wrn-32-10": 4}
-DATASET_SIZES = {"mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000,
-                 "svhn": 73257, "tiny-imagenet": 100000}
+CPU_IMAGES_PER_S = {
+    "madry-mnist": 1500,
+    "small-cnn": 1000,
+    "small-cnn-bn": 800,
+    "resnet20": 550,
+    "preact-resnet18": 60,
+    "wrn-16-4": 95,
+    "wrn-32-10": 4,
+}
+# ... and on one A100-class GPU (fp32/TF32), equally rough.
+GPU_IMAGES_PER_S = {
+    "madry-mnist": 40000,
+    "small-cnn": 40000,
+    "small-cnn-bn": 30000,
+    "resnet20": 20000,
+    "preact-resnet18": 8000,
+    "wrn-16-4": 8000,
+    "wrn-32-10": 1200,
+}
+DATASET_SIZES = {
+    "mnist": 60000,
+    "fashion-mnist": 60000,
+    "cifar10": 50000,
+    "cifar100": 50000,
+    "svhn": 73257,
+    "tiny-imagenet": 100000,
+}
 
 
 @dataclass
@@ -79,6 +110,7 @@ class Experiment:
 
 def _expand_env(value: Any) -> Any:
     if isinstance(value, str):
+
         def env(m: re.Match) -> str:
             name, _, default = m.group(1).partition(":-")
             return os.environ.get(name) or default
@@ -95,7 +127,59 @@ def _fmt_value(v: Any) -> str:
     return str(v).replace("/", "_")
 
 
-def load_experiment(path: str | Path, out_dir: str | None = None, overrides: dict[str, Any] | None = None) -> Experiment:
+MINIATURE_DATA = {
+    "mnist": "synthetic:28x28x1:10",
+    "fashion-mnist": "synthetic:28x28x1:10",
+    "cifar10": "synthetic:32x32x3:10",
+    "cifar100": "synthetic:32x32x3:100",
+    "svhn": "synthetic:32x32x3:10",
+    "tiny-imagenet": "synthetic:64x64x3:200",
+}
+
+
+def miniaturize(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The same stage on tiny synthetic stand-ins of its data (same shapes and classes), a width-4 model,
+    two PGD steps and a few optimisation steps: a smoke test of a pipeline in seconds."""
+    out = dict(cfg)
+    ds = str(out.get("dataset", "synthetic"))
+    out["dataset"] = MINIATURE_DATA.get(ds, ds if ds.startswith("synthetic") else "synthetic")
+    model = str(out.get("model", "small-cnn"))
+    out["model"] = "madry-mnist" if model == "madry-mnist" else "small-cnn"
+    out.update(
+        width=4,
+        train_subset=256,
+        test_subset=128,
+        eval_n=64,
+        batch_size=min(int(out.get("batch_size", 32)), 32),
+        epochs=min(float(out.get("epochs", 1)), 0.25),
+        steps=min(int(out.get("steps", 2)), 2),
+        eval_attack="",
+        progress=False,
+        tensorboard=False,
+        log_every=1,
+        checkpoint_every=1000,
+    )
+    for key in ("disc_layers",):
+        out[key] = min(int(out.get(key, 4)), 3)
+    return out
+
+
+def miniature_evaluation(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cheap = ("clean", "fgsm")
+    out = []
+    for b in blocks:
+        attacks = [a for a in b["attacks"] if a in cheap]
+        if attacks:
+            out.append({**b, "attacks": attacks, "n": 64, "checks": False})
+    return out
+
+
+def load_experiment(
+    path: str | Path,
+    out_dir: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    miniature: bool = False,
+) -> Experiment:
     """Parse and check an experiment file (every stage's config is validated now, before any work)."""
     p = Path(path)
     if not p.is_file():
@@ -105,7 +189,9 @@ def load_experiment(path: str | Path, out_dir: str | None = None, overrides: dic
     except yaml.YAMLError as e:
         raise IgamError(f"Experiment file '{path}' is not valid YAML: {e}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
-        raise IgamError(f"'{path}' must be a mapping with a non-empty `stages:` list (see `igam run --help`).")
+        raise IgamError(
+            f"'{path}' must be a mapping with a non-empty `stages:` list (see `igam run --help`)."
+        )
     for key in raw:
         if key not in EXPERIMENT_KEYS:
             raise IgamError(f"Unknown experiment key '{key}' in '{path}'.{suggest(key, EXPERIMENT_KEYS)}")
@@ -125,22 +211,45 @@ def load_experiment(path: str | Path, out_dir: str | None = None, overrides: dic
         combos = list(itertools.product(*[sweep[k] for k in keys])) if keys else [()]
         for combo in combos:
             cfg = {**defaults, **dict(s.get("config") or {}), **dict(zip(keys, combo))}
+            if miniature:
+                cfg = miniaturize(cfg)
             suffix = "".join(f"-{k}={_fmt_value(v)}" for k, v in zip(keys, combo))
             row = s.get("row", "")
-            stages.append(Stage(f"{s['name']}{suffix}", cfg, s.get("title", ""),
-                                f"{row}{suffix}" if row else "", dict(s.get("paper") or {}), s.get("curve", "")))
+            stages.append(
+                Stage(
+                    f"{s['name']}{suffix}",
+                    cfg,
+                    s.get("title", ""),
+                    f"{row}{suffix}" if row else "",
+                    dict(s.get("paper") or {}),
+                    s.get("curve", ""),
+                )
+            )
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
-        raise IgamError(f"Stage names in '{path}' repeat: {sorted({n for n in names if names.count(n) > 1})}.")
-    exp = Experiment(name, Path(out_dir or raw.get("out_dir") or f"runs/{name}"), stages,
-                     list(raw.get("evaluation") or []), str(raw.get("description", "")),
-                     str(raw.get("primary_metric", "pgd20")), str(p))
+        raise IgamError(
+            f"Stage names in '{path}' repeat: {sorted({n for n in names if names.count(n) > 1})}."
+        )
+    evaluation = list(raw.get("evaluation") or [])
+    if miniature:
+        evaluation = miniature_evaluation(evaluation)
+    exp = Experiment(
+        name,
+        Path(out_dir or raw.get("out_dir") or f"runs/{name}"),
+        stages,
+        evaluation,
+        str(raw.get("description", "")),
+        str(raw.get("primary_metric", "pgd20")),
+        str(p),
+    )
     for st in exp.stages:
         resolve_stage(exp, st)  # validates keys, types and references
         for ref in re.findall(r"\{([A-Za-z0-9_=.\-]+)\}", json.dumps(st.config)):
             if ref not in names[: names.index(st.name)]:
-                raise IgamError(f"Stage '{st.name}' refers to '{{{ref}}}', which is not an earlier stage."
-                                f"{suggest(ref, names)}")
+                raise IgamError(
+                    f"Stage '{st.name}' refers to '{{{ref}}}', which is not an earlier stage."
+                    f"{suggest(ref, names)}"
+                )
     for ev in exp.evaluation:
         for r in ev.get("rows", []):
             if r not in names:
@@ -150,6 +259,7 @@ def load_experiment(path: str | Path, out_dir: str | None = None, overrides: dic
 
 def resolve_stage(exp: Experiment, stage: Stage) -> Config:
     """The stage's full configuration, with "{stage}" references replaced by run directories."""
+
     def sub(v: Any) -> Any:
         if isinstance(v, str):
             return re.sub(r"\{([A-Za-z0-9_=.\-]+)\}", lambda m: str(exp.out_dir / m.group(1)), v)
@@ -173,25 +283,34 @@ def stage_status(exp: Experiment, stage: Stage) -> str:
     if not (run_dir / "meta.json").exists():
         return "todo"
     meta = read_json(run_dir / "meta.json")
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    saved = (
+        yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    )
     same = _comparable(saved or {}) == _comparable(resolve_stage(exp, stage).to_dict())
     if meta.get("status") == "finished":
         return "done" if same else "stale"
     return "partial" if same else "stale"
 
 
-def estimate_seconds(cfg: Config) -> float:
-    """A rough CPU estimate (2 cores) of a stage's training time, for --dry-run."""
+def estimate_seconds(cfg: Config, gpu: bool = False) -> float:
+    """A rough estimate of a stage's training time on a 2-core CPU (or one GPU), for --dry-run."""
+    table = GPU_IMAGES_PER_S if gpu else CPU_IMAGES_PER_S
     base = cfg.dataset.split(":")[0]
     n = cfg.train_subset or DATASET_SIZES.get(base, 10000)
     model = cfg.model
-    ips = CPU_IMAGES_PER_S.get(model, 300)
+    ips = table.get(model, 300 * (40 if gpu else 1))
     if model == "small-cnn" and cfg.width:
         ips = ips * (16 / max(cfg.width, 16)) ** 1.5
-    factor = {"standard": 1.0, "finetune": 0.6, "pgd-at": cfg.steps + 1.0, "trades": cfg.steps + 2.0,
-              "igam": 3.5, "igr": 3.0}.get(cfg.method, 1.0)
+    factor = {
+        "standard": 1.0,
+        "finetune": 0.6,
+        "pgd-at": cfg.steps + 1.0,
+        "trades": cfg.steps + 2.0,
+        "igam": 3.5,
+        "igr": 3.0,
+    }.get(cfg.method, 1.0)
     if cfg.method == "finetune":
-        ips = CPU_IMAGES_PER_S.get(cfg.teacher_model or "madry-mnist", 1500)
+        ips = table.get(cfg.teacher_model or "madry-mnist", table["madry-mnist"])
     if cfg.method in ("igam", "igr"):
         start = cfg.igam_start.strip()
         frac = float(start) if re.fullmatch(r"0?\.\d+", start) else 0.0
@@ -199,25 +318,43 @@ def estimate_seconds(cfg: Config) -> float:
     return cfg.epochs * n * factor / ips
 
 
-def plan(exp: Experiment) -> list[tuple[Stage, str, float]]:
-    return [(s, stage_status(exp, s), estimate_seconds(resolve_stage(exp, s))) for s in exp.stages]
+def plan(exp: Experiment) -> list[tuple[Stage, str, float, float]]:
+    """(stage, status, estimated CPU seconds, estimated GPU seconds) for every stage."""
+    out = []
+    for s in exp.stages:
+        cfg = resolve_stage(exp, s)
+        out.append((s, stage_status(exp, s), estimate_seconds(cfg), estimate_seconds(cfg, gpu=True)))
+    return out
 
 
 def format_plan(exp: Experiment) -> str:
-    lines = [f"experiment {exp.name} -> {exp.out_dir}", "", "| stage | method | model | dataset | epochs | status "
-             "| est. CPU time |", "|---|---|---|---|---|---|---|"]
-    total = 0.0
-    for st, status, sec in plan(exp):
+    lines = [
+        f"experiment {exp.name} -> {exp.out_dir}",
+        "",
+        "| stage | method | model | dataset | epochs | status | est. 2-core CPU | est. 1 GPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    cpu = gpu = 0.0
+    rows = plan(exp)
+    for st, status, sec, gsec in rows:
         cfg = resolve_stage(exp, st)
-        todo = status != "done"
-        total += sec if todo else 0
-        lines.append(f"| {st.name} | {cfg.method} | {cfg.model if cfg.method != 'finetune' else 'teacher head'} | "
-                     f"{cfg.dataset} | {cfg.epochs:g} | {status} | {_hms(sec)} |")
-    lines += ["", f"stages left: {sum(s != 'done' for _, s, _ in plan(exp))}, estimated training time on a 2-core "
-              f"CPU: {_hms(total)} (plus evaluation; rough, see docs/PERFORMANCE.md)"]
+        if status != "done":
+            cpu, gpu = cpu + sec, gpu + gsec
+        lines.append(
+            f"| {st.name} | {cfg.method} | {cfg.model if cfg.method != 'finetune' else 'teacher head'} | "
+            f"{cfg.dataset} | {cfg.epochs:g} | {status} | {_hms(sec)} | {_hms(gsec)} |"
+        )
+    lines += [
+        "",
+        f"stages left: {sum(s != 'done' for _, s, _, _ in rows)}; estimated training time: {_hms(cpu)} "
+        f"on a 2-core CPU, {_hms(gpu)} on one A100-class GPU (rough, plus evaluation; measured figures in "
+        "docs/PERFORMANCE.md)",
+    ]
     for ev in exp.evaluation:
-        lines.append(f"evaluation: {', '.join(ev['attacks'])} on {ev.get('n', 1000)} test images"
-                     + (f" for {', '.join(ev['rows'])}" if ev.get("rows") else ""))
+        lines.append(
+            f"evaluation: {', '.join(ev['attacks'])} on {ev.get('n', 1000)} test images"
+            + (f" for {', '.join(ev['rows'])}" if ev.get("rows") else "")
+        )
     return "\n".join(lines)
 
 
@@ -227,13 +364,20 @@ def _hms(sec: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-def run_experiment(path: str | Path, *, dry_run: bool = False, out_dir: str | None = None,
-                   overrides: dict[str, Any] | None = None, only: list[str] | None = None,
-                   log=print) -> Path:
+def run_experiment(
+    path: str | Path,
+    *,
+    dry_run: bool = False,
+    out_dir: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    only: list[str] | None = None,
+    miniature: bool = False,
+    log=print,
+) -> Path:
     """Run every stage that is not done, evaluate the rows, write results.md/json and the report."""
     from igam.train import train
 
-    exp = load_experiment(path, out_dir, overrides)
+    exp = load_experiment(path, out_dir, overrides, miniature)
     log(format_plan(exp))
     if dry_run:
         return exp.out_dir
@@ -275,13 +419,26 @@ def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
             if not (run_dir / "model.safetensors").exists():
                 continue
             have = read_json(run_dir / "eval.json") if (run_dir / "eval.json").exists() else {}
-            todo = [a for a in ev["attacks"] if not (isinstance(have.get(result_key(a)), dict)
-                                                    and have[result_key(a)].get("n") == n
-                                                    and have[result_key(a)].get("seed") == seed)]
+            todo = [
+                a
+                for a in ev["attacks"]
+                if not (
+                    isinstance(have.get(result_key(a)), dict)
+                    and have[result_key(a)].get("n") == n
+                    and have[result_key(a)].get("seed") == seed
+                )
+            ]
             if todo or (ev.get("checks") and "check:fgsm" not in json.dumps(have.get("masking_checks", {}))):
-                evaluate_run(run_dir, todo or ["clean"], n=n, seed=seed, batch_size=int(ev.get("batch_size", 500)),
-                             checks=bool(ev.get("checks", False)), check_n=int(ev.get("check_n", min(n, 500))),
-                             log=log)
+                evaluate_run(
+                    run_dir,
+                    todo or ["clean"],
+                    n=n,
+                    seed=seed,
+                    batch_size=int(ev.get("batch_size", 500)),
+                    checks=bool(ev.get("checks", False)),
+                    check_n=int(ev.get("check_n", min(n, 500))),
+                    log=log,
+                )
     results = collect_results(exp)
     write_json(exp.out_dir / "results.json", results)
     atomic_write_text(exp.out_dir / "results.md", results_markdown(exp, results, column_name))
@@ -307,17 +464,31 @@ def collect_results(exp: Experiment) -> dict[str, Any]:
             continue
         meta = read_json(run_dir / "meta.json")
         ev = read_json(run_dir / "eval.json") if (run_dir / "eval.json").exists() else {}
-        acc = {k: round(100 * v["accuracy"], 2) for k, v in ev.items() if isinstance(v, dict) and "accuracy" in v}
-        out["rows"].append({
-            "stage": st.name, "row": st.row, "curve": st.curve, "method": meta.get("method"),
-            "model": meta.get("model", {}).get("name"), "accuracy": acc, "paper": st.paper,
-            "n": {k: v.get("n") for k, v in ev.items() if isinstance(v, dict) and "n" in v},
-            "masking_checks": (ev.get("masking_checks") or {}).get("passed"),
-            "masking_failed": (ev.get("masking_checks") or {}).get("failed", []),
-            "train_time_s": meta.get("train_time_s"), "epochs": meta.get("epochs"),
-            "time_per_epoch_s": (round(meta["train_time_s"] / meta["epochs"], 1)
-                                 if meta.get("train_time_s") and meta.get("epochs") else None),
-            "config": _stage_summary(exp, st)})
+        acc = {
+            k: round(100 * v["accuracy"], 2) for k, v in ev.items() if isinstance(v, dict) and "accuracy" in v
+        }
+        out["rows"].append(
+            {
+                "stage": st.name,
+                "row": st.row,
+                "curve": st.curve,
+                "method": meta.get("method"),
+                "model": meta.get("model", {}).get("name"),
+                "accuracy": acc,
+                "paper": st.paper,
+                "n": {k: v.get("n") for k, v in ev.items() if isinstance(v, dict) and "n" in v},
+                "masking_checks": (ev.get("masking_checks") or {}).get("passed"),
+                "masking_failed": (ev.get("masking_checks") or {}).get("failed", []),
+                "train_time_s": meta.get("train_time_s"),
+                "epochs": meta.get("epochs"),
+                "time_per_epoch_s": (
+                    round(meta["train_time_s"] / meta["epochs"], 1)
+                    if meta.get("train_time_s") and meta.get("epochs")
+                    else None
+                ),
+                "config": _stage_summary(exp, st),
+            }
+        )
     return out
 
 
@@ -335,11 +506,17 @@ def results_markdown(exp: Experiment, results: dict[str, Any], column_name) -> s
     cols: list[str] = []
     for ev in exp.evaluation:
         cols += [a for a in ev["attacks"] if a not in cols]
-    lines = [f"# {exp.name}", "", exp.description.strip(), "",
-             "Accuracy (%) on the first n test images; paper's number in brackets where it reports one. "
-             "Robust accuracy under each attack, eval-mode BatchNorm.", "",
-             "| Model | " + " | ".join(column_name(c) for c in cols) + " | masking checks | train time |",
-             "|---|" + "---|" * (len(cols) + 2)]
+    lines = [
+        f"# {exp.name}",
+        "",
+        exp.description.strip(),
+        "",
+        "Accuracy (%) on the first n test images; paper's number in brackets where it reports one. "
+        "Robust accuracy under each attack, eval-mode BatchNorm.",
+        "",
+        "| Model | " + " | ".join(column_name(c) for c in cols) + " | masking checks | train time |",
+        "|---|" + "---|" * (len(cols) + 2),
+    ]
     for r in results["rows"]:
         if not (r["row"] or r["curve"]):
             continue
@@ -352,8 +529,13 @@ def results_markdown(exp: Experiment, results: dict[str, Any], column_name) -> s
         t = _hms(r["train_time_s"]) if r["train_time_s"] else "-"
         lines.append(f"| {r['row'] or r['stage']} | " + " | ".join(cells) + f" | {mc} | {t} |")
     ns = sorted({f"{k}: n={v}" for r in results["rows"] for k, v in r["n"].items()})
-    lines += ["", "Evaluated on: " + "; ".join(ns) if ns else "", "",
-              "Stages (full configs in each run's config.yaml):", ""]
+    lines += [
+        "",
+        "Evaluated on: " + "; ".join(ns) if ns else "",
+        "",
+        "Stages (full configs in each run's config.yaml):",
+        "",
+    ]
     for r in results["rows"]:
         tpe = f", {r['time_per_epoch_s']} s/epoch" if r.get("time_per_epoch_s") else ""
         lines.append(f"- `{r['stage']}`: " + ", ".join(f"{k}={v}" for k, v in r["config"].items()) + tpe)
@@ -388,4 +570,3 @@ def plot_tradeoff(exp: Experiment, results: dict[str, Any], path: Path) -> Path 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-

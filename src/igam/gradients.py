@@ -26,9 +26,15 @@ def per_example_objective(logits: torch.Tensor, y: torch.Tensor, target: str = "
     raise ValueError(f"gradient target must be 'ce' or 'true-prob', not {target!r}")
 
 
-def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: str = "ce",
-                   create_graph: bool = False, scale: float = 1.0,
-                   retain_graph: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def input_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: str = "ce",
+    create_graph: bool = False,
+    scale: float = 1.0,
+    retain_graph: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(J, logits): J = d/dx sum_i L_i(x_i) / scale, and the logits of the same forward pass.
 
     With create_graph=True, J is a differentiable function of the model's parameters (double backprop);
@@ -43,8 +49,9 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: s
     return (g / scale if scale != 1.0 else g), logits
 
 
-def teacher_gradient(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, target: str = "ce",
-                     scale: float = 1.0) -> torch.Tensor:
+def teacher_gradient(
+    teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, target: str = "ce", scale: float = 1.0
+) -> torch.Tensor:
     """J_t: the frozen teacher's input gradient w.r.t. the target input, through its adapter; first order,
     detached, and no parameter gradients (the teacher's parameters do not require grad)."""
     g, _ = input_gradient(teacher, x, y, target, create_graph=False, scale=scale)

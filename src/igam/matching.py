@@ -47,16 +47,29 @@ class InputGradientMatching(nn.Module):
         mode: 'exact' or 'finite-difference'; fd_step: relative finite-difference step.
     """
 
-    def __init__(self, teacher: nn.Module | None, discriminator: nn.Module | None = None, *,
-                 lambda_adv: float = 1.0, lambda_diff: float | str = "auto", lambda_diff_auto: float = 2.3,
-                 gradient_target: str = "ce", scale: float = 1.0, diff_reduction: str = "mean",
-                 adv_loss: str = "non-saturating", adv_scale: float = 1.0,
-                 disc_view: Callable[[torch.Tensor], torch.Tensor] | None = None, mode: str = "exact",
-                 fd_step: float = 1e-2):
+    def __init__(
+        self,
+        teacher: nn.Module | None,
+        discriminator: nn.Module | None = None,
+        *,
+        lambda_adv: float = 1.0,
+        lambda_diff: float | str = "auto",
+        lambda_diff_auto: float = 2.3,
+        gradient_target: str = "ce",
+        scale: float = 1.0,
+        diff_reduction: str = "mean",
+        adv_loss: str = "non-saturating",
+        adv_scale: float = 1.0,
+        disc_view: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        mode: str = "exact",
+        fd_step: float = 1e-2,
+    ):
         super().__init__()
         if teacher is None and lambda_diff == "auto":
-            raise IgamError("lambda_diff=auto scales L_diff by the teacher's gradients; without a teacher "
-                            "(igr) give a number, e.g. lambda_diff=1, or pass a teacher for the scale.")
+            raise IgamError(
+                "lambda_diff=auto scales L_diff by the teacher's gradients; without a teacher "
+                "(igr) give a number, e.g. lambda_diff=1, or pass a teacher for the scale."
+            )
         if mode not in ("exact", "finite-difference"):
             raise IgamError(f"grad_matching={mode!r}: choose exact or finite-difference.")
         self._teacher = (teacher,)  # a plain attribute: the frozen teacher is not saved with the objective
@@ -79,14 +92,19 @@ class InputGradientMatching(nn.Module):
     # -----------------------------------------------------------------------------------------
     def teacher_gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """J_t (eqs. 9, 17), or zeros for the igr control. Sets lambda_diff on first use when 'auto'."""
-        jt = teacher_gradient(self.teacher, x, y, self.gradient_target, self.scale) if self.teacher is not None \
+        jt = (
+            teacher_gradient(self.teacher, x, y, self.gradient_target, self.scale)
+            if self.teacher is not None
             else torch.zeros_like(x)
+        )
         if torch.isnan(self.lambda_diff):
             energy = float(jt.flatten(1).pow(2).sum(1).mean())
             per = energy if self.diff_reduction == "mean" else energy * len(x)
             if per <= 0:
-                raise IgamError("lambda_diff=auto: the teacher's input gradients are all zero on this batch; "
-                                "give lambda_diff a number.")
+                raise IgamError(
+                    "lambda_diff=auto: the teacher's input gradients are all zero on this batch; "
+                    "give lambda_diff a number."
+                )
             self.lambda_diff.fill_(self.lambda_diff_auto / per)
         return jt if self.use_teacher else torch.zeros_like(jt)
 
@@ -95,7 +113,9 @@ class InputGradientMatching(nn.Module):
             for p in self.discriminator.parameters():
                 p.requires_grad_(on)
 
-    def matching_loss(self, js: torch.Tensor, jt: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def matching_loss(
+        self, js: torch.Tensor, jt: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """lambda_diff L_diff (eq. 13) + lambda_adv L_adv (eq. 10, the student's side); D is held fixed."""
         d = (js - jt).flatten(1).pow(2).sum(1)
         l_diff = d.mean() if self.diff_reduction == "mean" else d.sum()
@@ -104,25 +124,31 @@ class InputGradientMatching(nn.Module):
         if self.discriminator is not None and self.lambda_adv != 0:
             self._set_disc_grad(False)
             logits = self.discriminator(torch.cat([self.disc_view(js), self.disc_view(jt)]))
-            ls, lt = logits[: len(js)], logits[len(js):]
+            ls, lt = logits[: len(js)], logits[len(js) :]
             l_adv = self.adv_scale * (F.logsigmoid(lt).mean() + F.logsigmoid(-ls).mean())
             student = l_adv if self.adv_loss == "saturating" else -self.adv_scale * F.logsigmoid(ls).mean()
             total = total + self.lambda_adv * student
-            metrics.update(l_adv=l_adv.detach(), disc_acc_student=(ls.detach() < 0).float().mean(),
-                           disc_acc_teacher=(lt.detach() > 0).float().mean())
+            metrics.update(
+                l_adv=l_adv.detach(),
+                disc_acc_student=(ls.detach() < 0).float().mean(),
+                disc_acc_teacher=(lt.detach() > 0).float().mean(),
+            )
         return total, metrics
 
     def forward(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """All terms for a batch; terms['loss'] is what to backpropagate (its value is eq. 14)."""
         jt = self.teacher_gradients(x, y)
         if self.mode == "exact":
-            js, logits = input_gradient(student, x, y, self.gradient_target, create_graph=True, scale=self.scale)
+            js, logits = input_gradient(
+                student, x, y, self.gradient_target, create_graph=True, scale=self.scale
+            )
             ce = F.cross_entropy(logits, y)
             match, metrics = self.matching_loss(js, jt)
             loss = ce + match
         else:
-            js, logits = input_gradient(student, x, y, self.gradient_target, create_graph=False,
-                                        scale=self.scale, retain_graph=True)
+            js, logits = input_gradient(
+                student, x, y, self.gradient_target, create_graph=False, scale=self.scale, retain_graph=True
+            )
             ce = F.cross_entropy(logits, y)
             js_leaf = js.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -133,12 +159,19 @@ class InputGradientMatching(nn.Module):
             js = js.detach()
         self._cache = (js.detach(), jt)
         cos = flat_cosine(js.detach(), jt)
-        metrics.update(ce=ce.detach(), acc=(logits.detach().argmax(1) == y).float().mean(), cos_js_jt=cos.mean(),
-                       js_norm=js.detach().flatten(1).norm(dim=1).mean(), jt_norm=jt.flatten(1).norm(dim=1).mean(),
-                       lambda_diff=self.lambda_diff.detach().clone())
+        metrics.update(
+            ce=ce.detach(),
+            acc=(logits.detach().argmax(1) == y).float().mean(),
+            cos_js_jt=cos.mean(),
+            js_norm=js.detach().flatten(1).norm(dim=1).mean(),
+            jt_norm=jt.flatten(1).norm(dim=1).mean(),
+            lambda_diff=self.lambda_diff.detach().clone(),
+        )
         return {"loss": loss, **metrics}
 
-    def finite_difference(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def finite_difference(
+        self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         """A scalar whose parameter gradient is the central difference estimate of d/dtheta <grad_x L, v>."""
         vn = v.flatten(1).norm(dim=1)
         h = self.fd_step * x.flatten(1).norm(dim=1) / vn.clamp_min(1e-30)
@@ -150,9 +183,10 @@ class InputGradientMatching(nn.Module):
                 plus = per_example_objective(net(x + step), y, self.gradient_target)
                 minus = per_example_objective(net(x - step), y, self.gradient_target)
             else:  # one forward of 2B is cheaper
-                both = per_example_objective(net(torch.cat([x + step, x - step])), torch.cat([y, y]),
-                                             self.gradient_target)
-                plus, minus = both[: len(x)], both[len(x):]
+                both = per_example_objective(
+                    net(torch.cat([x + step, x - step])), torch.cat([y, y]), self.gradient_target
+                )
+                plus, minus = both[: len(x)], both[len(x) :]
         return ((plus - minus) * live / (2 * h.clamp_min(1e-30))).sum()
 
     def discriminator_step(self, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -162,7 +196,7 @@ class InputGradientMatching(nn.Module):
         js, jt = self._cache
         self._set_disc_grad(True)
         logits = self.discriminator(torch.cat([self.disc_view(js), self.disc_view(jt)]))
-        ls, lt = logits[: len(js)], logits[len(js):]
+        ls, lt = logits[: len(js)], logits[len(js) :]
         loss = -self.adv_scale * (F.logsigmoid(lt).mean() + F.logsigmoid(-ls).mean())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,8 +212,11 @@ class InputGradientMatching(nn.Module):
         with torch.enable_grad():
             jt = teacher_gradient(self.teacher, x, y, self.gradient_target, self.scale)
             js, _ = input_gradient(student, x, y, self.gradient_target, scale=self.scale)
-        return {"cos_js_jt": float(flat_cosine(js, jt).mean()),
-                "js_norm": float(js.flatten(1).norm(dim=1).mean()), "jt_norm": float(jt.flatten(1).norm(dim=1).mean())}
+        return {
+            "cos_js_jt": float(flat_cosine(js, jt).mean()),
+            "js_norm": float(js.flatten(1).norm(dim=1).mean()),
+            "jt_norm": float(jt.flatten(1).norm(dim=1).mean()),
+        }
 
 
 class _frozen_bn_stats:

@@ -38,7 +38,8 @@ PACKAGE_VERSION = "0.1.0"
 # crash-test hook (docs/RELIABILITY.md): IGAM_TEST_KILL_AT=POINT:N makes the process SIGKILL itself the
 # N-th time it reaches kill_point(POINT). Unset (normal use), kill_point does nothing.
 KILL_ENV = "IGAM_TEST_KILL_AT"
-KILL_POINTS = ("step", "after-step", "checkpoint-write", "checkpoint-sidecar", "weights-write")
+KILL_POINTS = ("step", "after-step", "optimizer-step", "checkpoint-write", "checkpoint-sidecar",
+               "weights-write")
 _kill_hits: dict[str, int] = {}
 
 
@@ -49,6 +50,15 @@ def kill_point(name: str) -> None:
     _kill_hits[name] = _kill_hits.get(name, 0) + 1
     if _kill_hits[name] == int(spec.partition(":")[2] or 1):
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def install_kill_hooks() -> None:
+    """Under IGAM_TEST_KILL_AT=optimizer-step:N, count every optimizer.step() of the process (the student's
+    and e.g. the discriminator's), so a crash test can die inside an objective's own update."""
+    if os.environ.get(KILL_ENV, "").startswith("optimizer-step:"):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda *_: kill_point("optimizer-step"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,9 +48,15 @@ class AdaptedTeacher(nn.Module):
     @property
     def igam_args(self) -> dict[str, Any]:
         a = self.adapter.in_shape
-        return {"name": f"adapted:{self.body.igam_args['name']}", "num_classes": self.body.num_classes,
-                "in_chans": a[0], "input_size": list(a[1:]), "teacher": self.body.igam_args,
-                "adapter": self.adapter.spec, "body_bn": self.body_bn}
+        return {
+            "name": f"adapted:{self.body.igam_args['name']}",
+            "num_classes": self.body.num_classes,
+            "in_chans": a[0],
+            "input_size": list(a[1:]),
+            "teacher": self.body.igam_args,
+            "adapter": self.adapter.spec,
+            "body_bn": self.body_bn,
+        }
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -72,14 +78,18 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
 
         meta = read_json(p / "meta.json") if (p / "meta.json").exists() else {}
         if meta.get("status") not in (None, "finished"):
-            raise IgamError(f"Teacher run '{p}' has status '{meta.get('status')}'; finish it (resume=true) first.")
+            raise IgamError(
+                f"Teacher run '{p}' has status '{meta.get('status')}'; finish it (resume=true) first."
+            )
         net = load_run_model(p)
         if isinstance(net, AdaptedTeacher):  # a fine-tuned teacher used again: keep its body
             return net.body
         return net
     if not model or not classes or not in_shape:
-        raise IgamError(f"'{path}' is a weights file: name its architecture with teacher_model=NAME, "
-                        "teacher_classes=K and teacher_in_shape=CxHxW (e.g. madry-mnist, 10, 1x28x28).")
+        raise IgamError(
+            f"'{path}' is a weights file: name its architecture with teacher_model=NAME, "
+            "teacher_classes=K and teacher_in_shape=CxHxW (e.g. madry-mnist, 10, 1x28x28)."
+        )
     c, h, w = parse_shape(in_shape)
     net = create_model(model, num_classes=classes, in_chans=c, input_size=(h, w))
     state = load_weights(p)
@@ -92,8 +102,10 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        raise IgamError(f"'{path}' does not fit a {model} with {classes} classes and input {in_shape}: "
-                        f"{str(e).splitlines()[0][:300]}") from None
+        raise IgamError(
+            f"'{path}' does not fit a {model} with {classes} classes and input {in_shape}: "
+            f"{str(e).splitlines()[0][:300]}"
+        ) from None
     return net
 
 
@@ -128,16 +140,22 @@ def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str 
     p = Path(path)
     net = load_run_model(p) if p.is_dir() else None
     if not isinstance(net, AdaptedTeacher):
-        raise IgamError(f"teacher={path} is not a fine-tuned teacher. IGAM needs the teacher's logit layer "
-                        "trained on the target task first: run `igam finetune teacher=ROBUST_RUN "
-                        "dataset=TARGET` (paper 4.1) and pass that run as teacher=.")
+        raise IgamError(
+            f"teacher={path} is not a fine-tuned teacher. IGAM needs the teacher's logit layer "
+            "trained on the target task first: run `igam finetune teacher=ROBUST_RUN "
+            "dataset=TARGET` (paper 4.1) and pass that run as teacher=."
+        )
     if tuple(net.adapter.in_shape) != tuple(target_shape):
-        raise IgamError(f"The teacher was fine-tuned for inputs {'x'.join(map(str, net.adapter.in_shape))}, "
-                        f"but the target data is {'x'.join(map(str, target_shape))}. Fine-tune it on this "
-                        "dataset first.")
+        raise IgamError(
+            f"The teacher was fine-tuned for inputs {'x'.join(map(str, net.adapter.in_shape))}, "
+            f"but the target data is {'x'.join(map(str, target_shape))}. Fine-tune it on this "
+            "dataset first."
+        )
     if net.body.num_classes != target_classes:
-        raise IgamError(f"The teacher's head has {net.body.num_classes} classes, the target task has "
-                        f"{target_classes}. Fine-tune the teacher on the target dataset first.")
+        raise IgamError(
+            f"The teacher's head has {net.body.num_classes} classes, the target task has "
+            f"{target_classes}. Fine-tune the teacher on the target dataset first."
+        )
     net.body_bn = bn
     for p_ in net.parameters():
         p_.requires_grad_(False)

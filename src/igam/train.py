@@ -22,8 +22,20 @@ from igam.data import BatchLoader, DataSpec, load_data, resolve_augment, spec_of
 from igam.errors import IgamError
 from igam.models import create_model, model_from_args
 from igam.objectives import create_objective
-from igam.runs import (PACKAGE_VERSION, CSVLogger, git_commit, load_latest_state, load_weights, read_json,
-                       resolve_run, save_state, save_weights, write_json)
+from igam.runs import (
+    PACKAGE_VERSION,
+    CSVLogger,
+    git_commit,
+    install_kill_hooks,
+    kill_point,
+    load_latest_state,
+    load_weights,
+    read_json,
+    resolve_run,
+    save_state,
+    save_weights,
+    write_json,
+)
 from igam.utils import Dist, bn_mode, seed_everything, setup_distributed, unwrap
 
 
@@ -44,13 +56,36 @@ def build_model(cfg: Config, spec: DataSpec) -> nn.Module:
                          input_size=spec.shape[1:], activation=cfg.activation, width=cfg.width,
                          normalize=cfg.normalize, mean=spec.mean, std=spec.std)
     if cfg.init_from:
-        src = resolve_run(cfg.init_from)
-        meta = read_json(src / "meta.json")
-        if meta.get("model", {}).get("name") != cfg.model:
-            raise IgamError(f"init_from={cfg.init_from} holds a {meta.get('model', {}).get('name')}, not a "
-                            f"{cfg.model}; start from a run of the same architecture.")
-        model.load_state_dict(load_weights(src / "model.safetensors"))
+        init_model_from(model, cfg.init_from)
     return model
+
+
+def init_model_from(model: nn.Module, run: str | Path) -> None:
+    """Load the final weights of run `run` into `model`, after checking architecture, classes and input."""
+    src = resolve_run(run)
+    theirs = read_json(src / "meta.json").get("model") or {}
+    ours = unwrap(model).igam_args
+    for key, what in (("name", "architecture"), ("num_classes", "number of classes"),
+                      ("in_chans", "number of input channels"), ("width", "width"),
+                      ("activation", "activation")):
+        if theirs.get(key, ours[key]) != ours[key]:
+            raise IgamError(f"init_from={run} cannot initialise this model: its {what} is "
+                            f"{theirs.get(key)!r}, this run's is {ours[key]!r}. Start from a run with the "
+                            "same model, dataset and width, or drop init_from.")
+    weights = src / "model.safetensors"
+    if not weights.exists():
+        raise IgamError(f"init_from={run} has no model.safetensors yet; finish that run first (resume=true).")
+    load_state_checked(model, load_weights(weights), f"init_from={run}")
+
+
+def load_state_checked(model: nn.Module, state: dict[str, Any], what: str) -> None:
+    """load_state_dict whose shape or key mismatches become one clear IgamError."""
+    try:
+        unwrap(model).load_state_dict(state)
+    except RuntimeError as e:
+        first = [t.strip() for t in str(e).splitlines() if t.strip()][1:3]
+        raise IgamError(f"{what} does not fit this model ({'; '.join(first)[:300]}). It was written for "
+                        "another architecture, input shape or number of classes.") from None
 
 
 def lr_factor(cfg: Config, step: int, total: int, steps_per_epoch: int) -> float:
@@ -69,7 +104,7 @@ def lr_factor(cfg: Config, step: int, total: int, steps_per_epoch: int) -> float
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """Weight decay on conv/linear weights only (not biases, BatchNorm or normalisation buffers)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
     if not decay and not no_decay:
@@ -85,27 +120,90 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
              bn: str = "eval") -> float:
-    """Clean accuracy in [0, 1] with eval-mode BatchNorm (or train-mode, labelled, for the official protocol)."""
+    """Clean accuracy in [0, 1] with eval-mode BatchNorm (or train-mode, labelled, for the official
+    protocol)."""
     correct = 0
     device = next(model.parameters()).device
     with bn_mode(model, bn):
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size].to(device).float().div(255) if x.dtype == torch.uint8 else x[i:i + batch_size]
+            xb = x[i:i + batch_size].to(device)
+            xb = xb.float().div(255) if xb.dtype == torch.uint8 else xb
             correct += int((model(xb.to(device)).argmax(1) == y[i:i + batch_size].to(device)).sum())
     return correct / max(1, len(x))
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+    """torch, CUDA, Python and NumPy generators as tensors and primitives (loadable with weights_only)."""
+    import random
+
+    import numpy as np
+
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": [version, torch.tensor(words, dtype=torch.int64), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
     torch.set_rng_state(state["torch"])
+    if "python" in state:
+        version, words, gauss = state["python"]
+        random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def changed_settings(run_dir: Path, cfg: Config) -> str:
+    """'lr 0.1 -> 0.05, ...' for the keys that differ from the run's saved config.yaml (resume aside)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    now = cfg.to_dict()
+    return ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+                     if k != "resume" and k in saved and saved[k] != now[k])
+
+
+MAX_SKIPS_IN_A_ROW = 20  # nan_policy=skip gives up after this many non-finite steps in a row
+
+
+def nonfinite_terms(loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the non-finite loss terms of a step ('loss' when only the total is)."""
+    bad = [k for k, v in metrics.items() if torch.is_tensor(v) and not bool(torch.isfinite(v).all())]
+    return bad or ([] if bool(torch.isfinite(loss).all()) else ["loss"])
+
+
+def nonfinite_grads(model: nn.Module, limit: int = 3) -> list[str]:
+    """'gradient of NAME' for the first parameters whose gradient holds NaN/Inf."""
+    names = [n for n, p in model.named_parameters()
+             if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return [f"gradient of {', '.join(names[:limit]) or 'the parameters'}{more}"]
+
+
+def _all_ranks(flag: bool, dist: Dist) -> bool:
+    """flag on every rank (under DDP all ranks must skip a step together, or they deadlock)."""
+    if not dist.enabled:
+        return flag
+    import torch.distributed as tdist
+
+    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if tdist.get_backend() == "nccl" else "cpu")
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return bool(t.item() > 0)
 
 
 def _reduce(values: dict[str, torch.Tensor], dist: Dist) -> dict[str, float]:
@@ -130,6 +228,7 @@ def train(cfg: Config, log=print) -> Path:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.seed)
+    install_kill_hooks()  # crash tests only (IGAM_TEST_KILL_AT); no-op otherwise
     say = log if dist.main else (lambda *a, **k: None)
 
     run_dir = Path(cfg.out_dir) / run_name(cfg)
@@ -161,7 +260,7 @@ def train(cfg: Config, log=print) -> Path:
 
     step, elapsed_before, t_start = 0, 0.0, time.time()
     if state is not None:
-        unwrap(model).load_state_dict(state["model"])
+        load_state_checked(model, state["model"], f"The checkpoint in {run_dir}")
         optimizer.load_state_dict(state["optimizer"])
         objective.load_state_dict(state["objective"])
         objective.load_extra_state(state["objective_extra"])
@@ -169,6 +268,9 @@ def train(cfg: Config, log=print) -> Path:
         step = int(state["step"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
         say(f"igam: resumed {run_dir} at step {step}/{total}")
+        changed = changed_settings(run_dir, cfg)
+        if changed:
+            say(f"igam: note: resuming with changed settings: {changed}")
 
     train_model: nn.Module = model
     if dist.enabled:
@@ -195,7 +297,8 @@ def train(cfg: Config, log=print) -> Path:
             save_state(run_dir, step, {
                 "step": step, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "objective": objective.state_dict(), "objective_extra": objective.extra_state(),
-                "rng": _rng_state(), "elapsed_s": elapsed_before + time.time() - t_start},
+                "rng": _rng_state(), "scaler": scaler.state_dict(),
+                "elapsed_s": elapsed_before + time.time() - t_start},
                 keep=cfg.keep_checkpoints)
 
     def evaluate_now(epoch: float) -> dict[str, float]:
@@ -217,9 +320,11 @@ def train(cfg: Config, log=print) -> Path:
     amp_ctx = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
                if cfg.amp != "none" and device.type == "cuda" else nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=(cfg.amp == "fp16" and device.type == "cuda"))
+    if state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     eval_every_steps = max(1, round(cfg.eval_every * steps_per_epoch)) if cfg.eval_every > 0 else 0
     sums: dict[str, torch.Tensor] = {}
-    count, skipped, t0, last = 0, 0, time.time(), {}
+    count, skipped, skipped_in_a_row, t0, last = 0, 0, 0, time.time(), {}
     bar = None
     if cfg.progress and dist.main:
         from tqdm import tqdm
@@ -237,36 +342,51 @@ def train(cfg: Config, log=print) -> Path:
             with amp_ctx:
                 loss, metrics = objective.loss(train_model, x, y, step)
             optimizer.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
+            # NaN/Inf guard: a non-finite loss term skips the backward, a non-finite gradient the update
+            bad = nonfinite_terms(loss, metrics)
+            if _all_ranks(not bad, dist):
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                finite = bool(torch.isfinite(gnorm))
+                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
                 metrics["grad_norm"] = gnorm.detach()
-            if not finite:
-                bad = [k for k, v in metrics.items() if not bool(torch.isfinite(v).all())] or ["gradient"]
+                if _all_ranks(bool(torch.isfinite(gnorm)), dist):
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, gnorm)
+                elif not scaler.is_enabled():  # (fp16: overflows are the scaler's to skip and rescale)
+                    bad = nonfinite_grads(unwrap(model))
+            if bad:
                 msg = f"non-finite {', '.join(bad)} at step {step}"
-                if cfg.nan_policy == "stop":
+                skipped += 1
+                skipped_in_a_row += 1
+                if cfg.nan_policy == "stop" or skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    why = "" if cfg.nan_policy == "stop" else f" ({MAX_SKIPS_IN_A_ROW} steps in a row)"
                     checkpoint()
-                    raise IgamError(f"Training stopped: {msg}. The last good state is checkpointed in "
-                                    f"{run_dir}; lower lr or the lambdas, or set grad_clip, then resume=true.")
+                    if dist.main:
+                        write_json(run_dir / "meta.json", {**meta, "status": "stopped", "stopped": msg})
+                        logger.close()
+                    raise IgamError(f"Training stopped: {msg}{why}. The last good state is checkpointed "
+                                    f"in {run_dir}; lower lr or the lambdas, or set grad_clip, then "
+                                    "resume=true.")
                 say(f"igam: {msg}; step skipped (nan_policy=skip)")
                 optimizer.zero_grad(set_to_none=True)
-                skipped += 1
             else:
+                skipped_in_a_row = 0
                 scaler.step(optimizer)
                 scaler.update()
                 metrics.update(objective.after_step(train_model, x, y, step))
+                kill_point("after-step")  # crash tests: die after the updates, before the step is counted
             step += 1
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            count += 1
+            kill_point("step")  # crash tests: die between steps, away from checkpoints
+            if not bad:  # skipped steps stay out of the logged averages
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+                count += 1
             if step % cfg.log_every == 0 or step == total:
-                last = {k: v / count for k, v in _reduce(sums, dist).items()}
+                last = {k: v / max(1, count) for k, v in _reduce(sums, dist).items()}
                 last.update(lr=optimizer.param_groups[0]["lr"], epoch=round(step / steps_per_epoch, 3),
-                            images_per_s=round(count * cfg.batch_size * dist.world / (time.time() - t0), 1),
+                            images_per_s=round(count * cfg.batch_size * dist.world
+                                               / max(1e-9, time.time() - t0), 1),
                             skipped_steps=skipped)
                 if dist.main:
                     logger.log(step, last)
@@ -299,7 +419,8 @@ def train(cfg: Config, log=print) -> Path:
                     train_time_s=round(elapsed_before + time.time() - t_start, 1))
         write_json(run_dir / "meta.json", meta)
         logger.close()
-        say(f"igam: finished {run_dir}: " + " ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "epoch"))
+        say(f"igam: finished {run_dir}: "
+            + " ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "epoch"))
     if dist.enabled:
         import torch.distributed as tdist
 
@@ -316,10 +437,10 @@ def load_run_model(run: str | Path, device: str | torch.device = "cpu") -> nn.Mo
 
         model = model_from_meta(meta)
     else:
-        model = model_from_args(meta["model"])
+        model = model_from_args(meta.get("model") or {})
     weights = run_dir / "model.safetensors"
     if not weights.exists():
         raise IgamError(f"Run '{run_dir}' has no model.safetensors yet (status: {meta.get('status')}). "
                         "Finish it first, e.g. with resume=true.")
-    model.load_state_dict(load_weights(weights))
+    load_state_checked(model, load_weights(weights), f"{weights}")
     return model.to(device).eval()

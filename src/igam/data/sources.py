@@ -48,7 +48,8 @@ class Arrays:
     def num_classes(self) -> int:
         if self.class_names:
             return len(self.class_names)
-        return int(max(self.y_train.max(), self.y_test.max())) + 1
+        labels = torch.cat([self.y_train.reshape(-1), self.y_test.reshape(-1)])
+        return int(labels.max()) + 1 if len(labels) else 0
 
 
 def default_data_dir() -> Path:
@@ -155,7 +156,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(body) != int(np.prod(dims)):
         raise IgamError(f"'{path}' holds {len(body)} bytes of data but its header announces {dims}; the file "
                         "is truncated or corrupted. Delete it and get it again.")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims).copy()
 
 
 def _find_idx(name: str, root: Path) -> dict[str, Path] | None:

@@ -49,9 +49,9 @@ _WRN = re.compile(r"wrn-(\d+)-(\d+)$")
 
 
 def _wrn_units(depth: int) -> int:
-    if (depth - 2) % 6 == 0:
+    if depth >= 8 and (depth - 2) % 6 == 0:
         return (depth - 2) // 6
-    if (depth - 4) % 6 == 0:
+    if depth >= 10 and (depth - 4) % 6 == 0:
         return (depth - 4) // 6
     raise IgamError(f"wrn-{depth}-W: depth must be 6n+2 (Madry: 32 -> n=5) or 6n+4 (Zagoruyko: 16 -> n=2).")
 
@@ -67,12 +67,16 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, input_size: 
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     if num_classes < 1 or in_chans < 1:
         raise IgamError(f"create_model: num_classes={num_classes} and in_chans={in_chans} must be >= 1.")
+    if len(size) != 2 or min(size) < 1:
+        raise IgamError(f"create_model: input_size={input_size} must be a positive size or (height, width).")
     norm = Normalize(normalize, mean, std, in_chans)
     if activation not in ("default", *ACTIVATIONS):
         raise unknown("activation", activation, ("default", *ACTIVATIONS))
     if name.startswith(("timm:", "torchvision:")):
         model = create_external(name, norm, num_classes, in_chans)
     elif (m := _WRN.match(name)) is not None:
+        if int(m.group(2)) < 1:
+            raise IgamError(f"{name}: the widening factor W of wrn-D-W must be at least 1 (e.g. wrn-32-10).")
         act = "leaky-relu" if activation == "default" else activation
         model = WideResNet(norm, num_classes, in_chans, size, _wrn_units(int(m.group(1))), int(m.group(2)),
                            act=act, width=width)
@@ -81,14 +85,19 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, input_size: 
         model = _REGISTRY[name](norm, num_classes, in_chans, size, act=act, width=width)
     else:
         raise unknown("model", name, sorted(_REGISTRY) + ["wrn-32-10", "timm:NAME", "torchvision:NAME"])
-    model.igam_args = {"name": name, "num_classes": num_classes, "in_chans": in_chans, "input_size": list(size),
-                       "activation": activation, "width": width, "normalize": normalize,
+    model.igam_args = {"name": name, "num_classes": num_classes, "in_chans": in_chans,
+                       "input_size": list(size), "activation": activation, "width": width,
+                       "normalize": normalize,
                        "mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
     return model
 
 
 def model_from_args(args: dict[str, Any]) -> ImageClassifier:
     """Re-create a model from the `igam_args` stored in a run's meta.json."""
+    missing = [k for k in ("name", "num_classes", "in_chans", "input_size") if k not in (args or {})]
+    if missing:
+        raise IgamError(f"The model description lacks {', '.join(missing)}; meta.json was not written by "
+                        "igam or is damaged.")
     return create_model(args["name"], num_classes=args["num_classes"], in_chans=args["in_chans"],
                         input_size=tuple(args["input_size"]), activation=args.get("activation", "default"),
                         width=args.get("width", 0), normalize=args.get("normalize", "dataset"),

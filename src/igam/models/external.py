@@ -56,7 +56,8 @@ def create_external(name: str, norm: Normalize, num_classes: int, in_chans: int)
         if arch not in torchvision.models.list_models():
             from igam.errors import suggest
 
-            raise IgamError(f"torchvision has no model '{arch}'.{suggest(arch, torchvision.models.list_models())}")
+            raise IgamError(f"torchvision has no model '{arch}'."
+                            f"{suggest(arch, torchvision.models.list_models())}")
         net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
         _first_conv_to(net, in_chans)
     else:

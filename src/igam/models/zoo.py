@@ -1,4 +1,5 @@
-"""Architectures of the zoo: madry-mnist, Madry's wide ResNets, CIFAR ResNets, PreAct ResNet-18, a small CNN."""
+"""Architectures of the zoo: madry-mnist, Madry's wide ResNets, CIFAR ResNets, PreAct ResNet-18, a small
+CNN."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from igam.errors import IgamError
 from igam.models.base import ImageClassifier, Normalize, init_weights, make_act
 
 
@@ -17,6 +19,9 @@ class MadryMNIST(ImageClassifier):
         super().__init__(norm)
         w = width or 32
         h, wd = input_size
+        if h < 4 or wd < 4:
+            raise IgamError(f"madry-mnist needs inputs of at least 4x4 pixels (two 2x2 poolings), got "
+                            f"{h}x{wd}.")
         self.features = nn.Sequential(
             nn.Conv2d(in_chans, w, 5, padding=2), make_act(act), nn.MaxPool2d(2),
             nn.Conv2d(w, 2 * w, 5, padding=2), make_act(act), nn.MaxPool2d(2),
@@ -91,8 +96,8 @@ class WideResNet(ImageClassifier):
         super().__init__(norm)
         base = width or 16
         widths = [base * widen, 2 * base * widen, 4 * base * widen]
-        layers: list[nn.Module] = [nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)]
-        cin = 16
+        cin = min(16, widths[0])  # Madry's 16-channel stem (narrower only when width makes stage 1 narrower)
+        layers: list[nn.Module] = [nn.Conv2d(in_chans, cin, 3, 1, 1, bias=False)]
         for stage, (cout, stride) in enumerate(zip(widths, (1, 2, 2))):
             for i in range(units):
                 layers.append(PreActUnit(cin, cout, stride if i == 0 else 1, act, stage == 0 and i == 0))
@@ -126,7 +131,8 @@ class CifarResNet(ImageClassifier):
                  n: int, act: str = "relu", width: int = 0):
         super().__init__(norm)
         w = width or 16
-        layers: list[nn.Module] = [nn.Conv2d(in_chans, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), make_act(act)]
+        layers: list[nn.Module] = [nn.Conv2d(in_chans, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
+                                   make_act(act)]
         cin = w
         for cout, stride in ((w, 1), (2 * w, 2), (4 * w, 2)):
             for i in range(n):

@@ -27,7 +27,9 @@ class Objective(nn.Module):
 
     name = "standard"
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, Metrics]:
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, Metrics]:
         logits = model(x)
         ce = F.cross_entropy(logits, y)
         return ce, {"ce": ce.detach(), "acc": (logits.argmax(1) == y).float().mean()}

@@ -31,14 +31,16 @@ def parse_start(text: str, total: int, steps_per_epoch: int) -> int:
     try:
         v = float(s)
     except ValueError:
-        raise IgamError(f"igam_start={text!r}: write a step (1000), an epoch (5ep) or a fraction (0.875).") from None
+        raise IgamError(
+            f"igam_start={text!r}: write a step (1000), an epoch (5ep) or a fraction (0.875)."
+        ) from None
     if 0 < v < 1:
         return round(v * total)
     return int(v)
 
 
 class IGAMObjective(Objective):
-    """Wraps InputGradientMatching with the schedule (igam_start), the discriminator's optimiser and cadence."""
+    """InputGradientMatching plus the schedule (igam_start) and the discriminator's optimiser and cadence."""
 
     def __init__(self, cfg: Config, matching: InputGradientMatching):
         super().__init__()
@@ -50,9 +52,13 @@ class IGAMObjective(Objective):
         self.disc_opt = None
         if d is not None:
             lr = cfg.disc_lr or cfg.lr
-            self.disc_opt = (torch.optim.Adam(d.parameters(), lr=lr) if cfg.disc_optimizer == "adam" else
-                             torch.optim.SGD(d.parameters(), lr=lr, momentum=cfg.momentum,
-                                             weight_decay=cfg.weight_decay))
+            self.disc_opt = (
+                torch.optim.Adam(d.parameters(), lr=lr)
+                if cfg.disc_optimizer == "adam"
+                else torch.optim.SGD(
+                    d.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+                )
+            )
             self.disc_base_lr = lr
 
     @property
@@ -89,7 +95,9 @@ class IGAMObjective(Objective):
             self.disc_opt.load_state_dict(state["disc_opt"])
 
 
-def build_matching(cfg: Config, spec, device: torch.device, use_teacher: bool = True) -> InputGradientMatching:
+def build_matching(
+    cfg: Config, spec, device: torch.device, use_teacher: bool = True
+) -> InputGradientMatching:
     """The InputGradientMatching module a config describes (teacher, adapter view, discriminator, lambdas)."""
     from igam.teacher import frozen_teacher
 
@@ -97,8 +105,10 @@ def build_matching(cfg: Config, spec, device: torch.device, use_teacher: bool = 
     if cfg.teacher:
         teacher = frozen_teacher(cfg.teacher, spec.shape, spec.num_classes, cfg.teacher_bn).to(device)
     elif use_teacher:
-        raise IgamError("method=igam needs teacher=RUN_DIR: a robust teacher fine-tuned on this dataset "
-                        "(`igam finetune teacher=ROBUST_RUN dataset=...`).")
+        raise IgamError(
+            "method=igam needs teacher=RUN_DIR: a robust teacher fine-tuned on this dataset "
+            "(`igam finetune teacher=ROBUST_RUN dataset=...`)."
+        )
     disc = None
     view = teacher.adapter.disc_view if teacher is not None else None
     if use_teacher and cfg.lambda_adv != 0:
@@ -106,11 +116,20 @@ def build_matching(cfg: Config, spec, device: torch.device, use_teacher: bool = 
         disc = GradientDiscriminator(view_shape, cfg.disc_layers, cfg.disc_channels, cfg.disc_input_norm)
     lam = cfg.lambda_diff if cfg.lambda_diff == "auto" else parse_fraction(cfg.lambda_diff, "lambda_diff")
     m = InputGradientMatching(
-        teacher, disc, lambda_adv=cfg.lambda_adv if use_teacher else 0.0, lambda_diff=lam,
-        lambda_diff_auto=cfg.lambda_diff_auto, gradient_target=cfg.gradient_target, scale=cfg.pixel_scale,
-        diff_reduction=cfg.diff_reduction, adv_loss=cfg.adv_loss,
-        adv_scale=0.5 if cfg.preset == "official" else 1.0, disc_view=view, mode=cfg.grad_matching,
-        fd_step=cfg.fd_step)
+        teacher,
+        disc,
+        lambda_adv=cfg.lambda_adv if use_teacher else 0.0,
+        lambda_diff=lam,
+        lambda_diff_auto=cfg.lambda_diff_auto,
+        gradient_target=cfg.gradient_target,
+        scale=cfg.pixel_scale,
+        diff_reduction=cfg.diff_reduction,
+        adv_loss=cfg.adv_loss,
+        adv_scale=0.5 if cfg.preset == "official" else 1.0,
+        disc_view=view,
+        mode=cfg.grad_matching,
+        fd_step=cfg.fd_step,
+    )
     m.use_teacher = use_teacher
     return m.to(device)
 

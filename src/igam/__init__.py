@@ -1,0 +1,19 @@
+"""igam: Input Gradient Adversarial Matching (Chan, Tay & Ong, CVPR 2020) in PyTorch.
+
+Public API:
+    InputGradientMatching   the IGAM loss terms for a batch (eqs. 7-14) and the discriminator step
+    GradientDiscriminator   the discriminator on input-gradient maps (Appendix A)
+    build_adapter           differentiable input adapters (paper 4.3)
+    create_model            the model zoo (timm-style), plus timm:NAME / torchvision:NAME
+    input_gradient          per-example input gradients (eqs. 8-9)
+"""
+
+from igam.adapters import build_adapter
+from igam.discriminator import GradientDiscriminator
+from igam.gradients import input_gradient
+from igam.matching import InputGradientMatching
+from igam.models import create_model, list_models
+from igam.runs import PACKAGE_VERSION as __version__
+
+__all__ = ["GradientDiscriminator", "InputGradientMatching", "__version__", "build_adapter", "create_model",
+           "input_gradient", "list_models"]

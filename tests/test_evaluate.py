@@ -1,0 +1,161 @@
+"""`igam evaluate` and igam.evaluate: eval.json records, the paper table, determinism, eps/bn labels,
+masking checks in eval.json, --strict, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from igam.attacks.autoattack import torchattacks_version
+from igam.attacks.checks import CHECKS, Observation, noise_margin, run_checks
+from igam.cli import main
+from igam.errors import IgamError
+from igam.evaluate import evaluate_attack, evaluate_run, result_key, run_attack
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny finished run on synthetic 1x28x28 data (MNIST conventions: eps 0.3)."""
+    from igam.config import make_config
+    from igam.train import train
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = make_config(overrides=dict(dataset="synthetic:28x28x1:10", model="madry-mnist", width=4,
+                                     out_dir=str(out), name="tiny", epochs=1, train_subset=256,
+                                     test_subset=96,
+                                     batch_size=32, lr=0.01, optimizer="adam", eval_every=0, eval_n=32,
+                                     progress=False, tensorboard=False, device="cpu"))
+    return train(cfg, log=lambda *a, **k: None)
+
+
+def _eval_json(run_dir):
+    return json.loads((run_dir / "eval.json").read_text())
+
+
+def test_cli_writes_eval_json_and_prints_paper_table(run_dir, capsys):
+    rc = main(["evaluate", str(run_dir), "--attacks", "clean,fgsm,pgd5,pgd5x2-cw", "--n", "64",
+               "--batch-size", "32", "--seed", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| Model | Clean | FGSM | PGD5 | PGD5X2-CW |" in out
+    assert "| tiny |" in out
+    ev = _eval_json(run_dir)
+    for key in ("clean", "fgsm", "pgd5", "pgd5x2-cw"):
+        rec = ev[key]
+        assert 0.0 <= rec["accuracy"] <= 1.0 and rec["n"] == 64 and rec["seed"] == 3 and rec["bn"] == "eval"
+        assert "time_s" in rec and rec["attack"]["attack"] in ("clean", "fgsm", "pgd")
+    assert ev["pgd5"]["attack"]["eps"] == 0.3 and ev["pgd5"]["attack"]["step_size"] == 0.01
+    assert ev["pgd5x2-cw"]["attack"]["restarts"] == 2 and ev["pgd5x2-cw"]["attack"]["loss"] == "cw"
+    for key in ("fgsm", "pgd5", "pgd5x2-cw"):  # robust accuracy counts the clean point: never above clean
+        assert ev[key]["accuracy"] <= ev["clean"]["accuracy"]
+    mc = ev["masking_checks"]
+    assert set(mc["checks"]) == set(CHECKS) and isinstance(mc["passed"], bool)
+    assert mc["checks"]["gradients"]["passed"] is not None
+
+
+def test_evaluation_is_deterministic_given_seed(run_dir):
+    a = evaluate_run(run_dir, ["pgd5", "square20"], n=48, batch_size=16, seed=1)
+    b = evaluate_run(run_dir, ["pgd5", "square20"], n=48, batch_size=16, seed=1)
+    for key in ("pgd5", "square20"):
+        assert a[key]["accuracy"] == b[key]["accuracy"]
+
+
+def test_eps_and_bn_overrides_are_labelled(run_dir, capsys):
+    rc = main(["evaluate", str(run_dir), "--attacks", "clean,pgd5", "--n", "32", "--eps", "0.1",
+               "--bn", "train"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "train-mode BN" in out
+    ev = _eval_json(run_dir)
+    rec = ev[result_key("pgd5", "0.1", "train")]
+    assert rec["eps"] == pytest.approx(0.1) and rec["bn"] == "train"
+    assert rec["attack"]["step_size"] == pytest.approx(0.1 / 30)
+    assert "clean@bn=train" in ev
+
+
+def test_strict_fails_on_contradicting_results(run_dir, capsys):
+    """Accuracy that rises with PGD steps is a masking sign: a WARNING block, and exit 1 under --strict."""
+    ev = _eval_json(run_dir) if (run_dir / "eval.json").exists() else {}
+    pgd = {"attack": "pgd", "eps": 0.3, "step_size": 0.01, "restarts": 1, "loss": "ce"}
+    ev["pgd7"] = {"accuracy": 0.1, "n": 32, "bn": "eval", "eps": 0.3, "attack": {**pgd, "steps": 7}}
+    ev["pgd40"] = {"accuracy": 0.9, "n": 32, "bn": "eval", "eps": 0.3, "attack": {**pgd, "steps": 40}}
+    (run_dir / "eval.json").write_text(json.dumps(ev))
+    rc = main(["evaluate", str(run_dir), "--attacks", "clean", "--n", "32", "--strict"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "WARNING" in err and "steps_monotone" in err and "pgd40" in err
+    mc = _eval_json(run_dir)["masking_checks"]
+    assert mc["passed"] is False and "steps_monotone" in mc["failed"]
+    assert main(["evaluate", str(run_dir), "--attacks", "clean", "--n", "32"]) == 0  # loud, not fatal
+
+
+def test_checks_flag_runs_the_sweeps(run_dir):
+    res = evaluate_run(run_dir, ["fgsm"], n=32, batch_size=32, checks=True, check_n=16, check_queries=20)
+    mc = res["masking_checks"]
+    names = [o["name"] for o in mc["observations"]]
+    assert mc["check_n"] == 16 and any(n.startswith("check:pgd50@eps=0.5") for n in names)
+    assert any(n.startswith("check:square") for n in names)
+    assert all(v["passed"] is not None for k, v in mc["checks"].items())
+
+
+def test_run_attack_on_floats_and_evaluate_attack(run_dir):
+    from igam.train import load_run_model
+
+    model = load_run_model(run_dir)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 1, 28, 28, generator=g), torch.randint(0, 10, (20,), generator=g)
+    rec = run_attack(model, x, y, "pgd3", batch_size=7)
+    assert rec["n"] == 20 and 0 <= rec["accuracy"] <= 1
+    acc = evaluate_attack(model, (x * 255).to(torch.uint8), y, "clean", None, 8, 0, "eval")
+    assert isinstance(acc, float) and 0 <= acc <= 1
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--attacks", "pgd2O"], "Unknown attack"), (["--attacks", "fgsm", "--eps", "8"], "8/255"),
+    (["--attacks", ""], "No attacks"), (["--attacks", "clean", "--n", "0"], "at least 1")])
+def test_bad_arguments_are_clear_errors(run_dir, args, match, capsys):
+    assert main(["evaluate", str(run_dir), *args]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_autoattack_missing_is_a_clear_error(run_dir, monkeypatch):
+    import igam.evaluate as ev
+
+    monkeypatch.setattr(ev, "torchattacks_version", lambda: None)
+    with pytest.raises(IgamError, match="torchattacks"):
+        ev.evaluate_run(run_dir, ["clean", "autoattack"], n=8)
+
+
+@pytest.mark.skipif(torchattacks_version() is None, reason="torchattacks not installed (igam[autoattack])")
+def test_autoattack_record_names_library(run_dir):
+    res = evaluate_run(run_dir, ["autoattack"], n=8, batch_size=8)
+    s = res["autoattack"]["attack"]
+    assert s["library"] == "torchattacks" and s["library_version"] == torchattacks_version()
+
+
+def test_check_logic_with_noise_margin():
+    n = 1000
+    m = noise_margin(0.5, n)
+    assert 0 < m < 0.1 and noise_margin(0.0, n) == pytest.approx(1 / n)
+
+    def pgd(name, steps, eps, acc):
+        return Observation(name, "pgd", eps, acc, n, steps=steps)
+
+    ok = run_checks([pgd("pgd10", 10, 0.3, 0.40), pgd("pgd50", 50, 0.3, 0.40 + m / 2),
+                     Observation("fgsm", "fgsm", 0.3, 0.55, n),
+                     Observation("square", "square", 0.3, 0.45, n)],
+                    0.3, 0.5, {"n": n, "zero_ce": 0.0, "zero_margin": 0.0, "nonfinite": 0.0})
+    for k in ("steps_monotone", "fgsm_vs_pgd", "blackbox_vs_whitebox", "gradients"):
+        assert ok[k]["passed"], (k, ok[k])
+    assert ok["large_eps_zero"]["passed"] is None and "--checks" in ok["large_eps_zero"]["detail"]
+    bad = run_checks([pgd("pgd10", 10, 0.3, 0.40), pgd("pgd50", 50, 0.3, 0.40 + 2 * m),
+                      pgd("pgd10b", 10, 0.5, 0.3), Observation("fgsm", "fgsm", 0.3, 0.3, n),
+                      Observation("square", "square", 0.3, 0.2, n)],
+                     0.3, 0.5, {"n": n, "zero_ce": 0.5, "zero_margin": 0.02, "nonfinite": 0.0})
+    assert not any(bad[k]["passed"] for k in CHECKS if k != "eps_monotone")
+    other_n = run_checks([pgd("a", 10, 0.3, 0.1), Observation("b", "pgd", 0.3, 0.9, n // 2, steps=50)],
+                         0.3, 0.5)
+    assert other_n["steps_monotone"]["passed"] is None, "results on different images are not compared"

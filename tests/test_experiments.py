@@ -1,0 +1,95 @@
+"""Experiments as code: every paper config parses, dry-runs and runs in miniature; stages are reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from igam.cli import main
+from igam.errors import IgamError
+from igam.experiment import format_plan, load_experiment, run_experiment, stage_status
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = sorted((ROOT / "experiments" / "paper").glob("*.yaml"))
+ALL = PAPER + sorted((ROOT / "experiments" / "cpu").glob("*.yaml"))
+QUICK = ROOT / "src" / "igam" / "experiments" / "demo-quick.yaml"
+
+
+def test_the_paper_files_are_all_there():
+    names = {p.stem.split("-")[0] for p in PAPER}
+    assert names == {"table1", "table2", "table3", "table4", "table5", "fig5"}
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
+def test_every_experiment_parses_and_dry_runs(path, tmp_path, capsys):
+    exp = load_experiment(path, out_dir=str(tmp_path))
+    assert exp.stages and exp.evaluation
+    plan = format_plan(exp)
+    assert all(f"| {s.name} |" in plan for s in exp.stages)
+    assert "todo" in plan and "estimated training time" in plan
+    rows = [s for s in exp.stages if s.row]
+    assert rows, "an experiment must name at least one results row"
+    if path in PAPER and "sweep" not in path.stem and "fig5" not in path.stem:
+        assert any(s.paper for s in rows), "paper files state the paper's numbers next to the rows"
+    assert main(["run", str(path), "--dry-run", "--out-dir", str(tmp_path)]) == 0
+    assert "stages left" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
+def test_every_paper_experiment_runs_in_miniature(path, tmp_path, monkeypatch):
+    if "sweep" in path.stem:  # tables 4/5 use table 3's fine-tuned teacher: make a miniature one first
+        t3 = ROOT / "experiments" / "paper" / "table3-to-cifar100.yaml"
+        run_experiment(
+            t3,
+            out_dir=str(tmp_path / "t3"),
+            miniature=True,
+            only=["teacher_cifar10", "teacher_cifar10_ft"],
+            log=lambda *a: None,
+        )
+        monkeypatch.setenv("IGAM_C10_TEACHER_FT", str(tmp_path / "t3" / "teacher_cifar10_ft"))
+    out = run_experiment(path, out_dir=str(tmp_path / "exp"), miniature=True, log=lambda *a: None)
+    exp = load_experiment(path, out_dir=str(out), miniature=True)
+    assert all(stage_status(exp, s) == "done" for s in exp.stages)
+    table = (out / "results.md").read_text()
+    for s in exp.stages:
+        if s.row:
+            assert f"| {s.row} |" in table
+    assert (out / "results.json").exists()
+
+
+def test_finished_stages_are_reused_and_changed_ones_rerun(tmp_path):
+    logs: list[str] = []
+    run_experiment(QUICK, out_dir=str(tmp_path), log=logs.append)
+    assert not any("reused" in line for line in logs)
+    logs.clear()
+    run_experiment(QUICK, out_dir=str(tmp_path), log=logs.append)
+    assert sum("done, reused" in line for line in logs) == 4
+    logs.clear()
+    run_experiment(QUICK, out_dir=str(tmp_path), overrides={"seed": 1}, log=logs.append)
+    assert sum("config changed" in line for line in logs) == 4
+    assert len(list(tmp_path.glob("*.stale-*"))) == 4
+
+
+def test_bad_experiment_files_give_clear_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "stages:\n  - name: a\n    config: {method: standard, lr: 0.1}\n  - name: b\n"
+        "    config: {method: finetune, teacher: '{c}'}\n"
+    )
+    with pytest.raises(IgamError, match="refers to '\\{c\\}'"):
+        load_experiment(bad)
+    bad.write_text("stages:\n  - name: a\n    config: {methd: standard}\n")
+    with pytest.raises(IgamError, match="Did you mean 'method'"):
+        load_experiment(bad)
+    bad.write_text("stagez: []\n")
+    with pytest.raises(IgamError, match="stages"):
+        load_experiment(bad)
+
+
+def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| Standard |" in out and "| IGAM |" in out
+    assert (tmp_path / "results.md").exists()
