@@ -277,7 +277,8 @@ def test_standard_training_on_real_mnist_reaches_97_percent(tmp_path: Path, real
     the full 10k test set."""
     t0 = time.time()
     run = train(make_config(overrides=dict(
-        dataset="mnist", data_dir=str(real_data_dir), model="madry-mnist", epochs=1, lr=0.01, batch_size=128,
+        dataset="mnist", data_dir=str(real_data_dir), model="madry-mnist", epochs=1, optimizer="adam", lr=1e-3,
+        weight_decay=0.0, batch_size=128,
         out_dir=str(tmp_path), name="mnist", progress=False, tensorboard=False, eval_every=0, eval_n=0,
         log_every=100, checkpoint_every=10_000)), log=quiet)
     acc = read_json(run / "metrics.json")["final"]["clean_acc"]

@@ -91,14 +91,17 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
             "teacher_classes=K and teacher_in_shape=CxHxW (e.g. madry-mnist, 10, 1x28x28)."
         )
     c, h, w = parse_shape(in_shape)
-    net = create_model(model, num_classes=classes, in_chans=c, input_size=(h, w))
     state = load_weights(p)
     if not isinstance(state, dict):
         raise IgamError(f"'{path}' does not hold a state dict of tensors.")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = net.state_dict()
-    if "normalize.mean" not in state:  # foreign checkpoints carry no normalisation buffers
-        state.update({k: own[k] for k in ("normalize.mean", "normalize.std")})
+    # a foreign checkpoint carries no normalisation buffers: the network then takes [0, 1] pixels as is
+    # (as Madry et al.'s models do); an igam-written file restores its own normalisation
+    native = "normalize.mean" in state
+    net = create_model(model, num_classes=classes, in_chans=c, input_size=(h, w),
+                       normalize="dataset" if native else "none")
+    if not native:
+        state.update({k: v for k, v in net.state_dict().items() if k.startswith("normalize.")})
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
@@ -109,12 +112,38 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
     return net
 
 
+def check_robustness(run_dir: Path, n: int = 200, log=print) -> float | None:
+    """Warn when a teacher run is not robust on its own task: PGD-10 accuracy on n of its test images at the
+    usual eps (0.3 MNIST-like, 8/255 otherwise). Returns the accuracy, or None when its data is missing."""
+    from igam.attacks.presets import default_eps
+    from igam.data import load_data
+    from igam.evaluate import data_dir_of, run_attack
+    from igam.train import load_run_model
+
+    meta = read_json(run_dir / "meta.json")
+    try:
+        data = load_data(meta["data"]["dataset"], data_dir_of(run_dir), False, 0, n)
+    except IgamError:
+        return None
+    model = load_run_model(run_dir)
+    clean = run_attack(model, data.x_test, data.y_test, "clean")["accuracy"]
+    robust = run_attack(model, data.x_test, data.y_test, "pgd10")["accuracy"]
+    eps = default_eps(tuple(data.x_test.shape[1:]))[0]
+    if robust < 0.05:
+        log(f"igam: WARNING: the teacher {run_dir} is not robust on its own task: PGD-10 accuracy at eps "
+            f"{eps:.3g} is {100 * robust:.1f}% on {len(data.x_test)} test images (clean {100 * clean:.1f}%). "
+            "IGAM transfers the teacher's robustness, so expect little; train the teacher with method=pgd-at.")
+    return robust
+
+
 def build_finetune_model(cfg, spec) -> AdaptedTeacher:
     """Freeze the teacher, give it a new logit layer for the target classes (eq. 6), put the adapter in
     front. Trainable: the new head and a learned adapter only."""
     if not cfg.teacher:
         raise IgamError("method=finetune needs teacher=RUN_DIR (or a weights file with teacher_model=...).")
     body = load_teacher(cfg.teacher, cfg.teacher_model, cfg.teacher_classes, cfg.teacher_in_shape)
+    if Path(cfg.teacher).is_dir() and body is not None:
+        check_robustness(Path(cfg.teacher))
     for p in body.parameters():
         p.requires_grad_(False)
     body.reset_classifier(spec.num_classes)
