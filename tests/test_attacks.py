@@ -3,22 +3,19 @@ mode restoration, and (slow, real MNIST) PGD breaking a standard model and the m
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import real_data_root
 
 from igam.attacks import FGSM, PGD, AutoAttack, Square, column_name, make_attack, margin, parse_preset
 from igam.attacks.autoattack import torchattacks_version
 from igam.errors import IgamError
 
-torch.set_num_threads(1)
-DATA = Path(os.environ.get("IGAM_DATA") or "/work/shared/data")
-needs_mnist = pytest.mark.skipif(not (DATA / "mnist.npz").exists(),
-                                 reason=f"real MNIST not found at {DATA}/mnist.npz (set IGAM_DATA)")
+DATA = real_data_root("mnist.npz")
+needs_mnist = pytest.mark.skipif(DATA is None, reason="real MNIST absent: no mnist.npz in $IGAM_DATA or "
+                                 "../shared/data beside the repository")
 needs_torchattacks = pytest.mark.skipif(torchattacks_version() is None,
                                         reason="torchattacks not installed (pip install 'igam[autoattack]')")
 

@@ -66,7 +66,8 @@ def test_unknown_key_suggests_the_closest() -> None:
 
 @pytest.mark.parametrize("key,value,want", [
     ("epochs", "three", "a number"), ("batch_size", "1.5", "an integer"), ("batch_size", True, "an integer"),
-    ("resume", "maybe", "true/false"), ("lr", [1, 2], "a number"), ("lr_milestones", "a,b", "a comma-separated list"),
+    ("resume", "maybe", "true/false"), ("lr", [1, 2], "a number"),
+    ("lr_milestones", "a,b", "a comma-separated list"),
     ("model", {"a": 1}, "a string"), ("seed", "1e400", "an integer"),
 ])
 def test_wrong_types_name_the_key_and_the_type(key: str, value: object, want: str) -> None:
@@ -87,10 +88,10 @@ def test_invalid_values(key: str, value: object, msg: str) -> None:
 
 
 def test_coercions() -> None:
-    cfg = make_config(overrides={"epochs": "2.5", "batch_size": "64", "resume": "yes", "lr_milestones": "0.3, 0.6",
-                                 "seed": 3.0, "tensorboard": "off", "eps": 0.1})
-    assert (cfg.epochs, cfg.batch_size, cfg.resume, cfg.lr_milestones, cfg.seed, cfg.tensorboard, cfg.eps) == (
-        2.5, 64, True, [0.3, 0.6], 3, False, "0.1")
+    cfg = make_config(overrides={"epochs": "2.5", "batch_size": "64", "resume": "yes",
+                                 "lr_milestones": "0.3, 0.6", "seed": 3.0, "tensorboard": "off", "eps": 0.1})
+    got = (cfg.epochs, cfg.batch_size, cfg.resume, cfg.lr_milestones, cfg.seed, cfg.tensorboard, cfg.eps)
+    assert got == (2.5, 64, True, [0.3, 0.6], 3, False, "0.1")
     # dashes and underscores are the same key
     assert make_config(overrides={"batch-size": 32}).batch_size == 32
 
@@ -112,7 +113,8 @@ def test_method_accepts_every_registered_objective() -> None:
 
 def test_override_args_both_spellings() -> None:
     got = parse_override_args(["lr=0.1", "--epochs", "3", "--resume", "--batch-size=64", "name=a=b", "--x"])
-    assert got == {"lr": "0.1", "epochs": "3", "resume": "true", "batch-size": "64", "name": "a=b", "x": "true"}
+    assert got == {"lr": "0.1", "epochs": "3", "resume": "true", "batch-size": "64", "name": "a=b",
+                   "x": "true"}
     # a flag followed by a key=value is a boolean flag, not a key taking that value
     assert parse_override_args(["--resume", "lr=0.1"]) == {"resume": "true", "lr": "0.1"}
     with pytest.raises(IgamError, match="Cannot read argument 'oops'"):
@@ -135,12 +137,13 @@ def test_yaml_file_then_overrides(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text,msg", [
-    ("epochs: [3\n", "not valid YAML"), ("- 1\n- 2\n", "must hold a mapping"), ("lr: 0.1\nlrr: 2\n", "Did you mean"),
+    ("epochs: [3\n", "not valid YAML"), ("- 1\n- 2\n", "must hold a mapping"),
+    ("lr: 0.1\nlrr: 2\n", "Did you mean"), (b"\xff\xfe bad bytes", "not valid YAML"),
     ("eps: 8\n", "write eps=8/255"), ("!!python/object/apply:os.system ['echo hi']\n", "not valid YAML"),
 ])
-def test_bad_yaml_files(tmp_path: Path, text: str, msg: str) -> None:
+def test_bad_yaml_files(tmp_path: Path, text: str | bytes, msg: str) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(IgamError, match=msg):
         make_config(str(path))
 

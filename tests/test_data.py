@@ -60,7 +60,8 @@ def make_cifar_layout(root: Path, hundred: bool = False, per_batch: int = 4, pro
     n_train = per_batch * (5 if hundred else 1)
     labels_key = "fine_labels" if hundred else "labels"
     xs, ys = [], []
-    for fname, n in [(f, n_train) for f in train_files] + [("test", per_batch) if hundred else ("test_batch", per_batch)]:
+    test_file = "test" if hundred else "test_batch"
+    for fname, n in [(f, n_train) for f in train_files] + [(test_file, per_batch)]:
         x = RNG.integers(0, 256, (n, 3072), dtype=np.uint8)
         y = [int(v) for v in RNG.integers(0, k, n)]
         d = {"batch_label": fname, labels_key: y, "data": x, "filenames": [f"{i}.png" for i in range(n)]}
@@ -75,7 +76,8 @@ def make_cifar_layout(root: Path, hundred: bool = False, per_batch: int = 4, pro
         {"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072}
     with open(folder / ("meta" if hundred else "batches.meta"), "wb") as f:
         pickle.dump(meta, f, protocol=protocol)
-    return {"xtr": np.concatenate(xs[:-1]), "ytr": sum(ys[:-1], []), "xte": xs[-1], "yte": ys[-1], "names": names}
+    return {"xtr": np.concatenate(xs[:-1]), "ytr": sum(ys[:-1], []), "xte": xs[-1], "yte": ys[-1],
+            "names": names}
 
 
 def make_svhn_layout(root: Path, n: int = 5) -> dict:
@@ -97,7 +99,8 @@ def save_image(path: Path, arr: np.ndarray, fmt: str | None = None) -> None:
     Image.fromarray(arr.squeeze()).save(path, format=fmt)
 
 
-def make_tiny_imagenet_layout(root: Path, wnids: tuple[str, ...] = ("n02", "n01", "n03"), per_class: int = 2) -> None:
+def make_tiny_imagenet_layout(root: Path, wnids: tuple[str, ...] = ("n02", "n01", "n03"),
+                              per_class: int = 2) -> None:
     base = root / "tiny-imagenet-200"
     base.mkdir(parents=True)
     (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
@@ -135,7 +138,8 @@ def test_idx_datasets(tmp_path: Path, name: str, folder: str, gz: bool) -> None:
     a = load_arrays(name, tmp_path)
     assert a.x_train.shape == (12, 1, 28, 28) and a.x_test.shape == (6, 1, 28, 28)
     assert a.x_train.dtype == torch.uint8 and a.y_train.dtype == torch.int64
-    assert np.array_equal(a.x_train[:, 0].numpy(), ref["xtr"]) and np.array_equal(a.y_test.numpy(), ref["yte"])
+    assert np.array_equal(a.x_train[:, 0].numpy(), ref["xtr"])
+    assert np.array_equal(a.y_test.numpy(), ref["yte"])
     assert a.num_classes == 10 and len(a.class_names) == 10
     if name == "fashion-mnist":
         assert a.class_names[9] == "Ankle boot"
@@ -365,8 +369,10 @@ def test_real_cifar10_npz(real_cifar_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,shape,k", [("synthetic", (3, 32, 32), 10), ("synthetic:28x28x1:10", (1, 28, 28), 10),
-                                          ("synthetic:64x64x3:5", (3, 64, 64), 5), ("synthetic:8x12x2:2", (2, 8, 12), 2),
+@pytest.mark.parametrize("name,shape,k", [("synthetic", (3, 32, 32), 10),
+                                          ("synthetic:28x28x1:10", (1, 28, 28), 10),
+                                          ("synthetic:64x64x3:5", (3, 64, 64), 5),
+                                          ("synthetic:8x12x2:2", (2, 8, 12), 2),
                                           ("synthetic::4", (3, 32, 32), 4)])
 def test_synthetic_shapes(name: str, shape: tuple, k: int) -> None:
     a = make_synthetic(name, n_train=64, n_test=16)
@@ -376,7 +382,8 @@ def test_synthetic_shapes(name: str, shape: tuple, k: int) -> None:
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
 
 
-@pytest.mark.parametrize("name", ["synthetic:abc", "synthetic:32x32:10", "synthetic:32x32x3:1", "synthetic:0x4x1",
+@pytest.mark.parametrize("name", ["synthetic:abc", "synthetic:32x32:10", "synthetic:32x32x3:1",
+                                  "synthetic:0x4x1",
                                   "synthetic:4096x4096x3:10", "synthetic:8x8x1:10:extra"])
 def test_synthetic_bad_specs(name: str) -> None:
     with pytest.raises(IgamError, match="synthetic:HxWxC:K"):
@@ -447,7 +454,7 @@ def test_flip_and_noise() -> None:
     L = _loader("flip", noise=0.05)
     plain = _loader("none")
     flipped = 0
-    for (x, y), (xp, _) in zip(L.epoch(0), plain.epoch(0)):
+    for (x, _), (xp, _) in zip(L.epoch(0), plain.epoch(0)):
         for xi, pi in zip(x, xp):
             is_flip = (xi - pi.flip(2)).abs().max() <= 0.05 + 1e-6
             is_same = (xi - pi).abs().max() <= 0.05 + 1e-6
@@ -491,7 +498,8 @@ def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 def test_loader_errors_and_augment_auto() -> None:
     with pytest.raises(IgamError, match="cannot fill one batch of 64"):
         _loader(batch_size=64)
-    assert resolve_augment("auto", (3, 32, 32)) == "crop-flip" and resolve_augment("auto", (1, 28, 28)) == "none"
+    assert resolve_augment("auto", (3, 32, 32)) == "crop-flip"
+    assert resolve_augment("auto", (1, 28, 28)) == "none"
     assert resolve_augment("flip", (1, 28, 28)) == "flip"
 
 
@@ -501,3 +509,14 @@ def test_subsets_and_spec() -> None:
     spec = spec_of(a)
     assert spec.shape == (1, 8, 8) and spec.num_classes == 3 and len(spec.mean) == 1
     assert spec.to_dict()["class_names"] == ["class0", "class1", "class2"]
+
+
+def test_unreadable_data_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_idx_layout(tmp_path, "MNIST")
+
+    def denied(*_: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "MNIST" / "raw"))
+
+    monkeypatch.setattr("igam.data.sources.load_standard", denied)
+    with pytest.raises(IgamError, match=r"Cannot read dataset 'mnist': Permission denied '.*raw'\. Check"):
+        load_arrays("mnist", tmp_path)

@@ -14,8 +14,6 @@ from igam.cli import main
 from igam.errors import IgamError
 from igam.evaluate import evaluate_attack, evaluate_run, result_key, run_attack
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

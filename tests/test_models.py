@@ -91,11 +91,13 @@ def test_batchnorm_detection() -> None:
 
 @pytest.mark.parametrize("name,kwargs,msg", [
     ("resnet-20", {}, "Did you mean 'resnet20'"), ("madry_mnist", {}, "Did you mean 'madry-mnist'"),
-    ("wrn-30-10", {}, "depth must be 6n\\+2"), ("wrn-4-1", {}, "depth must be"), ("wrn-16-0", {}, "at least 1"),
+    ("wrn-30-10", {}, "depth must be 6n\\+2"), ("wrn-4-1", {}, "depth must be"),
+    ("wrn-16-0", {}, "at least 1"),
     ("small-cnn", {"activation": "relu6"}, "Unknown activation 'relu6'"),
     ("small-cnn", {"num_classes": 0}, "must be >= 1"), ("madry-mnist", {"input_size": 2}, "at least 4x4"),
     ("torchvision:resnet19", {}, "torchvision has no model 'resnet19'. Did you mean"),
-    ("keras:resnet18", {}, "Unknown model 'keras:resnet18'"), ("small-cnn", {"input_size": 0}, "input_size=0"),
+    ("keras:resnet18", {}, "Unknown model 'keras:resnet18'"),
+    ("small-cnn", {"input_size": 0}, "input_size=0"),
 ])
 def test_bad_model_requests(name: str, kwargs: dict, msg: str) -> None:
     args = {"num_classes": 10, "in_chans": 3, "input_size": 32, **kwargs}
@@ -120,7 +122,8 @@ def test_external_classifier_splits_the_last_linear() -> None:
     assert m.forward_features(torch.rand(2, 1, 32, 32)).shape == (2, 512)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed (pip install 'igam[timm]')")
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None,
+                    reason="timm is not installed (pip install 'igam[timm]')")
 def test_timm_models() -> None:
     m = create_model("timm:resnet18", num_classes=4, in_chans=3, input_size=32)
     assert m(torch.rand(2, 3, 32, 32)).shape == (2, 4)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
@@ -13,9 +10,6 @@ from igam.config import make_config
 from igam.errors import IgamError
 from igam.objectives import OBJECTIVES, create_objective
 from igam.objectives.pgd_at import PGDAT, TRADES
-
-torch.set_num_threads(1)
-DATA = Path(os.environ.get("IGAM_DATA") or "/work/shared/data")
 
 
 class Net(nn.Module):
@@ -87,7 +81,7 @@ def test_adversarial_loss_exceeds_clean_loss():
     obj = PGDAT(0.2, 0.05, 5, attack_bn="eval")
     adv_ce, _ = obj.loss(net, x, y, 0)
     clean_ce = nn.functional.cross_entropy(net(x), y)
-    assert float(adv_ce) > float(clean_ce)
+    assert float(adv_ce.detach()) > float(clean_ce.detach())
 
 
 def test_trades_loss():
@@ -125,21 +119,25 @@ def test_train_loop_with_pgd_at_and_eval_attack(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA / "mnist.npz").exists(), reason=f"real MNIST not found at {DATA} (set IGAM_DATA)")
-def test_pgd_at_beats_standard_training_on_mnist(tmp_path):
-    """A short PGD-AT run keeps non-trivial PGD-20 accuracy where standard training has almost none.
-    (Scaled down for CI; the full-size figures are in docs/RESULTS.md.)"""
+def test_pgd_at_beats_standard_training_on_mnist(tmp_path, real_data_dir):
+    """A short PGD-AT run at eps 0.3 keeps PGD-20 accuracy clearly above chance, where standard training
+    keeps almost none. Scaled down for CI (width-8 madry-mnist, 4000 images, PGD-5 of 0.075 = 2.5 eps / 5,
+    about a minute); the full-size run and its figures are in docs/RESULTS.md."""
     from igam.evaluate import evaluate_run
     from igam.train import train
 
-    common = dict(dataset="mnist", data_dir=str(DATA), model="madry-mnist", width=8, train_subset=5000,
-                  test_subset=200, batch_size=64, optimizer="adam", lr=1e-3, warmup_epochs=0.3, epochs=2,
-                  eps="0.1", step_size="0.02", steps=5, eval_every=0, eval_n=200, out_dir=str(tmp_path),
-                  progress=False, tensorboard=False, device="cpu", threads=1)
-    std = train(make_config(overrides={**common, "method": "standard", "name": "std"}), log=lambda *a, **k: None)
-    adv = train(make_config(overrides={**common, "method": "pgd-at", "name": "adv"}), log=lambda *a, **k: None)
-    res = {r: evaluate_run(r, ["clean", "pgd20"], n=200, eps="0.1") for r in (std, adv)}
-    std_pgd, adv_pgd = (res[r][result] ["accuracy"] for r, result in ((std, "pgd20@eps=0.1"), (adv, "pgd20@eps=0.1")))
-    assert res[std]["clean"]["accuracy"] > 0.85 and res[adv]["clean"]["accuracy"] > 0.6
-    assert std_pgd < 0.2, f"standard model keeps {std_pgd:.1%} under PGD-20"
-    assert adv_pgd > std_pgd + 0.3, f"PGD-AT {adv_pgd:.1%} vs standard {std_pgd:.1%} under PGD-20"
+    common = dict(dataset="mnist", data_dir=str(real_data_dir), model="madry-mnist", width=8,
+                  normalize="none", train_subset=4000, test_subset=500, batch_size=32, optimizer="adam",
+                  lr=1e-3, weight_decay=0, warmup_epochs=0.4, schedule="constant", epochs=3, eps="0.3",
+                  step_size="0.075", steps=5, eval_every=0, eval_n=100, out_dir=str(tmp_path),
+                  progress=False, tensorboard=False, device="cpu")
+    quiet = {"log": lambda *a, **k: None}
+    std = train(make_config(overrides={**common, "method": "standard", "epochs": 1, "name": "std"}), **quiet)
+    adv = train(make_config(overrides={**common, "method": "pgd-at", "name": "adv"}), **quiet)
+    res = {r: evaluate_run(r, ["clean", "pgd20"], n=500) for r in (std, adv)}
+    (std_clean, std_pgd), (adv_clean, adv_pgd) = ((res[r]["clean"]["accuracy"], res[r]["pgd20"]["accuracy"])
+                                                  for r in (std, adv))
+    assert std_clean > 0.85 and std_pgd < 0.05, f"standard: clean {std_clean:.1%}, PGD-20 {std_pgd:.1%}"
+    # a collapsed model that predicts one class keeps ~10% "robust" accuracy: ask for well above that
+    assert adv_pgd > 0.15 and adv_clean > 0.4, f"PGD-AT: clean {adv_clean:.1%}, PGD-20 {adv_pgd:.1%}"
+    assert res[adv]["masking_checks"]["checks"]["gradients"]["passed"]

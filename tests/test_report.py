@@ -267,12 +267,14 @@ def test_report_of_an_experiment_and_cli(runs, tmp_path):
     fake_igam_run(runs[0], exp / "igam-fake")
     unfinished = shutil.copytree(runs[1], exp / "unfinished")
     (unfinished / "model.safetensors").unlink()
+    Image.new("RGB", (40, 30), "white").save(exp / "tradeoff.png")
     (exp / "results.md").write_text("# Results\n\n| Model | PGD10 |\n|---|---|\n| igam | 20.0 ± 1.0 |\n")
     out = tmp_path / "exp-report.html"
     assert main(["report", str(exp), "--out", str(out), "--n", "3"]) == 0
     text = out.read_text()
     assert_self_contained(text)
-    assert len(embedded_pngs(text)) == 2  # overlaid curves + one gradient grid of all runs
+    assert len(embedded_pngs(text)) == 3  # tradeoff.png, overlaid curves, one gradient grid of all runs
+    assert "tradeoff.png" in text
     for needle in ("std-a", "std-b", "igam-fake", "20.0 ± 1.0", "1/2 passed", "Runs",
                    "No model.safetensors yet for: unfinished"):
         assert needle in text, needle

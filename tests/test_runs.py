@@ -51,7 +51,8 @@ def _state(step: int = 3) -> dict:
     m(torch.rand(2, 3, 8, 8)).sum().backward()
     opt.step()
     return {"step": step, "model": m.state_dict(), "optimizer": opt.state_dict(), "objective": {},
-            "objective_extra": {}, "rng": {"torch": torch.get_rng_state(), "python": [3, torch.arange(4), None]}}
+            "objective_extra": {},
+            "rng": {"torch": torch.get_rng_state(), "python": [3, torch.arange(4), None]}}
 
 
 def test_safetensors_round_trip(tmp_path: Path) -> None:
@@ -196,7 +197,7 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path: Path) -> 
     assert read_json(path) == {}
 
 
-def test_kill_point_hook_kills_only_at_the_named_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kill_point_hook_kills_only_at_the_named_point(monkeypatch: pytest.MonkeyPatch) -> None:
     code = ("from igam.runs import kill_point\n"
             "for i in range(5):\n    kill_point('other')\n    kill_point('here')\n    print(i, flush=True)\n")
     env = {**os.environ, "IGAM_TEST_KILL_AT": "here:3"}

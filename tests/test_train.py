@@ -1,4 +1,5 @@
-"""The training loop: it learns, resumes bit-identically, guards against NaN/Inf, clips, initialises from runs."""
+"""The training loop: it learns, resumes bit-identically, guards against NaN/Inf, clips, and initialises
+from other runs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import igam.runs
 from igam.config import Config, make_config
 from igam.errors import IgamError
 from igam.objectives import OBJECTIVES, register_objective
@@ -57,7 +59,8 @@ class ScriptedObjective(Objective):
     inf_at: set[int] = set()
     seen: dict[int, dict[str, torch.Tensor]] = {}
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, Metrics]:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             step: int) -> tuple[torch.Tensor, Metrics]:
         cls = type(self)
         if step == 0:
             cls.seen[0] = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -164,9 +167,10 @@ def test_resume_without_checkpoints_starts_over(tmp_path: Path) -> None:
 def test_standard_training_learns_the_synthetic_task_and_improves_with_epochs(tmp_path: Path) -> None:
     accs = []
     for epochs in (1, 4):
-        run = train(tiny(tmp_path, f"learn{epochs}", dataset="synthetic:16x16x3:10", train_subset=2000, epochs=epochs,
-                         batch_size=64, lr=0.1, checkpoint_every=1000, log_every=50, eval_n=0, test_subset=500,
-                         noise="0", width=8), log=quiet)
+        cfg = tiny(tmp_path, f"learn{epochs}", dataset="synthetic:16x16x3:10", train_subset=2000,
+                   epochs=epochs, batch_size=64, lr=0.1, checkpoint_every=1000, log_every=50, eval_n=0,
+                   test_subset=500, noise="0", width=8)
+        run = train(cfg, log=quiet)
         accs.append(read_json(run / "metrics.json")["final"]["clean_acc"])
     assert accs[0] > 0.2 and accs[1] > accs[0] + 0.1 and accs[1] > 0.7, accs
 
@@ -198,8 +202,8 @@ def test_nan_gradient_names_the_parameter(tmp_path: Path) -> None:
 def test_nan_policy_stop_checkpoints_and_resumes(tmp_path: Path) -> None:
     ScriptedObjective.nan_at = {5}
     cfg = tiny(tmp_path, "stop", method=METHOD, nan_policy="stop")
-    with pytest.raises(IgamError, match=r"Training stopped: non-finite poison at step 5\. The last good state is "
-                                        r"checkpointed in .*stop; lower lr"):
+    with pytest.raises(IgamError, match=r"Training stopped: non-finite poison at step 5\. The last good "
+                                        r"state is checkpointed in .*stop; lower lr"):
         train(cfg, log=quiet)
     meta = read_json(tmp_path / "stop" / "meta.json")
     assert meta["status"] == "stopped" and "poison" in meta["stopped"]
@@ -222,7 +226,8 @@ def test_grad_clip_bounds_the_update(tmp_path: Path) -> None:
                      grad_clip=1e-3, model="small-cnn"), log=quiet)
     before = ScriptedObjective.seen[0]
     after = weights(run)
-    delta = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in after if k.startswith(("features", "fc"))))
+    params = [k for k in after if k.startswith(("features", "fc"))]
+    delta = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in params))
     assert delta == pytest.approx(1e-3, rel=1e-3)
     assert read_log(run)[0]["grad_norm"] > 1e-2  # the raw norm (logged) was far larger
 
@@ -264,7 +269,8 @@ def test_bad_runs_give_clear_errors(tmp_path: Path) -> None:
 def test_lr_schedules() -> None:
     cfg = Config(warmup_epochs=1, schedule="cosine")
     assert lr_factor(cfg, 0, 100, 10) == pytest.approx(0.1) and lr_factor(cfg, 9, 100, 10) == 1.0
-    assert lr_factor(cfg, 55, 100, 10) == pytest.approx(0.5) and lr_factor(cfg, 100, 100, 10) == pytest.approx(0)
+    assert lr_factor(cfg, 55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(cfg, 100, 100, 10) == pytest.approx(0)
     step = Config(schedule="step", lr_milestones=[0.5, 0.75], lr_gamma=0.1)
     assert [lr_factor(step, s, 100, 10) for s in (0, 49, 50, 75)] == pytest.approx([1, 1, 0.1, 0.01])
     assert lr_factor(Config(schedule="constant"), 99, 100, 10) == 1.0
@@ -273,13 +279,29 @@ def test_lr_schedules() -> None:
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_standard_training_on_real_mnist_reaches_97_percent(tmp_path: Path, real_data_dir: Path) -> None:
-    """madry-mnist, one epoch of the 60k training images, SGD lr 0.01 with momentum, cosine: >= 97% on
-    the full 10k test set."""
+    """madry-mnist, one epoch of the 60k training images, Adam lr 1e-3 with a cosine schedule: >= 97% on
+    the full 10k test set (measured: 97.9%, about 60 s of CPU time; SGD lr 0.01 gave 96.95%)."""
     t0 = time.time()
     run = train(make_config(overrides=dict(
-        dataset="mnist", data_dir=str(real_data_dir), model="madry-mnist", epochs=1, optimizer="adam", lr=1e-3,
-        weight_decay=0.0, batch_size=128,
-        out_dir=str(tmp_path), name="mnist", progress=False, tensorboard=False, eval_every=0, eval_n=0,
-        log_every=100, checkpoint_every=10_000)), log=quiet)
+        dataset="mnist", data_dir=str(real_data_dir), model="madry-mnist", epochs=1, optimizer="adam",
+        lr=1e-3, weight_decay=0.0, batch_size=128, out_dir=str(tmp_path), name="mnist", progress=False,
+        tensorboard=False, eval_every=0, eval_n=0, log_every=100, checkpoint_every=10_000)), log=quiet)
     acc = read_json(run / "metrics.json")["final"]["clean_acc"]
     assert acc >= 0.97, f"test accuracy {acc:.4f} after one epoch ({time.time() - t0:.0f} s)"
+
+
+def test_unwritable_places_are_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(IgamError, match="Cannot create the run directory .*afile/r"):
+        train(tiny(tmp_path / "afile", "r"), log=quiet)
+
+    real_atomic = igam.runs._atomic
+
+    def disk_full_for_checkpoints(path: Path, write: Any) -> None:
+        if path.name.startswith("ckpt-"):
+            raise OSError(28, "No space left on device")
+        real_atomic(path, write)
+
+    monkeypatch.setattr("igam.runs._atomic", disk_full_for_checkpoints)
+    with pytest.raises(IgamError, match=r"Cannot write checkpoint .*No space left on device.*resume=true"):
+        train(tiny(tmp_path, "full-disk"), log=quiet)

@@ -14,8 +14,20 @@ EPILOG_OVERRIDES = ("Any configuration key can be given as key=value or --key va
                     "--config FILE.yaml; later values win. Unknown keys are errors.")
 
 
+def _override_tokens(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The key=value / --key value tokens in the order they were typed. argparse splits them between the
+    `overrides` positional and the unknown extras (`--epochs 3` gives extra ['--epochs'], overrides ['3'])."""
+    pool = list(args.overrides or []) + list(extra)
+    ordered = []
+    for token in getattr(args, "typed_argv", pool):
+        if token in pool:
+            pool.remove(token)
+            ordered.append(token)
+    return ordered + pool
+
+
 def _config_from(args: argparse.Namespace, extra: list[str], **forced):
-    overrides = parse_override_args(list(args.overrides or []) + list(extra))
+    overrides = parse_override_args(_override_tokens(args, extra))
     overrides.update({k: v for k, v in forced.items() if k not in overrides})
     return make_config(args.config, overrides)
 
@@ -51,7 +63,7 @@ def cmd_transfer(args, extra) -> int:
 def cmd_run(args, extra) -> int:
     from igam.experiment import run_experiment
 
-    overrides = parse_override_args(list(args.overrides or []) + list(extra))
+    overrides = parse_override_args(_override_tokens(args, extra))
     run_experiment(args.experiment, dry_run=args.dry_run, out_dir=args.out_dir, overrides=overrides,
                    only=args.only.split(",") if args.only else None, miniature=args.miniature)
     return 0
@@ -316,14 +328,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args, extra = parser.parse_known_args(argv)
+    args.typed_argv = argv[1:]  # the typed order of override tokens (see _override_tokens)
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
-    # `igam train --data-dir X` is the same as data_dir=X
+    takes_overrides = {"train", "finetune", "transfer", "run"}
     try:
+        if extra and args.verb not in takes_overrides:
+            raise IgamError(f"`igam {args.verb}` does not take {' '.join(extra)!r}; see `igam {args.verb} --help`.")
         return int(args.fn(args, extra) or 0)
     except IgamError as e:
         print(f"igam: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment, not the input: a full disk, permissions, a vanished file
+        where = f" ('{e.filename}')" if e.filename else ""
+        print(f"igam: error: {e.strerror or e}{where}. Free disk space or fix permissions; an interrupted "
+              "training run continues with resume=true.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("igam: interrupted; resume a training run with resume=true.", file=sys.stderr)

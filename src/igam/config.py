@@ -68,7 +68,7 @@ class Config:
     # --- optimisation --------------------------------------------------------------------------
     epochs: float = opt(10.0, "training epochs (fractions allowed)")
     optimizer: str = opt("sgd", "sgd | adam", ("sgd", "adam"))
-    lr: float = opt(0.1, "learning rate")
+    lr: float = opt(0.01, "learning rate (0.01 suits the default small-cnn; Madry/IGAM use 0.1 for WRN with SGD)")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(5e-4, "weight decay (applied to weights of conv/linear layers only)")
     schedule: str = opt("cosine", "cosine | step | constant", ("cosine", "step", "constant"))
@@ -123,6 +123,9 @@ class Config:
                              "finite-difference (Hessian-vector product from first-order passes)",
                              ("exact", "finite-difference"))
     fd_step: float = opt(1e-2, "finite-difference step h relative to ||x|| / ||v||")
+    fd_scheme: str = opt("central", "finite-difference scheme: central (two extra passes, error O(h^2)) | "
+                         "forward (one extra pass reusing the pass at x, error O(h); use fd_step=1e-3)",
+                         ("central", "forward"))
     # --- finetune --------------------------------------------------------------------------------
     finetune_lr: float = opt(1e-3, "Adam learning rate of the new logit layer (and learned adapter)")
     # --- evaluation during training --------------------------------------------------------------
@@ -140,6 +143,8 @@ class Config:
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(True, "write TensorBoard events")
     amp: str = opt("none", "mixed precision on GPU: none | bf16 | fp16", ("none", "bf16", "fp16"))
+    amp_input_grad: bool = opt(False, "run the IGAM input-gradient path under amp too (exact mode; default: "
+                               "it stays float32)")
     compile: bool = opt(False, "torch.compile the modules that allow it (teacher, discriminator, "
                         "evaluation; student in finite-difference mode)")
     channels_last: bool = opt(False, "channels-last memory format on GPU")
@@ -153,6 +158,13 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# names other tools use for our keys: only suggested in the error, never silently accepted
+ALIASES = {"learning_rate": "lr", "learningrate": "lr", "bs": "batch_size", "wd": "weight_decay",
+           "max_epochs": "epochs", "n_epochs": "epochs", "num_epochs": "epochs", "arch": "model",
+           "architecture": "model", "data": "dataset", "data_root": "data_dir", "root": "data_dir",
+           "output_dir": "out_dir", "epsilon": "eps", "alpha": "step_size", "pgd_steps": "steps",
+           "num_steps": "steps", "beta": "trades_beta", "gpu": "device", "clip": "grad_clip",
+           "max_grad_norm": "grad_clip", "resume_from": "resume", "objective": "method", "run_name": "name"}
 _TYPES = get_type_hints(Config)
 
 
@@ -236,8 +248,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     for raw_key, value in overrides.items():
         key = str(raw_key).replace("-", "_")
         if key not in FIELDS:
-            raise IgamError(f"Unknown config key '{raw_key}'.{suggest(key, FIELDS)} "
-                            "Run `igam train --help` for the list of keys.")
+            hint = f" Did you mean '{ALIASES[key]}'?" if key in ALIASES else suggest(key, FIELDS)
+            raise IgamError(f"Unknown config key '{raw_key}'.{hint} Run `igam train --help` for the list of "
+                            "keys.")
         values[key] = _coerce(key, value)
         _check_choice(key, values[key])
     out = Config(**values)
@@ -266,6 +279,8 @@ def validate(cfg: Config) -> None:
                 "disc_layers", "disc_channels"):
         if getattr(cfg, key) < 1:
             raise IgamError(f"{key}={getattr(cfg, key)} must be at least 1.")
+    if cfg.epochs <= 0:
+        raise IgamError(f"epochs={cfg.epochs} must be positive (fractions such as 0.5 are fine).")
     for key in ("epochs", "lr", "steps", "momentum", "weight_decay", "warmup_epochs", "grad_clip", "threads",
                 "train_subset", "test_subset", "crop_padding", "width", "eval_every", "eval_n", "trades_beta",
                 "lambda_adv", "lambda_diff_auto", "disc_lr", "finetune_lr", "teacher_classes", "lr_gamma",
@@ -292,9 +307,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise IgamError(f"Config file '{path}' does not exist.")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise IgamError(f"Config file '{path}' is not valid YAML: {e}") from None
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise IgamError(f"Config file '{path}' is not valid YAML: {what}{where}.") from None
+    except OSError as e:
+        raise IgamError(f"Cannot read config file '{path}' ({e.strerror or e}).") from None
     if not isinstance(data, dict):
         raise IgamError(f"Config file '{path}' must hold a mapping of key: value, not {type(data).__name__}.")
     return data

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from igam.attacks import FGSM, PGD, Square, make_attack, parse_preset
+from igam.attacks import FGSM, PGD, Attack, Square, make_attack, parse_preset
 from igam.attacks.autoattack import INSTALL_HINT, torchattacks_version
 from igam.attacks.checks import Observation, gradient_stats, run_checks, warning_block
 from igam.attacks.presets import default_eps, is_mnist_like
@@ -56,7 +56,7 @@ def validate_attacks(names: list[str]) -> None:
             raise IgamError(INSTALL_HINT)
 
 
-def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str | object, *,
+def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str | Attack, *,
                eps: float | str | None = None, step_size: float | str | None = None, batch_size: int = 500,
                seed: int = 0, bn: str = "eval") -> dict[str, Any]:
     """Accuracy of `model` on images x (uint8 0..255 or float [0,1], NCHW) under an attack preset name
@@ -108,12 +108,12 @@ def large_eps(shape: tuple[int, ...], eps: float = 0.0) -> float:
 
 
 def check_attacks(model: nn.Module, shape: tuple[int, ...], eps: float, *, queries: int = 1000,
-                  bn: str = "eval", seed: int = 0) -> list[tuple[str, object]]:
+                  bn: str = "eval", seed: int = 0) -> list[tuple[str, Attack]]:
     """The extra attacks of --checks: FGSM, a PGD step sweep, a PGD-20 eps sweep, PGD-50 at a large eps
     (step 2.5 eps / 50, Madry et al.) and Square, as (label, attack) pairs."""
     eps0, step0 = default_eps(shape)
     ratio = step0 / eps0
-    out: list[tuple[str, object]] = [("fgsm", FGSM(model, eps, bn=bn, seed=seed))]
+    out: list[tuple[str, Attack]] = [("fgsm", FGSM(model, eps, bn=bn, seed=seed))]
     out += [(f"pgd{k}", PGD(model, eps, eps * ratio, k, bn=bn, seed=seed)) for k in CHECK_STEPS]
     out += [(f"pgd20@eps={f * eps:.4g}", PGD(model, min(1.0, f * eps), min(1.0, f * eps) * ratio, 20, bn=bn,
                                             seed=seed)) for f in EPS_SWEEP if f != 1.0]

@@ -11,11 +11,18 @@ passes only: with v = dL_match/dJ_s (J_s held constant),
     d/dtheta <J_s(theta), v>  ~=  d/dtheta sum_i [L_i(x_i + h_i v_i) - L_i(x_i - h_i v_i)] / (2 h_i),
 h_i = fd_step * ||x_i|| / ||v_i||. It needs no double-backward support (SyncBatchNorm, torch.compile,
 custom kernels) and less memory; on smooth activations it matches the exact gradient, on ReLU networks it
-differs at the kinks (see docs/IGAM.md).
+differs at the kinks (see docs/IGAM.md). fd_scheme='forward' uses [L_i(x_i + h_i v_i) - L_i(x_i)] / h_i
+instead, reusing the pass at x that J_s already needs: one extra pass of B images instead of 2B (error O(h)
+instead of O(h^2); docs/PERFORMANCE.md has the speed and accuracy of both).
+
+Precision: J_t, J_s, the matching terms and the finite-difference passes run in float32 even inside an
+autocast region (amp=bf16|fp16), unless amp_input_grad=True (exact mode only): small robust-teacher
+gradients and difference quotients do not survive bf16 rounding by default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -25,7 +32,6 @@ import torch.nn.functional as F
 
 from igam.errors import IgamError
 from igam.gradients import flat_cosine, input_gradient, per_example_objective, teacher_gradient
-from igam.utils import unwrap
 
 
 class InputGradientMatching(nn.Module):
@@ -45,6 +51,10 @@ class InputGradientMatching(nn.Module):
         adv_scale: multiplies L_adv for student and discriminator (official: 0.5, its mean over 2B).
         disc_view: maps a target-space gradient to what the discriminator sees (crop adapters crop).
         mode: 'exact' or 'finite-difference'; fd_step: relative finite-difference step.
+        fd_scheme: 'central' (default; two extra passes of B images) or 'forward' (one extra pass, reusing
+            the pass at x).
+        amp_input_grad: keep an enclosing autocast (bf16) on for the input-gradient path too (exact mode
+            only); by default that path runs in float32.
     """
 
     def __init__(
@@ -63,6 +73,8 @@ class InputGradientMatching(nn.Module):
         disc_view: Callable[[torch.Tensor], torch.Tensor] | None = None,
         mode: str = "exact",
         fd_step: float = 1e-2,
+        fd_scheme: str = "central",
+        amp_input_grad: bool = False,
     ):
         super().__init__()
         if teacher is None and lambda_diff == "auto":
@@ -72,6 +84,13 @@ class InputGradientMatching(nn.Module):
             )
         if mode not in ("exact", "finite-difference"):
             raise IgamError(f"grad_matching={mode!r}: choose exact or finite-difference.")
+        if fd_scheme not in ("central", "forward"):
+            raise IgamError(f"fd_scheme={fd_scheme!r}: choose central or forward.")
+        if amp_input_grad and mode != "exact":
+            raise IgamError(
+                "amp_input_grad=true needs grad_matching=exact: finite-difference quotients cancel to noise "
+                "in bfloat16. Drop amp_input_grad (the input-gradient path then runs in float32)."
+            )
         self._teacher = (teacher,)  # a plain attribute: the frozen teacher is not saved with the objective
         self.discriminator = discriminator
         self.lambda_adv = float(lambda_adv)
@@ -81,9 +100,55 @@ class InputGradientMatching(nn.Module):
         self.gradient_target, self.scale, self.diff_reduction = gradient_target, float(scale), diff_reduction
         self.adv_loss, self.adv_scale = adv_loss, float(adv_scale)
         self.disc_view = disc_view or (lambda g: g)
-        self.mode, self.fd_step = mode, float(fd_step)
+        self.mode, self.fd_step, self.fd_scheme = mode, float(fd_step), fd_scheme
+        self.amp_input_grad = bool(amp_input_grad)
         self.use_teacher = True  # False: the igr control even when a teacher is given for the scale
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # python-side "lambda_diff is set" flag, so that no step reads the buffer back from the device
+        self._lambda_known = not auto
+        # the discriminator as its own update sees it (a DDP wrapper under torchrun; see wrap_discriminator)
+        self._disc_update: tuple[nn.Module | None] = (None,)
+        self._disc_call: tuple[nn.Module | None] = (None,)  # a compiled discriminator (accelerate)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._lambda_known = False  # re-check the loaded lambda_diff (once) on the next batch
+
+    def wrap_discriminator(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Route the discriminator's own update through `wrap(discriminator)`, e.g. a DDP wrapper, so its
+        gradients are averaged over ranks and every rank takes the same step. The student-side pass keeps
+        using the bare module with requires_grad off: no parameter gradients, nothing for DDP to reduce."""
+        if self.discriminator is not None:
+            self._set_disc_grad(True)  # DDP registers the parameters that require grad at construction
+            self._disc_update = (wrap(self._disc()),)
+
+    def _disc(self) -> nn.Module:
+        """The discriminator as its forward passes call it (compiled, when accelerate compiled it)."""
+        return self._disc_call[0] or self.discriminator
+
+    def accelerate(
+        self,
+        compile_fn: Callable[..., nn.Module] | None = None,
+        memory_format: torch.memory_format | None = None,
+        example: torch.Tensor | None = None,
+    ) -> None:
+        """Speed settings for the teacher and the discriminator (the student is the training loop's).
+
+        compile_fn(module, example_input, what, frozen_too=False) returns a compiled module, or the module
+        itself where compilation fails; `example` is a training batch of inputs (zeros will do). Both
+        networks only ever need first-order gradients, so compiling them is safe in either mode. The
+        registered discriminator stays the plain module (saved and loaded as before)."""
+        if memory_format is not None:
+            for net in (self.teacher, self.discriminator):
+                if net is not None:
+                    net.to(memory_format=memory_format)
+        if compile_fn is None or example is None:
+            return
+        if self.teacher is not None:
+            self._teacher = (compile_fn(self.teacher, example, "the teacher"),)
+        if self.discriminator is not None and self.lambda_adv != 0:
+            view = self.disc_view(torch.cat([example, example]))
+            self._disc_call = (compile_fn(self.discriminator, view, "the discriminator", frozen_too=True),)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -97,8 +162,14 @@ class InputGradientMatching(nn.Module):
             if self.teacher is not None
             else torch.zeros_like(x)
         )
-        if torch.isnan(self.lambda_diff):
-            energy = float(jt.flatten(1).pow(2).sum(1).mean())
+        if not self._lambda_known and bool(torch.isnan(self.lambda_diff)):  # first batch only
+            energy_t = jt.flatten(1).pow(2).sum(1).mean().detach().float()
+            if _world_size() > 1:  # one lambda_diff for all ranks: the energy of the global batch
+                import torch.distributed as tdist
+
+                tdist.all_reduce(energy_t)
+                energy_t /= _world_size()
+            energy = float(energy_t)
             per = energy if self.diff_reduction == "mean" else energy * len(x)
             if per <= 0:
                 raise IgamError(
@@ -106,6 +177,7 @@ class InputGradientMatching(nn.Module):
                     "give lambda_diff a number."
                 )
             self.lambda_diff.fill_(self.lambda_diff_auto / per)
+        self._lambda_known = True
         return jt if self.use_teacher else torch.zeros_like(jt)
 
     def _set_disc_grad(self, on: bool) -> None:
@@ -123,7 +195,7 @@ class InputGradientMatching(nn.Module):
         metrics = {"l_diff": l_diff.detach()}
         if self.discriminator is not None and self.lambda_adv != 0:
             self._set_disc_grad(False)
-            logits = self.discriminator(torch.cat([self.disc_view(js), self.disc_view(jt)]))
+            logits = self._disc()(torch.cat([self.disc_view(js), self.disc_view(jt)]))
             ls, lt = logits[: len(js)], logits[len(js) :]
             l_adv = self.adv_scale * (F.logsigmoid(lt).mean() + F.logsigmoid(-ls).mean())
             student = l_adv if self.adv_loss == "saturating" else -self.adv_scale * F.logsigmoid(ls).mean()
@@ -136,49 +208,79 @@ class InputGradientMatching(nn.Module):
         return total, metrics
 
     def forward(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All terms for a batch; terms['loss'] is what to backpropagate (its value is eq. 14)."""
-        jt = self.teacher_gradients(x, y)
-        if self.mode == "exact":
-            js, logits = input_gradient(
-                student, x, y, self.gradient_target, create_graph=True, scale=self.scale
-            )
-            ce = F.cross_entropy(logits, y)
-            match, metrics = self.matching_loss(js, jt)
-            loss = ce + match
-        else:
-            js, logits = input_gradient(
-                student, x, y, self.gradient_target, create_graph=False, scale=self.scale, retain_graph=True
-            )
-            ce = F.cross_entropy(logits, y)
-            js_leaf = js.detach().requires_grad_(True)
+        """All terms for a batch; terms['loss'] is what to backpropagate (its value is eq. 14).
+
+        One student forward pass at x serves the cross-entropy, J_s and (fd_scheme='forward') the base point
+        of the finite difference. Under DDP `student` is the wrapper: that pass is its forward, and the one
+        backward of terms['loss'] runs through its output, so the all-reduce hooks fire once per step."""
+        with self._input_grad_precision(x):
+            jt = self.teacher_gradients(x, y)
+            x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                match, metrics = self.matching_loss(js_leaf, jt)
-                (v,) = torch.autograd.grad(match, js_leaf)
-            surrogate = self.finite_difference(student, x, y, v / self.scale)
-            loss = ce + surrogate + (match.detach() - surrogate.detach())
-            js = js.detach()
+                logits = student(x_in)
+                per = per_example_objective(logits, y, self.gradient_target)
+                (g,) = torch.autograd.grad(per.sum(), x_in, create_graph=self.mode == "exact",
+                                           retain_graph=True)
+            js = g / self.scale if self.scale != 1.0 else g
+            # the CE of the same pass (for target 'ce' it is the per-example vector already computed)
+            ce = per.mean() if self.gradient_target == "ce" else F.cross_entropy(logits.float(), y)
+            if self.mode == "exact":
+                match, metrics = self.matching_loss(js, jt)
+                loss = ce + match
+            else:
+                js_leaf = js.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    match, metrics = self.matching_loss(js_leaf, jt)
+                    (v,) = torch.autograd.grad(match, js_leaf)
+                base = per if self.fd_scheme == "forward" else None  # L_i(x_i), graph attached
+                surrogate = self.finite_difference(student, x, y, v / self.scale, base=base)
+                loss = ce + surrogate + (match.detach() - surrogate.detach())
+                js = js.detach()
         self._cache = (js.detach(), jt)
-        cos = flat_cosine(js.detach(), jt)
+        js_d = js.detach()
         metrics.update(
             ce=ce.detach(),
             acc=(logits.detach().argmax(1) == y).float().mean(),
-            cos_js_jt=cos.mean(),
-            js_norm=js.detach().flatten(1).norm(dim=1).mean(),
+            cos_js_jt=flat_cosine(js_d, jt).mean(),
+            js_norm=js_d.flatten(1).norm(dim=1).mean(),
             jt_norm=jt.flatten(1).norm(dim=1).mean(),
             lambda_diff=self.lambda_diff.detach().clone(),
         )
         return {"loss": loss, **metrics}
 
+    def _input_grad_precision(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        """float32 for the input-gradient path inside an autocast region, unless amp_input_grad."""
+        if self.amp_input_grad or not torch.is_autocast_enabled(x.device.type):
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, enabled=False)
+
     def finite_difference(
-        self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor
+        self,
+        student: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        v: torch.Tensor,
+        base: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """A scalar whose parameter gradient is the central difference estimate of d/dtheta <grad_x L, v>."""
+        """A scalar whose parameter gradient estimates d/dtheta <grad_x L, v> by finite differences.
+
+        base=None: central differences, sum_i [L_i(x_i + h_i v_i) - L_i(x_i - h_i v_i)] / (2 h_i).
+        base=L(x) (per-example values, attached to the graph of the pass at x): forward differences,
+        sum_i [L_i(x_i + h_i v_i) - L_i(x_i)] / h_i; its backward reuses the graph of the pass at x.
+
+        The perturbed passes go through the module inside any DDP wrapper (DDP's forward expects one
+        backward per forward): their parameter gradients add up with those of the pass at x in the one
+        backward of the total loss, and DDP's hooks all-reduce that sum once. A torch.compile wrapper is
+        kept (the passes are first order)."""
         vn = v.flatten(1).norm(dim=1)
         h = self.fd_step * x.flatten(1).norm(dim=1) / vn.clamp_min(1e-30)
         live = (vn > 0).to(x.dtype)
         step = (h * live).view(-1, 1, 1, 1) * v
-        net = unwrap(student)  # outside DDP's forward: its hooks still all-reduce the summed gradient once
-        with _frozen_bn_stats(net) as bns:
+        net = _without_ddp(student)
+        with _frozen_bn_stats(net) as bns, torch.enable_grad():
+            if base is not None:
+                plus = per_example_objective(net(x + step), y, self.gradient_target)
+                return ((plus - base) * live / h.clamp_min(1e-30)).sum()
             if bns:  # BatchNorm: each pass needs its own batch statistics, as at x
                 plus = per_example_objective(net(x + step), y, self.gradient_target)
                 minus = per_example_objective(net(x - step), y, self.gradient_target)
@@ -195,7 +297,8 @@ class InputGradientMatching(nn.Module):
             return {}
         js, jt = self._cache
         self._set_disc_grad(True)
-        logits = self.discriminator(torch.cat([self.disc_view(js), self.disc_view(jt)]))
+        disc = self._disc_update[0] or self._disc()
+        logits = disc(torch.cat([self.disc_view(js), self.disc_view(jt)]))
         ls, lt = logits[: len(js)], logits[len(js) :]
         loss = -self.adv_scale * (F.logsigmoid(lt).mean() + F.logsigmoid(-ls).mean())
         optimizer.zero_grad(set_to_none=True)
@@ -217,6 +320,19 @@ class InputGradientMatching(nn.Module):
             "js_norm": float(js.flatten(1).norm(dim=1).mean()),
             "jt_norm": float(jt.flatten(1).norm(dim=1).mean()),
         }
+
+
+def _world_size() -> int:
+    import torch.distributed as tdist
+
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def _without_ddp(model: nn.Module) -> nn.Module:
+    """The module inside (Distributed)DataParallel wrappers; torch.compile wrappers are kept."""
+    while type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+        model = model.module
+    return model
 
 
 class _frozen_bn_stats:

@@ -44,6 +44,7 @@ _kill_hits: dict[str, int] = {}
 
 
 def kill_point(name: str) -> None:
+    """Crash tests only: SIGKILL this process at the N-th call with this name (see KILL_ENV above)."""
     spec = os.environ.get(KILL_ENV)
     if not spec or spec.partition(":")[0] != name:
         return
@@ -76,9 +77,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _mkstemp(path: Path) -> tuple[int, str]:
+    """A temp file beside `path`, with the permissions a plain open() would give (mkstemp makes 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -127,7 +139,7 @@ def save_weights(module_or_state: torch.nn.Module | dict, path: Path) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp(path)
     os.close(fd)
     try:
         save_file(tensors, tmp)
@@ -154,11 +166,17 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_error(e: BaseException) -> str:
-    """The one informative line of a torch.load failure (torch's own text is long and has ANSI codes)."""
+    """The one informative line of a torch.load failure (torch's own text is long and has ANSI codes):
+    for a refused pickle payload, the line naming the forbidden global."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    m = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|\n|$)", text)
-    line = m.group(1) if m else next((t.strip() for t in text.splitlines() if t.strip()), "")
-    return f"{type(e).__name__}: {line[:200]}"
+    lines = [t.strip() for t in text.splitlines() if t.strip()]
+    if text.startswith("Weights only load failed"):
+        named = [t for t in lines[1:] if re.search(r"GLOBAL|global|WeightsUnpickler error", t)]
+        line = named[0] if named else "the file holds objects other than tensors"
+        line = re.sub(r"^WeightsUnpickler error: ", "", line).split(" Please use")[0]
+    else:
+        line = lines[0] if lines else type(e).__name__
+    return f"{type(e).__name__}: {line[:200].rstrip('.')}"
 
 
 def load_torch_file(path: Path) -> Any:
@@ -207,20 +225,28 @@ def save_state(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -
         kill_point("checkpoint-write")  # crash tests: die with half a file written
         f.write(data[len(data) // 2:])
 
-    _atomic(path, write)
-    kill_point("checkpoint-sidecar")  # crash tests: die between the file and its sidecar
-    write_json(path.with_suffix(".json"), {"step": step, "sha256": hashlib.sha256(data).hexdigest(),
-                                           "size": len(data), "time": time.time()})
+    try:
+        _atomic(path, write)
+        kill_point("checkpoint-sidecar")  # crash tests: die between the file and its sidecar
+        write_json(path.with_suffix(".json"), {"step": step, "sha256": hashlib.sha256(data).hexdigest(),
+                                               "size": len(data), "time": time.time()})
+    except OSError as e:
+        raise IgamError(f"Cannot write checkpoint '{path}' ({e.strerror or e}); the previous checkpoints are "
+                        "intact. Free disk space (or fix permissions), then continue with resume=true."
+                        ) from None
     for old in sorted(ckdir.glob("ckpt-*.pt"))[:-max(1, keep)]:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
     return path
 
 
-def _clean_partial_writes(ckdir: Path) -> None:
-    """Remove temp files left by a process killed while writing (never renamed, so never used)."""
-    for tmp in ckdir.glob(".ckpt-*.tmp"):
-        tmp.unlink(missing_ok=True)
+def clean_partial_writes(run_dir: Path) -> None:
+    """Remove the temp files (.NAME.XXXX.tmp) that a process killed while writing left in a run directory
+    and its checkpoints/ (never renamed into place, so never read)."""
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 def load_latest_state(run_dir: Path, log=print) -> dict[str, Any] | None:
@@ -229,8 +255,7 @@ def load_latest_state(run_dir: Path, log=print) -> dict[str, Any] | None:
     weights_only=True holds objects other than tensors (e.g. a planted pickle payload): refused with an
     IgamError instead of silently falling back."""
     ckdir = Path(run_dir) / "checkpoints"
-    if ckdir.is_dir():
-        _clean_partial_writes(ckdir)
+    clean_partial_writes(run_dir)
     for path in sorted(ckdir.glob("ckpt-*.pt"), reverse=True):
         meta_path = path.with_suffix(".json")
         try:

@@ -83,9 +83,9 @@ def load_state_checked(model: nn.Module, state: dict[str, Any], what: str) -> No
     try:
         unwrap(model).load_state_dict(state)
     except RuntimeError as e:
-        first = [t.strip() for t in str(e).splitlines() if t.strip()][1:3]
-        raise IgamError(f"{what} does not fit this model ({'; '.join(first)[:300]}). It was written for "
-                        "another architecture, input shape or number of classes.") from None
+        first = "; ".join([t.strip() for t in str(e).splitlines() if t.strip()][1:3])[:300].rstrip(".")
+        raise IgamError(f"{what} does not fit this model ({first}). It was written for another architecture, "
+                        "input shape or number of classes.") from None
 
 
 def lr_factor(cfg: Config, step: int, total: int, steps_per_epoch: int) -> float:
@@ -182,9 +182,13 @@ MAX_SKIPS_IN_A_ROW = 20  # nan_policy=skip gives up after this many non-finite s
 
 
 def nonfinite_terms(loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the non-finite loss terms of a step ('loss' when only the total is)."""
-    bad = [k for k, v in metrics.items() if torch.is_tensor(v) and not bool(torch.isfinite(v).all())]
-    return bad or ([] if bool(torch.isfinite(loss).all()) else ["loss"])
+    """Names of the non-finite loss terms of a step ('loss' when only the total is). All flags are reduced
+    on the device and read back at once: one host-device sync per step, not one per term."""
+    names = [k for k, v in metrics.items() if torch.is_tensor(v)]
+    flags = torch.stack([torch.isfinite(metrics[k].detach()).all().to(loss.device) for k in names]
+                        + [torch.isfinite(loss.detach()).all()]).tolist()
+    bad = [k for k, ok in zip(names, flags) if not ok]
+    return bad or ([] if flags[-1] else ["loss"])
 
 
 def nonfinite_grads(model: nn.Module, limit: int = 3) -> list[str]:
@@ -219,9 +223,138 @@ def _reduce(values: dict[str, torch.Tensor], dist: Dist) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
+def _ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """DDP with the defaults that are correct here. Not static_graph=True: with the input-gradient
+    backward it silently stops averaging gradients (ranks drift apart without an error)."""
+    return nn.parallel.DistributedDataParallel(module,
+                                               device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def try_compile(module: nn.Module, example: torch.Tensor, what: str, say=print,
+                frozen_too: bool = False) -> nn.Module:
+    """torch.compile(module), checked on `example` (a forward and a first-order input gradient, which is
+    all the compiled parts need; frozen_too: also with every parameter's requires_grad off, as the IGAM
+    discriminator runs in the student's step); the eager module, with a message, if compilation fails.
+    Buffers (e.g. BatchNorm running statistics) are left as they were; no parameter gradient is made."""
+    saved = {k: v.detach().clone() for k, v in module.named_buffers()}
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        compiled = torch.compile(module)
+        for frozen in (False, True) if frozen_too else (False,):
+            for p, flag in flags:
+                p.requires_grad_(flag and not frozen)
+            inp = example.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                torch.autograd.grad(compiled(inp).float().sum(), inp)
+    except Exception as e:  # any backend failure: no C++ compiler, an unsupported op, ...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "no message"
+        say(f"igam: compile: {what} stays eager: torch.compile failed ({type(e).__name__}: {first})")
+        return module
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for k, v in module.named_buffers():
+                v.copy_(saved[k])
+    say(f"igam: compile: {what} compiled")
+    return compiled
+
+
+def speed_setup(cfg: Config, model: nn.Module, objective: nn.Module, spec: DataSpec, device: torch.device,
+                say=print) -> tuple[nn.Module, nn.Module]:
+    """channels_last and torch.compile as cfg asks and the method allows. Returns (the student as the
+    training step calls it, the student as evaluation calls it); `model` itself stays the plain module
+    that is saved and loaded.
+
+    Student compilation: first-order methods (standard, pgd-at, trades, finetune) and IGAM/igr in
+    finite-difference mode. Never in exact mode: its loss needs the double backward of the student, which
+    torch.compile (aot_autograd) does not support (pytorch#92348) or silently gets wrong (#181581)."""
+    if cfg.channels_last:
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+            objective.to(memory_format=torch.channels_last)
+        else:
+            say("igam: channels_last=true is ignored on CPU: measured slower for IGAM steps there "
+                "(docs/PERFORMANCE.md); it is a GPU setting.")
+    accelerate = getattr(objective, "accelerate", None)  # IGAM/igr: the teacher and the discriminator
+    if accelerate is not None:
+        def compile_fn(m: nn.Module, ex: torch.Tensor, what: str, frozen_too: bool = False) -> nn.Module:
+            return try_compile(m, ex, what, say, frozen_too)
+
+        accelerate(compile_fn=compile_fn if cfg.compile else None,
+                   memory_format=torch.channels_last if cfg.channels_last and device.type == "cuda" else None,
+                   example=torch.zeros(cfg.batch_size, *spec.shape, device=device))
+    if not cfg.compile:
+        return model, model
+    example = torch.zeros(cfg.batch_size, *spec.shape, device=device)
+    if cfg.method in ("igam", "igr") and cfg.grad_matching == "exact":
+        say("igam: compile: the student stays eager: grad_matching=exact needs its double backward, which "
+            "torch.compile does not support; grad_matching=finite-difference compiles it.")
+        train_model = model
+    else:
+        if cfg.method in ("igam", "igr"):
+            # finite differences backpropagate the pass at x twice (J_s first, with retain_graph): compiled
+            # backwards must not donate (free) their saved buffers on the first call
+            import torch._functorch.config as functorch_config
+
+            functorch_config.donated_buffer = False
+        model.train()
+        train_model = try_compile(model, example, "the student (training)", say)
+    model.eval()
+    eval_model = try_compile(model, example[: min(len(example), cfg.eval_batch_size)],
+                             "the student (evaluation, attacks)", say)
+    model.train()
+    return train_model, eval_model
+
+
+def _shard(n: int, dist: Dist) -> slice:
+    """This rank's contiguous share of n evaluation images."""
+    per = -(-n // dist.world)
+    return slice(min(n, dist.rank * per), min(n, (dist.rank + 1) * per))
+
+
+def _combine(value: float, count: int, dist: Dist, device: torch.device) -> float:
+    """The mean over all ranks of a per-rank mean `value` over `count` items."""
+    if not dist.enabled:
+        return value
+    import torch.distributed as tdist
+
+    t = torch.tensor([value * count, float(count)], dtype=torch.float64,
+                     device=device if device.type == "cuda" else "cpu")
+    tdist.all_reduce(t)
+    return float(t[0] / t[1].clamp_min(1))
+
+
+def _ranks_in_sync(params: list[torch.Tensor], device: torch.device) -> bool:
+    """True when every rank holds bit-identical `params` (compares a float64 checksum across ranks)."""
+    import torch.distributed as tdist
+
+    with torch.no_grad():
+        sums = [q for p in params for q in (p.detach().double().sum(), p.detach().double().pow(2).sum())]
+        t = torch.stack(sums) if sums else torch.zeros(1, dtype=torch.float64)
+        t = torch.cat([t, -t]).to(device if device.type == "cuda" else "cpu")
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)  # max of v and of -v: every rank equal iff max == -min
+    n = len(t) // 2
+    return bool(torch.equal(t[:n], -t[n:]))
+
+
+def _broadcast_state(state: dict[str, Any] | None, dist: Dist, device: torch.device) -> dict[str, Any] | None:
+    """Rank 0's resume state on every rank (ranks on other nodes need not see rank 0's disk)."""
+    if not dist.enabled:
+        return state
+    import torch.distributed as tdist
+
+    box = [state]
+    tdist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
+
+
 # ---------------------------------------------------------------------------------------------
 def train(cfg: Config, log=print) -> Path:
     """Train according to cfg and return the run directory."""
+    if cfg.amp_input_grad and cfg.amp != "bf16":
+        raise IgamError("amp_input_grad=true runs the input-gradient path under amp=bf16; set amp=bf16 (fp16 "
+                        "would need loss scaling inside the input gradient) or drop amp_input_grad.")
     dist, device = setup_distributed(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -234,7 +367,8 @@ def train(cfg: Config, log=print) -> Path:
     run_dir = Path(cfg.out_dir) / run_name(cfg)
     state = None
     if cfg.resume:
-        state = load_latest_state(run_dir, log=say)
+        state = load_latest_state(run_dir, log=say) if dist.main else None
+        state = _broadcast_state(state, dist, device)
         if state is None:
             say(f"igam: no usable checkpoint in {run_dir}; starting from the beginning.")
     elif (run_dir / "meta.json").exists() and read_json(run_dir / "meta.json").get("status") != "created":
@@ -272,10 +406,14 @@ def train(cfg: Config, log=print) -> Path:
         if changed:
             say(f"igam: note: resuming with changed settings: {changed}")
 
-    train_model: nn.Module = model
+    if cfg.amp != "none" and device.type != "cuda":
+        say(f"igam: amp={cfg.amp} is a GPU setting; this {device.type} run uses float32.")
+    train_model, eval_model = speed_setup(cfg, model, objective, spec, device, say)
     if dist.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = _ddp(train_model, device)
+        wrap = getattr(objective, "wrap_for_ddp", None)  # e.g. IGAM's discriminator: its own DDP wrapper
+        if wrap is not None:
+            wrap(lambda m: _ddp(m, device))
 
     meta = {"status": "running", "method": cfg.method, "model": unwrap(model).igam_args,
             "data": spec.to_dict(), "augment": augment, "seed": cfg.seed, "version": PACKAGE_VERSION,
@@ -284,7 +422,11 @@ def train(cfg: Config, log=print) -> Path:
             "adapter": getattr(unwrap(model), "adapter_spec", None), "teacher": cfg.teacher or None,
             "eval_bn": cfg.eval_bn}
     if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise IgamError(f"Cannot create the run directory '{run_dir}' ({e.strerror or e}); choose "
+                            "another out_dir=... or name=....") from None
         save_yaml(cfg.to_dict(), run_dir / "config.yaml")
         write_json(run_dir / "meta.json", meta)
     logger = CSVLogger(run_dir / "log.csv", (run_dir / "tb") if cfg.tensorboard else None,
@@ -302,16 +444,22 @@ def train(cfg: Config, log=print) -> Path:
                 keep=cfg.keep_checkpoints)
 
     def evaluate_now(epoch: float) -> dict[str, float]:
-        res = {"epoch": round(epoch, 3), "clean_acc": accuracy(unwrap(model), eval_x, eval_y,
-                                                               cfg.eval_batch_size, cfg.eval_bn)}
-        with bn_mode(unwrap(model), cfg.eval_bn):
+        # under torchrun each rank evaluates its share of the images and the accuracies are combined
+        part = _shard(len(eval_x), dist)
+        px, py = eval_x[part], eval_y[part]
+        res = {"epoch": round(epoch, 3),
+               "clean_acc": _combine(accuracy(eval_model, px, py, cfg.eval_batch_size, cfg.eval_bn), len(px),
+                                     dist, device)}
+        with bn_mode(unwrap(model), cfg.eval_bn):  # a few images: every rank computes the same numbers
             xb = eval_x[:256].to(device).float() / 255
             res.update(objective.eval_metrics(unwrap(model), xb, eval_y[:256].to(device)))
         if cfg.eval_attack:
             from igam.evaluate import evaluate_attack
 
-            res[f"{cfg.eval_attack}_acc"] = evaluate_attack(unwrap(model), eval_x, eval_y, cfg.eval_attack,
-                                                            spec, cfg.eval_batch_size, cfg.seed, cfg.eval_bn)
+            # (each rank's share draws its own random starts: seed + rank)
+            acc = evaluate_attack(eval_model, px, py, cfg.eval_attack, spec, cfg.eval_batch_size,
+                                  cfg.seed + dist.rank, cfg.eval_bn) if len(px) else 0.0
+            res[f"{cfg.eval_attack}_acc"] = _combine(acc, len(px), dist, device)
         if dist.main:
             eval_logger.log(step, res)
         return res
@@ -334,6 +482,8 @@ def train(cfg: Config, log=print) -> Path:
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
         for x, y in loader.epoch(epoch, start):
+            if cfg.channels_last and device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
             factor = lr_factor(cfg, step, total, steps_per_epoch)
             for g in optimizer.param_groups:
                 g["lr"] = (cfg.finetune_lr if cfg.method == "finetune" else cfg.lr) * factor
@@ -408,6 +558,11 @@ def train(cfg: Config, log=print) -> Path:
 
     # the end -----------------------------------------------------------------------------------
     final = evaluate_now(step / steps_per_epoch)
+    if dist.enabled:  # every rank must hold the same networks (student and e.g. the discriminator)
+        meta["ranks_in_sync"] = _ranks_in_sync([*model.parameters(), *objective.parameters()], device)
+        if not meta["ranks_in_sync"]:
+            say("igam: WARNING: the ranks' parameters differ at the end of training (gradients were not "
+                "averaged: see docs/DISTRIBUTED.md, pitfalls); rank 0's are saved.")
     checkpoint()
     if dist.main:
         save_weights(unwrap(model), run_dir / "model.safetensors")

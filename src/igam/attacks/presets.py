@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import torch.nn as nn
 
@@ -101,11 +100,3 @@ def column_name(name: str) -> str:
         return "Square" + s[6:]
     return s.upper()
 
-
-def describe(name: str, shape: tuple[int, ...], eps: float | str | None = None) -> dict[str, Any]:
-    """Settings of a preset without building it (for listings and docs)."""
-    spec = parse_preset(name)
-    eps0, step0 = default_eps(shape)
-    e = eps0 if eps is None else check_eps(eps)
-    return {"kind": spec.kind, "eps": e, "step_size": step0 if eps is None else e * step0 / eps0,
-            "steps": spec.steps, "restarts": spec.restarts, "loss": spec.loss, "queries": spec.queries}

@@ -501,7 +501,15 @@ def check_arrays(a: Arrays) -> Arrays:
 
 def load_arrays(name: str, data_dir: str | Path | None = None, download: bool = False) -> Arrays:
     """Load a dataset by name; see the module docstring for where files are looked for."""
-    name = str(name).strip()
+    try:
+        return _load_arrays(str(name).strip(), data_dir, download)
+    except OSError as e:  # unreadable folders or files (permissions, I/O errors) anywhere in a layout
+        where = f" '{e.filename}'" if e.filename else ""
+        raise IgamError(f"Cannot read dataset '{name}': {e.strerror or e}{where}. Check that the data files "
+                        "and folders exist and are readable by this user.") from None
+
+
+def _load_arrays(name: str, data_dir: str | Path | None, download: bool) -> Arrays:
     if name.startswith("synthetic"):
         return make_synthetic(name)
     if name.startswith("npz:"):

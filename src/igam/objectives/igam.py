@@ -84,6 +84,14 @@ class IGAMObjective(Objective):
             for g in self.disc_opt.param_groups:
                 g["lr"] = self.disc_base_lr * lr_factor
 
+    def accelerate(self, **kw: Any) -> None:
+        """compile / channels_last for the teacher and the discriminator (igam.train.speed_setup)."""
+        self.matching.accelerate(**kw)
+
+    def wrap_for_ddp(self, wrap) -> None:
+        """Under torchrun: the discriminator's update goes through its own DDP wrapper (igam.train)."""
+        self.matching.wrap_discriminator(wrap)
+
     def eval_metrics(self, model, x, y) -> dict[str, float]:
         return self.matching.held_out_metrics(model, x, y)
 
@@ -129,6 +137,8 @@ def build_matching(
         disc_view=view,
         mode=cfg.grad_matching,
         fd_step=cfg.fd_step,
+        fd_scheme=cfg.fd_scheme,
+        amp_input_grad=cfg.amp_input_grad,
     )
     m.use_teacher = use_teacher
     return m.to(device)

@@ -24,7 +24,8 @@ class Panel:
     unit_range: bool = False  # accuracies: y in [0, 1]
 
 
-# panels for the columns we know; any other numeric log column gets a panel of its own
+# panels for the columns we know (log.csv; the same names in eval_log.csv are held-out values drawn with
+# markers); any other numeric column gets a panel of its own
 KNOWN = (
     Panel("Training cross-entropy", ("ce",), "loss"),
     Panel("Adversarial loss $L_{adv}$ (eq. 14)", ("l_adv",), "loss"),
@@ -33,16 +34,25 @@ KNOWN = (
     Panel("Discriminator accuracy", ("disc_acc_student", "disc_acc_teacher"), "accuracy", unit_range=True),
     Panel(r"Input-gradient alignment cos($J_s$, $J_t$)", ("cos_js_jt",), "cosine"),
     Panel(r"Input-gradient norms $\|J_s\|$, $\|J_t\|$", ("js_norm", "jt_norm"), "L2 norm", log_y=True),
-    Panel("Training accuracy (batch)", ("acc",), "accuracy", unit_range=True),
+    Panel(r"$\lambda_{diff}$ (weight of $L_{diff}$)", ("lambda_diff",), "weight", log_y=True),
+    Panel("TRADES KL term", ("kl",), "KL"),
+    Panel("Training accuracy (batch)", ("acc", "adv_acc"), "accuracy", unit_range=True),
     Panel("Parameter-gradient norm", ("grad_norm",), "L2 norm", log_y=True),
 )
 SKIP = {"step", "epoch", "lr", "images_per_s", "skipped_steps"}
 LABELS = {"disc_acc_student": "on student gradients", "disc_acc_teacher": "on teacher gradients",
-          "js_norm": r"$\|J_s\|$ student", "jt_norm": r"$\|J_t\|$ teacher", "clean_acc": "clean"}
+          "js_norm": r"$\|J_s\|$ student", "jt_norm": r"$\|J_t\|$ teacher", "clean_acc": "clean",
+          "acc": "clean batch", "adv_acc": "adversarial batch", "cos_js_jt": "training batch"}
 
 
 def series_label(col: str) -> str:
-    """'pgd10_acc' -> 'PGD10', 'clean_acc' -> 'clean', 'js_norm' -> '||J_s|| student'."""
+    """'pgd10_acc' -> 'PGD10', 'clean_acc' -> 'clean', 'eval:js_norm' -> '||J_s|| student (held-out)'."""
+    if col.startswith("eval:"):
+        inner = col[5:]
+        if inner.endswith("acc"):
+            return series_label(inner)
+        base = series_label(inner).replace("training batch", "").strip()
+        return f"{base} (held-out)" if base else "held-out"
     if col in LABELS:
         return LABELS[col]
     if col.endswith("_acc"):
@@ -71,20 +81,27 @@ def _series(rows: list[dict], col: str) -> tuple[list[float], list[float]]:
 
 
 def plan_panels(logs: list[list[dict]], evals: list[list[dict]]) -> list[Panel]:
-    """The panels to draw for these runs' logs: known groups first, then leftover columns, then test
-    accuracy per epoch."""
-    present: dict[str, None] = {}
+    """The panels to draw for these runs' logs: known groups first (training values as lines, held-out
+    values from eval_log.csv as markers), then leftover columns, then test accuracy per evaluation."""
+    train: dict[str, None] = {}
     for rows in logs:
-        present.update(dict.fromkeys(_numeric_columns(rows)))
-    panels = [Panel(p.title, tuple(c for c in p.columns if c in present), p.ylabel, p.log_y, p.unit_range)
-              for p in KNOWN if any(c in present for c in p.columns)]
-    known = {c for p in KNOWN for c in p.columns}
-    panels += [Panel(c, (c,), c, unit_range=c.endswith("acc")) for c in present if c not in known]
-    eval_cols: dict[str, None] = {}
+        train.update(dict.fromkeys(_numeric_columns(rows)))
+    held: dict[str, None] = {}
     for rows in evals:
-        eval_cols.update(dict.fromkeys(c for c in _numeric_columns(rows) if c.endswith("acc")))
-    if eval_cols:
-        ordered = sorted(eval_cols, key=lambda c: c != "clean_acc")  # clean first
+        held.update(dict.fromkeys(_numeric_columns(rows)))
+    accs = [c for c in held if c.endswith("acc")]
+    held_other = [c for c in held if c not in accs]
+    panels = []
+    for p in KNOWN:
+        cols = (tuple(c for c in p.columns if c in train)
+                + tuple("eval:" + c for c in p.columns if c in held_other))
+        if cols:
+            panels.append(Panel(p.title, cols, p.ylabel, p.log_y, p.unit_range))
+    known = {c for p in KNOWN for c in p.columns}
+    panels += [Panel(c, (c,), c, unit_range=c.endswith("acc")) for c in train if c not in known]
+    panels += [Panel(f"{c} (held-out)", ("eval:" + c,), c) for c in held_other if c not in known]
+    if accs:
+        ordered = sorted(accs, key=lambda c: c != "clean_acc")  # clean first
         panels.append(Panel("Test accuracy per evaluation (clean / robust)",
                             tuple("eval:" + c for c in ordered), "accuracy", unit_range=True))
     return panels
@@ -125,7 +142,7 @@ def curves_figure(runs: list[str | Path] | dict[str, str | Path], title: str = "
                 xs, ys = _series(src, key)
                 if not xs:
                     continue
-                label_parts = ([name] if len(dirs) > 1 else []) + ([series_label(key)] if many_cols else [])
+                label_parts = ([name] if len(dirs) > 1 else []) + ([series_label(col)] if many_cols else [])
                 ax.plot(xs, ys, styles[c % len(styles)], color=cmap(r % cmap.N), lw=1.5,
                         marker="o" if col.startswith("eval:") or len(xs) < 3 else None, ms=3.5,
                         label=": ".join(label_parts) or None)
@@ -152,7 +169,7 @@ def curves_figure(runs: list[str | Path] | dict[str, str | Path], title: str = "
         for ax, panel in zip(axes, panels):
             if len(panel.columns) > 1:  # colour = run, line style = quantity: keep only the styles
                 ax.legend(handles=[Line2D([], [], color="#444444", ls=styles[c % len(styles)],
-                                          label=series_label(col.removeprefix("eval:")))
+                                          label=series_label(col))
                                    for c, col in enumerate(panel.columns)], fontsize=7.5, frameon=False)
     if title:
         fig.suptitle(title, fontsize=12, weight="bold")

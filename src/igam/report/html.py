@@ -385,8 +385,14 @@ def masking_html(mc: dict[str, Any]) -> str:
     """The verdicts of `igam evaluate --checks`: a summary line, one row per check, the observations."""
     failed = mc.get("failed") or []
     eps = fmt_eps(mc.get("eps"))
-    head = ('<p><span class="ok">All checks passed</span>' if mc.get("passed") and not failed
-            else f'<p><span class="bad">Failed: {esc(", ".join(map(str, failed)) or "?")}</span>')
+    verdicts = [v.get("passed") if isinstance(v, dict) else v for v in mc["checks"].values()]
+    skipped = sum(v is None for v in verdicts)
+    if mc.get("passed") and not failed:
+        text = "All checks passed" if not skipped else f"All {len(verdicts) - skipped} checks that ran passed"
+        head = f'<p><span class="ok">{text}</span>' + (f" ({skipped} not run)" if skipped else "")
+    else:
+        head = f'<p><span class="bad">Failed: {esc(", ".join(map(str, failed)) or "?")}</span>'
+
     head += f" &middot; nominal eps {fmt(eps, 'eps')} &middot; sweeps on {fmt(mc.get('check_n'))} images.</p>"
     rows = []
     for name, v in mc["checks"].items():
@@ -617,6 +623,10 @@ def experiment_report(root: Path, runs: list[RunInfo], n: int, seed: int, data_d
                      + esc(json.dumps(data, indent=2, default=str)) + "</pre></details>")
         except json.JSONDecodeError as e:
             body += note(f"results.json is not valid JSON ({e}).")
+    for png in sorted(root.glob("*.png")):  # e.g. tradeoff.png from `igam run`
+        data = png.read_bytes()
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 8 << 20:
+            body += img_tag(data, png.stem, f"{esc(png.name)} (from the experiment directory)")
     body += "<h2>Runs</h2>" + results_table(runs)
     body += "<h2>Training curves</h2>" + curves_html(runs, f"Training curves: {root.name}")
     if gradients:
@@ -626,7 +636,7 @@ def experiment_report(root: Path, runs: list[RunInfo], n: int, seed: int, data_d
         body += (f"<details><summary>{esc(r.label)} &middot; {run_subtitle(r)}</summary>"
                  f"<h3>Evaluation</h3>{eval_section(r)}<h3>Run</h3>{meta_table(r)}"
                  f"<h3>Configuration</h3>{config_section(r)}</details>")
-    subtitle = f"{len(runs)} runs in {esc(root)}"
+    subtitle = f"{len(runs)} run{'s' if len(runs) != 1 else ''} in {esc(root)}"
     return page(root.name or str(root), "igam experiment report", subtitle, body)
 
 
@@ -635,7 +645,7 @@ def write_report(path_or_dir: str | Path, out: str | Path | None = None, *, n: i
                  landscape_index: int | None = None, log: Callable[[str], None] = print) -> Path:
     """Write one self-contained HTML report for a run directory or an experiment directory (whose
     subdirectories are runs) and return its path (default: PATH/report.html)."""
-    path = Path(path_or_dir)
+    path = Path(path_or_dir).resolve()
     if not path.is_dir():
         raise IgamError(f"'{path}' does not exist or is not a directory; give a run directory or an "
                         "experiment directory whose subdirectories are runs.")

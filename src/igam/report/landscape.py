@@ -91,6 +91,11 @@ def _decision_panel(ax, land: Landscape, class_names: list[str], legend: bool = 
     e = float(land.eps[-1])
     ax.imshow(rgb, origin="lower", extent=(-e, e, -e, e), interpolation="nearest", aspect="auto")
     true_region = (land.pred == land.label).astype(float)
+    if true_region.any():  # hatch the true class's region, outline its border
+        import matplotlib as mpl
+
+        with mpl.rc_context({"hatch.color": (1, 1, 1, 0.6), "hatch.linewidth": 0.8}):
+            ax.contourf(land.eps, land.eps, true_region, levels=[0.5, 1.5], colors="none", hatches=["//"])
     if 0 < true_region.sum() < true_region.size:
         ax.contour(land.eps, land.eps, true_region, levels=[0.5], colors="black", linewidths=1.8)
     ax.plot([0], [0], marker="*", markersize=13, color="white", markeredgecolor="black", linestyle="none")
@@ -107,8 +112,9 @@ def _decision_panel(ax, land: Landscape, class_names: list[str], legend: bool = 
         handles = []
         for c in order[:12]:
             name = class_names[c] if c < len(class_names) else str(c)
-            handles.append(Patch(facecolor=colors[c], edgecolor="black" if c == land.label else "none",
-                                 linewidth=1.5, label=f"{name} (true)" if c == land.label else name))
+            true = c == land.label
+            handles.append(Patch(facecolor=colors[c], edgecolor="black" if true else "none", linewidth=1.5,
+                                 hatch="//" if true else None, label=f"{name} (true)" if true else name))
         if len(order) > 12:
             handles.append(Patch(facecolor="white", label=f"... {len(order) - 12} more"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
@@ -129,7 +135,7 @@ def _surface_panel(ax, land: Landscape) -> None:
 
 FOOTNOTE = (r"$\bigstar$ clean test image.  $\epsilon_1$: along sign($\nabla_x$CE) (the FGSM direction); "
             r"$\epsilon_2$: along a random $\pm$1 direction; points clipped to [0, 1]; eval-mode model.  "
-            "Black line: border of the true-class region.")
+            "Hatched, black border: the true class's region.")
 
 
 def landscape_figure(results: list[tuple[str, Landscape]], class_names: list[str], title: str = "",

@@ -1,0 +1,284 @@
+"""Cost of one training step: standard, PGD-7 AT, IGAM (exact) and IGAM (finite-difference), side by side.
+
+    .venv/bin/python benchmarks/step_cost.py --model resnet20 --batch 128 --steps 10 --threads 2
+    .venv/bin/python benchmarks/step_cost.py --tiny          # seconds; what tests/test_benchmarks.py runs
+
+The set-up of the paper's Table 1 (MNIST -> CIFAR-10): a 3x32x32 student with 10 classes, a frozen
+madry-mnist teacher behind the gray+crop28 adapter, a 5-layer discriminator with 16 channels in its first
+layer, on one fixed batch of CIFAR-like random images. Every method runs the same step as `igam train`
+(objective.loss, the NaN/Inf check, zero_grad, backward, gradient norm, optimizer step, after_step) on
+its own copy of the same student, and the methods are interleaved (the order rotates every repetition),
+so a change of machine load hits all of them alike. Reported per method: median seconds per step,
+images/s, and the peak memory of a step (CUDA: torch.cuda.max_memory_allocated; CPU on Linux: the rise of
+the process's peak resident set over one step, after returning freed memory to the OS; else skipped).
+
+Ratios printed: IGAM-FD / PGD-7, IGAM-FD / standard and IGAM-exact / PGD-7, with the targets of issue 7
+(<= 0.30, <= 2.3, <= 0.45). --json PATH writes everything, including the 1-minute load average before and
+after (measure on a quiet machine: a shared CPU makes every number noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from igam.adapters import build_adapter
+from igam.config import make_config
+from igam.discriminator import GradientDiscriminator
+from igam.matching import InputGradientMatching
+from igam.models import create_model
+from igam.objectives.base import Objective
+from igam.objectives.igam import IGAMObjective
+from igam.objectives.pgd_at import PGDAT
+from igam.teacher import AdaptedTeacher
+from igam.train import nonfinite_terms
+
+TARGETS = {"igam-fd / pgd7": 0.30, "igam-fd / standard": 2.3, "igam-exact / pgd7": 0.45}
+MODELS = ("small-cnn", "resnet20", "wrn-16-4")
+
+
+@dataclass
+class Method:
+    """One training method: its own student copy, optimiser and objective, and the step timings."""
+
+    name: str
+    model: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    times: list[float] = field(default_factory=list)
+    peak_mib: float | None = None
+
+    def run_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The body of igam.train's loop, without logging and checkpoints."""
+        self.model.train()
+        loss, metrics = self.objective.loss(self.model, x, y, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not nonfinite_terms(loss, metrics):
+            loss.backward()
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if bool(torch.isfinite(gnorm)):
+                self.optimizer.step()
+                self.objective.after_step(self.model, x, y, self.step)
+        self.step += 1
+
+
+def build_teacher(tiny: bool, device: torch.device) -> AdaptedTeacher:
+    """A frozen madry-mnist (1x28x28) teacher behind gray+crop28, with a 10-class head (Table 1)."""
+    body = create_model("madry-mnist", num_classes=10, in_chans=1, input_size=28, width=4 if tiny else 0)
+    teacher = AdaptedTeacher(build_adapter("gray+crop28", (3, 32, 32), (1, 28, 28)), body, "eval")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).train()
+
+
+def build_methods(args: argparse.Namespace, device: torch.device) -> list[Method]:
+    """standard, pgd7, igam-exact and one igam-fd per finite-difference scheme, each on a copy of one
+    student (same initial weights) with SGD as `igam train` uses it."""
+    torch.manual_seed(0)
+    width = 4 if args.tiny else 0
+    student = create_model(args.model, num_classes=10, in_chans=3, input_size=32, width=width).to(device)
+    teacher = build_teacher(args.tiny, device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    student, teacher = student.to(memory_format=fmt), teacher.to(memory_format=fmt)
+    schemes = ("central", "forward") if args.fd_scheme == "both" else (args.fd_scheme,)
+    methods: list[Method] = []
+
+    def add(name: str, objective: Objective) -> None:
+        model = copy.deepcopy(student)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        methods.append(Method(name, model, objective.to(device), opt))
+
+    add("standard", Objective())
+    add("pgd7", PGDAT(8 / 255, 2 / 255, 7, random_start=True, attack_bn="eval", seed=0))
+    variants = [("igam-exact", "exact", "central")]
+    variants += [(f"igam-fd-{s}" if len(schemes) > 1 else "igam-fd", "finite-difference", s) for s in schemes]
+    for name, mode, scheme in variants:
+        torch.manual_seed(1)  # the same discriminator for every variant
+        disc = GradientDiscriminator((3, 28, 28), layers=args.disc_layers, channels=4 if args.tiny else 16)
+        disc = disc.to(memory_format=fmt)
+        cfg = make_config(overrides={"method": "igam", "grad_matching": mode, "fd_scheme": scheme,
+                                     "fd_step": args.fd_step if args.fd_step else (1e-3 if scheme == "forward"
+                                                                                   else 1e-2),
+                                     "disc_layers": args.disc_layers, "disc_every": args.disc_every,
+                                     "lr": 0.01})
+        matching = InputGradientMatching(teacher, disc, lambda_adv=1.0, lambda_diff="auto", mode=mode,
+                                         fd_step=cfg.fd_step, fd_scheme=scheme,
+                                         disc_view=teacher.adapter.disc_view)
+        objective = IGAMObjective(cfg, matching)
+        objective.begin(10**6, 10**6)
+        add(name, objective)
+    return methods
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_kib(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Give freed heap memory back to the OS (glibc malloc_trim) and reset the process's peak RSS (Linux:
+    /proc/self/clear_refs 5). False where either is unavailable."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _proc_kib("VmHWM") is not None
+
+
+def peak_memory(method: Method, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float | None:
+    """MiB a step needs beyond what is resident before it (None where it cannot be measured)."""
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        method.run_step(x, y)
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if device.type != "cpu" or not _reset_peak_rss():
+        return None
+    base = _proc_kib("VmRSS")
+    method.run_step(x, y)
+    peak = _proc_kib("VmHWM")
+    return None if base is None or peak is None else (peak - base) / 1024
+
+
+def measure(methods: list[Method], x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
+            device: torch.device, log: Callable[[str], None]) -> None:
+    """Interleaved timing: repetition r runs every method once, the order rotated by r."""
+    n = len(methods)
+    for r in range(warmup + steps):
+        for k in range(n):
+            m = methods[(r + k) % n]
+            _sync(device)
+            t0 = time.perf_counter()
+            m.run_step(x, y)
+            _sync(device)
+            if r >= warmup:
+                m.times.append(time.perf_counter() - t0)
+        if r >= warmup:
+            log(f"  rep {r - warmup + 1}/{steps}: "
+                + " ".join(f"{m.name}={m.times[-1]:.3f}s" for m in methods))
+
+
+def ratios(results: dict[str, float]) -> dict[str, float]:
+    """IGAM-FD / PGD-7, IGAM-FD / standard, IGAM-exact / PGD-7 (one pair per FD scheme measured)."""
+    out = {"igam-exact / pgd7": results["igam-exact"] / results["pgd7"]}
+    for name in (k for k in results if k.startswith("igam-fd")):
+        out[f"{name} / pgd7"] = results[name] / results["pgd7"]
+        out[f"{name} / standard"] = results[name] / results["standard"]
+    return out
+
+
+def target_of(key: str) -> float | None:
+    for pattern, bound in TARGETS.items():
+        a, b = pattern.split(" / ")
+        if key.startswith(a) and key.endswith(" / " + b):
+            return bound
+    return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small-cnn",
+                   help="student: " + " | ".join(MODELS) + " (or any zoo name)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="timed repetitions per method")
+    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fd-scheme", default="both", choices=("central", "forward", "both"))
+    p.add_argument("--fd-step", type=float, default=0.0,
+                   help="relative finite-difference step (default: 1e-2 central, 1e-3 forward)")
+    p.add_argument("--disc-layers", type=int, default=5)
+    p.add_argument("--disc-every", type=int, default=5)
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory format for every network and the batch")
+    p.add_argument("--memory", choices=("auto", "off"), default="auto", help="measure peak memory per step")
+    p.add_argument("--tiny", action="store_true", help="width-4 networks, batch 8, 2 steps: a smoke test")
+    p.add_argument("--json", default="", help="also write the results to this file")
+    p.add_argument("--quiet", action="store_true", help="no per-repetition lines")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.batch, args.steps, args.warmup = min(args.batch, 8), min(args.steps, 2), min(args.warmup, 1)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    methods = build_methods(args, device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, 3, 32, 32, generator=gen).to(device)  # CIFAR-like: uniform pixels in [0, 1]
+    y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    log = (lambda s: None) if args.quiet else print
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    print(f"step_cost: {args.model}, batch {args.batch}, {args.steps} timed + {args.warmup} warm-up "
+          f"repetitions, device {device}, {args.threads} thread(s), torch {torch.__version__}, {machine}; "
+          f"1-min load {load_before:.2f}")
+    measure(methods, x, y, args.steps, args.warmup, device, log)
+    if args.memory == "auto":
+        for m in methods:
+            m.peak_mib = peak_memory(m, x, y, device)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+    med = {m.name: statistics.median(m.times) for m in methods}
+    mem_label = "CUDA max allocated" if device.type == "cuda" else "peak RSS rise"
+    print(f"{'method':<18}{'s/step':>10}{'images/s':>11}{'x standard':>12}  peak memory ({mem_label})")
+    for m in methods:
+        mem = f"{m.peak_mib:.0f} MiB" if m.peak_mib is not None else "not measured"
+        print(f"{m.name:<18}{med[m.name]:>10.4f}{args.batch / med[m.name]:>11.1f}"
+              f"{med[m.name] / med['standard']:>12.2f}  {mem}")
+    r = ratios(med)
+    for key, value in r.items():
+        bound = target_of(key)
+        verdict = "" if bound is None else f"  (target <= {bound}: {'met' if value <= bound else 'MISSED'})"
+        print(f"{key:<28} {value:.3f}{verdict}")
+    print(f"1-min load average: {load_before:.2f} before, {load_after:.2f} after")
+    out = {"model": args.model, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+           "threads": args.threads, "device": str(device),
+           "channels_last": args.channels_last, "torch": torch.__version__, "machine": machine,
+           "tiny": args.tiny, "load_before": load_before, "load_after": load_after,
+           "seconds_per_step": med, "images_per_s": {k: args.batch / v for k, v in med.items()},
+           "all_times": {m.name: m.times for m in methods},
+           "peak_memory_mib": {m.name: m.peak_mib for m in methods}, "ratios": r,
+           "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
