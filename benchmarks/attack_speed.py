@@ -1,6 +1,7 @@
 """PGD-20 evaluation speed: igam's PGD against torchattacks' PGD on the same model, data and settings.
 
     .venv/bin/python benchmarks/attack_speed.py --model madry-mnist --dataset mnist --n 1000 --threads 1
+    .venv/bin/python benchmarks/attack_speed.py --run runs/pgd-at-madry-mnist --n 1000   # a trained model
 
 Prints seconds (best of --repeats) and the accuracy each attack leaves, then the time ratio igam/torchattacks.
 igam's PGD also keeps the best iterate per example (one extra forward pass per restart); --no-keep-best
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,6 +34,8 @@ def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=None, help="a run directory: attack its trained model on its dataset "
+                   "(default: a freshly initialised --model)")
     p.add_argument("--model", default="madry-mnist")
     p.add_argument("--dataset", default="mnist", help="mnist | cifar10 | ... (synthetic data of the same "
                    "shape when the files are missing)")
@@ -46,6 +50,13 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.run:
+        from igam.evaluate import data_dir_of
+        from igam.runs import read_json
+        from igam.train import load_run_model
+
+        args.dataset = read_json(Path(args.run) / "meta.json")["data"]["dataset"]
+        args.data_dir = args.data_dir or data_dir_of(Path(args.run))
     try:
         arrays = load_data(args.dataset, args.data_dir, test_subset=args.n)
         source = arrays.source
@@ -54,8 +65,11 @@ def main() -> None:
         arrays = make_synthetic(f"synthetic:{shape}:10", n_train=1000, n_test=args.n)
         source = f"synthetic ({type(e).__name__}: {e})"
     spec = spec_of(arrays)
-    model = create_model(args.model, num_classes=spec.num_classes, in_chans=spec.shape[0],
-                         input_size=spec.shape[1:], mean=spec.mean, std=spec.std).to(args.device).eval()
+    if args.run:
+        model, args.model = load_run_model(args.run, args.device), Path(args.run).name
+    else:
+        model = create_model(args.model, num_classes=spec.num_classes, in_chans=spec.shape[0],
+                             input_size=spec.shape[1:], mean=spec.mean, std=spec.std).to(args.device).eval()
     x = arrays.x_test.float().div(255).to(args.device)
     y = arrays.y_test.to(args.device)
     eps, step = default_eps(spec.shape)

@@ -12,6 +12,8 @@ so a change of machine load hits all of them alike. Reported per method: median 
 images/s, and the peak memory of a step (CUDA: torch.cuda.max_memory_allocated; CPU on Linux: the rise of
 the process's peak resident set over one step, after returning freed memory to the OS; else skipped).
 
+--fd-accuracy prints, instead of timings, how close the finite-difference gradient is to the exact one.
+
 Ratios printed: IGAM-FD / PGD-7, IGAM-FD / standard and IGAM-exact / PGD-7, with the targets of issue 7
 (<= 0.30, <= 2.3, <= 0.45). --json PATH writes everything, including the 1-minute load average before and
 after (measure on a quiet machine: a shared CPU makes every number noisy).
@@ -114,8 +116,7 @@ def build_methods(args: argparse.Namespace, device: torch.device) -> list[Method
         disc = GradientDiscriminator((3, 28, 28), layers=args.disc_layers, channels=4 if args.tiny else 16)
         disc = disc.to(memory_format=fmt)
         cfg = make_config(overrides={"method": "igam", "grad_matching": mode, "fd_scheme": scheme,
-                                     "fd_step": args.fd_step if args.fd_step else (1e-3 if scheme == "forward"
-                                                                                   else 1e-2),
+                                     "fd_step": args.fd_step,
                                      "disc_layers": args.disc_layers, "disc_every": args.disc_every,
                                      "lr": 0.01})
         matching = InputGradientMatching(teacher, disc, lambda_adv=1.0, lambda_diff="auto", mode=mode,
@@ -206,6 +207,43 @@ def target_of(key: str) -> float | None:
     return None
 
 
+def fd_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
+    """cos(finite-difference student gradient, exact student gradient) of one IGAM step, on the benchmark's
+    set-up, for the model's default activation and softplus, both schemes and several fd_step values."""
+    import torch.nn.functional as F
+
+    teacher = build_teacher(args.tiny, device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+    out: dict[str, dict[str, float]] = {}
+    for act in ("default", "softplus"):
+        torch.manual_seed(0)
+        student = create_model(args.model, num_classes=10, in_chans=3, input_size=32,
+                               width=4 if args.tiny else 0, activation=act).to(device).train()
+        torch.manual_seed(1)
+        disc = GradientDiscriminator((3, 28, 28), layers=args.disc_layers, channels=4 if args.tiny else 16)
+        disc = disc.to(device)
+
+        def grad(student: nn.Module, disc: nn.Module, **kw: Any) -> torch.Tensor:
+            igm = InputGradientMatching(teacher, disc, lambda_adv=1.0, lambda_diff="auto",
+                                        disc_view=teacher.adapter.disc_view, **kw)
+            student.zero_grad(set_to_none=True)
+            igm(student, x, y)["loss"].backward()
+            return torch.cat([p.grad.flatten() for p in student.parameters()])
+
+        exact = grad(student, disc, mode="exact")
+        row = {}
+        for scheme, steps in (("central", (1e-2, 1e-3)), ("forward", (1e-2, 1e-3, 1e-4))):
+            for step in steps:
+                fd = grad(student, disc, mode="finite-difference", fd_scheme=scheme, fd_step=step)
+                row[f"{scheme} {step:g}"] = float(F.cosine_similarity(exact, fd, dim=0))
+        out[act] = row
+        print(f"{args.model} ({act} activation): "
+              + ", ".join(f"{k}: {v:.4f}" for k, v in row.items()), flush=True)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small-cnn",
@@ -216,13 +254,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--fd-scheme", default="both", choices=("central", "forward", "both"))
-    p.add_argument("--fd-step", type=float, default=0.0,
-                   help="relative finite-difference step (default: 1e-2 central, 1e-3 forward)")
+    p.add_argument("--fd-step", type=float, default=1e-2,
+                   help="relative finite-difference step (no effect on speed)")
     p.add_argument("--disc-layers", type=int, default=5)
     p.add_argument("--disc-every", type=int, default=5)
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format for every network and the batch")
     p.add_argument("--memory", choices=("auto", "off"), default="auto", help="measure peak memory per step")
+    p.add_argument("--fd-accuracy", action="store_true",
+                   help="instead of timing: cos(finite-difference, exact) of the student's IGAM gradient "
+                   "for both schemes and several fd_step values (use a small --batch, e.g. 16)")
     p.add_argument("--tiny", action="store_true", help="width-4 networks, batch 8, 2 steps: a smoke test")
     p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("--quiet", action="store_true", help="no per-repetition lines")
@@ -236,6 +277,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.fd_accuracy:
+        cos = fd_accuracy(args, device)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"model": args.model, "batch": args.batch, "cosine": cos}))
+        return {"cosine": cos}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     methods = build_methods(args, device)
     gen = torch.Generator().manual_seed(0)

@@ -97,6 +97,9 @@ def test_checks_flag_runs_the_sweeps(run_dir):
     assert mc["check_n"] == 16 and any(n.startswith("check:pgd50@eps=0.5") for n in names)
     assert any(n.startswith("check:square") for n in names)
     assert all(v["passed"] is not None for k, v in mc["checks"].items())
+    later = evaluate_run(run_dir, ["clean"], n=32, batch_size=32)["masking_checks"]  # no --checks this time
+    assert [o for o in later["observations"] if o["name"].startswith("check:")] == \
+        [o for o in mc["observations"] if o["name"].startswith("check:")]
 
 
 def test_run_attack_on_floats_and_evaluate_attack(run_dir):

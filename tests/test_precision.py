@@ -162,7 +162,14 @@ def test_compile_choices_per_mode(monkeypatch: pytest.MonkeyPatch, mode: str) ->
 
     Recording.compiled = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: Recording(m))
-    monkeypatch.setattr(functorch_config, "donated_buffer", functorch_config.donated_buffer)  # restored
+    donated = functorch_config.donated_buffer  # speed_setup turns it off for finite differences
+    try:
+        _check_compile_choices(mode)
+    finally:
+        functorch_config.donated_buffer = donated
+
+
+def _check_compile_choices(mode: str) -> None:
     cfg = make_config(overrides={"method": "igam", "grad_matching": mode, "compile": True, "batch_size": 4})
     student = create_model("small-cnn", num_classes=10, in_chans=3, input_size=32, width=4)
     matching = _matching(mode)

@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", default=None, help="comma-separated stage names to run (others are skipped)")
     r.add_argument("--miniature", action="store_true", help="smoke-test the pipeline in seconds: tiny synthetic "
                    "stand-ins of every dataset (same shapes), width-4 models, a few steps, cheap attacks")
-    ev = verb("evaluate", cmd_evaluate, "Evaluate runs under attacks; writes RUN/eval.json and prints a table.")
+    ev = verb("evaluate", cmd_evaluate,
+              "Evaluate runs under attacks; writes RUN/eval.json and prints a table.")
     ev.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     ev.add_argument("--attacks", default="clean",
                     help="comma-separated: clean, fgsm, pgdK (pgd5/7/10/20/40/50/100), pgdKxR (R restarts), "

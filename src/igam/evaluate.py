@@ -163,7 +163,7 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     """Evaluate a run on the first n test images of its dataset. Results merge into RUN/eval.json under
     `result_key(name, eps, bn)`; the masking checks (always those the results allow, plus the sweeps of
     `checks=True` on the first check_n images) replace its `masking_checks` section. Returns this call's
-    records, keyed like eval.json, and `masking_checks`."""
+    records, keyed like eval.json, and `masking_checks` (sweeps of an earlier --checks call are kept)."""
     from igam.train import load_run_model
 
     say = log or (lambda s: None)
@@ -186,6 +186,9 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     merged = read_json(path) if path.exists() else {}
     merged.update(results)
     obs = [o for k, r in merged.items() if isinstance(r, dict) and (o := observation(k, r)) is not None]
+    if not checks:  # keep the sweeps of an earlier --checks call: same run, same weights
+        previous = merged.get("masking_checks", {}).get("observations", [])
+        obs += [Observation(**o) for o in previous if str(o.get("name", "")).startswith("check:")]
     nc = min(len(x), check_n)
     results["masking_checks"] = masking_report(
         model, x[:nc], y[:nc], eps=eps, observations=obs, sweeps=checks, queries=check_queries,

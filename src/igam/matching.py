@@ -211,20 +211,26 @@ class InputGradientMatching(nn.Module):
         """All terms for a batch; terms['loss'] is what to backpropagate (its value is eq. 14).
 
         One student forward pass at x serves the cross-entropy, J_s and (fd_scheme='forward') the base point
-        of the finite difference. Under DDP `student` is the wrapper: that pass is its forward, and the one
-        backward of terms['loss'] runs through its output, so the all-reduce hooks fire once per step."""
+        of the finite difference. Under DDP `student` is the wrapper and that pass is its forward; the one
+        backward of terms['loss'] then fires DDP's all-reduce hooks once per parameter (all-reduced: the
+        sum of every pass's contribution)."""
         with self._input_grad_precision(x):
             jt = self.teacher_gradients(x, y)
             x_in = x.detach().requires_grad_(True)
+            # finite differences of the CE: J_s and the parameter gradient of sum_i L_i(x_i) (= B x that of
+            # the CE) come from one backward, and the graph at x is freed (see _linear_term)
+            fused = self.mode != "exact" and self.gradient_target == "ce"
+            params = [q for q in student.parameters() if q.requires_grad] if fused else []
             with torch.enable_grad():
                 logits = student(x_in)
                 per = per_example_objective(logits, y, self.gradient_target)
-                (g,) = torch.autograd.grad(per.sum(), x_in, create_graph=self.mode == "exact",
-                                           retain_graph=True)
+                g, *w_base = torch.autograd.grad(per.sum(), [x_in, *params], allow_unused=True,
+                                                 create_graph=self.mode == "exact", retain_graph=not fused)
             js = g / self.scale if self.scale != 1.0 else g
             # the CE of the same pass (for target 'ce' it is the per-example vector already computed)
             ce = per.mean() if self.gradient_target == "ce" else F.cross_entropy(logits.float(), y)
             if self.mode == "exact":
+                x_in.requires_grad_(False)  # the step's backward needs no gradient w.r.t. the input itself
                 match, metrics = self.matching_loss(js, jt)
                 loss = ce + match
             else:
@@ -232,9 +238,20 @@ class InputGradientMatching(nn.Module):
                 with torch.enable_grad():
                     match, metrics = self.matching_loss(js_leaf, jt)
                     (v,) = torch.autograd.grad(match, js_leaf)
-                base = per if self.fd_scheme == "forward" else None  # L_i(x_i), graph attached
-                surrogate = self.finite_difference(student, x, y, v / self.scale, base=base)
-                loss = ce + surrogate + (match.detach() - surrogate.detach())
+                if self.fd_scheme == "central" and fused:
+                    surrogate = self.finite_difference(student, x, y, v / self.scale)
+                    surrogate = surrogate + _linear_term(params, w_base, 1.0 / len(x))
+                    loss = surrogate + ((ce + match).detach() - surrogate.detach())
+                elif self.fd_scheme == "central":
+                    surrogate = self.finite_difference(student, x, y, v / self.scale)
+                    loss = ce + surrogate + (match.detach() - surrogate.detach())
+                elif fused:
+                    surrogate = self.forward_difference(student, x, y, v / self.scale,
+                                                        base_grads=(params, w_base))
+                    loss = surrogate + ((ce + match).detach() - surrogate.detach())
+                else:  # p_y target: the graph at x carries the CE and the base point L_i(x_i)
+                    surrogate = self.forward_difference(student, x, y, v / self.scale, base=per)
+                    loss = ce + surrogate + (match.detach() - surrogate.detach())
                 js = js.detach()
         self._cache = (js.detach(), jt)
         js_d = js.detach()
@@ -255,18 +272,10 @@ class InputGradientMatching(nn.Module):
         return torch.autocast(x.device.type, enabled=False)
 
     def finite_difference(
-        self,
-        student: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        v: torch.Tensor,
-        base: torch.Tensor | None = None,
+        self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        """A scalar whose parameter gradient estimates d/dtheta <grad_x L, v> by finite differences.
-
-        base=None: central differences, sum_i [L_i(x_i + h_i v_i) - L_i(x_i - h_i v_i)] / (2 h_i).
-        base=L(x) (per-example values, attached to the graph of the pass at x): forward differences,
-        sum_i [L_i(x_i + h_i v_i) - L_i(x_i)] / h_i; its backward reuses the graph of the pass at x.
+        """A scalar whose parameter gradient is the central difference estimate of d/dtheta <grad_x L, v>:
+        sum_i [L_i(x_i + h_i v_i) - L_i(x_i - h_i v_i)] / (2 h_i), h_i = fd_step ||x_i|| / ||v_i||.
 
         The perturbed passes go through the module inside any DDP wrapper (DDP's forward expects one
         backward per forward): their parameter gradients add up with those of the pass at x in the one
@@ -278,9 +287,6 @@ class InputGradientMatching(nn.Module):
         step = (h * live).view(-1, 1, 1, 1) * v
         net = _without_ddp(student)
         with _frozen_bn_stats(net) as bns, torch.enable_grad():
-            if base is not None:
-                plus = per_example_objective(net(x + step), y, self.gradient_target)
-                return ((plus - base) * live / h.clamp_min(1e-30)).sum()
             if bns:  # BatchNorm: each pass needs its own batch statistics, as at x
                 plus = per_example_objective(net(x + step), y, self.gradient_target)
                 minus = per_example_objective(net(x - step), y, self.gradient_target)
@@ -290,6 +296,43 @@ class InputGradientMatching(nn.Module):
                 )
                 plus, minus = both[: len(x)], both[len(x) :]
         return ((plus - minus) * live / (2 * h.clamp_min(1e-30))).sum()
+
+    def forward_difference(
+        self,
+        student: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        v: torch.Tensor,
+        base: torch.Tensor | None = None,
+        base_grads: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None = None,
+    ) -> torch.Tensor:
+        """A scalar whose parameter gradient is CE's plus the forward-difference estimate of
+        d/dtheta <grad_x L, v>, with one step h for the whole batch:
+
+            [sum_i L_i(x_i + h v_i) - sum_i L_i(x_i)] / h,   h = fd_step ||x|| / ||v||  (batch norms)
+
+        (a directional derivative of the batch's total loss, so train-mode BatchNorm's coupling of the
+        examples is differentiated as exact mode does it). One extra pass of B images.
+
+        base_grads ([parameters], [d sum_i L_i(x_i) / d parameter]) (target 'ce', computed with J_s): the
+        base point and the CE enter as a linear term with parameter gradient (1/B - 1/h) x those gradients;
+        the graph at x is not backpropagated a second time. base (per-example L_i(x_i)
+        attached to the graph at x): the base point is backpropagated through that graph instead (the
+        caller adds the CE). Under torchrun ||x||^2 and ||v||^2 are summed over ranks, so every rank steps
+        along the same global direction and DDP's average equals one process on the concatenated batch."""
+        norms = torch.stack([x.detach().pow(2).sum(), v.detach().pow(2).sum()]).float()
+        if _world_size() > 1:
+            import torch.distributed as tdist
+
+            tdist.all_reduce(norms)
+        h = (self.fd_step * norms[0].sqrt() / norms[1].sqrt().clamp_min(1e-30)).to(x.dtype)
+        net = _without_ddp(student)
+        with _frozen_bn_stats(net), torch.enable_grad():
+            plus = per_example_objective(net(x + h * v), y, self.gradient_target).sum()
+            if base is not None:
+                return (plus - base.sum()) / h
+            params, grads = base_grads or ([], [])
+            return plus / h + _linear_term(params, grads, 1.0 / len(x) - 1.0 / h)
 
     def discriminator_step(self, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
         """One update of f_disc maximising L_adv (eq. 12) on the last batch's (J_s, J_t), held constant."""
@@ -320,6 +363,16 @@ class InputGradientMatching(nn.Module):
             "js_norm": float(js.flatten(1).norm(dim=1).mean()),
             "jt_norm": float(jt.flatten(1).norm(dim=1).mean()),
         }
+
+
+def _linear_term(
+    params: list[torch.Tensor], grads: list[torch.Tensor | None], coef: float | torch.Tensor
+) -> torch.Tensor:
+    """sum_p <p, coef * grad_p> (grads held constant): a scalar whose parameter gradient is coef * grads.
+    It carries gradients computed by an earlier autograd.grad into the step's one backward (and, under DDP,
+    into the all-reduce that backward triggers)."""
+    terms = [(p * (g * coef)).sum() for p, g in zip(params, grads) if g is not None]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def _world_size() -> int:

@@ -408,6 +408,12 @@ def train(cfg: Config, log=print) -> Path:
 
     if cfg.amp != "none" and device.type != "cuda":
         say(f"igam: amp={cfg.amp} is a GPU setting; this {device.type} run uses float32.")
+    if device.type == "cuda" and cfg.method in ("igam", "igr") and cfg.grad_matching == "finite-difference":
+        # finite differences need full float32 arithmetic: TF32 (10-bit mantissa, cuDNN's default for
+        # convolutions) rounds x + h v back to x at the steps used here
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        say("igam: TF32 is off for this run: finite-difference gradient matching needs float32 convolutions.")
     train_model, eval_model = speed_setup(cfg, model, objective, spec, device, say)
     if dist.enabled:
         train_model = _ddp(train_model, device)

@@ -1,0 +1,76 @@
+"""The benchmarks still run: benchmarks/step_cost.py --tiny (seconds). Speed itself is not asserted here:
+the figures and targets live in docs/PERFORMANCE.md, measured with the full benchmark on a quiet machine."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def step_cost():
+    return _load("step_cost")
+
+
+def test_step_cost_tiny_runs_every_method_and_reports_ratios(step_cost, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    out = step_cost.main(["--tiny", "--threads", "1", "--quiet", "--json", str(tmp_path / "r.json")])
+    methods = {"standard", "pgd7", "igam-exact", "igam-fd-central", "igam-fd-forward"}
+    assert set(out["seconds_per_step"]) == methods
+    assert all(len(t) == 2 and all(s > 0 for s in t) for t in out["all_times"].values())
+    assert set(out["ratios"]) == {"igam-exact / pgd7", "igam-fd-central / pgd7", "igam-fd-central / standard",
+                                  "igam-fd-forward / pgd7", "igam-fd-forward / standard"}
+    assert all(math.isfinite(v) and v > 0 for v in out["ratios"].values())
+    assert json.loads((tmp_path / "r.json").read_text())["ratios"] == out["ratios"]
+    printed = capsys.readouterr().out
+    assert "igam-fd-forward / pgd7" in printed and "target <= 0.3" in printed and "images/s" in printed
+    assert "1-min load average" in printed
+
+
+def test_step_cost_steps_really_train(step_cost) -> None:
+    """Each method's step changes its own student (a no-op step would time nothing) and the IGAM steps
+    also update their discriminator on schedule."""
+    import torch
+
+    args = step_cost.parse_args(["--tiny", "--fd-scheme", "forward", "--disc-every", "1"])
+    methods = step_cost.build_methods(args, torch.device("cpu"))
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for m in methods:
+        before = [p.detach().clone() for p in m.model.parameters()]
+        disc = getattr(m.objective, "discriminator", None)
+        d_before = [p.detach().clone() for p in disc.parameters()] if disc is not None else []
+        m.run_step(x, y)
+        assert any(not torch.equal(a, b) for a, b in zip(before, m.model.parameters())), m.name
+        if disc is not None:
+            assert any(not torch.equal(a, b) for a, b in zip(d_before, disc.parameters())), m.name
+
+
+def test_peak_memory_is_measured_or_explicitly_skipped(step_cost) -> None:
+    import torch
+
+    args = step_cost.parse_args(["--tiny", "--fd-scheme", "central"])
+    m = step_cost.build_methods(args, torch.device("cpu"))[0]
+    mib = step_cost.peak_memory(m, torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.device("cpu"))
+    assert mib is None or mib >= 0
+
+
+def test_fd_accuracy_mode_matches_exact_on_smooth_networks(step_cost) -> None:
+    out = step_cost.main(["--tiny", "--threads", "1", "--fd-accuracy"])["cosine"]
+    assert set(out) == {"default", "softplus"}
+    assert all(v > 0.999 for v in out["softplus"].values())  # smooth: both schemes agree with exact
+    assert all(-1 <= v <= 1 for v in out["default"].values())
