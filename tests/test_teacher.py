@@ -19,16 +19,38 @@ BASE = dict(progress=False, tensorboard=False, eval_n=100, log_every=5, threads=
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    cfg = make_config(overrides=dict(BASE, dataset="synthetic:28x28x1:4", model="small-cnn", width=4, epochs=0.5,
-                                     optimizer="adam", lr=0.003, weight_decay=0, out_dir=str(out), name="src"))
+    cfg = make_config(
+        overrides=dict(
+            BASE,
+            dataset="synthetic:28x28x1:4",
+            model="small-cnn",
+            width=4,
+            epochs=0.5,
+            optimizer="adam",
+            lr=0.003,
+            weight_decay=0,
+            out_dir=str(out),
+            name="src",
+        )
+    )
     return train(cfg, log=lambda *a: None)
 
 
 @pytest.fixture(scope="module")
 def finetuned(source_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft")
-    cfg = make_config(overrides=dict(BASE, method="finetune", teacher=str(source_run), dataset="synthetic:32x32x3:5",
-                                     adapter="gray+crop28", epochs=0.5, out_dir=str(out), name="ft"))
+    cfg = make_config(
+        overrides=dict(
+            BASE,
+            method="finetune",
+            teacher=str(source_run),
+            dataset="synthetic:32x32x3:5",
+            adapter="gray+crop28",
+            epochs=0.5,
+            out_dir=str(out),
+            name="ft",
+        )
+    )
     return train(cfg, log=lambda *a: None)
 
 
@@ -61,8 +83,16 @@ def test_igam_needs_a_finetuned_teacher(source_run):
 
 
 def test_adapter_that_does_not_fit_names_the_shapes(source_run, tmp_path):
-    cfg = make_config(overrides=dict(BASE, method="finetune", teacher=str(source_run), dataset="synthetic:32x32x3:5",
-                                     adapter="resize", out_dir=str(tmp_path)))
+    cfg = make_config(
+        overrides=dict(
+            BASE,
+            method="finetune",
+            teacher=str(source_run),
+            dataset="synthetic:32x32x3:5",
+            adapter="resize",
+            out_dir=str(tmp_path),
+        )
+    )
     spec = type("S", (), {"shape": (3, 32, 32), "num_classes": 5})()
     with pytest.raises(IgamError, match="3x32x32.*1x28x28"):
         build_finetune_model(cfg, spec)
@@ -81,7 +111,9 @@ def test_foreign_checkpoints_need_their_architecture_and_load_safely(tmp_path):
 
     src = create_model("madry-mnist", num_classes=10, in_chans=1, input_size=28)
     path = tmp_path / "teacher.safetensors"
-    save_file({f"module.{k}": v for k, v in src.state_dict().items() if not k.startswith("normalize.")}, str(path))
+    save_file(
+        {f"module.{k}": v for k, v in src.state_dict().items() if not k.startswith("normalize.")}, str(path)
+    )
     with pytest.raises(IgamError, match="teacher_model=NAME"):
         load_teacher(path)
     with pytest.raises(IgamError, match="does not fit"):

@@ -10,8 +10,10 @@ from pathlib import Path
 from igam.config import config_help, make_config, parse_override_args
 from igam.errors import IgamError
 
-EPILOG_OVERRIDES = ("Any configuration key can be given as key=value or --key value, after an optional "
-                    "--config FILE.yaml; later values win. Unknown keys are errors.")
+EPILOG_OVERRIDES = (
+    "Any configuration key can be given as key=value or --key value, after an optional "
+    "--config FILE.yaml; later values win. Unknown keys are errors."
+)
 
 
 def _override_tokens(args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -64,8 +66,14 @@ def cmd_run(args, extra) -> int:
     from igam.experiment import run_experiment
 
     overrides = parse_override_args(_override_tokens(args, extra))
-    run_experiment(args.experiment, dry_run=args.dry_run, out_dir=args.out_dir, overrides=overrides,
-                   only=args.only.split(",") if args.only else None, miniature=args.miniature)
+    run_experiment(
+        args.experiment,
+        dry_run=args.dry_run,
+        out_dir=args.out_dir,
+        overrides=overrides,
+        only=args.only.split(",") if args.only else None,
+        miniature=args.miniature,
+    )
     return 0
 
 
@@ -81,18 +89,32 @@ def cmd_evaluate(args, extra) -> int:
             raise IgamError(f"--{key.replace('_', '-')}={getattr(args, key)} must be at least 1.")
     rows, warnings = [], []
     for run in args.runs:
-        res = evaluate_run(run, attacks, n=args.n, batch_size=args.batch_size, seed=args.seed, bn=args.bn,
-                           data_dir=args.data_dir, device=args.device, eps=args.eps, checks=args.checks,
-                           check_n=args.check_n, check_queries=args.check_queries,
-                           log=lambda s: print(s, file=sys.stderr, flush=True))
+        res = evaluate_run(
+            run,
+            attacks,
+            n=args.n,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            bn=args.bn,
+            data_dir=args.data_dir,
+            device=args.device,
+            eps=args.eps,
+            checks=args.checks,
+            check_n=args.check_n,
+            check_queries=args.check_queries,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
         label = Path(run).name + (" (train-mode BN)" if args.bn == "train" else "")
         rows.append((label, {a: res[result_key(a, args.eps, args.bn)] for a in attacks}))
         mc = res["masking_checks"]
         if mc["failed"]:
             warnings.append(warning_block(str(run), mc["checks"]))
     print(format_table(rows, attacks))
-    print(f"(accuracy in %, first {args.n} test images, seed {args.seed}, BatchNorm {args.bn}"
-          + (f", eps {args.eps}" if args.eps else "") + "; details in RUN/eval.json)")
+    print(
+        f"(accuracy in %, first {args.n} test images, seed {args.seed}, BatchNorm {args.bn}"
+        + (f", eps {args.eps}" if args.eps else "")
+        + "; details in RUN/eval.json)"
+    )
     for w in warnings:
         print(w, file=sys.stderr)
     if warnings and args.strict:
@@ -105,8 +127,10 @@ def format_table(rows, attacks) -> str:
     """The paper's table: | Model | Clean | FGSM | PGD5 | ... |, accuracies in %."""
     from igam.attacks import column_name
 
-    lines = ["| Model | " + " | ".join(column_name(a) for a in attacks) + " |",
-             "|" + "---|" * (len(attacks) + 1)]
+    lines = [
+        "| Model | " + " | ".join(column_name(a) for a in attacks) + " |",
+        "|" + "---|" * (len(attacks) + 1),
+    ]
     for name, res in rows:
         lines.append(f"| {name} | " + " | ".join(f"{100 * res[a]['accuracy']:.2f}" for a in attacks) + " |")
     return "\n".join(lines)
@@ -122,10 +146,13 @@ def cmd_info(args, extra) -> int:
             out[name[:-5]] = read_json(run_dir / name)
     if not args.json:
         meta = out["meta"]
-        print(f"run      {run_dir}\nstatus   {meta.get('status')}\nmethod   {meta.get('method')}\n"
-              f"model    {meta['model']['name']} ({meta['model']['num_classes']} classes, input "
-              f"{meta['data']['shape']})\ndataset  {meta['data']['dataset']}\nseed     {meta.get('seed')}\n"
-              f"version  {meta.get('version')} (git {str(meta.get('git_commit'))[:10]}, torch {meta.get('torch')})")
+        print(
+            f"run      {run_dir}\nstatus   {meta.get('status')}\nmethod   {meta.get('method')}\n"
+            f"model    {meta['model']['name']} ({meta['model']['num_classes']} classes, input "
+            f"{meta['data']['shape']})\ndataset  {meta['data']['dataset']}\nseed     {meta.get('seed')}\n"
+            f"version  {meta.get('version')} (git {str(meta.get('git_commit'))[:10]}, "
+            f"torch {meta.get('torch')})"
+        )
         if meta.get("adapter"):
             print(f"adapter  {meta['adapter']}")
         for key in ("metrics", "eval"):
@@ -157,8 +184,16 @@ def cmd_gradients(args, extra) -> int:
         raise IgamError(f"Unexpected arguments {extra}; see `igam gradients --help`.")
     if args.n < 1:
         raise IgamError(f"--n={args.n}: show at least 1 test image.")
-    path = plot_run_gradients(args.runs, out=args.out, n=args.n, seed=args.seed, data_dir=args.data_dir,
-                              pdf=args.pdf, device=args.device, percentile=args.percentile)
+    path = plot_run_gradients(
+        args.runs,
+        out=args.out,
+        n=args.n,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        pdf=args.pdf,
+        device=args.device,
+        percentile=args.percentile,
+    )
     print(path)
     if args.pdf:
         print(path.with_suffix(".pdf"))
@@ -172,8 +207,17 @@ def cmd_landscape(args, extra) -> int:
         raise IgamError(f"Unexpected arguments {extra}; see `igam landscape --help`.")
     if args.grid < 2:
         raise IgamError(f"--grid={args.grid}: the grid needs at least 2 points per axis (21 is the default).")
-    path = plot_run_landscape(args.runs, args.index, eps=args.eps, n=args.grid, out=args.out, pdf=args.pdf,
-                              seed=args.seed, data_dir=args.data_dir, device=args.device)
+    path = plot_run_landscape(
+        args.runs,
+        args.index,
+        eps=args.eps,
+        n=args.grid,
+        out=args.out,
+        pdf=args.pdf,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        device=args.device,
+    )
     print(path)
     if args.pdf:
         print(path.with_suffix(".pdf"))
@@ -187,80 +231,136 @@ def cmd_report(args, extra) -> int:
         raise IgamError(f"Unexpected arguments {extra}; see `igam report --help`.")
     if args.n < 1:
         raise IgamError(f"--n={args.n}: show at least 1 test image in the gradient grid.")
-    print(write_report(args.path, args.out, n=args.n, seed=args.seed, data_dir=args.data_dir,
-                       device=args.device, gradients=not args.no_gradients, landscape_index=args.landscape,
-                       log=lambda s: print(s, file=sys.stderr)))
+    print(
+        write_report(
+            args.path,
+            args.out,
+            n=args.n,
+            seed=args.seed,
+            data_dir=args.data_dir,
+            device=args.device,
+            gradients=not args.no_gradients,
+            landscape_index=args.landscape,
+            log=lambda s: print(s, file=sys.stderr),
+        )
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="igam", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="igam",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Transfer adversarial robustness from a robust teacher to a student of another task by "
-                    "matching input gradients (IGAM, Chan, Tay & Ong, CVPR 2020).",
-        epilog="Start with `igam demo`. Every verb has --help.")
+        "matching input gradients (IGAM, Chan, Tay & Ong, CVPR 2020).",
+        epilog="Start with `igam demo`. Every verb has --help.",
+    )
     sub = p.add_subparsers(dest="verb", metavar="VERB")
 
     def verb(name, fn, help, config=False, epilog=""):
-        sp = sub.add_parser(name, help=help, description=help, epilog=epilog,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sp.set_defaults(fn=fn)
         if config:
             sp.add_argument("--config", metavar="FILE.yaml", help="YAML file of configuration keys")
             sp.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
         return sp
 
-    verb("train", cmd_train, "Train a model: standard, pgd-at, trades, finetune, igam or igr (method=...).",
-         config=True, epilog=EPILOG_OVERRIDES + "\n\nExamples:\n  igam train dataset=mnist model=madry-mnist "
-         "epochs=2 --data-dir ../shared/data\n  igam train --config experiments/cpu/teacher.yaml seed=1\n\n"
-         + config_help())
+    verb(
+        "train",
+        cmd_train,
+        "Train a model: standard, pgd-at, trades, finetune, igam or igr (method=...).",
+        config=True,
+        epilog=EPILOG_OVERRIDES + "\n\nExamples:\n  igam train dataset=mnist model=madry-mnist "
+        "epochs=2 --data-dir ../shared/data\n  igam train --config experiments/cpu/teacher.yaml seed=1\n\n"
+        + config_help(),
+    )
 
-    verb("finetune", cmd_finetune, "Fine-tune a robust teacher on the target task (paper 4.1, eq. 6): freeze "
-         "it, train a new logit layer (and a learned adapter) on natural target images.", config=True,
-         epilog="Keys as for `igam train`; method=finetune, epochs=10 and Adam at finetune_lr are the defaults."
-         "\nWith epochs=100 the result is the paper's FT-<source> baseline.\n\nExample:\n  igam finetune "
-         "teacher=runs/pgd-at-madry-mnist-mnist-s0 dataset=cifar10 adapter=gray+crop28 epochs=10 "
-         "--data-dir ../shared/data")
-    verb("transfer", cmd_transfer, "Train a student with IGAM (paper 4.2, eqs. 7-14) from a fine-tuned teacher.",
-         config=True, epilog="Keys as for `igam train` (see `igam train --help`); method=igam is the default, "
-         "method=igr the J_t = 0 control.\nIGAM keys: teacher, lambda_adv, lambda_diff (number or auto), "
-         "preset (paper|official), gradient_target,\npixel_scale, diff_reduction, disc_input_norm, adv_loss, "
-         "disc_layers, disc_channels, disc_every, disc_lr,\nigam_start, grad_matching, teacher_bn.\n\nExample:\n"
-         "  igam transfer teacher=runs/finetune-... dataset=cifar10 model=resnet20 lambda_adv=1 "
-         "lambda_diff=auto epochs=5")
-    r = verb("run", cmd_run, "Run a whole experiment file: teacher, fine-tuning, students, baselines, evaluation, "
-             "results.md (paper-format table), trade-off plot and report. Finished stages are reused.",
-             epilog="The file format is described in igam/experiment.py and docs/EXPERIMENTS.md.\n"
-             "Ready files: experiments/paper/*.yaml (the paper's tables, GPU scale), experiments/cpu/*.yaml.\n\n"
-             "Examples:\n  igam run experiments/cpu/mnist-to-cifar10.yaml --dry-run\n"
-             "  igam run experiments/paper/table1-mnist-to-cifar10.yaml data_dir=/data seed=1")
+    verb(
+        "finetune",
+        cmd_finetune,
+        "Fine-tune a robust teacher on the target task (paper 4.1, eq. 6): freeze "
+        "it, train a new logit layer (and a learned adapter) on natural target images.",
+        config=True,
+        epilog="Keys as for `igam train`; method=finetune, epochs=10 and Adam at finetune_lr are defaults."
+        "\nWith epochs=100 the result is the paper's FT-<source> baseline.\n\nExample:\n  igam finetune "
+        "teacher=runs/pgd-at-madry-mnist-mnist-s0 dataset=cifar10 adapter=gray+crop28 epochs=10 "
+        "--data-dir ../shared/data",
+    )
+    verb(
+        "transfer",
+        cmd_transfer,
+        "Train a student with IGAM (paper 4.2, eqs. 7-14) from a fine-tuned teacher.",
+        config=True,
+        epilog="Keys as for `igam train` (see `igam train --help`); method=igam is the default, "
+        "method=igr the J_t = 0 control.\nIGAM keys: teacher, lambda_adv, lambda_diff (number or auto), "
+        "preset (paper|official), gradient_target,\npixel_scale, diff_reduction, disc_input_norm, adv_loss, "
+        "disc_layers, disc_channels, disc_every, disc_lr,\nigam_start, grad_matching, teacher_bn."
+        "\n\nExample:\n"
+        "  igam transfer teacher=runs/finetune-... dataset=cifar10 model=resnet20 lambda_adv=1 "
+        "lambda_diff=auto epochs=5",
+    )
+    r = verb(
+        "run",
+        cmd_run,
+        "Run a whole experiment file: teacher, fine-tuning, students, baselines, evaluation, "
+        "results.md (paper-format table), trade-off plot and report. Finished stages are reused.",
+        epilog="The file format is described in igam/experiment.py and docs/EXPERIMENTS.md.\n"
+        "Ready files: experiments/paper/*.yaml (the paper's tables, GPU scale), experiments/cpu/*.yaml.\n\n"
+        "Examples:\n  igam run experiments/cpu/mnist-to-cifar10.yaml --dry-run\n"
+        "  igam run experiments/paper/table1-mnist-to-cifar10.yaml data_dir=/data seed=1",
+    )
     r.add_argument("experiment", metavar="EXPERIMENT.yaml")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="keys applied to every stage")
     r.add_argument("--dry-run", action="store_true", help="print the plan with estimated costs, run nothing")
     r.add_argument("--out-dir", default=None, help="where the stages' runs go (default: the file's out_dir)")
     r.add_argument("--only", default=None, help="comma-separated stage names to run (others are skipped)")
-    r.add_argument("--miniature", action="store_true", help="smoke-test the pipeline in seconds: tiny synthetic "
-                   "stand-ins of every dataset (same shapes), width-4 models, a few steps, cheap attacks")
-    ev = verb("evaluate", cmd_evaluate,
-              "Evaluate runs under attacks; writes RUN/eval.json and prints a table.")
+    r.add_argument(
+        "--miniature",
+        action="store_true",
+        help="smoke-test the pipeline in seconds: tiny synthetic "
+        "stand-ins of every dataset (same shapes), width-4 models, a few steps, cheap attacks",
+    )
+    ev = verb(
+        "evaluate", cmd_evaluate, "Evaluate runs under attacks; writes RUN/eval.json and prints a table."
+    )
     ev.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
-    ev.add_argument("--attacks", default="clean",
-                    help="comma-separated: clean, fgsm, pgdK (pgd5/7/10/20/40/50/100), pgdKxR (R restarts), "
-                    "pgdK-cw (margin loss), square, squareQ (Q queries), autoattack (needs torchattacks). "
-                    "Defaults: eps 0.3, step 0.01 on 1x28x28 data; eps 8/255, step 2/255 otherwise")
+    ev.add_argument(
+        "--attacks",
+        default="clean",
+        help="comma-separated: clean, fgsm, pgdK (pgd5/7/10/20/40/50/100), pgdKxR (R restarts), "
+        "pgdK-cw (margin loss), square, squareQ (Q queries), autoattack (needs torchattacks). "
+        "Defaults: eps 0.3, step 0.01 on 1x28x28 data; eps 8/255, step 2/255 otherwise",
+    )
     ev.add_argument("--n", type=int, default=10000, help="number of test images (first n)")
     ev.add_argument("--batch-size", type=int, default=500)
-    ev.add_argument("--eps", default=None, help="L-inf radius, e.g. 0.3 or 8/255 (default: the dataset's); "
-                    "the PGD step keeps its ratio to eps")
+    ev.add_argument(
+        "--eps",
+        default=None,
+        help="L-inf radius, e.g. 0.3 or 8/255 (default: the dataset's); the PGD step keeps its ratio to eps",
+    )
     ev.add_argument("--seed", type=int, default=0, help="seed of random starts")
-    ev.add_argument("--bn", choices=["eval", "train"], default="eval",
-                    help="BatchNorm mode: eval, or train to reproduce the official evaluation (labelled)")
-    ev.add_argument("--checks", action="store_true",
-                    help="also run the gradient-masking sweeps (FGSM, PGD step and eps sweeps, PGD at a "
-                    "large eps, Square) on the first --check-n images")
+    ev.add_argument(
+        "--bn",
+        choices=["eval", "train"],
+        default="eval",
+        help="BatchNorm mode: eval, or train to reproduce the official evaluation (labelled)",
+    )
+    ev.add_argument(
+        "--checks",
+        action="store_true",
+        help="also run the gradient-masking sweeps (FGSM, PGD step and eps sweeps, PGD at a "
+        "large eps, Square) on the first --check-n images",
+    )
     ev.add_argument("--check-n", type=int, default=500, help="images used by the --checks sweeps")
-    ev.add_argument("--check-queries", type=int, default=1000,
-                    help="queries of the Square attack of --checks")
+    ev.add_argument(
+        "--check-queries", type=int, default=1000, help="queries of the Square attack of --checks"
+    )
     ev.add_argument("--strict", action="store_true", help="exit with status 1 when a masking check fails")
     ev.add_argument("--data-dir", default=None, help="data root (default: the run's own, else $IGAM_DATA)")
     ev.add_argument("--device", default="cpu")
@@ -273,32 +373,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = verb("demo", cmd_demo, "The main job: a small real robustness transfer, end to end, on CPU.")
     d.add_argument("--out-dir", default="runs/demo", help="where the demo's runs and report go")
-    d.add_argument("--data-dir", default=None, help="data root with mnist.npz / cifar10.npz (default: "
-                   "$IGAM_DATA, else ./data; synthetic data when absent)")
+    d.add_argument(
+        "--data-dir",
+        default=None,
+        help="data root with mnist.npz / cifar10.npz (default: "
+        "$IGAM_DATA, else ./data; synthetic data when absent)",
+    )
     d.add_argument("--quick", action="store_true", help="a reduced run for tests (seconds, not minutes)")
 
-    g = verb("gradients", cmd_gradients, "Draw input gradients of runs side by side (paper Figs. 1, 4): test "
-             "images, then each run's d CE / d input.", epilog="Example:\n  igam gradients runs/standard "
-             "runs/igam --n 8 --out gradients.png --pdf")
+    g = verb(
+        "gradients",
+        cmd_gradients,
+        "Draw input gradients of runs side by side (paper Figs. 1, 4): test "
+        "images, then each run's d CE / d input.",
+        epilog="Example:\n  igam gradients runs/standard runs/igam --n 8 --out gradients.png --pdf",
+    )
     g.add_argument("runs", nargs="+", metavar="RUN", help="run directories (all with the same input shape)")
     g.add_argument("--n", type=int, default=8, help="number of test images (rows)")
-    g.add_argument("--out", default=None, help="PNG file (default: RUN/gradients.png, or ./gradients.png "
-                   "for several runs)")
+    g.add_argument(
+        "--out",
+        default=None,
+        help="PNG file (default: RUN/gradients.png, or ./gradients.png for several runs)",
+    )
     g.add_argument("--pdf", action="store_true", help="also write a PDF beside the PNG")
     g.add_argument("--seed", type=int, default=0, help="seed of the random choice of test images")
-    g.add_argument("--percentile", type=float, default=99.0,
-                   help="per-image scale: this percentile of |gradient| maps to full colour (100: max)")
+    g.add_argument(
+        "--percentile",
+        type=float,
+        default=99.0,
+        help="per-image scale: this percentile of |gradient| maps to full colour (100: max)",
+    )
     g.add_argument("--data-dir", default=None, help="data root (default: the run's own, else $IGAM_DATA)")
     g.add_argument("--device", default="cpu")
 
-    ls = verb("landscape", cmd_landscape, "Plot the loss surface and decision regions around one test image "
-              "along the adversarial and a random direction (paper Fig. 7).",
-              epilog="Example:\n  igam landscape runs/igam --index 53 --eps 16/255\n  igam landscape "
-              "runs/standard runs/igam --index 53 --out fig7.png   (one column per run)")
+    ls = verb(
+        "landscape",
+        cmd_landscape,
+        "Plot the loss surface and decision regions around one test image "
+        "along the adversarial and a random direction (paper Fig. 7).",
+        epilog="Example:\n  igam landscape runs/igam --index 53 --eps 16/255\n  igam landscape "
+        "runs/standard runs/igam --index 53 --out fig7.png   (one column per run)",
+    )
     ls.add_argument("runs", nargs="+", metavar="RUN", help="run directories (one column each)")
     ls.add_argument("--index", type=int, required=True, help="test image index")
-    ls.add_argument("--eps", default=None, help="half-width of the plotted square, e.g. 0.6 or 16/255 "
-                    "(default: twice the dataset's eps: 0.6 for 1x28x28 inputs, 16/255 otherwise)")
+    ls.add_argument(
+        "--eps",
+        default=None,
+        help="half-width of the plotted square, e.g. 0.6 or 16/255 "
+        "(default: twice the dataset's eps: 0.6 for 1x28x28 inputs, 16/255 otherwise)",
+    )
     ls.add_argument("--grid", type=int, default=21, help="grid points per axis")
     ls.add_argument("--out", default=None, help="PNG file (default: RUN/landscape-INDEX.png)")
     ls.add_argument("--pdf", action="store_true", help="also write a PDF beside the PNG")
@@ -306,17 +429,27 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--data-dir", default=None, help="data root (default: the run's own, else $IGAM_DATA)")
     ls.add_argument("--device", default="cpu")
 
-    rp = verb("report", cmd_report, "Write one self-contained HTML report of a run or of an experiment "
-              "directory (runs as subdirectories): tables, training curves, input gradients.",
-              epilog="Example:\n  igam report runs/igam\n  igam report runs/cpu-experiment --out report.html")
+    rp = verb(
+        "report",
+        cmd_report,
+        "Write one self-contained HTML report of a run or of an experiment "
+        "directory (runs as subdirectories): tables, training curves, input gradients.",
+        epilog="Example:\n  igam report runs/igam\n  igam report runs/cpu-experiment --out report.html",
+    )
     rp.add_argument("path", metavar="RUN|EXPERIMENT_DIR", help="a run directory or a directory of runs")
     rp.add_argument("--out", default=None, help="HTML file (default: PATH/report.html)")
     rp.add_argument("--n", type=int, default=8, help="test images in the gradient grid")
     rp.add_argument("--seed", type=int, default=0, help="seed of the random choice of test images")
-    rp.add_argument("--no-gradients", action="store_true",
-                    help="leave out the gradient grid (then no dataset is needed)")
-    rp.add_argument("--landscape", type=int, default=None, metavar="INDEX",
-                    help="also plot the loss landscape around this test image (single runs)")
+    rp.add_argument(
+        "--no-gradients", action="store_true", help="leave out the gradient grid (then no dataset is needed)"
+    )
+    rp.add_argument(
+        "--landscape",
+        type=int,
+        default=None,
+        metavar="INDEX",
+        help="also plot the loss landscape around this test image (single runs)",
+    )
     rp.add_argument("--data-dir", default=None, help="data root (default: the run's own, else $IGAM_DATA)")
     rp.add_argument("--device", default="cpu")
     return p
@@ -336,15 +469,20 @@ def main(argv: list[str] | None = None) -> int:
     takes_overrides = {"train", "finetune", "transfer", "run"}
     try:
         if extra and args.verb not in takes_overrides:
-            raise IgamError(f"`igam {args.verb}` does not take {' '.join(extra)!r}; see `igam {args.verb} --help`.")
+            raise IgamError(
+                f"`igam {args.verb}` does not take {' '.join(extra)!r}; see `igam {args.verb} --help`."
+            )
         return int(args.fn(args, extra) or 0)
     except IgamError as e:
         print(f"igam: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the environment, not the input: a full disk, permissions, a vanished file
         where = f" ('{e.filename}')" if e.filename else ""
-        print(f"igam: error: {e.strerror or e}{where}. Free disk space or fix permissions; an interrupted "
-              "training run continues with resume=true.", file=sys.stderr)
+        print(
+            f"igam: error: {e.strerror or e}{where}. Free disk space or fix permissions; an interrupted "
+            "training run continues with resume=true.",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("igam: interrupted; resume a training run with resume=true.", file=sys.stderr)

@@ -68,7 +68,7 @@ class Config:
     # --- optimisation --------------------------------------------------------------------------
     epochs: float = opt(10.0, "training epochs (fractions allowed)")
     optimizer: str = opt("sgd", "sgd | adam", ("sgd", "adam"))
-    lr: float = opt(0.01, "learning rate (0.01 suits the default small-cnn; Madry/IGAM use 0.1 for WRN with SGD)")
+    lr: float = opt(0.01, "learning rate (0.01 suits the default small-cnn; Madry/IGAM: 0.1 for WRN, SGD)")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(5e-4, "weight decay (applied to weights of conv/linear layers only)")
     schedule: str = opt("cosine", "cosine | step | constant", ("cosine", "step", "constant"))

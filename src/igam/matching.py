@@ -124,7 +124,7 @@ class InputGradientMatching(nn.Module):
 
     def _disc(self) -> nn.Module:
         """The discriminator as its forward passes call it (compiled, when accelerate compiled it)."""
-        return self._disc_call[0] or self.discriminator
+        return self._disc_call[0] if self._disc_call[0] is not None else self.discriminator
 
     def accelerate(
         self,
@@ -340,7 +340,7 @@ class InputGradientMatching(nn.Module):
             return {}
         js, jt = self._cache
         self._set_disc_grad(True)
-        disc = self._disc_update[0] or self._disc()
+        disc = self._disc_update[0] if self._disc_update[0] is not None else self._disc()
         logits = disc(torch.cat([self.disc_view(js), self.disc_view(jt)]))
         ls, lt = logits[: len(js)], logits[len(js) :]
         loss = -self.adv_scale * (F.logsigmoid(lt).mean() + F.logsigmoid(-ls).mean())

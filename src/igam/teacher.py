@@ -98,8 +98,9 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
     # a foreign checkpoint carries no normalisation buffers: the network then takes [0, 1] pixels as is
     # (as Madry et al.'s models do); an igam-written file restores its own normalisation
     native = "normalize.mean" in state
-    net = create_model(model, num_classes=classes, in_chans=c, input_size=(h, w),
-                       normalize="dataset" if native else "none")
+    net = create_model(
+        model, num_classes=classes, in_chans=c, input_size=(h, w), normalize="dataset" if native else "none"
+    )
     if not native:
         state.update({k: v for k, v in net.state_dict().items() if k.startswith("normalize.")})
     try:
@@ -130,9 +131,11 @@ def check_robustness(run_dir: Path, n: int = 200, log=print) -> float | None:
     robust = run_attack(model, data.x_test, data.y_test, "pgd10")["accuracy"]
     eps = default_eps(tuple(data.x_test.shape[1:]))[0]
     if robust < 0.05:
-        log(f"igam: WARNING: the teacher {run_dir} is not robust on its own task: PGD-10 accuracy at eps "
+        log(
+            f"igam: WARNING: the teacher {run_dir} is not robust on its own task: PGD-10 accuracy at eps "
             f"{eps:.3g} is {100 * robust:.1f}% on {len(data.x_test)} test images (clean {100 * clean:.1f}%). "
-            "IGAM transfers the teacher's robustness, so expect little; train the teacher with method=pgd-at.")
+            "IGAM transfers the teacher's robustness, so expect little; train the teacher with method=pgd-at."
+        )
     return robust
 
 

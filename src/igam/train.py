@@ -301,7 +301,7 @@ def speed_setup(cfg: Config, model: nn.Module, objective: nn.Module, spec: DataS
         model.train()
         train_model = try_compile(model, example, "the student (training)", say)
     model.eval()
-    eval_model = try_compile(model, example[: min(len(example), cfg.eval_batch_size)],
+    eval_model = try_compile(model, torch.zeros(cfg.eval_batch_size, *spec.shape, device=device),
                              "the student (evaluation, attacks)", say)
     model.train()
     return train_model, eval_model
