@@ -11,6 +11,7 @@ that way). The discriminator steps every `disc_every` student steps with its own
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -88,7 +89,7 @@ class IGAMObjective(Objective):
         """compile / channels_last for the teacher and the discriminator (igam.train.speed_setup)."""
         self.matching.accelerate(**kw)
 
-    def wrap_for_ddp(self, wrap) -> None:
+    def wrap_for_ddp(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Under torchrun: the discriminator's update goes through its own DDP wrapper (igam.train)."""
         self.matching.wrap_discriminator(wrap)
 
