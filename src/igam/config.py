@@ -109,8 +109,8 @@ class Config:
     diff_reduction: str = opt("mean", "L_diff over the batch: mean (paper) | sum (official)", ("mean", "sum"))
     disc_input_norm: str = opt("none", "gradient normalisation before the discriminator: none | "
                                "zero-mean-l2 (official)", ("none", "zero-mean-l2"))
-    adv_loss: str = opt("non-saturating", "student's adversarial loss: saturating (minimax, eq. 14; "
-                        "official uses it at weight lambda_adv/2) | non-saturating",
+    adv_loss: str = opt("saturating", "student's adversarial loss: saturating (minimax, eq. 14; the default, "
+                        "measured better in docs/RESULTS.md) | non-saturating (GAN trick)",
                         ("saturating", "non-saturating"))
     disc_layers: int = opt(4, "discriminator conv layers (Appendix A: 4 or 5)")
     disc_channels: int = opt(8, "discriminator channels of the first layer, doubled per layer (8 or 16)")

@@ -428,14 +428,21 @@ def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
                     and have[result_key(a)].get("seed") == seed
                 )
             ]
-            if todo or (ev.get("checks") and "check:fgsm" not in json.dumps(have.get("masking_checks", {}))):
+            checks = bool(ev.get("checks")) and "check:fgsm" not in json.dumps(have.get("masking_checks", {}))
+            # 'pgd10@eps=4/255' is pgd10 at another radius: evaluate each radius as one call
+            groups: dict[str | None, list[str]] = {}
+            for a in todo or (["clean"] if checks else []):
+                base, _, eps = a.partition("@eps=")
+                groups.setdefault(eps or None, []).append(base)
+            for eps, attacks in groups.items():
                 evaluate_run(
                     run_dir,
-                    todo or ["clean"],
+                    attacks,
                     n=n,
                     seed=seed,
+                    eps=eps,
                     batch_size=int(ev.get("batch_size", 500)),
-                    checks=bool(ev.get("checks", False)),
+                    checks=checks and eps is None,
                     check_n=int(ev.get("check_n", min(n, 500))),
                     log=log,
                 )
@@ -514,7 +521,7 @@ def results_markdown(exp: Experiment, results: dict[str, Any], column_name) -> s
         "Accuracy (%) on the first n test images; paper's number in brackets where it reports one. "
         "Robust accuracy under each attack, eval-mode BatchNorm.",
         "",
-        "| Model | " + " | ".join(column_name(c) for c in cols) + " | masking checks | train time |",
+        "| Model | " + " | ".join(_column(c, column_name) for c in cols) + " | masking checks | train time |",
         "|---|" + "---|" * (len(cols) + 2),
     ]
     for r in results["rows"]:
@@ -540,6 +547,11 @@ def results_markdown(exp: Experiment, results: dict[str, Any], column_name) -> s
         tpe = f", {r['time_per_epoch_s']} s/epoch" if r.get("time_per_epoch_s") else ""
         lines.append(f"- `{r['stage']}`: " + ", ".join(f"{k}={v}" for k, v in r["config"].items()) + tpe)
     return "\n".join(lines) + "\n"
+
+
+def _column(name: str, column_name) -> str:
+    base, _, eps = name.partition("@eps=")
+    return column_name(base) + (f" (eps {eps})" if eps else "")
 
 
 def plot_tradeoff(exp: Experiment, results: dict[str, Any], path: Path) -> Path | None:

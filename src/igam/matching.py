@@ -68,7 +68,7 @@ class InputGradientMatching(nn.Module):
         gradient_target: str = "ce",
         scale: float = 1.0,
         diff_reduction: str = "mean",
-        adv_loss: str = "non-saturating",
+        adv_loss: str = "saturating",
         adv_scale: float = 1.0,
         disc_view: Callable[[torch.Tensor], torch.Tensor] | None = None,
         mode: str = "exact",
