@@ -273,8 +273,15 @@ def resolve_stage(exp: Experiment, stage: Stage) -> Config:
         raise IgamError(f"Stage '{stage.name}': {e}") from None
 
 
+IGAM_KEYS = ("preset", "lambda_adv", "lambda_diff", "lambda_diff_auto", "gradient_target", "pixel_scale",
+             "diff_reduction", "disc_input_norm", "adv_loss", "disc_layers", "disc_channels", "disc_every",
+             "disc_lr", "disc_optimizer", "igam_start", "grad_matching", "fd_step", "fd_scheme", "amp_input_grad")
+
+
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in IGNORED_KEYS}
+    """The keys that decide what a stage computes (IGAM keys only matter to igam/igr stages)."""
+    skip = set(IGNORED_KEYS) | (set() if cfg.get("method") in ("igam", "igr") else set(IGAM_KEYS))
+    return {k: v for k, v in cfg.items() if k not in skip}
 
 
 def stage_status(exp: Experiment, stage: Stage) -> str:
@@ -286,7 +293,11 @@ def stage_status(exp: Experiment, stage: Stage) -> str:
     saved = (
         yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
     )
-    same = _comparable(saved or {}) == _comparable(resolve_stage(exp, stage).to_dict())
+    now = resolve_stage(exp, stage).to_dict()
+    defaults = Config().to_dict()
+    # a key added to igam after the run was made counts as unchanged while it keeps its default
+    saved = {**{k: defaults[k] for k in now if k not in (saved or {})}, **(saved or {})}
+    same = _comparable(saved) == _comparable(now)
     if meta.get("status") == "finished":
         return "done" if same else "stale"
     return "partial" if same else "stale"
