@@ -80,8 +80,6 @@ def cmd_run(args, extra) -> int:
 def cmd_evaluate(args, extra) -> int:
     from igam.evaluate import evaluate_run, result_key, validate_attacks, warning_block
 
-    if extra:
-        raise IgamError(f"Unexpected arguments {extra}; see `igam evaluate --help`.")
     attacks = [a.strip().lower() for a in args.attacks.split(",") if a.strip()]
     validate_attacks(attacks)
     for key in ("n", "batch_size", "check_n", "check_queries"):
@@ -180,8 +178,6 @@ def cmd_demo(args, extra) -> int:
 def cmd_gradients(args, extra) -> int:
     from igam.report.gradients import plot_run_gradients
 
-    if extra:
-        raise IgamError(f"Unexpected arguments {extra}; see `igam gradients --help`.")
     if args.n < 1:
         raise IgamError(f"--n={args.n}: show at least 1 test image.")
     path = plot_run_gradients(
@@ -203,8 +199,6 @@ def cmd_gradients(args, extra) -> int:
 def cmd_landscape(args, extra) -> int:
     from igam.report.landscape import plot_run_landscape
 
-    if extra:
-        raise IgamError(f"Unexpected arguments {extra}; see `igam landscape --help`.")
     if args.grid < 2:
         raise IgamError(f"--grid={args.grid}: the grid needs at least 2 points per axis (21 is the default).")
     path = plot_run_landscape(
@@ -227,8 +221,6 @@ def cmd_landscape(args, extra) -> int:
 def cmd_report(args, extra) -> int:
     from igam.report.html import write_report
 
-    if extra:
-        raise IgamError(f"Unexpected arguments {extra}; see `igam report --help`.")
     if args.n < 1:
         raise IgamError(f"--n={args.n}: show at least 1 test image in the gradient grid.")
     print(

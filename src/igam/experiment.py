@@ -275,7 +275,8 @@ def resolve_stage(exp: Experiment, stage: Stage) -> Config:
 
 IGAM_KEYS = ("preset", "lambda_adv", "lambda_diff", "lambda_diff_auto", "gradient_target", "pixel_scale",
              "diff_reduction", "disc_input_norm", "adv_loss", "disc_layers", "disc_channels", "disc_every",
-             "disc_lr", "disc_optimizer", "igam_start", "grad_matching", "fd_step", "fd_scheme", "amp_input_grad")
+             "disc_lr", "disc_optimizer", "igam_start", "grad_matching", "fd_step", "fd_scheme",
+             "amp_input_grad")
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
