@@ -73,6 +73,7 @@ def cmd_run(args, extra) -> int:
         overrides=overrides,
         only=args.only.split(",") if args.only else None,
         miniature=args.miniature,
+        results_only=args.results_only,
     )
     return 0
 
@@ -317,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="smoke-test the pipeline in seconds: tiny synthetic "
         "stand-ins of every dataset (same shapes), width-4 models, a few steps, cheap attacks",
+    )
+    r.add_argument(
+        "--results-only",
+        action="store_true",
+        help="train and evaluate nothing: rebuild results.md/json, tradeoff.png and report.html from the "
+        "evaluations already made",
     )
     ev = verb(
         "evaluate", cmd_evaluate, "Evaluate runs under attacks; writes RUN/eval.json and prints a table."

@@ -384,12 +384,17 @@ def run_experiment(
     overrides: dict[str, Any] | None = None,
     only: list[str] | None = None,
     miniature: bool = False,
+    results_only: bool = False,
     log=print,
 ) -> Path:
-    """Run every stage that is not done, evaluate the rows, write results.md/json and the report."""
+    """Run every stage that is not done, evaluate the rows, write results.md/json and the report
+    (results_only: only rebuild those from the evaluations already made)."""
     from igam.train import train
 
     exp = load_experiment(path, out_dir, overrides, miniature)
+    if results_only:
+        write_results(exp, log=log)
+        return exp.out_dir
     log(format_plan(exp))
     if dry_run:
         return exp.out_dir
@@ -421,7 +426,6 @@ def _row_stages(exp: Experiment, ev: dict[str, Any]) -> list[Stage]:
 
 def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
     """Evaluate each row stage under each evaluation block (results already in eval.json are reused)."""
-    from igam.attacks.presets import column_name
     from igam.evaluate import evaluate_run, result_key
 
     for ev in exp.evaluation:
@@ -458,6 +462,13 @@ def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
                     check_n=int(ev.get("check_n", min(n, 500))),
                     log=log,
                 )
+    return write_results(exp, log=log)
+
+
+def write_results(exp: Experiment, log=print) -> dict[str, Any]:
+    """results.json, results.md, tradeoff.png and report.html from the runs' eval.json files as they are."""
+    from igam.attacks.presets import column_name
+
     results = collect_results(exp)
     write_json(exp.out_dir / "results.json", results)
     atomic_write_text(exp.out_dir / "results.md", results_markdown(exp, results, column_name))
@@ -537,7 +548,7 @@ def results_markdown(exp: Experiment, results: dict[str, Any], column_name) -> s
         "|---|" + "---|" * (len(cols) + 2),
     ]
     for r in results["rows"]:
-        if not (r["row"] or r["curve"]):
+        if not (r["row"] or r["curve"]) or not r["accuracy"]:
             continue
         cells = []
         for c in cols:
