@@ -241,7 +241,7 @@ def save_state(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -
 
 
 def clean_partial_writes(run_dir: Path) -> None:
-    """Remove the temp files (.NAME.XXXX.tmp) that a process killed while writing left in a run directory
+    """Remove the temp files (.NAME.*.tmp) that a process killed while writing left in a run directory
     and its checkpoints/ (never renamed into place, so never read)."""
     for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
         if folder.is_dir():

@@ -7,6 +7,7 @@ iterative attacks ascend (cross-entropy or Carlini-Wagner margin, untargeted or 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ def generator_for(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed) % (2**63))
 
 
-class Attack:
+class Attack(ABC):
     """Base class. Subclasses implement `forward(x, y, gen) -> x_adv` and list their settings.
 
     `__call__` checks shapes and range, switches the model to eval mode (or train-mode BatchNorm with
@@ -67,8 +68,9 @@ class Attack:
             raise IgamError(f"bn={bn!r} is not a BatchNorm mode; use eval or train.")
         self.model, self.eps, self.bn, self.seed = model, check_eps(eps), bn, int(seed)
 
+    @abstractmethod
     def forward(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
+        """x_adv for a batch; each attack file implements it."""
 
     def settings(self) -> dict[str, Any]:
         """What produced the numbers (saved with every result)."""
