@@ -176,6 +176,14 @@ def cmd_demo(args, extra) -> int:
     return 0
 
 
+def _print_outputs(path, pdf: bool) -> int:
+    """Print where a picture went (and its PDF twin)."""
+    print(path)
+    if pdf:
+        print(path.with_suffix(".pdf"))
+    return 0
+
+
 def cmd_gradients(args, extra) -> int:
     from igam.report.gradients import plot_run_gradients
 
@@ -191,10 +199,7 @@ def cmd_gradients(args, extra) -> int:
         device=args.device,
         percentile=args.percentile,
     )
-    print(path)
-    if args.pdf:
-        print(path.with_suffix(".pdf"))
-    return 0
+    return _print_outputs(path, args.pdf)
 
 
 def cmd_landscape(args, extra) -> int:
@@ -213,10 +218,7 @@ def cmd_landscape(args, extra) -> int:
         data_dir=args.data_dir,
         device=args.device,
     )
-    print(path)
-    if args.pdf:
-        print(path.with_suffix(".pdf"))
-    return 0
+    return _print_outputs(path, args.pdf)
 
 
 def cmd_report(args, extra) -> int:
