@@ -166,3 +166,14 @@ def test_replace_validates() -> None:
         cfg.replace(eps=16)
     with pytest.raises(IgamError):
         apply_overrides(cfg, {"nope": 1})
+
+
+def test_official_preset_needs_a_numeric_lambda_diff() -> None:
+    """preset=official with lambda_diff=auto collapsed in the CPU experiment: refused with the fix."""
+    with pytest.raises(IgamError, match=r"lambda_diff=auto does not work.*lambda_diff=100"):
+        make_config(overrides={"method": "igam", "preset": "official"})
+    cfg = make_config(overrides={"method": "igam", "preset": "official", "lambda_diff": "100"})
+    assert cfg.gradient_target == "true-prob" and cfg.lambda_diff == "100"
+    assert make_config(overrides={"method": "igam", "preset": "paper"}).lambda_diff == "auto"
+    # only the IGAM objectives use lambda_diff: other methods keep working with the preset
+    assert make_config(overrides={"method": "standard", "preset": "official"}).preset == "official"

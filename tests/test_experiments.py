@@ -93,3 +93,23 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| Standard |" in out and "| IGAM |" in out
     assert (tmp_path / "results.md").exists()
+
+
+def test_matched_clean_interpolates_inside_each_curve_only():
+    from igam.experiment import curve_points, matched_clean
+
+    def row(stage, curve, clean, pgd20):
+        return {"stage": stage, "row": "", "curve": curve, "accuracy": {"clean": clean, "pgd20": pgd20}}
+
+    results = {"rows": [row("a1", "A", 30, 20), row("a2", "A", 40, 10), row("b1", "B", 35, 5),
+                        row("b2", "B", 45, 1), {**row("std", "", 50, 0), "row": "Standard"}]}
+    pts = curve_points(results, "pgd20")
+    assert pts["A"] == [(30, 20, "a1"), (40, 10, "a2")] and pts["Standard"] == [(50, 0, "std")]
+    grid, matched = matched_clean(pts, levels=4)
+    assert grid == [30.0, 35.0, 40.0, 45.0]  # across both curves' clean ranges; single points left out
+    assert set(matched) == {"A", "B"}
+    assert matched["A"] == [20.0, 15.0, 10.0, None]  # linear between points, None outside (no extrapolation)
+    assert matched["B"] == [None, 5.0, 3.0, 1.0]
+    # the levels stay inside the measured range: whole numbers from ceil(lowest) to floor(highest)
+    grid, _ = matched_clean({"A": [(24.2, 9, "a"), (36.6, 3, "b")]}, levels=3)
+    assert grid == [25.0, 30.0, 36.0]

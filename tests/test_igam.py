@@ -296,3 +296,10 @@ def test_student_side_terms_never_update_the_discriminator():
     out = igm.discriminator_step(torch.optim.SGD(disc.parameters(), lr=0.1))
     assert "disc_loss" in out
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))
+    # NaN/Inf guard: a non-finite discriminator gradient skips the update and says so
+    js, jt = igm._cache
+    igm._cache = (js.clone().fill_(float("inf")), jt)
+    kept = [p.detach().clone() for p in disc.parameters()]
+    out = igm.discriminator_step(torch.optim.SGD(disc.parameters(), lr=0.1))
+    assert set(out) == {"disc_skipped"}
+    assert all(torch.equal(a, b) for a, b in zip(kept, disc.parameters()))

@@ -96,6 +96,26 @@ def test_trades_loss():
     assert all(p.grad is not None for p in net.parameters())
 
 
+@pytest.mark.parametrize("method", ["pgd-at", "trades"])
+def test_eps_warmup_ramps_the_training_budget(method):
+    torch.manual_seed(0)
+    net = Net().eval()
+    obj = create_objective(_cfg(method=method, eps_warmup_epochs=2), net, None, torch.device("cpu"))
+    obj.begin(total_steps=100, steps_per_epoch=10)  # a ramp over the first 20 steps
+    assert obj.budget(0) == pytest.approx((0.1 / 20, 0.02 / 20))
+    assert obj.budget(9) == pytest.approx((0.05, 0.01)) and obj.budget(19) == obj.budget(70) == (0.1, 0.02)
+    x, y = _batch()
+    assert (obj.attack(net, x, y, step=0) - x).abs().max() <= 0.1 / 20 + 1e-6
+    assert (obj.attack(net, x, y, step=50) - x).abs().max() > 0.1 / 2
+    _, metrics = obj.loss(net, x, y, step=4)
+    assert float(metrics["train_eps"]) == pytest.approx(0.1 * 5 / 20)
+    plain = create_objective(_cfg(method=method), net, None, torch.device("cpu"))
+    plain.begin(total_steps=100, steps_per_epoch=10)
+    assert plain.budget(0) == (0.1, 0.02) and "train_eps" not in plain.loss(net, x, y, step=0)[1]
+    with pytest.raises(IgamError, match="eps_warmup_epochs"):
+        _cfg(eps_warmup_epochs=-1)
+
+
 @pytest.mark.parametrize("kw, match", [(dict(eps="8"), "8/255"), (dict(step_size="0", steps=3), "step_size")])
 def test_bad_settings_are_clear_errors(kw, match):
     with pytest.raises(IgamError, match=match):

@@ -83,6 +83,8 @@ class Config:
     step_size: str = opt("2/255", "PGD step size")
     steps: int = opt(7, "PGD steps for adversarial training (Madry: 7 CIFAR, 40 MNIST)")
     random_start: bool = opt(True, "PGD starts from a uniform random point of the eps-ball")
+    eps_warmup_epochs: float = opt(0.0, "pgd-at/trades: grow the training eps and step size linearly from 0 "
+                                        "over these epochs (steadies MNIST PGD-AT at eps 0.3)")
     attack_bn: str = opt("eval", "BatchNorm mode while crafting training attacks: eval | train",
                          ("eval", "train"))
     trades_beta: float = opt(6.0, "TRADES robustness weight")
@@ -281,8 +283,9 @@ def validate(cfg: Config) -> None:
             raise IgamError(f"{key}={getattr(cfg, key)} must be at least 1.")
     if cfg.epochs <= 0:
         raise IgamError(f"epochs={cfg.epochs} must be positive (fractions such as 0.5 are fine).")
-    for key in ("epochs", "lr", "steps", "momentum", "weight_decay", "warmup_epochs", "grad_clip", "threads",
-                "train_subset", "test_subset", "crop_padding", "width", "eval_every", "eval_n", "trades_beta",
+    for key in ("epochs", "lr", "steps", "momentum", "weight_decay", "warmup_epochs", "eps_warmup_epochs",
+                "grad_clip", "threads", "train_subset", "test_subset", "crop_padding", "width", "eval_every",
+                "eval_n", "trades_beta",
                 "lambda_adv", "lambda_diff_auto", "disc_lr", "finetune_lr", "teacher_classes", "lr_gamma",
                 "fd_step", "pixel_scale"):
         if getattr(cfg, key) < 0:
@@ -297,6 +300,13 @@ def validate(cfg: Config) -> None:
                         "e.g. 0.5,0.75.")
     if parse_fraction(cfg.noise, "noise") < 0:
         raise IgamError(f"noise={cfg.noise} must not be negative.")
+    if cfg.method in ("igam", "igr") and cfg.lambda_diff == "auto" and cfg.gradient_target == "true-prob":
+        raise IgamError(
+            "lambda_diff=auto does not work with gradient_target=true-prob (set by preset=official): "
+            "true-class-probability gradients vanish on confidently classified images, so a weight fixed "
+            "on the first batch blows up later (measured: the student collapsed to chance, docs/RESULTS.md). "
+            "Give lambda_diff a number, e.g. Appendix A's lambda_diff=100 for MNIST -> CIFAR-10, "
+            "or use gradient_target=ce.")
     if cfg.preset not in ("", "paper", "official"):
         raise IgamError(f"preset={cfg.preset!r} is not allowed.{suggest(cfg.preset, ['paper', 'official'])} "
                         "Choose paper or official (or leave it empty).")

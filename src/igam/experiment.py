@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -526,7 +527,7 @@ def _stage_summary(exp: Experiment, st: Stage) -> dict[str, Any]:
     cfg = resolve_stage(exp, st)
     keys = ["method", "model", "dataset", "epochs", "train_subset"]
     if cfg.method in ("igam", "igr"):
-        keys += ["lambda_adv", "lambda_diff", "preset", "grad_matching", "igam_start"]
+        keys += ["lambda_adv", "lambda_diff", "lambda_diff_auto", "preset", "grad_matching", "igam_start"]
     if cfg.method in ("pgd-at", "trades"):
         keys += ["eps", "steps"]
     return {k: getattr(cfg, k) for k in keys}
@@ -558,6 +559,22 @@ def results_markdown(exp: Experiment, results: dict[str, Any], column_name) -> s
         mc = {True: "pass", False: "FAIL: " + ", ".join(r["masking_failed"]), None: "-"}[r["masking_checks"]]
         t = _hms(r["train_time_s"]) if r["train_time_s"] else "-"
         lines.append(f"| {r['row'] or r['stage']} | " + " | ".join(cells) + f" | {mc} | {t} |")
+    pts = curve_points(results, exp.primary_metric)
+    grid, matched = matched_clean(pts)
+    if matched:
+        metric = _column(exp.primary_metric, column_name)
+        lines += [
+            "",
+            f"{metric} accuracy (%) at matched clean accuracy: each trade-off curve (2+ stages with the same "
+            "`curve`) interpolated linearly between its measured points; '-' outside the curve's measured "
+            "range (never extrapolated).",
+            "",
+            "| curve | points | " + " | ".join(f"clean {g:g}" for g in grid) + " |",
+            "|---|---|" + "---|" * len(grid),
+        ]
+        for k, vals in sorted(matched.items()):
+            cells = ["-" if v is None else f"{v:.1f}" for v in vals]
+            lines.append(f"| {k} | {len(pts[k])} | " + " | ".join(cells) + " |")
     ns = sorted({f"{k}: n={v}" for r in results["rows"] for k, v in r["n"].items()})
     lines += [
         "",
@@ -577,6 +594,41 @@ def _column(name: str, column_name) -> str:
     return column_name(base) + (f" (eps {eps})" if eps else "")
 
 
+def curve_points(results: dict[str, Any], metric: str) -> dict[str, list[tuple[float, float, str]]]:
+    """(clean, robust, stage) per `curve` label, sorted by clean accuracy; a row without one is a point."""
+    pts: dict[str, list[tuple[float, float, str]]] = {}
+    for r in results["rows"]:
+        a = r["accuracy"]
+        if "clean" in a and metric in a and (r["curve"] or r["row"]):
+            pts.setdefault(r["curve"] or r["row"], []).append((a["clean"], a[metric], r["stage"]))
+    return {k: sorted(v) for k, v in pts.items()}
+
+
+def matched_clean(pts: dict[str, list[tuple[float, float, str]]], levels: int = 6
+                  ) -> tuple[list[float], dict[str, list[float | None]]]:
+    """Robust accuracy of every curve (2+ points) at the same clean accuracies: `levels` evenly spaced
+    whole-number levels across all curves' clean ranges, interpolated linearly between a curve's measured
+    points, None outside its measured range (never extrapolated)."""
+    curves = {k: p for k, p in pts.items() if len(p) >= 2}
+    if not curves:
+        return [], {}
+    lo = math.ceil(min(p[0][0] for p in curves.values()))
+    hi = max(lo, math.floor(max(p[-1][0] for p in curves.values())))
+    grid = sorted({float(round(lo + (hi - lo) * i / max(1, levels - 1))) for i in range(levels)})
+    out: dict[str, list[float | None]] = {}
+    for k, p in curves.items():
+        xs, ys = [q[0] for q in p], [q[1] for q in p]
+        out[k] = [None if not xs[0] <= g <= xs[-1] else _interp(g, xs, ys) for g in grid]
+    return grid, out
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1]
+
+
 def plot_tradeoff(exp: Experiment, results: dict[str, Any], path: Path) -> Path | None:
     """Robust (primary metric) vs clean accuracy: one line per `curve`, other rows as single points."""
     import matplotlib
@@ -585,22 +637,35 @@ def plot_tradeoff(exp: Experiment, results: dict[str, Any], path: Path) -> Path 
     import matplotlib.pyplot as plt
 
     metric = exp.primary_metric
-    pts: dict[str, list[tuple[float, float, str]]] = {}
-    for r in results["rows"]:
-        a = r["accuracy"]
-        if "clean" in a and metric in a and (r["curve"] or r["row"]):
-            pts.setdefault(r["curve"] or r["row"], []).append((a["clean"], a[metric], r["stage"]))
+    pts = curve_points(results, metric)
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for label, p in sorted(pts.items()):
-        p = sorted(p)
-        ax.plot([q[0] for q in p], [q[1] for q in p], "o-" if len(p) > 1 else "s", label=label, markersize=7)
+    configs = {st.name: st.config for st in exp.stages}
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    # distinct colours for up to ~26 entries: lines first, then single points with varied markers
+    palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors, *plt.get_cmap("Set1").colors]
+    order = sorted(pts.items(), key=lambda kv: (len(kv[1]) == 1, kv[0]))
+    swept: set[str] = set()
+    for i, (label, p) in enumerate(order):
+        color = palette[i % len(palette)]
+        style = "o-" if len(p) > 1 else "sD^vPX*h"[i % 8]
+        ax.plot([q[0] for q in p], [q[1] for q in p], style, label=label, markersize=7, color=color)
+        # label a curve's points with the settings that differ along it (the swept lambda)
+        cfgs = [configs.get(q[2], {}) for q in p]
+        keys = sorted(k for k in set().union(*cfgs) if len({str(c.get(k)) for c in cfgs}) > 1)
+        swept.update(keys)
+        for q, c in zip(p, cfgs):
+            if keys:
+                ax.annotate(",".join(str(c.get(k)) for k in keys), (q[0], q[1]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color=color)
+    if swept:
+        ax.text(0.99, 0.01, "points labelled by " + ", ".join(sorted(swept)), transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=7, color="gray")
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel(f"{metric} accuracy (%)")
     ax.set_title(f"{exp.name}: robustness vs clean accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -345,9 +345,15 @@ class InputGradientMatching(nn.Module):
         ls, lt = logits[: len(js)], logits[len(js) :]
         loss = -self.adv_scale * (F.logsigmoid(lt).mean() + F.logsigmoid(-ls).mean())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss.backward()  # always, so that DDP ranks meet in the same all-reduce
+        grads = [p.grad for p in self.discriminator.parameters() if p.grad is not None]
+        finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
+        if finite:  # NaN/Inf guard: (all-reduced) non-finite gradients skip the update on every rank
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         self._set_disc_grad(False)
+        if not finite:  # logged as disc_skipped (the fraction of student steps with a skipped D update)
+            return {"disc_skipped": torch.ones(())}
         return {"disc_loss": loss.detach()}
 
     @torch.no_grad()

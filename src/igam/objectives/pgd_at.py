@@ -35,7 +35,7 @@ class PGDAT(Objective):
     name = "pgd-at"
 
     def __init__(self, eps: float, step_size: float, steps: int, random_start: bool = True,
-                 attack_bn: str = "eval", seed: int = 0):
+                 attack_bn: str = "eval", seed: int = 0, eps_warmup_epochs: float = 0.0):
         super().__init__()
         if steps < 1:
             raise IgamError(f"method={self.name} needs steps >= 1 (got {steps}); Madry et al. use 40 "
@@ -45,19 +45,33 @@ class PGDAT(Objective):
                             "(MNIST).")
         self.eps, self.step_size, self.steps = eps, step_size, steps
         self.random_start, self.attack_bn, self.seed = random_start, attack_bn, seed
+        self.eps_warmup_epochs, self.ramp_steps = eps_warmup_epochs, 0
+
+    def begin(self, total_steps: int, steps_per_epoch: int) -> None:
+        self.ramp_steps = int(round(self.eps_warmup_epochs * steps_per_epoch))
+
+    def budget(self, step: int) -> tuple[float, float]:
+        """(eps, step size) at this step: a linear ramp from 0 over eps_warmup_epochs, then the full one."""
+        f = min(1.0, (step + 1) / self.ramp_steps) if self.ramp_steps > 0 else 1.0
+        return self.eps * f, self.step_size * f
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         """The PGD points the model trains on (crafted on the unwrapped model; no parameter gradients)."""
-        pgd = PGD(unwrap(model), self.eps, self.step_size, self.steps, random_start=self.random_start,
+        eps, step_size = self.budget(step)
+        pgd = PGD(unwrap(model), eps, step_size, self.steps, random_start=self.random_start,
                   keep_best=False, bn=self.attack_bn, seed=self.seed)
         return pgd(x, y, seed=_step_seed(self.seed, step))
+
+    def ramp_metrics(self, step: int) -> Metrics:
+        return {"train_eps": torch.tensor(self.budget(step)[0])} if self.ramp_steps > 0 else {}
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              step: int) -> tuple[torch.Tensor, Metrics]:
         x_adv = self.attack(model, x, y, step)
         logits = model(x_adv)
         ce = F.cross_entropy(logits, y)
-        return ce, {"ce": ce.detach(), "adv_acc": (logits.argmax(1) == y).float().mean()}
+        return ce, {"ce": ce.detach(), "adv_acc": (logits.argmax(1) == y).float().mean(),
+                    **self.ramp_metrics(step)}
 
 
 class TRADES(PGDAT):
@@ -67,25 +81,26 @@ class TRADES(PGDAT):
     name = "trades"
 
     def __init__(self, eps: float, step_size: float, steps: int, beta: float = 6.0, attack_bn: str = "eval",
-                 seed: int = 0):
-        super().__init__(eps, step_size, steps, True, attack_bn, seed)
+                 seed: int = 0, eps_warmup_epochs: float = 0.0):
+        super().__init__(eps, step_size, steps, True, attack_bn, seed, eps_warmup_epochs)
         if beta < 0:
             raise IgamError(f"trades_beta={beta} must not be negative (Zhang et al. use 6).")
         self.beta = beta
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         net = unwrap(model)
+        eps, step_size = self.budget(step)
         gen = generator_for(_step_seed(self.seed, step), x.device)
         with bn_mode(net, self.attack_bn), torch.enable_grad():
             with torch.no_grad():
                 p_clean = F.softmax(net(x), 1)
             noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-            x_adv = project(x + 0.001 * noise, x, self.eps)
+            x_adv = project(x + 0.001 * noise, x, eps)
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
                 kl = F.kl_div(F.log_softmax(net(x_adv), 1), p_clean, reduction="sum")
                 (grad,) = torch.autograd.grad(kl, x_adv)
-                x_adv = project(x_adv.detach() + self.step_size * grad.sign(), x, self.eps)
+                x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
         return x_adv.detach()
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -97,7 +112,8 @@ class TRADES(PGDAT):
         kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="sum") / len(x)
         return ce + self.beta * kl, {"ce": ce.detach(), "kl": kl.detach(),
                                      "acc": (logits.argmax(1) == y).float().mean(),
-                                     "adv_acc": (logits_adv.argmax(1) == y).float().mean()}
+                                     "adv_acc": (logits_adv.argmax(1) == y).float().mean(),
+                                     **self.ramp_metrics(step)}
 
 
 def _budget(cfg) -> tuple[float, float]:
@@ -107,10 +123,12 @@ def _budget(cfg) -> tuple[float, float]:
 @register_objective("pgd-at")
 def make_pgd_at(cfg, model: nn.Module, spec, device: torch.device) -> PGDAT:
     eps, step = _budget(cfg)
-    return PGDAT(eps, step, int(cfg.steps), bool(cfg.random_start), cfg.attack_bn, int(cfg.seed))
+    return PGDAT(eps, step, int(cfg.steps), bool(cfg.random_start), cfg.attack_bn, int(cfg.seed),
+                 float(cfg.eps_warmup_epochs))
 
 
 @register_objective("trades")
 def make_trades(cfg, model: nn.Module, spec, device: torch.device) -> TRADES:
     eps, step = _budget(cfg)
-    return TRADES(eps, step, int(cfg.steps), float(cfg.trades_beta), cfg.attack_bn, int(cfg.seed))
+    return TRADES(eps, step, int(cfg.steps), float(cfg.trades_beta), cfg.attack_bn, int(cfg.seed),
+                  float(cfg.eps_warmup_epochs))
