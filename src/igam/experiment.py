@@ -609,6 +609,8 @@ def matched_clean(pts: dict[str, list[tuple[float, float, str]]], levels: int = 
     """Robust accuracy of every curve (2+ points) at the same clean accuracies: `levels` evenly spaced
     whole-number levels across all curves' clean ranges, interpolated linearly between a curve's measured
     points, None outside its measured range (never extrapolated)."""
+    import numpy as np
+
     curves = {k: p for k, p in pts.items() if len(p) >= 2}
     if not curves:
         return [], {}
@@ -618,15 +620,8 @@ def matched_clean(pts: dict[str, list[tuple[float, float, str]]], levels: int = 
     out: dict[str, list[float | None]] = {}
     for k, p in curves.items():
         xs, ys = [q[0] for q in p], [q[1] for q in p]
-        out[k] = [None if not xs[0] <= g <= xs[-1] else _interp(g, xs, ys) for g in grid]
+        out[k] = [float(np.interp(g, xs, ys)) if xs[0] <= g <= xs[-1] else None for g in grid]
     return grid, out
-
-
-def _interp(x: float, xs: list[float], ys: list[float]) -> float:
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return ys[-1]
 
 
 def plot_tradeoff(exp: Experiment, results: dict[str, Any], path: Path) -> Path | None:
