@@ -51,12 +51,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.run:
-        from igam.evaluate import data_dir_of
-        from igam.runs import read_json
-        from igam.train import load_run_model
+        from igam.files import read_json
+        from igam.runs import Run, load_run_model
 
         args.dataset = read_json(Path(args.run) / "meta.json")["data"]["dataset"]
-        args.data_dir = args.data_dir or data_dir_of(Path(args.run))
+        args.data_dir = args.data_dir or Run(Path(args.run)).data_dir
     try:
         arrays = load_data(args.dataset, args.data_dir, test_subset=args.n)
         source = arrays.source

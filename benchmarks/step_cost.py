@@ -39,15 +39,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from igam.adapters import build_adapter
-from igam.config import make_config
-from igam.discriminator import GradientDiscriminator
-from igam.matching import InputGradientMatching
+from igam.method.adapted import AdaptedTeacher
+from igam.method.adapters import build_adapter
+from igam.method.discriminator import GradientDiscriminator
+from igam.method.matching import InputGradientMatching
 from igam.models import create_model
 from igam.objectives.base import Objective
 from igam.objectives.igam import IGAMObjective
 from igam.objectives.pgd_at import PGDAT
-from igam.teacher import AdaptedTeacher
 from igam.train import nonfinite_terms
 
 TARGETS = {"igam-fd / pgd7": 0.30, "igam-fd / standard": 2.3, "igam-exact / pgd7": 0.45}
@@ -69,7 +68,7 @@ class Method:
     def run_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """The body of igam.train's loop, without logging and checkpoints."""
         self.model.train()
-        loss, metrics = self.objective.loss(self.model, x, y, self.step)
+        loss, metrics, aux = self.objective.loss(self.model, x, y, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         if not nonfinite_terms(loss, metrics):
             loss.backward()
@@ -77,7 +76,7 @@ class Method:
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
             if bool(torch.isfinite(gnorm)):
                 self.optimizer.step()
-                self.objective.after_step(self.model, x, y, self.step)
+                self.objective.after_step(self.model, x, y, self.step, aux)
         self.step += 1
 
 
@@ -115,14 +114,13 @@ def build_methods(args: argparse.Namespace, device: torch.device) -> list[Method
         torch.manual_seed(1)  # the same discriminator for every variant
         disc = GradientDiscriminator((3, 28, 28), layers=args.disc_layers, channels=4 if args.tiny else 16)
         disc = disc.to(memory_format=fmt)
-        cfg = make_config(overrides={"method": "igam", "grad_matching": mode, "fd_scheme": scheme,
-                                     "fd_step": args.fd_step,
-                                     "disc_layers": args.disc_layers, "disc_every": args.disc_every,
-                                     "lr": 0.01})
+        # the discriminator's optimiser as `igam transfer` builds it (SGD at the student's lr and schedule)
+        disc_opt = torch.optim.SGD(disc.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         matching = InputGradientMatching(teacher, disc, lambda_adv=1.0, lambda_diff="auto", mode=mode,
-                                         fd_step=cfg.fd_step, fd_scheme=scheme,
-                                         disc_view=teacher.adapter.disc_view)
-        objective = IGAMObjective(cfg, matching)
+                                         fd_step=args.fd_step, fd_scheme=scheme,
+                                         disc_view=teacher.adapter.disc_view, disc_optimizer=disc_opt,
+                                         disc_every=args.disc_every, disc_follow_lr=True)
+        objective = IGAMObjective("igam", matching)
         objective.begin(10**6, 10**6)
         add(name, objective)
     return methods

@@ -177,3 +177,14 @@ def test_official_preset_needs_a_numeric_lambda_diff() -> None:
     assert make_config(overrides={"method": "igam", "preset": "paper"}).lambda_diff == "auto"
     # only the IGAM objectives use lambda_diff: other methods keep working with the preset
     assert make_config(overrides={"method": "standard", "preset": "official"}).preset == "official"
+
+
+def test_builtin_method_names_are_the_registered_objectives() -> None:
+    """config.METHODS (what make_config accepts before any objective is imported) names exactly the
+    built-in objectives that igam.objectives registers."""
+    import igam.objectives  # noqa: F401  (registers the built-ins)
+    from igam.config import METHODS
+    from igam.registry import OBJECTIVES
+
+    assert set(METHODS) <= set(OBJECTIVES)  # (tests register more)
+    assert {m for m in OBJECTIVES if not m.startswith("test-")} == set(METHODS)

@@ -27,11 +27,13 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from igam.config import make_config
-from igam.discriminator import GradientDiscriminator
-from igam.matching import InputGradientMatching
+from igam.distributed import ranks_in_sync as _ranks_in_sync
+from igam.files import read_json
+from igam.method.discriminator import GradientDiscriminator
+from igam.method.matching import InputGradientMatching
 from igam.models import create_model
-from igam.runs import read_json, read_log
-from igam.train import _ranks_in_sync, train
+from igam.runs import read_log
+from igam.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -76,11 +78,11 @@ def _setup(mode: str, scheme: str, disc_train: bool):
 def _run(student_call: nn.Module, igm: InputGradientMatching, s_opt, d_opt, part: slice) -> None:
     """Algorithm 1 for STEPS batches: a student step, then a discriminator step on the same batch."""
     for x, y in _batches():
-        loss = igm(student_call, x[part], y[part])["loss"]
+        terms = igm(student_call, x[part], y[part])
         s_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        terms["loss"].backward()
         s_opt.step()
-        igm.discriminator_step(d_opt)
+        igm.discriminator_step(terms, d_opt)
 
 
 def _state(student: nn.Module, igm: InputGradientMatching) -> dict[str, dict[str, torch.Tensor]]:

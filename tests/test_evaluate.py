@@ -103,7 +103,7 @@ def test_checks_flag_runs_the_sweeps(run_dir):
 
 
 def test_run_attack_on_floats_and_evaluate_attack(run_dir):
-    from igam.train import load_run_model
+    from igam.runs import load_run_model
 
     model = load_run_model(run_dir)
     g = torch.Generator().manual_seed(0)

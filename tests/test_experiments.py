@@ -13,7 +13,7 @@ from igam.experiment import format_plan, load_experiment, run_experiment, stage_
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = sorted((ROOT / "experiments" / "paper").glob("*.yaml"))
 ALL = PAPER + sorted((ROOT / "experiments" / "cpu").glob("*.yaml"))
-QUICK = ROOT / "src" / "igam" / "experiments" / "demo-quick.yaml"
+QUICK = ROOT / "src" / "igam" / "demo_configs" / "demo-quick.yaml"
 
 
 def test_the_paper_files_are_all_there():

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from igam.adapters import build_adapter
-from igam.discriminator import GradientDiscriminator, zero_mean_l2
 from igam.errors import IgamError
-from igam.gradients import input_gradient, teacher_gradient
-from igam.matching import InputGradientMatching
+from igam.method.adapters import build_adapter
+from igam.method.discriminator import GradientDiscriminator, zero_mean_l2
+from igam.method.gradients import input_gradient, teacher_gradient
+from igam.method.matching import InputGradientMatching
 from igam.models import create_model
 
 ADAPTERS = [  # spec, target shape, teacher shape
@@ -290,16 +290,16 @@ def test_student_side_terms_never_update_the_discriminator():
     disc = GradientDiscriminator((1, 8, 8), layers=2, channels=4)
     igm = InputGradientMatching(teacher, disc, lambda_adv=1.0, lambda_diff=1.0)
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,))
-    igm(student, x, y)["loss"].backward()
+    terms = igm(student, x, y)
+    terms["loss"].backward()
     assert all(p.grad is None for p in disc.parameters())
     before = [p.detach().clone() for p in disc.parameters()]
-    out = igm.discriminator_step(torch.optim.SGD(disc.parameters(), lr=0.1))
+    out = igm.discriminator_step(terms, torch.optim.SGD(disc.parameters(), lr=0.1))
     assert "disc_loss" in out
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))
     # NaN/Inf guard: a non-finite discriminator gradient skips the update and says so
-    js, jt = igm._cache
-    igm._cache = (js.clone().fill_(float("inf")), jt)
+    bad = {**terms, "js": terms["js"].clone().fill_(float("inf"))}
     kept = [p.detach().clone() for p in disc.parameters()]
-    out = igm.discriminator_step(torch.optim.SGD(disc.parameters(), lr=0.1))
+    out = igm.discriminator_step(bad, torch.optim.SGD(disc.parameters(), lr=0.1))
     assert set(out) == {"disc_skipped"}
     assert all(torch.equal(a, b) for a, b in zip(kept, disc.parameters()))

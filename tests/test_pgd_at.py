@@ -22,12 +22,13 @@ class Net(nn.Module):
         return self.body(x)
 
 
-class DistributedDataParallel(nn.Module):
-    """Stands in for DDP (igam.utils.unwrap recognises it by name); counts forward calls through it."""
+class DistributedDataParallel(nn.DataParallel):
+    """Stands in for DDP (a DataParallel wrapper, which igam.utils.unwrap unwraps); counts forward calls
+    through it."""
 
     def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module, self.calls = module, 0
+        super().__init__(module, device_ids=[])
+        self.calls = 0
 
     def forward(self, x):
         self.calls += 1
@@ -68,7 +69,7 @@ def test_attack_on_unwrapped_model_without_parameter_gradients():
     assert torch.equal(x_adv, obj.attack(model, x, y, step=0)), "same step, same random start (resume)"
     assert not torch.equal(x_adv, obj.attack(model, x, y, step=1))
 
-    loss, metrics = obj.loss(model, x, y, step=0)
+    loss, metrics, _ = obj.loss(model, x, y, step=0)
     assert model.calls == 1 and {"ce", "adv_acc"} <= set(metrics)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
@@ -79,7 +80,7 @@ def test_adversarial_loss_exceeds_clean_loss():
     net = Net().eval()
     x, y = _batch(64)
     obj = PGDAT(0.2, 0.05, 5, attack_bn="eval")
-    adv_ce, _ = obj.loss(net, x, y, 0)
+    adv_ce, _, _ = obj.loss(net, x, y, 0)
     clean_ce = nn.functional.cross_entropy(net(x), y)
     assert float(adv_ce.detach()) > float(clean_ce.detach())
 
@@ -90,7 +91,7 @@ def test_trades_loss():
     net.train()
     obj = TRADES(0.1, 0.02, 3, beta=6.0)
     x, y = _batch()
-    loss, metrics = obj.loss(net, x, y, 0)
+    loss, metrics, _ = obj.loss(net, x, y, 0)
     assert torch.isfinite(loss) and float(metrics["kl"]) >= 0
     loss.backward()
     assert all(p.grad is not None for p in net.parameters())
@@ -107,7 +108,7 @@ def test_eps_warmup_ramps_the_training_budget(method):
     x, y = _batch()
     assert (obj.attack(net, x, y, step=0) - x).abs().max() <= 0.1 / 20 + 1e-6
     assert (obj.attack(net, x, y, step=50) - x).abs().max() > 0.1 / 2
-    _, metrics = obj.loss(net, x, y, step=4)
+    _, metrics, _ = obj.loss(net, x, y, step=4)
     assert float(metrics["train_eps"]) == pytest.approx(0.1 * 5 / 20)
     plain = create_objective(_cfg(method=method), net, None, torch.device("cpu"))
     plain.begin(total_steps=100, steps_per_epoch=10)
@@ -124,7 +125,7 @@ def test_bad_settings_are_clear_errors(kw, match):
 
 def test_train_loop_with_pgd_at_and_eval_attack(tmp_path):
     """The loop runs method=pgd-at end to end and logs the eval_attack through evaluate_attack."""
-    from igam.runs import read_json
+    from igam.files import read_json
     from igam.train import train
 
     cfg = make_config(overrides=dict(method="pgd-at", eps="0.1", step_size="0.03", steps=2,

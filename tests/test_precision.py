@@ -9,23 +9,22 @@ cache, 30-50 s cold on a loaded 2-core machine; it is skipped when torch.compile
 from __future__ import annotations
 
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from igam.adapters import build_adapter
 from igam.config import make_config
-from igam.discriminator import GradientDiscriminator
 from igam.errors import IgamError
-from igam.gradients import input_gradient
-from igam.matching import InputGradientMatching
+from igam.method.adapted import AdaptedTeacher
+from igam.method.adapters import build_adapter
+from igam.method.discriminator import GradientDiscriminator
+from igam.method.gradients import input_gradient
+from igam.method.matching import InputGradientMatching
 from igam.models import create_model
 from igam.objectives.igam import IGAMObjective
-from igam.teacher import AdaptedTeacher
-from igam.train import speed_setup, try_compile
+from igam.speed import speed_setup, try_compile
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -80,7 +79,7 @@ def _step(igm: InputGradientMatching, x: torch.Tensor, y: torch.Tensor, autocast
         terms = igm(student, x, y)
     terms["loss"].backward()
     grads = torch.cat([p.grad.flatten() for p in student.parameters()])
-    return terms, grads, igm._cache[0]
+    return terms, grads, terms["js"]
 
 
 @pytest.mark.parametrize("mode,scheme", [("exact", "central"), ("finite-difference", "central"),
@@ -174,9 +173,9 @@ def _check_compile_choices(mode: str) -> None:
     student = create_model("small-cnn", num_classes=10, in_chans=3, input_size=32, width=4)
     matching = _matching(mode)
     teacher, disc = matching.teacher, matching.discriminator
-    objective = IGAMObjective(cfg, matching)
+    objective = IGAMObjective("igam", matching)
     said: list[str] = []
-    train_model, eval_model = speed_setup(cfg, student, objective, SimpleNamespace(shape=(3, 32, 32)),
+    train_model, eval_model = speed_setup(cfg, student, objective, (3, 32, 32),
                                           torch.device("cpu"), said.append)
     assert teacher in Recording.compiled and disc in Recording.compiled
     assert isinstance(eval_model, Recording) and eval_model._orig_mod is student

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from igam.cli import main
 from igam.config import make_config
-from igam.runs import read_json, read_log
+from igam.files import read_json
+from igam.runs import read_log
 from igam.train import train
 
 ARGS = ["dataset=synthetic:8x8x3:4", "model=small-cnn-bn", "width=4", "train_subset=256", "test_subset=64",

@@ -14,24 +14,20 @@ import pytest
 import torch
 
 from igam.errors import IgamError
-from igam.models import create_model
-from igam.runs import (
+from igam.files import (
     KILL_POINTS,
-    CSVLogger,
     _atomic,
     atomic_write_text,
     kill_point,
-    load_latest_state,
     load_torch_file,
     load_weights,
     read_json,
-    read_log,
-    resolve_run,
-    save_state,
     save_weights,
     sha256_file,
     write_json,
 )
+from igam.models import create_model
+from igam.runs import CSVLogger, load_latest_state, read_log, resolve_run, save_state
 
 
 class Payload:

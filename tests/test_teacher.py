@@ -9,9 +9,12 @@ from safetensors.torch import save_file
 
 from igam.config import make_config
 from igam.errors import IgamError
-from igam.runs import load_weights
-from igam.teacher import build_finetune_model, check_robustness, frozen_teacher, load_teacher
-from igam.train import load_run_model, train
+from igam.evaluate import check_teacher_robustness as check_robustness
+from igam.files import load_weights
+from igam.objectives.finetune import build_finetune_model
+from igam.runs import load_run_model
+from igam.teachers import frozen_teacher, load_teacher
+from igam.train import train
 
 BASE = dict(progress=False, tensorboard=False, eval_n=100, log_every=5, threads=1)
 

@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 import igam.runs
 from igam.config import Config, make_config
 from igam.errors import IgamError
+from igam.files import read_json
 from igam.objectives import OBJECTIVES, register_objective
 from igam.objectives.base import Metrics, Objective
-from igam.runs import load_latest_state, read_json, read_log
-from igam.train import load_run_model, lr_factor, train
+from igam.runs import load_latest_state, load_run_model, read_log
+from igam.train import lr_factor, train
 
 TINY = dict(dataset="synthetic:8x8x3:4", model="small-cnn-bn", width=4, train_subset=256, test_subset=64,
             batch_size=32, epochs=2, lr=0.05, progress=False, tensorboard=False, eval_every=1, eval_n=64,
@@ -60,7 +61,7 @@ class ScriptedObjective(Objective):
     seen: dict[int, dict[str, torch.Tensor]] = {}
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             step: int) -> tuple[torch.Tensor, Metrics]:
+             step: int) -> tuple[torch.Tensor, Metrics, None]:
         cls = type(self)
         if step == 0:
             cls.seen[0] = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -73,7 +74,7 @@ class ScriptedObjective(Objective):
             extra = extra + float("inf")
         if step in cls.nan_grad_at:  # finite value, NaN gradient: d sqrt(u)/du at u = 0 times 0
             extra = extra + (0 * model.fc.weight).abs().sqrt().sum()
-        return ce + extra, {"ce": ce.detach(), "poison": extra.detach()}
+        return ce + extra, {"ce": ce.detach(), "poison": extra.detach()}, None
 
     @classmethod
     def reset(cls) -> None:

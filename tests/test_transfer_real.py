@@ -16,9 +16,9 @@ import torch
 
 from igam.data import load_data
 from igam.demo import demo
-from igam.gradients import flat_cosine, input_gradient
-from igam.teacher import frozen_teacher
-from igam.train import load_run_model
+from igam.method.gradients import flat_cosine, input_gradient
+from igam.runs import load_run_model
+from igam.teachers import frozen_teacher
 
 
 def _cosine_to_teacher(out, run: str, data_dir) -> float:

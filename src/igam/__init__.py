@@ -8,12 +8,12 @@ Public API:
     input_gradient          per-example input gradients (eqs. 8-9)
 """
 
-from igam.adapters import build_adapter
-from igam.discriminator import GradientDiscriminator
-from igam.gradients import input_gradient
-from igam.matching import InputGradientMatching
+from igam.files import PACKAGE_VERSION as __version__
+from igam.method.adapters import build_adapter
+from igam.method.discriminator import GradientDiscriminator
+from igam.method.gradients import input_gradient
+from igam.method.matching import InputGradientMatching
 from igam.models import create_model, list_models
-from igam.runs import PACKAGE_VERSION as __version__
 
 __all__ = ["GradientDiscriminator", "InputGradientMatching", "__version__", "build_adapter", "create_model",
            "input_gradient", "list_models"]

@@ -10,6 +10,7 @@ from pathlib import Path
 from igam.config import config_help, make_config, parse_override_args
 from igam.errors import IgamError
 
+CONFIG_VERBS = {"train", "finetune", "transfer"}  # verbs whose every argument is a configuration key
 EPILOG_OVERRIDES = (
     "Any configuration key can be given as key=value or --key value, after an optional "
     "--config FILE.yaml; later values win. Unknown keys are errors."
@@ -45,7 +46,7 @@ def cmd_train(args, extra) -> int:
 def cmd_finetune(args, extra) -> int:
     from igam.train import train
 
-    cfg = _config_from(args, extra, method="finetune", epochs="10", lr="0.001")
+    cfg = _config_from(args, extra, method="finetune", epochs="10")
     if cfg.method != "finetune":
         raise IgamError("`igam finetune` always uses method=finetune; use `igam train` for other methods.")
     print(train(cfg))
@@ -136,11 +137,12 @@ def format_table(rows, attacks) -> str:
 
 
 def cmd_info(args, extra) -> int:
-    from igam.runs import read_json, resolve_run
+    from igam.files import read_json
+    from igam.runs import Run, resolve_run
 
     run_dir = resolve_run(args.run)
-    out = {"run": str(run_dir), "meta": read_json(run_dir / "meta.json")}
-    for name in ("metrics.json", "eval.json"):
+    out = {"run": str(run_dir), "meta": read_json(run_dir / Run.META)}
+    for name in (Run.METRICS, Run.EVAL):
         if (run_dir / name).exists():
             out[name[:-5]] = read_json(run_dir / name)
     if not args.json:
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `igam demo`. Every verb has --help.",
     )
     sub = p.add_subparsers(dest="verb", metavar="VERB")
+    p.verbs = {}  # type: ignore[attr-defined]
 
     def verb(name, fn, help, config=False, epilog=""):
         sp = sub.add_parser(
@@ -261,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sp.set_defaults(fn=fn)
+        p.verbs[name] = sp  # type: ignore[attr-defined]
         if config:
             sp.add_argument("--config", metavar="FILE.yaml", help="YAML file of configuration keys")
             sp.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
@@ -282,30 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
         "Fine-tune a robust teacher on the target task (paper 4.1, eq. 6): freeze "
         "it, train a new logit layer (and a learned adapter) on natural target images.",
         config=True,
-        epilog="Keys as for `igam train`; method=finetune, epochs=10 and Adam at finetune_lr are defaults."
-        "\nWith epochs=100 the result is the paper's FT-<source> baseline.\n\nExample:\n  igam finetune "
+        epilog="method=finetune, epochs=10 and Adam at finetune_lr are defaults. With epochs=100 the result "
+        "is the paper's FT-<source> baseline.\n\nExample:\n  igam finetune "
         "teacher=runs/pgd-at-madry-mnist-mnist-s0 dataset=cifar10 adapter=gray+crop28 epochs=10 "
-        "--data-dir ../shared/data",
+        "--data-dir ../shared/data\n\n" + EPILOG_OVERRIDES + " (`igam train --help` lists every key.)\n\n"
+        + config_help(("run", "data", "optim", "teacher", "finetune", "eval", "log")),
     )
     verb(
         "transfer",
         cmd_transfer,
         "Train a student with IGAM (paper 4.2, eqs. 7-14) from a fine-tuned teacher.",
         config=True,
-        epilog="Keys as for `igam train` (see `igam train --help`); method=igam is the default, "
-        "method=igr the J_t = 0 control.\nIGAM keys: teacher, lambda_adv, lambda_diff (number or auto), "
-        "preset (paper|official), gradient_target,\npixel_scale, diff_reduction, disc_input_norm, adv_loss, "
-        "disc_layers, disc_channels, disc_every, disc_lr,\nigam_start, grad_matching, teacher_bn."
-        "\n\nExample:\n"
+        epilog="method=igam is the default, method=igr the J_t = 0 control.\n\nExample:\n"
         "  igam transfer teacher=runs/finetune-... dataset=cifar10 model=resnet20 lambda_adv=1 "
-        "lambda_diff=auto epochs=5",
+        "lambda_diff=auto epochs=5\n\n" + EPILOG_OVERRIDES + " (`igam train --help` lists every key.)\n\n"
+        + config_help(("run", "data", "model", "optim", "teacher", "igam", "eval", "log")),
     )
     r = verb(
         "run",
         cmd_run,
         "Run a whole experiment file: teacher, fine-tuning, students, baselines, evaluation, "
         "results.md (paper-format table), trade-off plot and report. Finished stages are reused.",
-        epilog="The file format is described in igam/experiment.py and docs/EXPERIMENTS.md.\n"
+        epilog="The file format is described in igam/experiment/__init__.py and docs/EXPERIMENTS.md.\n"
         "Ready files: experiments/paper/*.yaml (the paper's tables, GPU scale), experiments/cpu/*.yaml.\n\n"
         "Examples:\n  igam run experiments/cpu/mnist-to-cifar10.yaml --dry-run\n"
         "  igam run experiments/paper/table1-mnist-to-cifar10.yaml data_dir=/data seed=1",
@@ -456,20 +458,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flag_tokens(sp: argparse.ArgumentParser, tokens: list[str]) -> list[str]:
+    """One grammar on every verb: on the verbs with classic options (evaluate, gradients, landscape,
+    report, run, ...), `key=value` means `--key value` when `--key` is one of the verb's options
+    ('-' and '_' alike), so `igam evaluate RUN attacks=clean,pgd20 n=100` works like the flags."""
+    options = {o.lstrip("-").replace("-", "_"): (o, a) for a in sp._actions for o in a.option_strings
+               if o.startswith("--")}
+    out: list[str] = []
+    for t in tokens:
+        key, eq, value = t.partition("=")
+        found = options.get(key.replace("-", "_")) if eq and not t.startswith("-") else None
+        if found is None:
+            out.append(t)
+            continue
+        opt, action = found
+        if action.nargs == 0:  # a switch: key=true turns it on, key=false leaves it off
+            flag = value.strip().lower()
+            if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise IgamError(f"{key}={value!r}: {opt} is a switch; write {key}=true or {key}=false.")
+            out += [opt] if flag in ("1", "true", "yes", "on") else []
+        else:
+            out += [opt, value]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv:
         parser.print_help()
         return 0
+    if argv[0] in parser.verbs and argv[0] not in CONFIG_VERBS | {"run"}:  # type: ignore[attr-defined]
+        try:
+            argv = [argv[0], *_flag_tokens(parser.verbs[argv[0]], argv[1:])]  # type: ignore[attr-defined]
+        except IgamError as e:
+            print(f"igam: error: {e}", file=sys.stderr)
+            return 2
     args, extra = parser.parse_known_args(argv)
     args.typed_argv = argv[1:]  # the typed order of override tokens (see _override_tokens)
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
-    takes_overrides = {"train", "finetune", "transfer", "run"}
     try:
-        if extra and args.verb not in takes_overrides:
+        if extra and args.verb not in CONFIG_VERBS | {"run"}:
             raise IgamError(
                 f"`igam {args.verb}` does not take {' '.join(extra)!r}; see `igam {args.verb} --help`."
             )

@@ -7,8 +7,6 @@ type are errors that name the closest valid key. The resolved config is saved wi
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -16,25 +14,46 @@ from typing import Any, get_type_hints
 import yaml
 
 from igam.errors import IgamError, suggest
+from igam.files import atomic_write_text
+from igam.registry import OBJECTIVES
+from igam.units import check_eps, check_start, parse_fraction
+
+__all__ = ["ALIASES", "FIELDS", "GROUPS", "PRESETS", "Config", "apply_overrides", "check_eps", "config_help",
+           "group_keys", "load_yaml", "make_config", "parse_fraction", "parse_override_args", "save_yaml",
+           "validate"]
+
+
+GROUPS = ("run", "data", "model", "optim", "attack", "teacher", "igam", "finetune", "eval", "log")
+_section = ["run"]
+
+
+def section(name: str) -> None:
+    """Inside the Config class body: the group the keys below belong to (see GROUPS)."""
+    assert name in GROUPS, name
+    _section[0] = name
 
 
 def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    meta = {"help": help, "choices": choices}
+    meta = {"help": help, "choices": choices, "group": _section[0]}
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
 
 
 # The built-in methods (for the help text). What `method` accepts is the objective registry
-# (igam.objectives.OBJECTIVES), so objectives registered by plug-ins or tests are valid methods too.
+# (igam.objectives.OBJECTIVES, checked where a run starts), so registered plug-ins are methods too.
 METHODS = ("standard", "pgd-at", "trades", "finetune", "igam", "igr")
 
 
 @dataclass
 class Config:
-    """Every setting of a run. Groups: run, data, model, optimisation, method, attack, IGAM, logging."""
+    """Every setting of a run, flat (`key=value`; key names are unique), each key in one group (GROUPS:
+    run, data, model, optim, attack, teacher, igam, finetune, eval, log) that `igam VERB --help` lists by
+    verb. Numbers typed as fractions (eps=8/255) are kept as typed in config.yaml and parsed by
+    igam.units where they are used."""
 
     # --- run -----------------------------------------------------------------------------------
+    section("run")
     name: str = opt("", "run name (default: METHOD-MODEL-DATASET-SEED)")
     out_dir: str = opt("runs", "directory that holds run directories")
     seed: int = opt(0, "random seed (data order, augmentation, initialisation, attacks)")
@@ -43,6 +62,7 @@ class Config:
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms(True) (slower on GPU)")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
     # --- data ----------------------------------------------------------------------------------
+    section("data")
     dataset: str = opt("synthetic", "mnist | fashion-mnist | cifar10 | cifar100 | svhn | tiny-imagenet | "
                        "imagefolder:PATH | npz:PATH | synthetic[:HxWxC:K]")
     data_dir: str = opt("", "data root (default: $IGAM_DATA, else ./data)")
@@ -57,6 +77,7 @@ class Config:
     batch_size: int = opt(128, "training batch size (per process under torchrun)")
     eval_batch_size: int = opt(500, "evaluation batch size")
     # --- model ---------------------------------------------------------------------------------
+    section("model")
     model: str = opt("small-cnn", "architecture from the zoo (`igam models`), timm:NAME or torchvision:NAME")
     activation: str = opt("default", "default | relu | leaky-relu | softplus | silu | gelu (zoo models)")
     width: int = opt(0, "width multiplier / base channels of zoo models that have one (0: model default)")
@@ -66,6 +87,7 @@ class Config:
     init_from: str = opt("", "start from the weights of this run directory (e.g. a standard-trained "
                          "student, as the official IGAM schedule does)")
     # --- optimisation --------------------------------------------------------------------------
+    section("optim")
     epochs: float = opt(10.0, "training epochs (fractions allowed)")
     optimizer: str = opt("sgd", "sgd | adam", ("sgd", "adam"))
     lr: float = opt(0.01, "learning rate (0.01 suits the default small-cnn; Madry/IGAM: 0.1 for WRN, SGD)")
@@ -77,8 +99,10 @@ class Config:
     warmup_epochs: float = opt(0.0, "linear learning-rate warm-up")
     grad_clip: float = opt(0.0, "clip the student's gradient norm (0: off)")
     # --- method --------------------------------------------------------------------------------
+    section("run")
     method: str = opt("standard", "training objective: " + " | ".join(METHODS))
     # --- attacks used for training (pgd-at, trades) ------------------------------------------------
+    section("attack")
     eps: str = opt("8/255", "L-inf radius in [0,1] pixel units; fractions like 8/255 allowed")
     step_size: str = opt("2/255", "PGD step size")
     steps: int = opt(7, "PGD steps for adversarial training (Madry: 7 CIFAR, 40 MNIST)")
@@ -89,6 +113,7 @@ class Config:
                          ("eval", "train"))
     trades_beta: float = opt(6.0, "TRADES robustness weight")
     # --- teacher and adapter (finetune, igam) -----------------------------------------------------
+    section("teacher")
     teacher: str = opt("", "teacher: a run directory, or a .safetensors/.pt/.pth file with teacher_model")
     teacher_model: str = opt("", "architecture of a foreign teacher checkpoint")
     teacher_classes: int = opt(0, "classes of a foreign teacher checkpoint's own head")
@@ -99,6 +124,7 @@ class Config:
     teacher_bn: str = opt("eval", "teacher BatchNorm mode: eval (paper) | train (official code)",
                           ("eval", "train"))
     # --- IGAM (paper eqs. 7-14) ------------------------------------------------------------------
+    section("igam")
     preset: str = opt("", "paper | official: sets the gradient target, scaling, discriminator input and "
                       "schedule of IGAM (see docs/IGAM.md)")
     lambda_adv: float = opt(1.0, "weight of the adversarial discriminator loss L_adv (eq. 14)")
@@ -128,15 +154,20 @@ class Config:
     fd_scheme: str = opt("central", "finite-difference scheme: central (two extra passes, error O(h^2)) | "
                          "forward (one extra pass reusing the pass at x, error O(h); use fd_step=1e-3)",
                          ("central", "forward"))
+    amp_input_grad: bool = opt(False, "run the IGAM input-gradient path under amp too (exact mode; default: "
+                               "it stays float32)")
     # --- finetune --------------------------------------------------------------------------------
+    section("finetune")
     finetune_lr: float = opt(1e-3, "Adam learning rate of the new logit layer (and learned adapter)")
     # --- evaluation during training --------------------------------------------------------------
+    section("eval")
     eval_every: float = opt(1.0, "evaluate every N epochs (0: only at the end)")
     eval_n: int = opt(1000, "test images used by evaluations during training (0: all)")
     eval_attack: str = opt("", "attack preset also evaluated during training, e.g. pgd10 (empty: none)")
     eval_bn: str = opt("eval", "BatchNorm mode at evaluation: eval | train (reproduces the official "
                        "evaluation; labelled as such)", ("eval", "train"))
     # --- logging and checkpoints -----------------------------------------------------------------
+    section("log")
     log_every: int = opt(50, "write a CSV/TensorBoard row every N steps")
     checkpoint_every: int = opt(500, "write a resumable checkpoint every N steps (and at every epoch end)")
     keep_checkpoints: int = opt(2, "resumable checkpoints kept on disk")
@@ -145,8 +176,6 @@ class Config:
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(True, "write TensorBoard events")
     amp: str = opt("none", "mixed precision on GPU: none | bf16 | fp16", ("none", "bf16", "fp16"))
-    amp_input_grad: bool = opt(False, "run the IGAM input-gradient path under amp too (exact mode; default: "
-                               "it stays float32)")
     compile: bool = opt(False, "torch.compile the modules that allow it (teacher, discriminator, "
                         "evaluation; student in finite-difference mode)")
     channels_last: bool = opt(False, "channels-last memory format on GPU")
@@ -168,34 +197,6 @@ ALIASES = {"learning_rate": "lr", "learningrate": "lr", "bs": "batch_size", "wd"
            "num_steps": "steps", "beta": "trades_beta", "gpu": "device", "clip": "grad_clip",
            "max_grad_norm": "grad_clip", "resume_from": "resume", "objective": "method", "run_name": "name"}
 _TYPES = get_type_hints(Config)
-
-
-def parse_fraction(value: str | float | int, key: str = "value") -> float:
-    """'8/255' -> 0.0313..., '0.3' -> 0.3. Raises IgamError on junk."""
-    if isinstance(value, bool):
-        raise IgamError(f"{key}={value!r} is not a number.")
-    if isinstance(value, int | float):
-        return float(value)
-    s = str(value).strip()
-    m = re.fullmatch(r"([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)", s)
-    try:
-        out = float(m.group(1)) / float(m.group(2)) if m else float(s)
-    except (ValueError, ZeroDivisionError):
-        raise IgamError(f"{key}={value!r} is not a number; write e.g. 0.3 or 8/255.") from None
-    if not math.isfinite(out):
-        raise IgamError(f"{key}={value!r} is not a finite number.")
-    return out
-
-
-def check_eps(value: str | float, key: str = "eps") -> float:
-    """An L-inf radius in [0,1] pixel units; catches the common mistake of 8 meaning 8/255."""
-    eps = parse_fraction(value, key)
-    if eps < 0:
-        raise IgamError(f"{key}={value} is negative; radii are >= 0.")
-    if eps > 1:
-        raise IgamError(f"{key}={value} is larger than 1, but inputs live in [0, 1]. If you meant "
-                        f"{value}/255 on the 0-255 scale, write {key}={value}/255.")
-    return eps
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -260,23 +261,18 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return out
 
 
-def check_method(method: str) -> None:
-    """`method` must name a registered objective (built-in, or registered with register_objective)."""
-    from igam.objectives import OBJECTIVES  # importing registers the built-in objectives
-
-    if method not in OBJECTIVES:
-        raise IgamError(f"method={method!r} is not a training objective.{suggest(method, OBJECTIVES)} "
-                        f"Choose one of: {', '.join(sorted(OBJECTIVES))}.")
-
-
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type cannot express."""
-    check_method(cfg.method)
+    if cfg.method not in METHODS and cfg.method not in OBJECTIVES:
+        known = sorted({*METHODS, *OBJECTIVES})
+        raise IgamError(f"method={cfg.method!r} is not a training objective.{suggest(cfg.method, known)} "
+                        f"Choose one of: {', '.join(known)}.")
     for key in ("eps", "step_size"):
         check_eps(getattr(cfg, key), key)
     parse_fraction(cfg.noise, "noise")
     if cfg.lambda_diff != "auto":
         parse_fraction(cfg.lambda_diff, "lambda_diff")
+    check_start(cfg.igam_start, "igam_start")
     for key in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every", "disc_every",
                 "disc_layers", "disc_channels"):
         if getattr(cfg, key) < 1:
@@ -387,16 +383,25 @@ def make_config(config_file: str | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
-def config_help() -> str:
-    """The key reference printed by `igam train --help`."""
+def group_keys(*groups: str) -> tuple[str, ...]:
+    """The configuration keys of the given groups (GROUPS), in declaration order."""
+    unknown_groups = set(groups) - set(GROUPS)
+    if unknown_groups:
+        raise ValueError(f"unknown config groups {sorted(unknown_groups)}; groups are {GROUPS}")
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["group"] in groups)
+
+
+def config_help(groups: tuple[str, ...] = GROUPS) -> str:
+    """The key reference of `igam VERB --help`: the keys of `groups` (all by default), group by group."""
     lines = ["configuration keys (key=value or --key value; defaults in brackets):"]
-    for f in dataclasses.fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {f.name:<18} {f.metadata['help']} [{default}]")
+    fields = dataclasses.fields(Config)
+    for group in (g for g in GROUPS if g in groups):
+        lines.append(f" [{group}]")
+        for f in (f for f in fields if f.metadata["group"] == group):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {f.name:<18} {f.metadata['help']} [{default}]")
     return "\n".join(lines)
 
 
 def save_yaml(data: dict[str, Any], path: str | Path) -> None:
-    from igam.runs import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))

@@ -11,14 +11,13 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from igam.data import default_data_dir
+from igam.data import default_data_dir, load_arrays
 from igam.errors import IgamError
+from igam.experiment import run_experiment
 
 
 def _find_data(root: Path) -> str:
     """'real' when MNIST and CIFAR-10 load from root (downloaded if the network allows), else 'synthetic'."""
-    from igam.data import load_arrays
-
     try:
         for name in ("mnist", "cifar10"):
             load_arrays(name, root, download=True)
@@ -28,8 +27,6 @@ def _find_data(root: Path) -> str:
 
 
 def demo(out_dir: str = "runs/demo", data_dir: str | None = None, quick: bool = False, log=print) -> Path:
-    from igam.experiment import run_experiment
-
     root = Path(data_dir) if data_dir else default_data_dir()
     kind = "quick" if quick else _find_data(root)
     if kind == "real":
@@ -40,7 +37,7 @@ def demo(out_dir: str = "runs/demo", data_dir: str | None = None, quick: bool = 
             "(put mnist.npz and cifar10.npz there, or pass --data-dir, for the real transfer)"
         )
     os.environ.setdefault("IGAM_DATA", str(root))
-    spec = resources.files("igam.experiments") / f"demo-{kind}.yaml"
+    spec = resources.files("igam.demo_configs") / f"demo-{kind}.yaml"
     with resources.as_file(spec) as path:
         exp_dir = run_experiment(
             path, out_dir=out_dir, overrides={"data_dir": str(root)} if kind == "real" else None, log=log

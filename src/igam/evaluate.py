@@ -19,32 +19,31 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import yaml
 
 from igam.attacks import FGSM, PGD, Attack, Square, make_attack, parse_preset
 from igam.attacks.autoattack import INSTALL_HINT, torchattacks_version
 from igam.attacks.checks import Observation, gradient_stats, run_checks, warning_block
 from igam.attacks.presets import default_eps, is_mnist_like
-from igam.config import check_eps
 from igam.data import load_data
 from igam.errors import IgamError
-from igam.runs import read_json, resolve_run, write_json
-from igam.utils import bn_mode
+from igam.files import read_json, write_json
+from igam.runs import Run
+from igam.units import check_eps
+from igam.utils import bn_mode, mix_seed, to_unit
 
-__all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "data_dir_of", "evaluate_attack", "evaluate_run",
-           "large_eps", "masking_report", "result_key", "run_attack", "warning_block"]
+__all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "check_teacher_robustness", "evaluate_attack",
+           "evaluate_run", "large_eps", "masking_report", "result_key", "run_attack", "warning_block"]
 
 CHECK_STEPS = (10, 20, 50)  # PGD step counts of the --checks step sweep
 EPS_SWEEP = (0.25, 0.5, 1.0, 1.5)  # multiples of eps of the --checks eps sweep (PGD-20)
 
 
 def _batch_seed(seed: int, index: int) -> int:
-    return (int(seed) * 1_000_003 + index * 7919 + 1) % (2**62)
+    return mix_seed(seed, index, stride=7919, offset=1)
 
 
 def _as_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = x.to(device)
-    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    return to_unit(x.to(device))
 
 
 def validate_attacks(names: list[str]) -> None:
@@ -85,6 +84,20 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str |
     return {"accuracy": float(correct.float().mean()) if len(x) else 0.0, "n": len(x), "seed": seed, "bn": bn,
             "eps": None if atk is None else atk.eps, "batch_size": batch_size, "attack": settings,
             "time_s": round(time.time() - t0, 2)}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
+             bn: str = "eval") -> float:
+    """Clean accuracy in [0, 1] with eval-mode BatchNorm (or train-mode, labelled, for the official
+    protocol)."""
+    correct = 0
+    device = next(model.parameters()).device
+    with bn_mode(model, bn):
+        for i in range(0, len(x), batch_size):
+            xb = to_unit(x[i:i + batch_size].to(device))
+            correct += int((model(xb).argmax(1) == y[i:i + batch_size].to(device)).sum())
+    return correct / max(1, len(x))
 
 
 def evaluate_attack(model: nn.Module, x, y, attack: str, spec=None, batch_size: int = 500, seed: int = 0,
@@ -164,17 +177,16 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     `result_key(name, eps, bn)`; the masking checks (always those the results allow, plus the sweeps of
     `checks=True` on the first check_n images) replace its `masking_checks` section. Returns this call's
     records, keyed like eval.json, and `masking_checks` (sweeps of an earlier --checks call are kept)."""
-    from igam.train import load_run_model
-
     say = log or (lambda s: None)
     validate_attacks(attacks)
     if eps is not None:
         check_eps(eps)
-    run_dir = resolve_run(run)
-    meta = read_json(run_dir / "meta.json")
-    arrays = load_data(meta["data"]["dataset"], data_dir or data_dir_of(run_dir), False, 0, n)
+    the_run = Run.open(run)
+    run_dir = the_run.dir
+    meta = the_run.meta
+    arrays = load_data(meta["data"]["dataset"], data_dir or the_run.data_dir, False, 0, n)
     x, y = arrays.x_test, arrays.y_test
-    model = load_run_model(run_dir, device)
+    model = the_run.load_model(device)
     results: dict[str, Any] = {}
     for name in attacks:
         say(f"igam: {run_dir.name}: {name} on {len(x)} images ...")
@@ -182,7 +194,7 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
         results[result_key(name, eps, bn)] = rec
         say(f"igam: {run_dir.name}: {name}: {100 * rec['accuracy']:.2f}% ({rec['time_s']} s)")
 
-    path = run_dir / "eval.json"
+    path = the_run.eval_path
     merged = read_json(path) if path.exists() else {}
     merged.update(results)
     obs = [o for k, r in merged.items() if isinstance(r, dict) and (o := observation(k, r)) is not None]
@@ -198,8 +210,23 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     return results
 
 
-def data_dir_of(run_dir: Path) -> str | None:
-    """The data root a run was trained from (its config.yaml)."""
-    path = Path(run_dir) / "config.yaml"
-    cfg = yaml.safe_load(path.read_text()) if path.exists() else {}
-    return (cfg or {}).get("data_dir") or None
+def check_teacher_robustness(run_dir: Path, n: int = 200, log: Callable[[str], None] = print) -> float | None:
+    """Warn when a teacher run is not robust on its own task: PGD-10 accuracy on its first n test images
+    at the usual eps (0.3 MNIST-like, 8/255 otherwise) below 5%. Returns the accuracy in [0, 1], or None
+    when the run's data is not at hand."""
+    run = Run.open(run_dir)
+    try:
+        data = load_data(run.meta["data"]["dataset"], run.data_dir, False, 0, n)
+    except IgamError:
+        return None
+    model = run.load_model()
+    clean = run_attack(model, data.x_test, data.y_test, "clean")["accuracy"]
+    robust = run_attack(model, data.x_test, data.y_test, "pgd10")["accuracy"]
+    eps = default_eps(tuple(data.x_test.shape[1:]))[0]
+    if robust < 0.05:
+        log(
+            f"igam: WARNING: the teacher {run_dir} is not robust on its own task: PGD-10 accuracy at eps "
+            f"{eps:.3g} is {100 * robust:.1f}% on {len(data.x_test)} test images (clean {100 * clean:.1f}%). "
+            "IGAM transfers the teacher's robustness, so expect little; train the teacher with method=pgd-at."
+        )
+    return robust

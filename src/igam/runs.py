@@ -1,14 +1,15 @@
-"""A run directory and everything written into it, atomically.
+"""A run directory: its layout, its files, resumable training states, logs and its trained model.
 
     RUN/
       config.yaml          the effective configuration
       meta.json            architecture, dataset, classes, input shape, adapter, seed, version, git commit
-      model.safetensors    final weights (plus e.g. discriminator.safetensors)
+      model.safetensors    final weights (objective.safetensors: e.g. the discriminator, lambda_diff)
       checkpoints/         resumable training states: ckpt-STEP.pt + ckpt-STEP.json (sha256, step)
       metrics.json         final metrics; eval.json holds attack results
-      log.csv, tb/         per-step logs (CSV and TensorBoard)
+      log.csv, eval_log.csv, tb/   per-step and per-evaluation logs (CSV and TensorBoard)
 
-Nothing here unpickles: weights are safetensors and training states load with weights_only=True.
+`Run(path)` owns these names; nothing else spells them. Nothing here unpickles: weights are safetensors
+and training states load with weights_only=True.
 """
 
 from __future__ import annotations
@@ -17,194 +18,29 @@ import csv
 import hashlib
 import io
 import json
-import os
-import re
-import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.nn as nn
+import yaml
 
 from igam.errors import IgamError
-
-PACKAGE_VERSION = "0.1.0"
-
-
-# ---------------------------------------------------------------------------------------------
-# crash-test hook (docs/RELIABILITY.md): IGAM_TEST_KILL_AT=POINT:N makes the process SIGKILL itself the
-# N-th time it reaches kill_point(POINT). Unset (normal use), kill_point does nothing.
-KILL_ENV = "IGAM_TEST_KILL_AT"
-KILL_POINTS = ("step", "after-step", "optimizer-step", "checkpoint-write", "checkpoint-sidecar",
-               "weights-write")
-_kill_hits: dict[str, int] = {}
-
-
-def kill_point(name: str) -> None:
-    """Crash tests only: SIGKILL this process at the N-th call with this name (see KILL_ENV above)."""
-    spec = os.environ.get(KILL_ENV)
-    if not spec or spec.partition(":")[0] != name:
-        return
-    _kill_hits[name] = _kill_hits.get(name, 0) + 1
-    if _kill_hits[name] == int(spec.partition(":")[2] or 1):
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-
-
-def install_kill_hooks() -> None:
-    """Under IGAM_TEST_KILL_AT=optimizer-step:N, count every optimizer.step() of the process (the student's
-    and e.g. the discriminator's), so a crash test can die inside an objective's own update."""
-    if os.environ.get(KILL_ENV, "").startswith("optimizer-step:"):
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        register_optimizer_step_post_hook(lambda *_: kill_point("optimizer-step"))
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic file writes: temp file in the same directory, fsync, rename, fsync the directory
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _mkstemp(path: Path) -> tuple[int, str]:
-    """A temp file beside `path`, with the permissions a plain open() would give (mkstemp makes 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_UMASK)
-    return fd, tmp
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _mkstemp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(Path(path), lambda f: f.write(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(Path(path), json.dumps(data, indent=2, default=str) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise IgamError(f"'{path}' is missing.") from None
-    except json.JSONDecodeError as e:
-        raise IgamError(f"'{path}' is not valid JSON ({e}).") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# weights: safetensors only
-def save_weights(module_or_state: torch.nn.Module | dict, path: Path) -> None:
-    state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _mkstemp(path)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        kill_point("weights-write")
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Read a weights file without executing code: safetensors, or .pt/.pth with weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise IgamError(f"Weights file '{path}' does not exist.")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise IgamError(f"'{path}' is not a valid safetensors file ({e}); it may be truncated or "
-                            "corrupted. Re-create it (e.g. rerun the training with resume=true).") from None
-    return _check_tensor_dict(load_torch_file(path), path)
-
-
-def _load_error(e: BaseException) -> str:
-    """The one informative line of a torch.load failure (torch's own text is long and has ANSI codes):
-    for a refused pickle payload, the line naming the forbidden global."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    lines = [t.strip() for t in text.splitlines() if t.strip()]
-    if text.startswith("Weights only load failed"):
-        named = [t for t in lines[1:] if re.search(r"GLOBAL|global|WeightsUnpickler error", t)]
-        line = named[0] if named else "the file holds objects other than tensors"
-        line = re.sub(r"^WeightsUnpickler error: ", "", line).split(" Please use")[0]
-    else:
-        line = lines[0] if lines else type(e).__name__
-    return f"{type(e).__name__}: {line[:200].rstrip('.')}"
-
-
-def load_torch_file(path: Path) -> Any:
-    """torch.load with weights_only=True: a pickle payload that would run code is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise IgamError(f"Checkpoint file '{path}' does not exist.")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise IgamError(
-            f"Refused to load '{path}': it is not a plain tensor checkpoint ({_load_error(e)}). igam never "
-            "unpickles arbitrary objects. If you trust the file, convert it to safetensors in a separate "
-            "Python session (torch.load(..., weights_only=False), then safetensors.torch.save_file)."
-        ) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    return obj
-
-
-def _check_tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                            for k, v in obj.items()):
-        raise IgamError(f"'{path}' does not hold a state dict (a mapping of parameter names to tensors), so "
-                        "it cannot be loaded as model weights.")
-    return obj
+from igam.files import (
+    _atomic,
+    _load_error,
+    atomic_write_text,
+    kill_point,
+    load_weights,
+    read_json,
+    sha256_file,
+    write_json,
+)
+from igam.method.adapted import model_from_meta
+from igam.models import model_from_args
+from igam.utils import unwrap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,3 +224,144 @@ def resolve_run(path: str | Path) -> Path:
                             "by `igam train`, `igam finetune` or `igam transfer`.")
         raise IgamError(f"Run directory '{path}' does not exist.")
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+def load_state_checked(model: nn.Module, state: dict[str, Any], what: str) -> None:
+    """load_state_dict whose shape or key mismatches become one clear IgamError naming `what`."""
+    try:
+        unwrap(model).load_state_dict(state)
+    except RuntimeError as e:
+        first = "; ".join([t.strip() for t in str(e).splitlines() if t.strip()][1:3])[:300].rstrip(".")
+        raise IgamError(f"{what} does not fit this model ({first}). It was written for another architecture, "
+                        "input shape or number of classes.") from None
+
+
+class Run:
+    """One run directory and the files in it (see the module docstring for the layout).
+
+    `Run(path)` checks nothing; `Run.open(path)` requires meta.json (an existing run). Attribute names are
+    the files' paths; `meta`, `config` read them; `load_model()` rebuilds the trained network.
+    """
+
+    CONFIG, META, METRICS, EVAL = "config.yaml", "meta.json", "metrics.json", "eval.json"
+    WEIGHTS, OBJECTIVE = "model.safetensors", "objective.safetensors"
+    LOG, EVAL_LOG, TB, CHECKPOINTS = "log.csv", "eval_log.csv", "tb", "checkpoints"
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """An existing run directory.
+
+        Raises:
+            IgamError: when `path` does not exist or holds no meta.json.
+        """
+        return cls(resolve_run(path))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.dir / name
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / self.CONFIG
+
+    @property
+    def meta_path(self) -> Path:
+        return self.dir / self.META
+
+    @property
+    def weights_path(self) -> Path:
+        return self.dir / self.WEIGHTS
+
+    @property
+    def objective_path(self) -> Path:
+        return self.dir / self.OBJECTIVE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / self.METRICS
+
+    @property
+    def eval_path(self) -> Path:
+        return self.dir / self.EVAL
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """meta.json (architecture, data, status, provenance).
+
+        Raises:
+            IgamError: when it is missing or not valid JSON.
+        """
+        return read_json(self.meta_path)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """config.yaml as a plain mapping ({} when absent or unreadable)."""
+        try:
+            cfg = yaml.safe_load(self.config_path.read_text()) if self.config_path.exists() else {}
+        except (OSError, yaml.YAMLError):
+            return {}
+        return cfg if isinstance(cfg, dict) else {}
+
+    @property
+    def data_dir(self) -> str | None:
+        """The data root the run was trained from (its config.yaml), or None."""
+        return self.config.get("data_dir") or None
+
+    @property
+    def status(self) -> str | None:
+        return self.meta.get("status") if self.meta_path.exists() else None
+
+    def build_model(self) -> nn.Module:
+        """The run's network with freshly initialised weights, re-created from meta.json (a fine-tuned
+        teacher comes back with its adapter and frozen body)."""
+        args = self.meta.get("model") or {}
+        if args.get("adapter") is not None:  # an adapted (fine-tuned) teacher
+            return model_from_meta(self.meta)
+        return model_from_args(args)
+
+    def load_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The trained network in eval mode on `device`.
+
+        Raises:
+            IgamError: when the run has no model.safetensors yet, or the weights do not fit meta.json.
+        """
+        meta = self.meta
+        model = self.build_model()
+        if not self.weights_path.exists():
+            raise IgamError(f"Run '{self.dir}' has no model.safetensors yet (status: {meta.get('status')}). "
+                            "Finish it first, e.g. with resume=true.")
+        load_state_checked(model, load_weights(self.weights_path), f"{self.weights_path}")
+        return model.to(device).eval()
+
+
+def load_run_model(run: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained network of a run directory in eval mode (see `Run.load_model`)."""
+    return Run.open(run).load_model(device)
+
+
+def init_model_from(model: nn.Module, run: str | Path) -> None:
+    """Load the final weights of run `run` into `model`, after checking architecture, classes and input.
+
+    Raises:
+        IgamError: when the runs' models differ, or `run` has not finished.
+    """
+    src = Run.open(run)
+    theirs = src.meta.get("model") or {}
+    ours = unwrap(model).igam_args
+    for key, what in (("name", "architecture"), ("num_classes", "number of classes"),
+                      ("in_chans", "number of input channels"), ("width", "width"),
+                      ("activation", "activation")):
+        if theirs.get(key, ours[key]) != ours[key]:
+            raise IgamError(f"init_from={run} cannot initialise this model: its {what} is "
+                            f"{theirs.get(key)!r}, this run's is {ours[key]!r}. Start from a run with the "
+                            "same model, dataset and width, or drop init_from.")
+    if not src.weights_path.exists():
+        raise IgamError(f"init_from={run} has no model.safetensors yet; finish that run first (resume=true).")
+    load_state_checked(model, load_weights(src.weights_path), f"init_from={run}")

@@ -1,12 +1,12 @@
-"""Small shared helpers: devices, seeds, model modes, distributed state."""
+"""Small shared helpers: devices, seeds, pixel conversion, wrapper unwrapping, BatchNorm modes."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import random
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -15,6 +15,11 @@ from igam.errors import IgamError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N' as a torch.device.
+
+    Raises:
+        IgamError: for a name that is no device, or CUDA asked for where it is not available.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -26,6 +31,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, torch's (all devices) and NumPy's global generators with `seed`."""
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -36,69 +42,104 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def rng_state() -> dict[str, Any]:
+    """torch, CUDA, Python and NumPy generators as tensors and primitives (loadable with weights_only)."""
+    import numpy as np
+
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": [version, torch.tensor(words, dtype=torch.int64), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() captured."""
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if "python" in state:
+        version, words, gauss = state["python"]
+        random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def mix_seed(seed: int, index: int, *, stride: int, offset: int, rank: int = 0) -> int:
+    """A per-(seed, index, rank) seed in [0, 2**62): the one formula behind every derived random stream
+    (training attacks' random starts per step: stride 8191, offset 17; evaluation batches: stride 7919,
+    offset 1). Distinct streams differ in stride/offset, so they never share draws."""
+    return (int(seed) * 1_000_003 + int(index) * stride + int(rank) * 131 + offset) % (2**62)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Images as float32 in [0, 1]: uint8 (0..255) is divided by 255, floats are cast to float32.
+    Shape is kept (N, C, H, W)."""
+    return x.float().div(255) if x.dtype == torch.uint8 else x.float()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / torch.compile wrappers (what gets saved)."""
+    """The module inside (Distributed)DataParallel and torch.compile wrappers (what gets saved)."""
     while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ in (
-                "DistributedDataParallel", "DataParallel"):
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
-        elif hasattr(model, "_orig_mod"):
+        elif (compiled := _compiled_module_type()) is not None and isinstance(model, compiled):
             model = model._orig_mod
         else:
             return model
 
 
+def _compiled_module_type() -> type | None:
+    """torch.compile's wrapper class, if torch.compile was ever used in this process (importing
+    torch._dynamo only to find out would cost seconds)."""
+    return getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+
+
+def without_ddp(model: nn.Module) -> nn.Module:
+    """The module inside (Distributed)DataParallel wrappers; a torch.compile wrapper is kept."""
+    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    return model
+
+
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextlib.contextmanager
+def bn_batch_stats(model: nn.Module) -> Iterator[list[nn.modules.batchnorm._BatchNorm]]:
+    """BatchNorm layers (in whatever mode they are) keep their running averages: momentum 0 inside the
+    block, restored on exit. Yields the BatchNorm layers (an empty list: the model has none)."""
+    bns = batchnorms(model)
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield bns
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+
 @contextlib.contextmanager
 def bn_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
-    """Run `model` in eval mode, or with train-mode BatchNorm (batch statistics, as the official IGAM
-    code does everywhere) without touching its running statistics. Restores the previous mode."""
+    """Run `model` in eval mode, or (mode='train') with train-mode BatchNorm, i.e. batch statistics as the
+    official IGAM code uses everywhere, without touching the running statistics. Every module's mode is
+    restored on exit."""
     was_training = {m: m.training for m in model.modules()}
-    momenta = {}
     try:
         model.eval()
-        if mode == "train":
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    momenta[m] = m.momentum
-                    m.momentum = 0.0  # use batch statistics, leave the running averages as they are
-                    m.train()
-        yield model
+        with bn_batch_stats(model) if mode == "train" else contextlib.nullcontext() as bns:
+            for m in bns or ():
+                m.train()
+            yield model
     finally:
-        for m, mom in momenta.items():
-            m.momentum = mom
         for m, t in was_training.items():
             m.training = t
-
-
-@dataclass
-class Dist:
-    """torchrun's environment: rank, world size, local rank (world 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); no-op without torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(), resolve_device(device_name)
-    import torch.distributed as dist
-
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local), device

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from igam.config import check_eps
 from igam.errors import IgamError
+from igam.units import check_eps
 from igam.utils import bn_mode
 
 LOSSES = ("ce", "cw")

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from igam.attacks.base import LOSSES, Attack, attack_loss, project
-from igam.config import check_eps
 from igam.errors import IgamError
+from igam.units import check_eps
 
 
 class PGD(Attack):

@@ -20,8 +20,8 @@ from igam.attacks.base import Attack
 from igam.attacks.fgsm import FGSM
 from igam.attacks.pgd import PGD
 from igam.attacks.square import Square
-from igam.config import check_eps
 from igam.errors import IgamError, suggest
+from igam.units import check_eps
 
 PRESET_EXAMPLES = ("fgsm", "pgd5", "pgd7", "pgd10", "pgd20", "pgd40", "pgd50", "pgd100", "pgd20x5",
                    "pgd20-cw", "square", "autoattack")

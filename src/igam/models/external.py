@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from igam.errors import IgamError
+from igam.errors import IgamError, suggest
 from igam.models.base import ImageClassifier, Normalize
 
 
@@ -54,8 +54,6 @@ def create_external(name: str, norm: Normalize, num_classes: int, in_chans: int)
         import torchvision
 
         if arch not in torchvision.models.list_models():
-            from igam.errors import suggest
-
             raise IgamError(f"torchvision has no model '{arch}'."
                             f"{suggest(arch, torchvision.models.list_models())}")
         net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)

@@ -1,9 +1,59 @@
-"""Training objectives, one file each; `create_objective(cfg, ...)` picks one by cfg.method."""
+"""Training objectives, one file each, registered by method name; the loop (igam.train) builds the model
+and the objective a config names through `build_model` and `create_objective`.
 
-from igam.objectives.base import OBJECTIVES, Metrics, Objective, create_objective, register_objective
+    standard   cross-entropy (base.py)
+    finetune   a robust teacher's new logit layer on the target task (finetune.py; paper eq. 6)
+    pgd-at     PGD adversarial training; trades: TRADES (pgd_at.py)
+    igam, igr  IGAM and its J_t = 0 control (igam.py; paper eqs. 7-14)
+"""
 
-__all__ = ["OBJECTIVES", "Metrics", "Objective", "create_objective", "register_objective"]
+from __future__ import annotations
 
-# Built-in objectives register themselves on import.
-from igam.objectives import igam as _igam  # noqa: E402, F401
-from igam.objectives import pgd_at as _pgd_at  # noqa: E402, F401
+import torch
+import torch.nn as nn
+
+from igam.models import create_model
+from igam.objectives import finetune as _finetune  # noqa: F401  (registers finetune)
+from igam.objectives import igam as _igam  # noqa: F401  (registers igam, igr)
+from igam.objectives import pgd_at as _pgd_at  # noqa: F401  (registers pgd-at, trades)
+from igam.objectives.base import (
+    MODEL_BUILDERS,
+    OBJECTIVES,
+    Metrics,
+    Objective,
+    check_method,
+    register_objective,
+)
+from igam.runs import init_model_from
+
+__all__ = ["OBJECTIVES", "Metrics", "Objective", "build_model", "check_method", "create_objective",
+           "register_objective"]
+
+
+def create_objective(cfg, model: nn.Module, spec, device: torch.device) -> Objective:
+    """The objective cfg.method names, on `device` (each factory takes (cfg, model, spec, device)).
+
+    Raises:
+        IgamError: for a method that is not registered.
+    """
+    check_method(cfg.method)
+    return OBJECTIVES[cfg.method](cfg, model, spec, device).to(device)
+
+
+def build_model(cfg, spec) -> nn.Module:
+    """The network cfg.method trains: its registered builder (finetune: the frozen teacher with a new head
+    behind an adapter), else the student cfg.model from the zoo / timm / torchvision (initialised from
+    cfg.init_from when given).
+
+    Raises:
+        IgamError: for an unknown method or model, or an init_from run that does not fit.
+    """
+    check_method(cfg.method)
+    if cfg.method in MODEL_BUILDERS:
+        return MODEL_BUILDERS[cfg.method](cfg, spec)
+    model = create_model(cfg.model, num_classes=spec.num_classes, in_chans=spec.shape[0],
+                         input_size=spec.shape[1:], activation=cfg.activation, width=cfg.width,
+                         normalize=cfg.normalize, mean=spec.mean, std=spec.std)
+    if cfg.init_from:
+        init_model_from(model, cfg.init_from)
+    return model

@@ -1,11 +1,18 @@
 """What a training step optimises. The one training loop (igam.train) calls, per batch:
 
-    loss, metrics = objective.loss(model, x, y, step)   # scalar whose .backward() gives every gradient
+    loss, metrics, aux = objective.loss(model, x, y, step)   # scalar whose .backward() gives every gradient
     ... loop: zero_grad, loss.backward(), clip, optimizer.step() ...
-    metrics |= objective.after_step(model, x, y, step)  # e.g. a discriminator update every k steps
+    metrics |= objective.after_step(model, x, y, step, aux)  # e.g. a discriminator update every k steps
 
-An objective is an nn.Module so its own networks (a discriminator, a learned adapter) are saved and
-resumed with the run; `extra_state()` / `load_extra_state()` carry its optimisers.
+`aux` is whatever the step hands on to its own after_step (IGAM: the step's detached gradient maps); the
+loop never looks inside. An objective is an nn.Module so its own networks (a discriminator, a learned
+adapter) are saved and resumed with the run; `extra_state()` / `load_extra_state()` carry its optimisers.
+
+An objective also declares what the loop must provide instead of the loop testing method names:
+`needs_double_backward` (the student's loss differentiates an input gradient: no torch.compile of the
+student), `needs_fp32` (finite differences: TF32 off on CUDA), `backprops_twice` (the pass at x is
+backpropagated twice: compiled backwards must keep their buffers), `optimizer_settings(cfg)` (which
+optimiser and base lr), and, through `register_objective(name, build_model=...)`, the network it trains.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from igam.errors import unknown
+from igam.errors import IgamError, suggest
+from igam.registry import MODEL_BUILDERS, OBJECTIVES
 
 Metrics = dict[str, torch.Tensor]
 
@@ -26,23 +34,44 @@ class Objective(nn.Module):
     """Base class: plain cross-entropy (standard training)."""
 
     name = "standard"
+    needs_double_backward = False
+    needs_fp32 = False
+    backprops_twice = False
 
-    def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int
-    ) -> tuple[torch.Tensor, Metrics]:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             step: int) -> tuple[torch.Tensor, Metrics, Any]:
+        """(scalar loss, scalar metrics, aux for after_step) for a batch x (B, C, H, W) float in [0, 1],
+        y (B,) int64, at training step `step` (0-based)."""
         logits = model(x)
         ce = F.cross_entropy(logits, y)
-        return ce, {"ce": ce.detach(), "acc": (logits.argmax(1) == y).float().mean()}
+        return ce, {"ce": ce.detach(), "acc": (logits.argmax(1) == y).float().mean()}, None
 
-    def begin(self, total_steps: int, steps_per_epoch: int) -> None:
-        """Called once before the loop with the run's length (for schedules such as igam_start)."""
+    def begin(self, total_steps: int, steps_per_epoch: int, rank: int = 0) -> None:
+        """Called once before the loop with the run's length (for schedules such as igam_start) and this
+        process's rank (for per-rank random streams)."""
+
+    def optimizer_settings(self, cfg: Any) -> tuple[str, float]:
+        """(optimizer name 'sgd' | 'adam', base learning rate) the loop trains the model with."""
+        return cfg.optimizer, cfg.lr
 
     def eval_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Extra held-out metrics at each evaluation (eval mode), e.g. cos(J_s, J_t)."""
         return {}
 
-    def after_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> Metrics:
+    def after_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int, aux: Any) -> Metrics:
+        """Called after the student's update with the aux its loss returned."""
         return {}
+
+    def on_lr(self, lr_factor: float) -> None:
+        """Called with the schedule's current factor (objectives with their own optimisers follow it)."""
+
+    def accelerate(self, compile_fn: Callable[..., nn.Module] | None = None,
+                   memory_format: torch.memory_format | None = None,
+                   example: torch.Tensor | None = None) -> None:
+        """compile / channels_last for the objective's own networks (igam.speed); none by default."""
+
+    def wrap_for_ddp(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Under torchrun: route the objective's own trained networks through wrap (a DDP wrapper)."""
 
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -50,31 +79,30 @@ class Objective(nn.Module):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
-    def on_lr(self, lr_factor: float) -> None:
-        """Called with the schedule's current factor (objectives with their own optimisers follow it)."""
+
+Factory = Callable[..., Objective]
+ModelBuilder = Callable[..., nn.Module]
 
 
-OBJECTIVES: dict[str, Callable[..., Objective]] = {}
-
-
-def register_objective(name: str):
-    def deco(fn):
+def register_objective(name: str, build_model: ModelBuilder | None = None) -> Callable[[Factory], Factory]:
+    """Decorator: register factory(cfg, model, spec, device) -> Objective as method `name`, and optionally
+    build_model(cfg, spec) -> nn.Module, the network that method trains (default: the student cfg.model)."""
+    def deco(fn: Factory) -> Factory:
         if name in OBJECTIVES:
             raise ValueError(f"objective '{name}' is already registered")
         OBJECTIVES[name] = fn
+        if build_model is not None:
+            MODEL_BUILDERS[name] = build_model
         return fn
 
     return deco
 
 
-def create_objective(cfg, model: nn.Module, spec, device: torch.device) -> Objective:
-    """Build the objective named by cfg.method (each factory takes (cfg, model, spec, device))."""
-    import igam.objectives  # noqa: F401  (registers the built-in objectives)
-
-    if cfg.method not in OBJECTIVES:
-        raise unknown("method", cfg.method, OBJECTIVES)
-    return OBJECTIVES[cfg.method](cfg, model, spec, device).to(device)
+def check_method(method: str) -> None:
+    """Raises IgamError unless `method` names a registered objective."""
+    if method not in OBJECTIVES:
+        raise IgamError(f"method={method!r} is not a training objective.{suggest(method, OBJECTIVES)} "
+                        f"Choose one of: {', '.join(sorted(OBJECTIVES))}.")
 
 
 register_objective("standard")(lambda cfg, model, spec, device: Objective())
-register_objective("finetune")(lambda cfg, model, spec, device: Objective())

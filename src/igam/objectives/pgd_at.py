@@ -8,23 +8,16 @@ from (cfg.seed, step, rank), so a resumed run draws exactly what an uninterrupte
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from igam.attacks import PGD
 from igam.attacks.base import generator_for, project
-from igam.config import check_eps
 from igam.errors import IgamError
 from igam.objectives.base import Metrics, Objective, register_objective
-from igam.utils import bn_mode, unwrap
-
-
-def _step_seed(seed: int, step: int) -> int:
-    rank = int(os.environ.get("RANK", "0"))
-    return (int(seed) * 1_000_003 + int(step) * 8191 + rank * 131 + 17) % (2**62)
+from igam.units import check_eps
+from igam.utils import bn_mode, mix_seed, unwrap
 
 
 class PGDAT(Objective):
@@ -45,10 +38,15 @@ class PGDAT(Objective):
                             "(MNIST).")
         self.eps, self.step_size, self.steps = eps, step_size, steps
         self.random_start, self.attack_bn, self.seed = random_start, attack_bn, seed
-        self.eps_warmup_epochs, self.ramp_steps = eps_warmup_epochs, 0
+        self.eps_warmup_epochs, self.ramp_steps, self.rank = eps_warmup_epochs, 0, 0
 
-    def begin(self, total_steps: int, steps_per_epoch: int) -> None:
+    def begin(self, total_steps: int, steps_per_epoch: int, rank: int = 0) -> None:
         self.ramp_steps = int(round(self.eps_warmup_epochs * steps_per_epoch))
+        self.rank = rank
+
+    def step_seed(self, step: int) -> int:
+        """The seed of this step's random start (per seed, step and rank: a resumed run draws the same)."""
+        return mix_seed(self.seed, step, stride=8191, offset=17, rank=self.rank)
 
     def budget(self, step: int) -> tuple[float, float]:
         """(eps, step size) at this step: a linear ramp from 0 over eps_warmup_epochs, then the full one."""
@@ -60,18 +58,18 @@ class PGDAT(Objective):
         eps, step_size = self.budget(step)
         pgd = PGD(unwrap(model), eps, step_size, self.steps, random_start=self.random_start,
                   keep_best=False, bn=self.attack_bn, seed=self.seed)
-        return pgd(x, y, seed=_step_seed(self.seed, step))
+        return pgd(x, y, seed=self.step_seed(step))
 
     def ramp_metrics(self, step: int) -> Metrics:
         return {"train_eps": torch.tensor(self.budget(step)[0])} if self.ramp_steps > 0 else {}
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             step: int) -> tuple[torch.Tensor, Metrics]:
+             step: int) -> tuple[torch.Tensor, Metrics, None]:
         x_adv = self.attack(model, x, y, step)
         logits = model(x_adv)
         ce = F.cross_entropy(logits, y)
         return ce, {"ce": ce.detach(), "adv_acc": (logits.argmax(1) == y).float().mean(),
-                    **self.ramp_metrics(step)}
+                    **self.ramp_metrics(step)}, None
 
 
 class TRADES(PGDAT):
@@ -90,7 +88,7 @@ class TRADES(PGDAT):
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         net = unwrap(model)
         eps, step_size = self.budget(step)
-        gen = generator_for(_step_seed(self.seed, step), x.device)
+        gen = generator_for(self.step_seed(step), x.device)
         with bn_mode(net, self.attack_bn), torch.enable_grad():
             with torch.no_grad():
                 p_clean = F.softmax(net(x), 1)
@@ -104,7 +102,7 @@ class TRADES(PGDAT):
         return x_adv.detach()
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             step: int) -> tuple[torch.Tensor, Metrics]:
+             step: int) -> tuple[torch.Tensor, Metrics, None]:
         x_adv = self.attack(model, x, y, step)
         logits = model(x)
         logits_adv = model(x_adv)
@@ -113,7 +111,7 @@ class TRADES(PGDAT):
         return ce + self.beta * kl, {"ce": ce.detach(), "kl": kl.detach(),
                                      "acc": (logits.argmax(1) == y).float().mean(),
                                      "adv_acc": (logits_adv.argmax(1) == y).float().mean(),
-                                     **self.ramp_metrics(step)}
+                                     **self.ramp_metrics(step)}, None
 
 
 def _budget(cfg) -> tuple[float, float]:

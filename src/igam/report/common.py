@@ -19,8 +19,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from igam.data import load_data  # noqa: E402
 from igam.errors import IgamError  # noqa: E402
-from igam.runs import read_json, resolve_run  # noqa: E402
+from igam.files import read_json  # noqa: E402
+from igam.runs import Run, resolve_run  # noqa: E402
 
 DPI = 150
 
@@ -85,18 +87,15 @@ class ImageSample:
 
 def run_meta(run: str | Path) -> tuple[Path, dict]:
     run_dir = resolve_run(run)
-    return run_dir, read_json(run_dir / "meta.json")
+    return run_dir, read_json(run_dir / Run.META)
 
 
 def load_test_images(run: str | Path, *, n: int | None = None, indices: list[int] | None = None,
                      seed: int = 0, data_dir: str | None = None) -> ImageSample:
     """n test images of a run's dataset drawn at random with `seed` (or the given test-set indices)."""
-    from igam.data import load_data
-    from igam.evaluate import data_dir_of
-
     run_dir, meta = run_meta(run)
     dataset = meta["data"]["dataset"]
-    arrays = load_data(dataset, data_dir or data_dir_of(run_dir), False, 0, 0)
+    arrays = load_data(dataset, data_dir or Run(run_dir).data_dir, False, 0, 0)
     total = len(arrays.x_test)
     if indices is None:
         if n is None or n < 1:

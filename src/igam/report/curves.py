@@ -12,7 +12,7 @@ from pathlib import Path
 
 from igam.errors import IgamError
 from igam.report.common import run_labels, save_figure
-from igam.runs import read_log, resolve_run
+from igam.runs import Run, read_log, resolve_run
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,8 @@ def curves_figure(runs: list[str | Path] | dict[str, str | Path], title: str = "
         names = run_labels(dirs)
     if not dirs:
         raise IgamError("Give at least one run directory for training curves.")
-    logs = [read_log(d, "log.csv") for d in dirs]
-    evals = [read_log(d, "eval_log.csv") for d in dirs]
+    logs = [read_log(d, Run.LOG) for d in dirs]
+    evals = [read_log(d, Run.EVAL_LOG) for d in dirs]
     panels = plan_panels(logs, evals)
     if not panels:
         raise IgamError(f"No training logs to plot: {', '.join(str(d) for d in dirs)} hold no log.csv or "

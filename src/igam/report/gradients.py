@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from igam.errors import IgamError
 from igam.report.common import ImageSample, image_hwc, load_test_images, run_labels, run_meta, save_figure
+from igam.runs import load_run_model
 from igam.utils import bn_mode
 
 # layout of the grid, in inches
@@ -192,8 +193,6 @@ def run_gradient_figure(runs: list[str | Path], n: int = 8, seed: int = 0, data_
                         log: Callable[[str], None] | None = None):
     """The gradient grid of saved runs as a Figure (n test images of the first run's data, drawn with
     `seed`)."""
-    from igam.train import load_run_model
-
     dirs, sample = sample_for_runs(runs, n, seed, data_dir, log)
     models = {label: load_run_model(d, device) for label, d in zip(run_labels(dirs), dirs)}
     title = f"Input gradients (cf. paper Figs. 1, 4)\n{sample.dataset} test images"

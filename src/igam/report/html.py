@@ -17,69 +17,25 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import markdown as markdown_lib
 import yaml
 
+from igam.config import Config
 from igam.errors import IgamError
+from igam.files import PACKAGE_VERSION, atomic_write_text, read_json
 from igam.report.common import png_bytes, run_labels
-from igam.runs import PACKAGE_VERSION, atomic_write_text, read_json
+from igam.report.curves import curves_figure
+from igam.report.gradients import run_gradient_figure
+from igam.report.landscape import run_landscapes
+from igam.runs import Run
 
-CSS = """
-:root { --fg:#1f2328; --muted:#59636e; --border:#d0d7de; --alt:#f6f8fa; --accent:#0969da; }
-* { box-sizing: border-box; }
-body { margin:0; color:var(--fg); background:#fff;
-       font:15px/1.5 -apple-system, "Segoe UI", "Helvetica Neue", Helvetica, Arial, "DejaVu Sans",
-       sans-serif; }
-main { max-width:1160px; margin:0 auto; padding:28px 32px 56px; }
-header.top { border-bottom:3px solid var(--accent); padding-bottom:14px; margin-bottom:8px; }
-header.top .kicker { color:var(--accent); font-weight:600; font-size:13px; letter-spacing:.06em;
-                     text-transform:uppercase; }
-h1 { font-size:28px; margin:2px 0 4px; word-break:break-word; }
-.sub { color:var(--muted); font-size:14px; }
-h2 { font-size:20px; margin:36px 0 10px; padding-bottom:6px; border-bottom:1px solid var(--border); }
-h3 { font-size:16px; margin:22px 0 8px; }
-p { margin:6px 0 10px; }
-.wrap { overflow-x:auto; }
-table { border-collapse:collapse; font-size:14px; margin:6px 0 14px; }
-th, td { border:1px solid var(--border); padding:5px 11px; text-align:left; vertical-align:top; }
-th { background:var(--alt); font-weight:600; vertical-align:bottom; }
-td { white-space:nowrap; }
-td.wide, .md td { white-space:normal; }
-tbody tr:nth-child(even) td { background:#fafbfc; }
-tbody tr:hover td { background:#eef4fb; }
-td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
-td.key { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", monospace;
-         font-size:13px; white-space:nowrap; }
-td.best { font-weight:700; }
-.cards { display:flex; flex-wrap:wrap; gap:12px; margin:18px 0 4px; }
-.card { border:1px solid var(--border); border-radius:8px; padding:10px 16px 8px; min-width:140px;
-        background:linear-gradient(#fff, #fafbfc); }
-.card .k { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.05em; }
-.card .v { font-size:24px; font-weight:650; font-variant-numeric:tabular-nums; }
-.card .u { color:var(--muted); font-size:12px; }
-figure { margin:10px 0 24px; }
-figure img { max-width:100%; height:auto; border:1px solid var(--border); border-radius:6px; }
-figcaption { color:var(--muted); font-size:13px; margin-top:4px; max-width:900px; }
-details { margin:8px 0; border:1px solid var(--border); border-radius:6px; padding:6px 12px; }
-details[open] { padding-bottom:10px; }
-summary { cursor:pointer; font-weight:600; }
-.ok { color:#1a7f37; font-weight:600; }
-.bad { color:#cf222e; font-weight:600; }
-.note { background:#fff8c5; border:1px solid #d4a72c80; padding:8px 12px; border-radius:6px; font-size:14px; }
-code, pre { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", monospace;
-            font-size:13px; }
-pre { background:var(--alt); padding:10px 12px; border-radius:6px; overflow-x:auto; }
-.md table { font-size:14px; }
-.cols { display:flex; flex-wrap:wrap; gap:8px 36px; align-items:flex-start; }
-.cols h3 { margin-top:10px; }
-footer { color:var(--muted); font-size:12px; margin-top:44px; border-top:1px solid var(--border);
-         padding-top:10px; }
-"""
+CSS = resources.files("igam.report").joinpath("report.css").read_text(encoding="utf-8")
 
 ATTACK_ORDER = ("clean", "fgsm")
-NUMBER = re.compile(r"[-+]?[0-9.]+\s*(±\s*[0-9.]+)?\s*%?")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,13 +56,13 @@ class RunInfo:
 
     @property
     def has_model(self) -> bool:
-        return (self.dir / "model.safetensors").exists()
+        return (self.dir / Run.WEIGHTS).exists()
 
 
 def read_run(run_dir: Path, label: str | None = None) -> RunInfo:
-    meta = read_json(run_dir / "meta.json")
+    meta = read_json(run_dir / Run.META)
     info = RunInfo(run_dir, label or run_dir.name, meta)
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = run_dir / Run.CONFIG
     if cfg_path.exists():
         try:
             info.config = yaml.safe_load(cfg_path.read_text()) or {}
@@ -122,10 +78,10 @@ def read_run(run_dir: Path, label: str | None = None) -> RunInfo:
 def find_runs(path: Path) -> list[Path]:
     """Run directories (holding meta.json) directly under `path`, or one level further down."""
     children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    runs = [p for p in children if (p / "meta.json").exists()]
+    runs = [p for p in children if (p / Run.META).exists()]
     for p in children:
         if p not in runs:
-            runs += sorted(q for q in p.iterdir() if q.is_dir() and (q / "meta.json").exists())
+            runs += sorted(q for q in p.iterdir() if q.is_dir() and (q / Run.META).exists())
     return runs
 
 
@@ -245,63 +201,15 @@ def generic(obj: Any, checks: bool = False) -> str:
 
 
 def markdown(text: str) -> str:
-    """A small Markdown subset (headings, pipe tables, lists, code fences, paragraphs, `code`, **bold**)
-    as HTML, enough for results.md."""
-
-    def inline(s: str) -> str:
-        s = esc(s)
-        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
-        return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
-
-    out, lines, i = [], text.splitlines(), 0
-    para: list[str] = []
-
-    def flush() -> None:
-        if para:
-            out.append("<p>" + inline(" ".join(para)) + "</p>")
-            para.clear()
-
-    while i < len(lines):
-        line = lines[i].rstrip()
-        if line.startswith("```"):
-            flush()
-            j = i + 1
-            while j < len(lines) and not lines[j].startswith("```"):
-                j += 1
-            out.append("<pre>" + esc("\n".join(lines[i + 1:j])) + "</pre>")
-            i = j + 1
-            continue
-        if line.lstrip().startswith("|"):
-            flush()
-            block = []
-            while i < len(lines) and lines[i].lstrip().startswith("|"):
-                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
-                i += 1
-            head, body = block[0], [r for r in block[1:] if not all(re.fullmatch(r":?-{2,}:?", c) for c in r)]
-            th = "".join(f"<th>{inline(c)}</th>" for c in head)
-            trs = "".join("<tr>" + "".join(("<td class=num>" if NUMBER.fullmatch(c) else "<td>") + inline(c)
-                                           + "</td>" for c in r) + "</tr>" for r in body)
-            out.append(wrap_table(th, trs))
-            continue
-        if m := re.match(r"(#{1,6})\s+(.*)", line):
-            flush()
-            level = min(6, len(m.group(1)) + 2)
-            out.append(f"<h{level}>{inline(m.group(2))}</h{level}>")
-        elif re.match(r"\s*[-*]\s+", line):
-            flush()
-            items = []
-            while i < len(lines) and re.match(r"\s*[-*]\s+", lines[i]):
-                items.append("<li>" + inline(re.sub(r"^\s*[-*]\s+", "", lines[i])) + "</li>")
-                i += 1
-            out.append("<ul>" + "".join(items) + "</ul>")
-            continue
-        elif not line.strip():
-            flush()
-        else:
-            para.append(line.strip())
-        i += 1
-    flush()
-    return '<div class="md">' + "\n".join(out) + "</div>"
+    """Markdown (results.md) as HTML through Python-Markdown: tables, fenced code; headings moved two levels
+    down (h1 -> h3, under the page's own); raw HTML in the text shown as text, never interpreted."""
+    md = markdown_lib.Markdown(extensions=["tables", "fenced_code", "toc"],
+                               extension_configs={"toc": {"baselevel": 3}})
+    md.preprocessors.deregister("html_block")
+    md.inlinePatterns.deregister("html")
+    html = md.convert(text).replace("<table>", '<div class="wrap"><table>')
+    html = html.replace("</table>", "</table></div>")
+    return f'<div class="md">{html}</div>'
 
 
 def img_tag(png: bytes, alt: str, caption: str = "") -> str:
@@ -441,8 +349,6 @@ def metrics_section(run: RunInfo) -> str:
 
 
 def config_section(run: RunInfo) -> str:
-    from igam.config import Config
-
     if not run.config:
         return note("No config.yaml in this run.")
     defaults = Config().to_dict()
@@ -487,8 +393,6 @@ def cards(run: RunInfo) -> str:
 
 
 def curves_html(runs: list[RunInfo], title: str) -> str:
-    from igam.report.curves import curves_figure
-
     try:
         fig = curves_figure({r.label: r.dir for r in runs}, title=title)
     except IgamError as e:
@@ -502,8 +406,6 @@ def curves_html(runs: list[RunInfo], title: str) -> str:
 def gradients_html(runs: list[RunInfo], n: int, seed: int, data_dir: str | None, device: str,
                    log: Callable[[str], None]) -> str:
     """One gradient grid per input shape (runs of one shape share test images)."""
-    from igam.report.gradients import run_gradient_figure
-
     with_model = [r for r in runs if r.has_model]
     missing = [r.label for r in runs if not r.has_model]
     out = note(f"No model.safetensors yet for: {', '.join(missing)}.") if missing else ""
@@ -527,8 +429,6 @@ def gradients_html(runs: list[RunInfo], n: int, seed: int, data_dir: str | None,
 
 
 def landscape_html(run: RunInfo, index: int, data_dir: str | None, device: str) -> str:
-    from igam.report.landscape import run_landscapes
-
     try:
         _, fig = run_landscapes([run.dir], index, data_dir=data_dir, device=device)
     except IgamError as e:
@@ -652,7 +552,7 @@ def write_report(path_or_dir: str | Path, out: str | Path | None = None, *, n: i
     out = Path(out) if out is not None else path / "report.html"
     if out.suffix.lower() not in (".html", ".htm"):
         raise IgamError(f"Report output '{out}' should end in .html.")
-    if (path / "meta.json").exists():
+    if (path / Run.META).exists():
         text = run_report(read_run(path), n, seed, data_dir, device, gradients, landscape_index, log)
     else:
         dirs = find_runs(path)

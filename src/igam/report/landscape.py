@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from igam.config import check_eps
 from igam.errors import IgamError
 from igam.report.common import (
     class_colors,
@@ -26,6 +25,9 @@ from igam.report.common import (
     run_meta,
     save_figure,
 )
+from igam.report.gradients import check_same_input
+from igam.runs import load_run_model
+from igam.units import check_eps
 from igam.utils import bn_mode
 
 
@@ -177,9 +179,6 @@ def landscape_figure(results: list[tuple[str, Landscape]], class_names: list[str
 def run_landscapes(runs: list[str | Path], index: int, eps: float | str | None = None, n: int = 21,
                    seed: int = 0, data_dir: str | None = None, device: str = "cpu"):
     """Landscapes of saved runs around test image `index` of the first run's dataset, and the figure."""
-    from igam.report.gradients import check_same_input
-    from igam.train import load_run_model
-
     if not runs:
         raise IgamError("Give at least one run directory.")
     resolved = [run_meta(r) for r in runs]

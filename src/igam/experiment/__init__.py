@@ -1,0 +1,35 @@
+"""`igam run EXPERIMENT.yaml`: a whole pipeline of stages (teacher, fine-tuning, students, baselines),
+each a run, then the evaluation and the paper-format results table.
+
+An experiment file:
+
+    experiment: mnist-to-cifar10            # name; runs go to out_dir (default runs/<name>)
+    defaults: {data_dir: ${IGAM_DATA}, seed: 0}   # keys for every stage
+    stages:
+      - name: teacher                       # the run directory is out_dir/teacher
+        config: {method: pgd-at, dataset: mnist, model: madry-mnist}
+      - name: teacher_ft
+        config: {method: finetune, teacher: "{teacher}", dataset: cifar10, adapter: gray+crop28}
+      - name: igam
+        row: IGAM-MNIST                     # a row of the results table ...
+        paper: {clean: 93.6, pgd20: 43.5}   # ... next to the paper's numbers
+        curve: IGAM                         # a point of the robust-vs-clean trade-off plot
+        sweep: {lambda_diff: [1, 3]}        # optional: one stage per value (igam-lambda_diff=1, ...)
+        config: {method: igam, teacher: "{teacher_ft}", dataset: cifar10}
+    evaluation:
+      - {attacks: [clean, fgsm, pgd5, pgd10, pgd20], n: 1000}
+      - {attacks: [pgd100x5, autoattack], n: 500, rows: [igam], checks: true}
+
+"{stage}" is replaced by that stage's run directory, ${VAR} by an environment variable. A stage whose run
+finished with the same configuration is reused, so a rerun after a crash or an edit does only what is
+left. results.md / results.json / tradeoff.png are written into out_dir.
+"""
+
+from igam.experiment.costs import estimate_seconds
+from igam.experiment.results import collect_results, curve_points, matched_clean, results_markdown
+from igam.experiment.runner import evaluate_experiment, format_plan, plan, run_experiment, write_results
+from igam.experiment.spec import Experiment, Stage, load_experiment, resolve_stage, stage_status
+
+__all__ = ["Experiment", "Stage", "collect_results", "curve_points", "estimate_seconds",
+           "evaluate_experiment", "format_plan", "load_experiment", "matched_clean", "plan", "resolve_stage",
+           "results_markdown", "run_experiment", "stage_status", "write_results"]

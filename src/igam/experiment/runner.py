@@ -1,0 +1,164 @@
+"""`igam run`: the plan, training the stages that are not done, evaluating the rows, writing results."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from igam.attacks.presets import column_name
+from igam.evaluate import evaluate_run, result_key
+from igam.experiment.costs import estimate_seconds, hms
+from igam.experiment.results import collect_results, plot_tradeoff, results_markdown
+from igam.experiment.spec import Experiment, Stage, load_experiment, resolve_stage, stage_status
+from igam.files import atomic_write_text, read_json, write_json
+from igam.report import write_report
+from igam.runs import Run
+from igam.train import train
+
+
+def plan(exp: Experiment) -> list[tuple[Stage, str, float, float]]:
+    """(stage, status, estimated CPU seconds, estimated GPU seconds) for every stage."""
+    out = []
+    for s in exp.stages:
+        cfg = resolve_stage(exp, s)
+        out.append((s, stage_status(exp, s), estimate_seconds(cfg), estimate_seconds(cfg, gpu=True)))
+    return out
+
+
+def format_plan(exp: Experiment) -> str:
+    lines = [
+        f"experiment {exp.name} -> {exp.out_dir}",
+        "",
+        "| stage | method | model | dataset | epochs | status | est. 2-core CPU | est. 1 GPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    cpu = gpu = 0.0
+    rows = plan(exp)
+    for st, status, sec, gsec in rows:
+        cfg = resolve_stage(exp, st)
+        if status != "done":
+            cpu, gpu = cpu + sec, gpu + gsec
+        lines.append(
+            f"| {st.name} | {cfg.method} | {cfg.model if cfg.method != 'finetune' else 'teacher head'} | "
+            f"{cfg.dataset} | {cfg.epochs:g} | {status} | {hms(sec)} | {hms(gsec)} |"
+        )
+    lines += [
+        "",
+        f"stages left: {sum(s != 'done' for _, s, _, _ in rows)}; estimated training time: {hms(cpu)} "
+        f"on a 2-core CPU, {hms(gpu)} on one A100-class GPU (rough, plus evaluation; measured figures in "
+        "docs/PERFORMANCE.md)",
+    ]
+    for ev in exp.evaluation:
+        lines.append(
+            f"evaluation: {', '.join(ev['attacks'])} on {ev.get('n', 1000)} test images"
+            + (f" for {', '.join(ev['rows'])}" if ev.get("rows") else "")
+        )
+    return "\n".join(lines)
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+def run_experiment(
+    path: str | Path,
+    *,
+    dry_run: bool = False,
+    out_dir: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    only: list[str] | None = None,
+    miniature: bool = False,
+    results_only: bool = False,
+    log=print,
+) -> Path:
+    """Run every stage that is not done, evaluate the rows, write results.md/json and the report
+    (results_only: only rebuild those from the evaluations already made)."""
+    exp = load_experiment(path, out_dir, overrides, miniature)
+    if results_only:
+        write_results(exp, log=log)
+        return exp.out_dir
+    log(format_plan(exp))
+    if dry_run:
+        return exp.out_dir
+    exp.out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(exp.source, exp.out_dir / "experiment.yaml")
+    for st in exp.stages:
+        if only and st.name not in only:
+            continue
+        status = stage_status(exp, st)
+        if status == "done":
+            log(f"igam run: {st.name}: done, reused")
+            continue
+        run_dir = exp.out_dir / st.name
+        if status == "stale":
+            moved = run_dir.with_name(f"{st.name}.stale-{int(time.time())}")
+            run_dir.rename(moved)
+            log(f"igam run: {st.name}: its config changed; the old run is kept as {moved.name}")
+        cfg = resolve_stage(exp, st).replace(resume=status == "partial")
+        log(f"igam run: {st.name}: training ({cfg.method}, {cfg.model}, {cfg.dataset})")
+        train(cfg, log=log)
+    evaluate_experiment(exp, log=log)
+    return exp.out_dir
+
+
+def _row_stages(exp: Experiment, ev: dict[str, Any]) -> list[Stage]:
+    rows = ev.get("rows")
+    return [s for s in exp.stages if (s.name in rows if rows else (s.row or s.curve))]
+
+
+def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
+    """Evaluate each row stage under each evaluation block (results already in eval.json are reused)."""
+    for ev in exp.evaluation:
+        n, seed = int(ev.get("n", 1000)), int(ev.get("seed", 0))
+        for st in _row_stages(exp, ev):
+            run_dir = exp.out_dir / st.name
+            if not (run_dir / Run.WEIGHTS).exists():
+                continue
+            have = read_json(run_dir / Run.EVAL) if (run_dir / Run.EVAL).exists() else {}
+            todo = [
+                a
+                for a in ev["attacks"]
+                if not (
+                    isinstance(have.get(result_key(a)), dict)
+                    and have[result_key(a)].get("n") == n
+                    and have[result_key(a)].get("seed") == seed
+                )
+            ]
+            checks = bool(ev.get("checks")) and "check:fgsm" not in json.dumps(have.get("masking_checks", {}))
+            # 'pgd10@eps=4/255' is pgd10 at another radius: evaluate each radius as one call
+            groups: dict[str | None, list[str]] = {}
+            for a in todo or (["clean"] if checks else []):
+                base, _, eps = a.partition("@eps=")
+                groups.setdefault(eps or None, []).append(base)
+            for eps, attacks in groups.items():
+                evaluate_run(
+                    run_dir,
+                    attacks,
+                    n=n,
+                    seed=seed,
+                    eps=eps,
+                    batch_size=int(ev.get("batch_size", 500)),
+                    checks=checks and eps is None,
+                    check_n=int(ev.get("check_n", min(n, 500))),
+                    log=log,
+                )
+    return write_results(exp, log=log)
+
+
+def write_results(exp: Experiment, log=print) -> dict[str, Any]:
+    """results.json, results.md, tradeoff.png and report.html from the runs' eval.json files as they are."""
+    results = collect_results(exp)
+    write_json(exp.out_dir / "results.json", results)
+    atomic_write_text(exp.out_dir / "results.md", results_markdown(exp, results, column_name))
+    try:
+        plot_tradeoff(exp, results, exp.out_dir / "tradeoff.png")
+    except Exception as e:  # a plot must never lose the results
+        log(f"igam run: trade-off plot skipped ({e})")
+    try:
+        write_report(exp.out_dir)
+    except Exception as e:  # noqa: BLE001
+        log(f"igam run: report skipped ({type(e).__name__}: {e})")
+    log(f"igam run: results in {exp.out_dir / 'results.md'}")
+    return results

@@ -1,0 +1,250 @@
+"""Experiment files: their format (see igam.experiment), validation, miniatures, the stages' full
+configurations and whether a stage is done (finished with the same configuration)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from igam.config import Config, group_keys, make_config
+from igam.errors import IgamError, suggest
+from igam.files import read_json
+from igam.objectives import check_method
+from igam.runs import Run
+
+IGNORED_KEYS = ("progress", "resume", "threads", "device", "tensorboard", "out_dir", "name")
+EXPERIMENT_KEYS = (
+    "experiment",
+    "description",
+    "out_dir",
+    "defaults",
+    "stages",
+    "evaluation",
+    "notes",
+    "primary_metric",
+)
+STAGE_KEYS = ("name", "title", "config", "row", "paper", "curve", "sweep")
+
+# Rough CPU throughput (images/s, standard training, 2 cores, batch 128) and method cost factors, for
+# --dry-run estimates only (docs/PERFORMANCE.md has the measured figures).
+@dataclass
+class Stage:
+    name: str
+    config: dict[str, Any]
+    title: str = ""
+    row: str = ""
+    paper: dict[str, float] = field(default_factory=dict)
+    curve: str = ""
+
+
+@dataclass
+class Experiment:
+    name: str
+    out_dir: Path
+    stages: list[Stage]
+    evaluation: list[dict[str, Any]]
+    description: str = ""
+    primary_metric: str = "pgd20"
+    source: str = ""
+
+
+def _expand_env(value: Any) -> Any:
+    if isinstance(value, str):
+
+        def env(m: re.Match) -> str:
+            name, _, default = m.group(1).partition(":-")
+            return os.environ.get(name) or default
+
+        return re.sub(r"\$\{([^}]+)\}", env, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    return value
+
+
+def _fmt_value(v: Any) -> str:
+    return str(v).replace("/", "_")
+
+
+MINIATURE_DATA = {
+    "mnist": "synthetic:28x28x1:10",
+    "fashion-mnist": "synthetic:28x28x1:10",
+    "cifar10": "synthetic:32x32x3:10",
+    "cifar100": "synthetic:32x32x3:100",
+    "svhn": "synthetic:32x32x3:10",
+    "tiny-imagenet": "synthetic:64x64x3:200",
+}
+
+
+def miniaturize(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The same stage on tiny synthetic stand-ins of its data (same shapes and classes), a width-4 model,
+    two PGD steps and a few optimisation steps: a smoke test of a pipeline in seconds."""
+    out = dict(cfg)
+    ds = str(out.get("dataset", "synthetic"))
+    out["dataset"] = MINIATURE_DATA.get(ds, ds if ds.startswith("synthetic") else "synthetic")
+    model = str(out.get("model", "small-cnn"))
+    out["model"] = "madry-mnist" if model == "madry-mnist" else "small-cnn"
+    out.update(
+        width=4,
+        train_subset=256,
+        test_subset=128,
+        eval_n=64,
+        batch_size=min(int(out.get("batch_size", 32)), 32),
+        epochs=min(float(out.get("epochs", 1)), 0.25),
+        steps=min(int(out.get("steps", 2)), 2),
+        eval_attack="",
+        progress=False,
+        tensorboard=False,
+        log_every=1,
+        checkpoint_every=1000,
+    )
+    for key in ("disc_layers",):
+        out[key] = min(int(out.get(key, 4)), 3)
+    return out
+
+
+def miniature_evaluation(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cheap = ("clean", "fgsm")
+    out = []
+    for b in blocks:
+        attacks = [a for a in b["attacks"] if a in cheap]
+        if attacks:
+            out.append({**b, "attacks": attacks, "n": 64, "checks": False})
+    return out
+
+
+def load_experiment(
+    path: str | Path,
+    out_dir: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    miniature: bool = False,
+) -> Experiment:
+    """Parse and check an experiment file (every stage's config is validated now, before any work)."""
+    p = Path(path)
+    if not p.is_file():
+        raise IgamError(f"Experiment file '{path}' does not exist.")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise IgamError(f"Experiment file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
+        raise IgamError(
+            f"'{path}' must be a mapping with a non-empty `stages:` list (see `igam run --help`)."
+        )
+    for key in raw:
+        if key not in EXPERIMENT_KEYS:
+            raise IgamError(f"Unknown experiment key '{key}' in '{path}'.{suggest(key, EXPERIMENT_KEYS)}")
+    raw = _expand_env(raw)
+    name = str(raw.get("experiment") or p.stem)
+    defaults = dict(raw.get("defaults") or {})
+    defaults.update(overrides or {})
+    stages: list[Stage] = []
+    for i, s in enumerate(raw["stages"]):
+        if not isinstance(s, dict) or "name" not in s:
+            raise IgamError(f"Stage {i + 1} of '{path}' needs a `name:` and a `config:` mapping.")
+        for key in s:
+            if key not in STAGE_KEYS:
+                raise IgamError(f"Unknown key '{key}' in stage '{s['name']}'.{suggest(key, STAGE_KEYS)}")
+        sweep = s.get("sweep") or {}
+        keys = list(sweep)
+        combos = list(itertools.product(*[sweep[k] for k in keys])) if keys else [()]
+        for combo in combos:
+            cfg = {**defaults, **dict(s.get("config") or {}), **dict(zip(keys, combo))}
+            if miniature:
+                cfg = miniaturize(cfg)
+            suffix = "".join(f"-{k}={_fmt_value(v)}" for k, v in zip(keys, combo))
+            row = s.get("row", "")
+            stages.append(
+                Stage(
+                    f"{s['name']}{suffix}",
+                    cfg,
+                    s.get("title", ""),
+                    f"{row}{suffix}" if row else "",
+                    dict(s.get("paper") or {}),
+                    s.get("curve", ""),
+                )
+            )
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise IgamError(
+            f"Stage names in '{path}' repeat: {sorted({n for n in names if names.count(n) > 1})}."
+        )
+    evaluation = list(raw.get("evaluation") or [])
+    if miniature:
+        evaluation = miniature_evaluation(evaluation)
+    exp = Experiment(
+        name,
+        Path(out_dir or raw.get("out_dir") or f"runs/{name}"),
+        stages,
+        evaluation,
+        str(raw.get("description", "")),
+        str(raw.get("primary_metric", "pgd20")),
+        str(p),
+    )
+    for st in exp.stages:
+        resolve_stage(exp, st)  # validates keys, types and references
+        for ref in re.findall(r"\{([A-Za-z0-9_=.\-]+)\}", json.dumps(st.config)):
+            if ref not in names[: names.index(st.name)]:
+                raise IgamError(
+                    f"Stage '{st.name}' refers to '{{{ref}}}', which is not an earlier stage."
+                    f"{suggest(ref, names)}"
+                )
+    for ev in exp.evaluation:
+        for r in ev.get("rows", []):
+            if r not in names:
+                raise IgamError(f"Evaluation rows name unknown stage '{r}'.{suggest(r, names)}")
+    return exp
+
+
+def resolve_stage(exp: Experiment, stage: Stage) -> Config:
+    """The stage's full configuration, with "{stage}" references replaced by run directories."""
+
+    def sub(v: Any) -> Any:
+        if isinstance(v, str):
+            return re.sub(r"\{([A-Za-z0-9_=.\-]+)\}", lambda m: str(exp.out_dir / m.group(1)), v)
+        return v
+
+    cfg = {k: sub(v) for k, v in stage.config.items()}
+    cfg.update(out_dir=str(exp.out_dir), name=stage.name)
+    try:
+        out = make_config(overrides=cfg)
+        check_method(out.method)
+        return out
+    except IgamError as e:
+        raise IgamError(f"Stage '{stage.name}': {e}") from None
+
+
+IGAM_KEYS = group_keys("igam")
+
+
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The keys that decide what a stage computes (IGAM keys only matter to igam/igr stages)."""
+    skip = set(IGNORED_KEYS) | (set() if cfg.get("method") in ("igam", "igr") else set(IGAM_KEYS))
+    return {k: v for k, v in cfg.items() if k not in skip}
+
+
+def stage_status(exp: Experiment, stage: Stage) -> str:
+    """done (finished with the same config), stale (finished with another config), partial, or todo."""
+    run_dir = exp.out_dir / stage.name
+    if not (run_dir / Run.META).exists():
+        return "todo"
+    meta = read_json(run_dir / Run.META)
+    saved = (
+        yaml.safe_load((run_dir / Run.CONFIG).read_text()) if (run_dir / Run.CONFIG).exists() else {}
+    )
+    now = resolve_stage(exp, stage).to_dict()
+    defaults = Config().to_dict()
+    # a key added to igam after the run was made counts as unchanged while it keeps its default
+    saved = {**{k: defaults[k] for k in now if k not in (saved or {})}, **(saved or {})}
+    same = _comparable(saved) == _comparable(now)
+    if meta.get("status") == "finished":
+        return "done" if same else "stale"
+    return "partial" if same else "stale"

@@ -1,0 +1,199 @@
+"""Files, written atomically and read without executing code.
+
+Atomic writes (temp file beside the target, fsync, rename, fsync of the directory), JSON, safetensors
+weights, plain-tensor torch files read with weights_only=True, and the crash-test kill points that the
+reliability tests use (docs/RELIABILITY.md). Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from igam.errors import IgamError
+
+PACKAGE_VERSION = "0.1.0"
+
+# ---------------------------------------------------------------------------------------------
+# crash-test hook (docs/RELIABILITY.md): IGAM_TEST_KILL_AT=POINT:N makes the process SIGKILL itself the
+# N-th time it reaches kill_point(POINT). Unset (normal use), kill_point does nothing.
+KILL_ENV = "IGAM_TEST_KILL_AT"
+KILL_POINTS = ("step", "after-step", "optimizer-step", "checkpoint-write", "checkpoint-sidecar",
+               "weights-write")
+_kill_hits: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Crash tests only: SIGKILL this process at the N-th call with this name (see KILL_ENV above)."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec or spec.partition(":")[0] != name:
+        return
+    _kill_hits[name] = _kill_hits.get(name, 0) + 1
+    if _kill_hits[name] == int(spec.partition(":")[2] or 1):
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def install_kill_hooks() -> None:
+    """Under IGAM_TEST_KILL_AT=optimizer-step:N, count every optimizer.step() of the process (the student's
+    and e.g. the discriminator's), so a crash test can die inside an objective's own update."""
+    if os.environ.get(KILL_ENV, "").startswith("optimizer-step:"):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda *_: kill_point("optimizer-step"))
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic file writes: temp file in the same directory, fsync, rename, fsync the directory
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    """The process umask (read without leaving it changed)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _mkstemp(path: Path) -> tuple[int, str]:
+    """A temp file beside `path`, with the permissions a plain open() would give (mkstemp makes 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _mkstemp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(Path(path), lambda f: f.write(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(Path(path), json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise IgamError(f"'{path}' is missing.") from None
+    except json.JSONDecodeError as e:
+        raise IgamError(f"'{path}' is not valid JSON ({e}).") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# weights: safetensors only
+def save_weights(module_or_state: torch.nn.Module | dict, path: Path) -> None:
+    state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _mkstemp(path)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        kill_point("weights-write")
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a weights file without executing code: safetensors, or .pt/.pth with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise IgamError(f"Weights file '{path}' does not exist.")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise IgamError(f"'{path}' is not a valid safetensors file ({e}); it may be truncated or "
+                            "corrupted. Re-create it (e.g. rerun the training with resume=true).") from None
+    return _check_tensor_dict(load_torch_file(path), path)
+
+
+def _load_error(e: BaseException) -> str:
+    """The one informative line of a torch.load failure (torch's own text is long and has ANSI codes):
+    for a refused pickle payload, the line naming the forbidden global."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    lines = [t.strip() for t in text.splitlines() if t.strip()]
+    if text.startswith("Weights only load failed"):
+        named = [t for t in lines[1:] if re.search(r"GLOBAL|global|WeightsUnpickler error", t)]
+        line = named[0] if named else "the file holds objects other than tensors"
+        line = re.sub(r"^WeightsUnpickler error: ", "", line).split(" Please use")[0]
+    else:
+        line = lines[0] if lines else type(e).__name__
+    return f"{type(e).__name__}: {line[:200].rstrip('.')}"
+
+
+def load_torch_file(path: Path) -> Any:
+    """torch.load with weights_only=True: a pickle payload that would run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise IgamError(f"Checkpoint file '{path}' does not exist.")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise IgamError(
+            f"Refused to load '{path}': it is not a plain tensor checkpoint ({_load_error(e)}). igam never "
+            "unpickles arbitrary objects. If you trust the file, convert it to safetensors in a separate "
+            "Python session (torch.load(..., weights_only=False), then safetensors.torch.save_file)."
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    return obj
+
+
+def _check_tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise IgamError(f"'{path}' does not hold a state dict (a mapping of parameter names to tensors), so "
+                        "it cannot be loaded as model weights.")
+    return obj

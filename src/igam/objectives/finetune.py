@@ -1,0 +1,50 @@
+"""Fine-tuning a robust teacher on the target task (paper 4.1, eq. 6): the network is the frozen teacher
+with a new logit layer behind an input adapter (igam.teachers.finetune_model); the objective is plain
+cross-entropy, trained with Adam at cfg.finetune_lr.
+
+Set-up checks the teacher on its own task first (igam.evaluate.check_teacher_robustness): IGAM transfers
+the teacher's robustness, so a teacher that has none is worth a warning before anything is trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from igam.errors import IgamError
+from igam.evaluate import check_teacher_robustness
+from igam.method.adapted import AdaptedTeacher
+from igam.objectives.base import Objective, register_objective
+from igam.teachers import finetune_model, load_teacher
+
+
+class Finetune(Objective):
+    """Cross-entropy of the fine-tuned teacher's new head (eq. 6), with Adam at cfg.finetune_lr."""
+
+    name = "finetune"
+
+    def optimizer_settings(self, cfg: Any) -> tuple[str, float]:
+        return "adam", cfg.finetune_lr
+
+
+def build_finetune_model(cfg: Any, spec: Any) -> AdaptedTeacher:
+    """The network `igam finetune` trains: cfg.teacher (a run directory, or a weights file named by
+    teacher_model / teacher_classes / teacher_in_shape), checked for robustness on its own task when it is
+    a run, frozen, with a new head for spec.num_classes behind the adapter cfg.adapter.
+
+    Raises:
+        IgamError: no teacher given, or one that cannot be loaded or adapted.
+    """
+    if not cfg.teacher:
+        raise IgamError("method=finetune needs teacher=RUN_DIR (or a weights file with teacher_model=...).")
+    body = load_teacher(cfg.teacher, cfg.teacher_model, cfg.teacher_classes, cfg.teacher_in_shape)
+    if Path(cfg.teacher).is_dir():
+        check_teacher_robustness(Path(cfg.teacher))
+    return finetune_model(body, spec.shape, spec.num_classes, cfg.adapter, cfg.teacher_bn)
+
+
+@register_objective("finetune", build_model=build_finetune_model)
+def make_finetune(cfg: Any, model: nn.Module, spec: Any, device: Any) -> Finetune:
+    return Finetune()

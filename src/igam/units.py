@@ -1,0 +1,77 @@
+"""Numbers users type: fractions such as 8/255, L-inf radii in [0, 1] pixel units, and training-time
+points such as 1000 (a step), 5ep (an epoch) or 0.875 (a fraction of training).
+
+Parsed once, where configuration is read; everything downstream receives floats and ints.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from igam.errors import IgamError
+
+
+def parse_fraction(value: str | float | int, key: str = "value") -> float:
+    """'8/255' -> 0.0313..., '0.3' -> 0.3, 2 -> 2.0.
+
+    Raises:
+        IgamError: for text that is not a number or a ratio, a bool, or a non-finite result.
+    """
+    if isinstance(value, bool):
+        raise IgamError(f"{key}={value!r} is not a number.")
+    if isinstance(value, int | float):
+        return float(value)
+    s = str(value).strip()
+    m = re.fullmatch(r"([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)", s)
+    try:
+        out = float(m.group(1)) / float(m.group(2)) if m else float(s)
+    except (ValueError, ZeroDivisionError):
+        raise IgamError(f"{key}={value!r} is not a number; write e.g. 0.3 or 8/255.") from None
+    if not math.isfinite(out):
+        raise IgamError(f"{key}={value!r} is not a finite number.")
+    return out
+
+
+def check_eps(value: str | float, key: str = "eps") -> float:
+    """An L-inf radius in [0, 1] pixel units (inputs live in [0, 1]); catches 8 meaning 8/255.
+
+    Raises:
+        IgamError: when the value is not a number, is negative or is larger than 1.
+    """
+    eps = parse_fraction(value, key)
+    if eps < 0:
+        raise IgamError(f"{key}={value} is negative; radii are >= 0.")
+    if eps > 1:
+        raise IgamError(f"{key}={value} is larger than 1, but inputs live in [0, 1]. If you meant "
+                        f"{value}/255 on the 0-255 scale, write {key}={value}/255.")
+    return eps
+
+
+def check_start(text: str | float | int, key: str = "igam_start") -> str:
+    """Validate a training-time point (see `start_step`) without knowing the run's length; returns it."""
+    start_step(text, 1000, 100, key)
+    return str(text).strip()
+
+
+def start_step(text: str | float | int, total: int, steps_per_epoch: int, key: str = "igam_start") -> int:
+    """The step a training-time point names: '1000' -> step 1000; '5ep' -> epoch 5 (5 x steps_per_epoch);
+    '0.875' -> 87.5% of `total` steps (the official IGAM schedule).
+
+    Raises:
+        IgamError: for text that is none of the three forms.
+    """
+    s = str(text).strip().lower()
+    if (m := re.fullmatch(r"([0-9.]+)\s*ep(och)?s?", s)) is not None:
+        try:
+            return round(float(m.group(1)) * steps_per_epoch)
+        except ValueError:
+            pass
+    else:
+        try:
+            v = float(s)
+        except ValueError:
+            v = math.nan
+        if math.isfinite(v) and v >= 0:
+            return round(v * total) if 0 < v < 1 else int(v)
+    raise IgamError(f"{key}={text!r}: write a step (1000), an epoch (5ep) or a fraction (0.875).")
