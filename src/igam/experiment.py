@@ -428,6 +428,7 @@ def _row_stages(exp: Experiment, ev: dict[str, Any]) -> list[Stage]:
 def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
     """Evaluate each row stage under each evaluation block (results already in eval.json are reused)."""
     from igam.evaluate import evaluate_run, result_key
+    from igam.utils import resolve_device
 
     for ev in exp.evaluation:
         n, seed = int(ev.get("n", 1000)), int(ev.get("seed", 0))
@@ -435,6 +436,8 @@ def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
             run_dir = exp.out_dir / st.name
             if not (run_dir / "model.safetensors").exists():
                 continue
+            # on the stage's device (device=cuda, or auto with a GPU), not on evaluate_run's default CPU
+            device = str(resolve_device(resolve_stage(exp, st).device))
             have = read_json(run_dir / "eval.json") if (run_dir / "eval.json").exists() else {}
             todo = [
                 a
@@ -461,6 +464,7 @@ def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
                     batch_size=int(ev.get("batch_size", 500)),
                     checks=checks and eps is None,
                     check_n=int(ev.get("check_n", min(n, 500))),
+                    device=device,
                     log=log,
                 )
     return write_results(exp, log=log)
