@@ -73,7 +73,7 @@ def build(args: argparse.Namespace, mode: str, scheme: str, device: torch.device
     teacher = nn.Sequential(adapter, body).to(device).eval().requires_grad_(False)
     disc = GradientDiscriminator((3, 28, 28), layers=5, channels=4 if args.tiny else 16).to(device)
     igm = InputGradientMatching(teacher, disc, lambda_adv=1.0, lambda_diff="auto", mode=mode,
-                                fd_scheme=scheme, fd_step=1e-2, disc_view=adapter.disc_view)
+                                fd_scheme=scheme, fd_step=1e-2, disc_view=adapter.disc_view).to(device)
     s_opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
     d_opt = torch.optim.SGD(disc.parameters(), lr=0.01, momentum=0.9)
     return student, igm, s_opt, d_opt

@@ -263,7 +263,7 @@ class Runner:
         shown = " ".join(c.cmd).replace(str(REPO) + "/", "").replace(self.python, "python3")
         self.say(f"{step.name}: $ {shown}  (timeout {timeout:.0f} s)")
         self.log_file.flush()
-        start = self.log_file.tell()
+        start = self.log_path.stat().st_size
         t0 = time.monotonic()
         proc = subprocess.Popen(c.cmd, cwd=REPO, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -312,9 +312,9 @@ def step_tests(r: Runner, step: Step) -> None:
         cmd += ["-n", "3"]  # the compile tests are CPU-bound (inductor); run them beside the others
     c = r.run(step, cmd, cap, ok_codes=(0, 1))
     counts = {k: 0 for k in ("passed", "failed", "skipped", "errors", "error", "deselected")}
-    for line in reversed(c.tail):
+    for line in reversed(c.tail):  # pytest ends with e.g. "== 9 passed, 1 skipped, 3 deselected in 61.2s =="
         found = re.findall(r"(\d+) (passed|failed|skipped|errors|error|deselected)", line)
-        if found:
+        if found and re.match(r"^=*\s*\d+ \w+", line) and " in " in line:
             for n, k in found:
                 counts[k] = int(n)
             break
@@ -330,15 +330,19 @@ def step_tests(r: Runner, step: Step) -> None:
 
 
 def step_bench(r: Runner, step: Step) -> None:
-    results = {}
-    for model in BENCH_MODELS:
+    results, problems = {}, []
+    for model in BENCH_MODELS:  # a failure on one student still leaves the other measured
         out = r.work / f"bench-{model}.json"
         cmd = [r.python, "benchmarks/step_cost.py", "--model", model, "--json", out]
         if r.smoke:
             cmd += ["--tiny", "--device", "cpu", "--threads", "1", "--memory", "off"]
         else:
             cmd += ["--batch", "256", "--device", "cuda", "--steps", "10", "--warmup", "3", "--threads", "4"]
-        r.run(step, cmd, LIMITS["bench"][0] / len(BENCH_MODELS) + 15)
+        try:
+            r.run(step, cmd, LIMITS["bench"][0] / len(BENCH_MODELS) + 15)
+        except StepFailed as e:
+            problems.append(str(e))
+            continue
         res = json.loads(out.read_text())
         med = res["seconds_per_step"]
         rows = {}
@@ -355,7 +359,9 @@ def step_bench(r: Runner, step: Step) -> None:
         if not r.smoke:
             bad = [k for k, v in rows.items() if not (v["peak_mib"] or 0) > 0]
             if bad:
-                raise StepFailed(f"{model}: no positive CUDA memory figure for {bad}")
+                problems.append(f"{model}: no positive CUDA memory figure for {bad}")
+    if problems:
+        raise StepFailed("; ".join(problems))
 
 
 def smoke_experiment(src: Path, dst: Path) -> Path:
@@ -388,6 +394,28 @@ def _steady_images_per_s(run_dir: Path) -> float | None:
     return float(np.median(vals)) if vals else None
 
 
+def collect_stages(out: Path) -> dict[str, dict[str, Any]]:
+    """Per stage of the experiment in `out` (those that got as far as a meta.json): status, device, epochs,
+    train_time_s and seconds per epoch (meta.json), steady images/s (log.csv), accuracies in % (eval.json)."""
+    order = ["teacher", "teacher_ft", *STUDENTS]
+    dirs = sorted((p.parent for p in out.glob("*/meta.json")),
+                  key=lambda d: (order.index(d.name) if d.name in order else len(order), d.name))
+    stages = {}
+    for d in dirs:
+        meta = json.loads((d / "meta.json").read_text())
+        ev = json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
+        acc = {k: round(100 * v["accuracy"], 2) for k, v in ev.items()
+               if isinstance(v, dict) and "accuracy" in v}
+        epochs, secs = meta.get("epochs"), meta.get("train_time_s")
+        stages[d.name] = {
+            "method": meta.get("method"), "model": (meta.get("model") or {}).get("name"),
+            "status": meta.get("status"), "device": meta.get("device"), "epochs": epochs,
+            "train_time_s": secs,
+            "s_per_epoch": secs / epochs if secs and epochs else None,
+            "images_per_s": _steady_images_per_s(d), "clean": acc.get("clean"), "pgd20": acc.get("pgd20")}
+    return stages
+
+
 def step_transfer(r: Runner, step: Step) -> None:
     _need_data(r)
     src = EXPERIMENT
@@ -398,18 +426,12 @@ def step_transfer(r: Runner, step: Step) -> None:
            f"device={'cpu' if r.smoke else 'cuda'}"]
     if r.smoke:
         cmd.append("threads=1")
-    r.run(step, cmd, LIMITS["transfer"][0])
-    results = json.loads((out / "results.json").read_text())
-    stages = {}
-    for row in results["rows"]:
-        meta = json.loads((out / row["stage"] / "meta.json").read_text())
-        epochs, secs = meta.get("epochs"), meta.get("train_time_s")
-        stages[row["stage"]] = {
-            "method": row["method"], "model": row["model"], "status": meta.get("status"),
-            "device": meta.get("device"), "epochs": epochs, "train_time_s": secs,
-            "s_per_epoch": secs / epochs if secs and epochs else None,
-            "images_per_s": _steady_images_per_s(out / row["stage"]),
-            "clean": row["accuracy"].get("clean"), "pgd20": row["accuracy"].get("pgd20")}
+    failure = None
+    try:
+        r.run(step, cmd, LIMITS["transfer"][0])
+    except StepFailed as e:  # keep the figures of the stages that finished before it failed
+        failure = e
+    stages = collect_stages(out)
     step.figures = {"stages": stages, "paper_igam_over_pgd7": PAPER_IGAM_OVER_PGD7,
                     "target_igam_epoch_over_pgd7": TARGET_IGAM_EPOCH_OVER_PGD7,
                     "teacher_ft": str(out / "teacher_ft")}
@@ -425,6 +447,8 @@ def step_transfer(r: Runner, step: Step) -> None:
               f"{_fmt(s.get('images_per_s'), '.0f')} img/s steady, clean {_fmt(s.get('clean'), '.1f')}%, "
               f"PGD-20 {_fmt(s.get('pgd20'), '.1f')}%")
     r.say("transfer: epoch ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    if failure is not None:
+        raise failure
     missing = [k for k in ("teacher", "teacher_ft", *STUDENTS)
                if (stages.get(k) or {}).get("status") != "finished"]
     unevaluated = [k for k in STUDENTS if (stages.get(k) or {}).get("pgd20") is None]
@@ -530,7 +554,7 @@ def device_info(smoke: bool) -> dict[str, Any]:
 
     info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
                             "python": platform.python_version(), "machine": platform.machine(),
-                            "cpu_count": os.cpu_count()}
+                            "cpu_count": os.cpu_count(), "commit": _git_commit()}
     if smoke:
         info["name"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores): smoke"
         return info
@@ -547,6 +571,20 @@ def device_info(smoke: bool) -> dict[str, Any]:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return info
+
+
+def _git_commit() -> str:
+    """The tree's commit (+ '-dirty' with local changes), or 'unknown' where .git did not travel."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip()[:12] + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
 
 
 def _fmt(v: Any, spec: str = ".3g") -> str:

@@ -66,7 +66,7 @@ def _matching(mode: str, scheme: str = "central", amp_input_grad: bool = False,
     torch.manual_seed(1)
     disc = GradientDiscriminator((3, 28, 28), layers=3, channels=8).to(device)
     return InputGradientMatching(teacher, disc, lambda_adv=1.0, lambda_diff=10.0, mode=mode, fd_scheme=scheme,
-                                 amp_input_grad=amp_input_grad, disc_view=adapter.disc_view)
+                                 amp_input_grad=amp_input_grad, disc_view=adapter.disc_view).to(device)
 
 
 def _student(device: torch.device | None = None, name: str = "resnet20", **kw) -> nn.Module:

@@ -92,6 +92,37 @@ def test_a_spent_budget_skips_steps_with_the_reason(tmp_path: Path, gpu_check) -
     assert "skipped: tests, ddp" in md and md.count("| skipped: budget |") == 2
 
 
+def test_a_failing_step_does_not_stop_the_next_and_sets_the_exit_status(
+        tmp_path: Path, gpu_check, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(r, step) -> None:
+        r.run(step, [sys.executable, "-c", "print('the last words'); raise SystemExit(3)"], 30)
+
+    def crashing(r, step) -> None:
+        raise ZeroDivisionError("a bug in a step")
+
+    def slow(r, step) -> None:
+        r.run(step, [sys.executable, "-c", "import time; time.sleep(30)"], 1)
+
+    def fine(r, step) -> None:
+        step.figures["seen"] = True
+
+    monkeypatch.setattr(gpu_check, "STEP_FUNCS", {"tests": broken, "bench": crashing, "transfer": slow,
+                                                  "ddp": fine})
+    assert gpu_check.main(["--cpu-smoke", str(tmp_path)]) == 1
+    summary = json.loads((tmp_path / "gpu-check.json").read_text())
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert steps["tests"]["status"] == "failed" and "exit status 3" in steps["tests"]["error"]
+    assert steps["bench"]["status"] == "failed"
+    assert "ZeroDivisionError: a bug in a step" in steps["bench"]["error"]
+    assert steps["transfer"]["status"] == "failed" and "timed out" in steps["transfer"]["error"]
+    assert steps["transfer"]["commands"][0]["timed_out"] and steps["transfer"]["seconds"] < 20
+    assert steps["ddp"]["status"] == "passed" and steps["ddp"]["figures"] == {"seen": True}
+    assert summary["failed_steps"] == ["tests", "bench", "transfer"]
+    log = (tmp_path / "gpu-check.log").read_text()
+    assert "the last words" in log and "Traceback" in log and "ZeroDivisionError" in log
+    assert "FAILED: tests, bench, transfer" in (tmp_path / "gpu-check.md").read_text()
+
+
 def test_bad_arguments_and_a_missing_gpu_give_clear_errors(tmp_path: Path, gpu_check,
                                                            capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
