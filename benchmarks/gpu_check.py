@@ -436,17 +436,22 @@ def step_transfer(r: Runner, step: Step) -> None:
                     "target_igam_epoch_over_pgd7": TARGET_IGAM_EPOCH_OVER_PGD7,
                     "teacher_ft": str(out / "teacher_ft")}
     spe = {k: (stages.get(k) or {}).get("s_per_epoch") for k in STUDENTS}
-    ratios = {}
+    ips = {k: (stages.get(k) or {}).get("images_per_s") for k in STUDENTS}
+    ratios, steady = {}, {}
     for a, b in (("igam", "pgd7"), ("igam_fd", "pgd7"), ("igam", "standard"), ("pgd7", "standard")):
         if spe.get(a) and spe.get(b):
             ratios[f"{a} / {b}"] = spe[a] / spe[b]
+        if ips.get(a) and ips.get(b):  # time ratio from the steady throughputs (start-up excluded)
+            steady[f"{a} / {b}"] = ips[b] / ips[a]
     step.figures["epoch_ratios"] = ratios
+    step.figures["steady_time_ratios"] = steady
     for name in STUDENTS:
         s = stages.get(name, {})
         r.say(f"transfer: {name}: {_fmt(s.get('s_per_epoch'), '.2f')} s/epoch, "
               f"{_fmt(s.get('images_per_s'), '.0f')} img/s steady, clean {_fmt(s.get('clean'), '.1f')}%, "
               f"PGD-20 {_fmt(s.get('pgd20'), '.1f')}%")
-    r.say("transfer: epoch ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    r.say("transfer: epoch-time ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
+          + "; from steady images/s: " + ", ".join(f"{k} {v:.3f}" for k, v in steady.items()))
     if failure is not None:
         raise failure
     missing = [k for k in ("teacher", "teacher_ft", *STUDENTS)
@@ -641,7 +646,8 @@ def markdown(summary: dict[str, Any]) -> str:
                          f"{_fmt(s['clean'], '.1f')} | {_fmt(s['pgd20'], '.1f')} |")
         if tr.get("epoch_ratios"):
             ratios = ", ".join(f"{k} {v:.3f}" for k, v in tr["epoch_ratios"].items())
-            lines += ["", f"Epoch-time ratios: {ratios}"
+            steady = ", ".join(f"{k} {v:.3f}" for k, v in (tr.get("steady_time_ratios") or {}).items())
+            lines += ["", f"Epoch-time ratios: {ratios}; from the steady images/s: {steady or '-'}"
                       + f" (paper: IGAM / PGD-7 {PAPER_IGAM_OVER_PGD7}; issue 15 target: IGAM / PGD-7 <= "
                       f"{TARGET_IGAM_EPOCH_OVER_PGD7})."]
     ddp = (steps.get("ddp") or {}).get("figures", {})

@@ -67,6 +67,7 @@ def test_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path: Path, gpu_ch
         assert st["status"] == "finished" and st["device"] == "cpu"
         assert st["s_per_epoch"] > 0 and st["images_per_s"] > 0 and st["pgd20"] is not None
     assert {"igam / pgd7", "igam_fd / pgd7"} <= set(steps["transfer"]["figures"]["epoch_ratios"])
+    assert {"igam / pgd7", "igam_fd / pgd7"} <= set(steps["transfer"]["figures"]["steady_time_ratios"])
     # ddp: the DDP steps (gloo on the CPU) and the CLI under torchrun
     ddp = steps["ddp"]["figures"]
     assert ddp["ddp_smoke"]["ok"] and ddp["ddp_smoke"]["backend"] == "gloo"
