@@ -23,7 +23,7 @@ demo: $(BIN)/igam
 	$(BIN)/igam demo
 
 test: $(BIN)/igam
-	$(BIN)/python -m ruff check src tests benchmarks
+	$(BIN)/python -m ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q -n 2 --timeout 900
 
 bench: $(BIN)/igam

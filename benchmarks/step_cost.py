@@ -15,8 +15,13 @@ the process's peak resident set over one step, after returning freed memory to t
 --fd-accuracy prints, instead of timings, how close the finite-difference gradient is to the exact one.
 
 Ratios printed: IGAM-FD / PGD-7, IGAM-FD / standard and IGAM-exact / PGD-7, with the targets of issue 7
-(<= 0.30, <= 2.3, <= 0.45). --json PATH writes everything, including the 1-minute load average before and
-after (measure on a quiet machine: a shared CPU makes every number noisy).
+(<= 0.30, <= 2.3, <= 0.45), and IGAM-exact / standard; next to the IGAM / PGD-7 ratios, the paper's 0.43
+(IGAM against PGD-7 training time on a GPU) as the anchor. --json PATH writes everything, including the
+1-minute load average before and after (measure on a quiet machine: a shared CPU makes every number noisy).
+
+CUDA (--device cuda): every timed step is bracketed by torch.cuda.synchronize, the peak memory of a step is
+torch.cuda.max_memory_allocated, and TF32 is set per method as `igam train` runs it (--tf32 auto): off for
+the finite-difference methods (igam train turns it off for those runs), torch's default for the others.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from igam.objectives.pgd_at import PGDAT
 from igam.train import nonfinite_terms
 
 TARGETS = {"igam-fd / pgd7": 0.30, "igam-fd / standard": 2.3, "igam-exact / pgd7": 0.45}
+PAPER_IGAM_OVER_PGD7 = 0.43  # the paper's IGAM / PGD-7 training-time ratio on a GPU: an anchor, not a target
 MODELS = ("small-cnn", "resnet20", "wrn-16-4")
 
 
@@ -64,9 +70,12 @@ class Method:
     step: int = 0
     times: list[float] = field(default_factory=list)
     peak_mib: float | None = None
+    tf32: bool | None = None  # CUDA: TF32 (convolutions, matmuls) in this method's steps; None: as is
 
     def run_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """The body of igam.train's loop, without logging and checkpoints."""
+        if self.tf32 is not None:
+            set_tf32(self.tf32)
         self.model.train()
         loss, metrics, aux = self.objective.loss(self.model, x, y, self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -78,6 +87,26 @@ class Method:
                 self.optimizer.step()
                 self.objective.after_step(self.model, x, y, self.step, aux)
         self.step += 1
+
+
+DEFAULT_TF32 = torch.backends.cudnn.allow_tf32  # torch's default at import (True: cuDNN convolutions in TF32)
+
+
+def set_tf32(on: bool) -> None:
+    """TF32 for cuDNN convolutions and CUDA matmuls (igam train turns both off for finite differences)."""
+    torch.backends.cudnn.allow_tf32 = on
+    torch.backends.cuda.matmul.allow_tf32 = on
+
+
+def tf32_for(name: str, policy: str, device: torch.device) -> bool | None:
+    """TF32 setting of a method's steps: None off CUDA; 'auto' is what igam train does (off for the
+    finite-difference methods, torch's default for the others)."""
+    if device.type != "cuda":
+        return None
+    if policy == "auto":
+        return False if name.startswith("igam-fd") else DEFAULT_TF32
+    return policy == "on"
+
 
 
 def build_teacher(tiny: bool, device: torch.device) -> AdaptedTeacher:
@@ -104,7 +133,8 @@ def build_methods(args: argparse.Namespace, device: torch.device) -> list[Method
     def add(name: str, objective: Objective) -> None:
         model = copy.deepcopy(student)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        methods.append(Method(name, model, objective.to(device), opt))
+        methods.append(Method(name, model, objective.to(device), opt,
+                              tf32=tf32_for(name, getattr(args, "tf32", "auto"), device)))
 
     add("standard", Objective())
     add("pgd7", PGDAT(8 / 255, 2 / 255, 7, random_start=True, attack_bn="eval", seed=0))
@@ -197,6 +227,19 @@ def ratios(results: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def extra_ratios(results: dict[str, float]) -> dict[str, float]:
+    """IGAM-exact / standard and PGD-7 / standard (not in the issue-7 targets, but read beside them)."""
+    return {"igam-exact / standard": results["igam-exact"] / results["standard"],
+            "pgd7 / standard": results["pgd7"] / results["standard"]}
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def target_of(key: str) -> float | None:
     for pattern, bound in TARGETS.items():
         a, b = pattern.split(" / ")
@@ -256,6 +299,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="relative finite-difference step (no effect on speed)")
     p.add_argument("--disc-layers", type=int, default=5)
     p.add_argument("--disc-every", type=int, default=5)
+    p.add_argument("--tf32", choices=("auto", "on", "off"), default="auto",
+                   help="CUDA only: TF32 during the steps; auto = as igam train runs each method (off for "
+                   "finite differences, torch's default otherwise)")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format for every network and the batch")
     p.add_argument("--memory", choices=("auto", "off"), default="auto", help="measure peak memory per step")
@@ -275,6 +321,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("step_cost: --device cuda, but no CUDA device is available here; use --device cpu "
+                         "or run on a GPU machine.")
     if args.fd_accuracy:
         cos = fd_accuracy(args, device)
         if args.json:
@@ -288,14 +337,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     log = (lambda s: None) if args.quiet else print
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = device_name(device)
     print(f"step_cost: {args.model}, batch {args.batch}, {args.steps} timed + {args.warmup} warm-up "
           f"repetitions, device {device}, {args.threads} thread(s), torch {torch.__version__}, {machine}; "
           f"1-min load {load_before:.2f}")
-    measure(methods, x, y, args.steps, args.warmup, device, log)
-    if args.memory == "auto":
-        for m in methods:
-            m.peak_mib = peak_memory(m, x, y, device)
+    tf32_before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        measure(methods, x, y, args.steps, args.warmup, device, log)
+        if args.memory == "auto":
+            for m in methods:
+                m.peak_mib = peak_memory(m, x, y, device)
+    finally:  # the per-method TF32 settings must not leak into the caller (tests call main in-process)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32_before
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     med = {m.name: statistics.median(m.times) for m in methods}
@@ -306,9 +359,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{m.name:<18}{med[m.name]:>10.4f}{args.batch / med[m.name]:>11.1f}"
               f"{med[m.name] / med['standard']:>12.2f}  {mem}")
     r = ratios(med)
-    for key, value in r.items():
+    extra = extra_ratios(med)
+    for key, value in {**r, **extra}.items():
         bound = target_of(key)
         verdict = "" if bound is None else f"  (target <= {bound}: {'met' if value <= bound else 'MISSED'})"
+        if key.endswith(" / pgd7") and key.startswith("igam"):
+            verdict += f"  (paper, GPU: {PAPER_IGAM_OVER_PGD7})"
         print(f"{key:<28} {value:.3f}{verdict}")
     print(f"1-min load average: {load_before:.2f} before, {load_after:.2f} after")
     out = {"model": args.model, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
@@ -317,7 +373,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "tiny": args.tiny, "load_before": load_before, "load_after": load_after,
            "seconds_per_step": med, "images_per_s": {k: args.batch / v for k, v in med.items()},
            "all_times": {m.name: m.times for m in methods},
-           "peak_memory_mib": {m.name: m.peak_mib for m in methods}, "ratios": r,
+           "peak_memory_mib": {m.name: m.peak_mib for m in methods}, "ratios": r, "extra_ratios": extra,
+           "paper_igam_over_pgd7": PAPER_IGAM_OVER_PGD7, "tf32": {m.name: m.tf32 for m in methods},
+           "cuda": torch.version.cuda if device.type == "cuda" else None,
            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -8,11 +8,12 @@ import pytest
 
 from igam.cli import main
 from igam.errors import IgamError
-from igam.experiment import format_plan, load_experiment, run_experiment, stage_status
+from igam.experiment import evaluate_experiment, format_plan, load_experiment, run_experiment, stage_status
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = sorted((ROOT / "experiments" / "paper").glob("*.yaml"))
-ALL = PAPER + sorted((ROOT / "experiments" / "cpu").glob("*.yaml"))
+ALL = PAPER + sorted((ROOT / "experiments" / "cpu").glob("*.yaml")) + sorted(
+    (ROOT / "experiments" / "gpu").glob("*.yaml"))
 QUICK = ROOT / "src" / "igam" / "demo_configs" / "demo-quick.yaml"
 
 
@@ -113,3 +114,25 @@ def test_matched_clean_interpolates_inside_each_curve_only():
     # the levels stay inside the measured range: whole numbers from ceil(lowest) to floor(highest)
     grid, _ = matched_clean({"A": [(24.2, 9, "a"), (36.6, 3, "b")]}, levels=3)
     assert grid == [25.0, 30.0, 36.0]
+
+
+def test_evaluation_runs_on_the_device_of_the_stage(tmp_path, monkeypatch):
+    """`igam run ... device=cuda` evaluates its rows on the GPU too, not on evaluate_run's default CPU."""
+    import torch
+
+    import igam.experiment.runner as runner
+
+    stage = ("stages:\n  - name: s\n    row: S\n    config: {method: standard, dataset: 'synthetic:8x8x3:4', "
+             "model: small-cnn, width: 4, epochs: 1, train_subset: 64, batch_size: 32, progress: false, "
+             "tensorboard: false, eval_n: 16}\n")
+    path = tmp_path / "e.yaml"
+    path.write_text(stage)
+    run_experiment(path, out_dir=str(tmp_path / "out"), log=lambda *a: None)  # trains (no evaluation block)
+    path.write_text(stage + "evaluation:\n  - {attacks: [clean], n: 16}\n")
+    seen = []
+    monkeypatch.setattr(runner, "evaluate_run", lambda run, attacks, **kw: seen.append(kw["device"]))
+    monkeypatch.setattr(runner, "resolve_device", lambda name="auto": torch.device(name))  # no GPU here
+    for device in ("cuda", "cpu"):
+        exp = load_experiment(path, out_dir=str(tmp_path / "out"), overrides={"device": device})
+        evaluate_experiment(exp, log=lambda *a: None)
+    assert seen == ["cuda", "cpu"]

@@ -17,6 +17,7 @@ from igam.files import atomic_write_text, read_json, write_json
 from igam.report import write_report
 from igam.runs import Run
 from igam.train import train
+from igam.utils import resolve_device
 
 
 def plan(exp: Experiment) -> list[tuple[Stage, str, float, float]]:
@@ -116,6 +117,8 @@ def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
             run_dir = exp.out_dir / st.name
             if not (run_dir / Run.WEIGHTS).exists():
                 continue
+            # on the stage's device (device=cuda, or auto with a GPU), not on evaluate_run's default CPU
+            device = str(resolve_device(resolve_stage(exp, st).device))
             have = read_json(run_dir / Run.EVAL) if (run_dir / Run.EVAL).exists() else {}
             todo = [
                 a
@@ -142,6 +145,7 @@ def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
                     batch_size=int(ev.get("batch_size", 500)),
                     checks=checks and eps is None,
                     check_n=int(ev.get("check_n", min(n, 500))),
+                    device=device,
                     log=log,
                 )
     return write_results(exp, log=log)
