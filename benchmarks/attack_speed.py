@@ -18,9 +18,17 @@ from pathlib import Path
 import torch
 
 from igam.attacks import PGD, default_eps
-from igam.attacks.autoattack import torchattacks_version
 from igam.data import load_data, make_synthetic, spec_of
 from igam.models import create_model
+
+
+def torchattacks_version() -> str | None:
+    """torchattacks' version, or None: it is no igam dependency (install it by hand to compare)."""
+    try:
+        import torchattacks
+    except Exception:  # ImportError, or a broken install
+        return None
+    return str(getattr(torchattacks, "__version__", "unknown"))
 
 
 def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
@@ -89,7 +97,8 @@ def main() -> None:
     t_ours, adv = timed(lambda: run(ours), args.repeats)
     print(f"igam PGD-{args.steps} (keep_best={ours.keep_best}): {t_ours:.2f} s, accuracy {acc(adv):.2%}")
     if torchattacks_version() is None:
-        print("torchattacks is not installed (pip install 'igam[autoattack]'): no comparison.")
+        print("torchattacks is not installed (it is no igam dependency; `pip install torchattacks==3.5.1` "
+              "in a separate environment, as it pins requests~=2.25.1): no comparison.")
         return
     import torchattacks
 

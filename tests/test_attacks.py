@@ -9,15 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import real_data_root
 
-from igam.attacks import FGSM, PGD, AutoAttack, Square, column_name, make_attack, margin, parse_preset
-from igam.attacks.autoattack import torchattacks_version
+from igam.attacks import FGSM, PGD, Square, column_name, make_attack, margin, parse_preset
 from igam.errors import IgamError
 
 DATA = real_data_root("mnist.npz")
 needs_mnist = pytest.mark.skipif(DATA is None, reason="real MNIST absent: no mnist.npz in $IGAM_DATA or "
                                  "../shared/data beside the repository")
-needs_torchattacks = pytest.mark.skipif(torchattacks_version() is None,
-                                        reason="torchattacks not installed (pip install 'igam[autoattack]')")
 
 
 class Linear(nn.Module):
@@ -162,6 +159,8 @@ def test_presets_and_conventions():
     assert isinstance(make_attack("fgsm", model, (3, 32, 32)), FGSM)
     assert [column_name(a) for a in ("clean", "fgsm", "pgd20x5", "autoattack")] == \
         ["Clean", "FGSM", "PGD20X5", "AutoAttack"]
+    assert parse_preset("autoattack-plus").kind == "autoattack" and parse_preset("APGD-T").name == "apgd-t"
+    assert parse_preset("square5000").kind == "square", "square stays igam's own; aa-square is AutoAttack's"
 
 
 @pytest.mark.parametrize("bad, match", [("pgd", "Valid forms"), ("pgd0", "at least 1"), ("fgms", "fgsm"),
@@ -186,30 +185,6 @@ def test_bad_inputs_are_clear_errors():
         PGD(model, 0.1, loss="dlr")
     with pytest.raises(IgamError, match="BatchNorm"):
         PGD(model, 0.1, bn="training")
-
-
-def test_autoattack_missing_gives_install_hint(monkeypatch):
-    import igam.attacks.autoattack as aa
-
-    monkeypatch.setattr(aa, "torchattacks_version", lambda: None)
-    with pytest.raises(IgamError, match="pip install"):
-        aa.AutoAttack(TinyCNN(), 0.1)
-
-
-@needs_torchattacks
-def test_autoattack_through_torchattacks():
-    torch.manual_seed(0)
-    model = TinyCNN().eval()
-    x, y = _data(8)
-    attack = AutoAttack(model, 0.05, seed=3)
-    rng = torch.get_rng_state()
-    x_adv = attack(x, y)
-    assert torch.equal(rng, torch.get_rng_state()), "AutoAttack must not move the global RNG"
-    assert _in_ball(x_adv, x, 0.05)
-    assert attack.settings()["library"] == "torchattacks" and attack.settings()["library_version"]
-    with torch.no_grad():
-        pgd = PGD(model, 0.05, 0.01, 10)(x, y)
-        assert int((model(x_adv).argmax(1) == y).sum()) <= int((model(pgd).argmax(1) == y).sum()) + 1
 
 
 # ----------------------------------------------------------------------------------------------

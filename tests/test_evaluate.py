@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from igam.attacks.autoattack import torchattacks_version
 from igam.attacks.checks import CHECKS, Observation, noise_margin, run_checks
 from igam.cli import main
 from igam.errors import IgamError
@@ -125,16 +124,9 @@ def test_bad_arguments_are_clear_errors(run_dir, args, match, capsys):
 def test_autoattack_missing_is_a_clear_error(run_dir, monkeypatch):
     import igam.evaluate as ev
 
-    monkeypatch.setattr(ev, "torchattacks_version", lambda: None)
-    with pytest.raises(IgamError, match="torchattacks"):
+    monkeypatch.setattr(ev, "pyautoattack_version", lambda: None)
+    with pytest.raises(IgamError, match="pyautoattack"):
         ev.evaluate_run(run_dir, ["clean", "autoattack"], n=8)
-
-
-@pytest.mark.skipif(torchattacks_version() is None, reason="torchattacks not installed (igam[autoattack])")
-def test_autoattack_record_names_library(run_dir):
-    res = evaluate_run(run_dir, ["autoattack"], n=8, batch_size=8)
-    s = res["autoattack"]["attack"]
-    assert s["library"] == "torchattacks" and s["library_version"] == torchattacks_version()
 
 
 def test_check_logic_with_noise_margin():

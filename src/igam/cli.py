@@ -80,14 +80,14 @@ def cmd_run(args, extra) -> int:
 
 
 def cmd_evaluate(args, extra) -> int:
-    from igam.evaluate import evaluate_run, result_key, validate_attacks, warning_block
+    from igam.evaluate import evaluate_run, record_notes, result_key, validate_attacks, warning_block
 
     attacks = [a.strip().lower() for a in args.attacks.split(",") if a.strip()]
     validate_attacks(attacks)
     for key in ("n", "batch_size", "check_n", "check_queries"):
         if getattr(args, key) < 1:
             raise IgamError(f"--{key.replace('_', '-')}={getattr(args, key)} must be at least 1.")
-    rows, warnings = [], []
+    rows, warnings, notes = [], [], []
     for run in args.runs:
         res = evaluate_run(
             run,
@@ -106,6 +106,7 @@ def cmd_evaluate(args, extra) -> int:
         )
         label = Path(run).name + (" (train-mode BN)" if args.bn == "train" else "")
         rows.append((label, {a: res[result_key(a, args.eps, args.bn)] for a in attacks}))
+        notes += [f"{label}: {line}" for a in attacks for line in record_notes(a, rows[-1][1][a])]
         mc = res["masking_checks"]
         if mc["failed"]:
             warnings.append(warning_block(str(run), mc["checks"]))
@@ -115,6 +116,8 @@ def cmd_evaluate(args, extra) -> int:
         + (f", eps {args.eps}" if args.eps else "")
         + "; details in RUN/eval.json)"
     )
+    for line in notes:
+        print(f"note: {line}")
     for w in warnings:
         print(w, file=sys.stderr)
     if warnings and args.strict:
@@ -125,10 +128,10 @@ def cmd_evaluate(args, extra) -> int:
 
 def format_table(rows, attacks) -> str:
     """The paper's table: | Model | Clean | FGSM | PGD5 | ... |, accuracies in %."""
-    from igam.attacks import column_name
+    from igam.attacks import column_label
 
     lines = [
-        "| Model | " + " | ".join(column_name(a) for a in attacks) + " |",
+        "| Model | " + " | ".join(column_label(a, [res[a] for _, res in rows]) for a in attacks) + " |",
         "|" + "---|" * (len(attacks) + 1),
     ]
     for name, res in rows:
@@ -337,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--attacks",
         default="clean",
         help="comma-separated: clean, fgsm, pgdK (pgd5/7/10/20/40/50/100), pgdKxR (R restarts), "
-        "pgdK-cw (margin loss), square, squareQ (Q queries), autoattack (needs torchattacks). "
+        "pgdK-cw (margin loss), square, squareQ (Q queries); AutoAttack through the reference implementation "
+        "(pyautoattack): autoattack (standard version), autoattack-plus, autoattack-rand, and its components "
+        "apgd-ce, apgd-dlr, apgd-t, fab, fab-t, aa-square. "
         "Defaults: eps 0.3, step 0.01 on 1x28x28 data; eps 8/255, step 2/255 otherwise",
     )
     ev.add_argument("--n", type=int, default=10000, help="number of test images (first n)")

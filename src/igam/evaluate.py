@@ -4,7 +4,12 @@ Protocol (docs: evaluation-and-infrastructure.md, sec. 4): the model in eval mod
 with bn='train', labelled in every record), deterministic given the seed (each batch's random draws come
 from (seed, batch index)), robust accuracy counted per example as "correct on the clean image and on the
 attack's output" (the clean image is itself a point of the eps-ball), and every record carrying the attack's
-settings, n, seed, time and, for AutoAttack, the library and its version.
+settings, n, seed, time and, for AutoAttack, the library (pyautoattack) and its version, the components
+with their settings and AutoAttack's own flags.
+
+`evaluate_run` writes each attack's record to RUN/eval.json as soon as it is finished, so an attack that
+fails (or an interrupt) never loses the results before it; AutoAttack keeps a resume state in
+RUN/autoattack-state-KEY/ until its record is written, so an interrupted evaluation continues.
 
     from igam.evaluate import run_attack
     rec = run_attack(model, x_uint8, y, "pgd20")          # {"accuracy": ..., "attack": {...}, ...}
@@ -12,6 +17,7 @@ settings, n, seed, time and, for AutoAttack, the library and its version.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from igam.attacks import FGSM, PGD, Attack, Square, make_attack, parse_preset
-from igam.attacks.autoattack import INSTALL_HINT, torchattacks_version
+from igam.attacks import FGSM, PGD, Attack, AutoAttack, Square, make_attack, parse_preset
+from igam.attacks.autoattack import FLAGS_DOC, INSTALL_HINT, pyautoattack_version
 from igam.attacks.checks import Observation, gradient_stats, run_checks, warning_block
 from igam.attacks.presets import default_eps, is_mnist_like
 from igam.data import load_data
@@ -32,7 +38,8 @@ from igam.units import check_eps
 from igam.utils import bn_mode, mix_seed, to_unit
 
 __all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "check_teacher_robustness", "evaluate_attack",
-           "evaluate_run", "large_eps", "masking_report", "result_key", "run_attack", "warning_block"]
+           "evaluate_run", "large_eps", "masking_report", "record_notes", "result_key", "run_attack",
+           "state_name", "warning_block"]
 
 CHECK_STEPS = (10, 20, 50)  # PGD step counts of the --checks step sweep
 EPS_SWEEP = (0.25, 0.5, 1.0, 1.5)  # multiples of eps of the --checks eps sweep (PGD-20)
@@ -47,11 +54,11 @@ def _as_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def validate_attacks(names: list[str]) -> None:
-    """Fail before any work on a bad name, or on autoattack without torchattacks."""
+    """Fail before any work on a bad name, or on AutoAttack without pyautoattack."""
     if not names:
         raise IgamError("No attacks given; write e.g. --attacks clean,fgsm,pgd20.")
     for name in names:
-        if name != "clean" and parse_preset(name).kind == "autoattack" and torchattacks_version() is None:
+        if name != "clean" and parse_preset(name).kind == "autoattack" and pyautoattack_version() is None:
             raise IgamError(INSTALL_HINT)
 
 
@@ -141,7 +148,10 @@ def observation(key: str, rec: dict[str, Any]) -> Observation | None:
     s = rec.get("attack")
     if not isinstance(s, dict) or s.get("attack") in (None, "clean") or rec.get("eps") is None:
         return None
-    return Observation(key, str(s["attack"]), float(rec["eps"]), float(rec["accuracy"]), int(rec["n"]),
+    kind = str(s["attack"])
+    if kind == "autoattack" and s.get("components") == ["square"]:
+        kind = "square"  # AutoAttack's Square alone is a black-box attack
+    return Observation(key, kind, float(rec["eps"]), float(rec["accuracy"]), int(rec["n"]),
                        str(rec.get("bn", "eval")), int(s.get("steps", 0)), int(s.get("restarts", 1)),
                        str(s.get("loss", "ce")))
 
@@ -169,14 +179,47 @@ def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
             "observations": [o.to_dict() for o in obs]}
 
 
+def state_name(key: str) -> str:
+    """File-name form of an eval.json key: 'autoattack@eps=8/255' -> 'autoattack@eps=8_255'."""
+    return re.sub(r"[^A-Za-z0-9._=@+-]", "_", key)
+
+
+def record_notes(key: str, rec: dict[str, Any]) -> list[str]:
+    """Lines worth printing under a results table for one eval.json record: AutoAttack's flags, a reduced
+    number of target classes, settings other than the published ones ([] for everything else)."""
+    s = rec.get("attack") if isinstance(rec, dict) else None
+    if not isinstance(s, dict) or s.get("library") != "pyautoattack":
+        return []
+    out = []
+    for c, r in (s.get("reduced") or {}).items():
+        out.append(f"{key}: {c.upper()} used {r['n_target_classes']} target classes instead of "
+                   f"{r['published']} (the model has {s.get('num_classes')} classes)")
+    if s.get("as_published") is False and not s.get("reduced"):
+        cs = s.get("component_settings", {})
+        out.append(f"{key}: not AutoAttack as published: "
+                   + "; ".join(f"{c} {v}" for c, v in cs.items()))
+    out += [f"{key}: AutoAttack flag: {f}" for f in s.get("flags", [])]
+    if s.get("flags"):
+        out.append(f"{key}: what the flags mean: {FLAGS_DOC}")
+    return out
+
+
 def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size: int = 500, seed: int = 0,
                  bn: str = "eval", data_dir: str | None = None, device: str = "cpu", *,
                  eps: float | str | None = None, checks: bool = False, check_n: int = 500,
                  check_queries: int = 1000, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate a run on the first n test images of its dataset. Results merge into RUN/eval.json under
-    `result_key(name, eps, bn)`; the masking checks (always those the results allow, plus the sweeps of
-    `checks=True` on the first check_n images) replace its `masking_checks` section. Returns this call's
-    records, keyed like eval.json, and `masking_checks` (sweeps of an earlier --checks call are kept)."""
+    `result_key(name, eps, bn)`, each as soon as its attack is finished; the masking checks (always those the
+    results allow, plus the sweeps of `checks=True` on the first check_n images) replace its
+    `masking_checks` section at the end. Returns this call's records, keyed like eval.json, and
+    `masking_checks` (sweeps of an earlier --checks call are kept).
+
+    All attacks are built before any runs, so a bad name or a model with too few classes for an AutoAttack
+    component fails at once. AutoAttack resumes from RUN/autoattack-state-KEY/ (deleted once its record
+    is written) and appends its log to RUN/autoattack-KEY.log.
+
+    Raises: IgamError for bad arguments, and when an attack fails: the message names the attack, the
+    results already saved and the attacks left (the original exception is chained)."""
     say = log or (lambda s: None)
     validate_attacks(attacks)
     if eps is not None:
@@ -187,16 +230,47 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     arrays = load_data(meta["data"]["dataset"], data_dir or the_run.data_dir, False, 0, n)
     x, y = arrays.x_test, arrays.y_test
     model = the_run.load_model(device)
-    results: dict[str, Any] = {}
+    shape = tuple(x.shape[1:])
+    prefix = f"igam: {run_dir.name}:"
+    built: list[tuple[str, str, Attack | None]] = []
     for name in attacks:
-        say(f"igam: {run_dir.name}: {name} on {len(x)} images ...")
-        rec = run_attack(model, x, y, name, eps=eps, batch_size=batch_size, seed=seed, bn=bn)
-        results[result_key(name, eps, bn)] = rec
-        say(f"igam: {run_dir.name}: {name}: {100 * rec['accuracy']:.2f}% ({rec['time_s']} s)")
+        key = result_key(name, eps, bn)
+        atk = None if name == "clean" else make_attack(
+            name, model, shape, eps=eps, bn=bn, seed=seed,
+            state_dir=run_dir / f"autoattack-state-{state_name(key)}",
+            log_path=run_dir / f"autoattack-{state_name(key)}.log", progress=lambda s: say(f"{prefix} {s}"))
+        built.append((name, key, atk))
 
     path = the_run.eval_path
+    results: dict[str, Any] = {}
+    for i, (name, key, atk) in enumerate(built):
+        say(f"{prefix} {name} on {len(x)} images ...")
+        try:
+            rec = run_attack(model, x, y, atk or "clean", batch_size=batch_size, seed=seed, bn=bn)
+        except BaseException as e:
+            done = ", ".join(results) or "none"
+            left = ",".join(a for a, _, _ in built[i:])
+            resume = (" Its AutoAttack state is kept: the same command continues where it stopped."
+                      if isinstance(atk, AutoAttack) and atk.state_dir and atk.state_dir.exists() else "")
+            what = ("was interrupted" if isinstance(e, KeyboardInterrupt)
+                    else f"failed ({type(e).__name__}: {e})")
+            msg = (f"{prefix} {name} {what}. Results saved in {path}: {done}. "
+                   f"To finish, run --attacks {left}.{resume}")
+            if isinstance(e, IgamError):
+                raise IgamError(msg) from e
+            say(msg)
+            raise
+        results[key] = rec
+        merged = read_json(path) if path.exists() else {}
+        merged[key] = rec
+        write_json(path, merged)
+        if isinstance(atk, AutoAttack):
+            atk.clear_state()
+            for line in record_notes(key, rec):
+                say(f"{prefix} {line}")
+        say(f"{prefix} {name}: {100 * rec['accuracy']:.2f}% ({rec['time_s']} s)")
+
     merged = read_json(path) if path.exists() else {}
-    merged.update(results)
     obs = [o for k, r in merged.items() if isinstance(r, dict) and (o := observation(k, r)) is not None]
     if not checks:  # keep the sweeps of an earlier --checks call: same run, same weights
         previous = merged.get("masking_checks", {}).get("observations", [])
@@ -204,7 +278,7 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     nc = min(len(x), check_n)
     results["masking_checks"] = masking_report(
         model, x[:nc], y[:nc], eps=eps, observations=obs, sweeps=checks, queries=check_queries,
-        batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"igam: {run_dir.name}: {s}"))
+        batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"))
     merged["masking_checks"] = results["masking_checks"]
     write_json(path, merged)
     return results

@@ -5,16 +5,18 @@
     x_adv = make_attack("pgd20x5", model, (1, 28, 28))(x, y)
 
 FGSM (Goodfellow et al. 2015), PGD (Madry et al. 2018) with restarts and CE/margin loss, Square
-(Andriushchenko et al. 2020, our own), AutoAttack standard (Croce & Hein 2020, through torchattacks).
+(Andriushchenko et al. 2020, our own), and AutoAttack (Croce & Hein 2020) through the authors' reference
+implementation, pyautoattack: make_attack("autoattack", ...), "autoattack-plus", "apgd-t", ...
 """
 
-from igam.attacks.autoattack import INSTALL_HINT, AutoAttack, torchattacks_version
+from igam.attacks.autoattack import INSTALL_HINT, AutoAttack, pyautoattack_version
 from igam.attacks.base import Attack, attack_loss, margin, project
 from igam.attacks.fgsm import FGSM
 from igam.attacks.pgd import PGD
 from igam.attacks.presets import (
     PRESET_EXAMPLES,
     AttackSpec,
+    column_label,
     column_name,
     default_eps,
     is_mnist_like,
@@ -24,5 +26,5 @@ from igam.attacks.presets import (
 from igam.attacks.square import Square
 
 __all__ = ["INSTALL_HINT", "PRESET_EXAMPLES", "Attack", "AttackSpec", "AutoAttack", "FGSM", "PGD", "Square",
-           "attack_loss", "column_name", "default_eps", "is_mnist_like", "make_attack", "margin",
-           "parse_preset", "project", "torchattacks_version"]
+           "attack_loss", "column_label", "column_name", "default_eps", "is_mnist_like", "make_attack",
+           "margin", "parse_preset", "project", "pyautoattack_version"]

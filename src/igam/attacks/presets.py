@@ -1,7 +1,10 @@
 """Attacks by name, with the conventions of the literature per dataset.
 
 Names: fgsm | pgdK | pgdKxR (R restarts) | pgdK-cw (margin loss) | pgdKxR-cw | square | squareQ (Q queries)
-| autoattack. K is any step count; the paper tables use pgd5/7/10/20/40/50/100.
+(igam's own attacks; K is any step count; the paper tables use pgd5/7/10/20/40/50/100), and AutoAttack
+through the reference implementation (pyautoattack): autoattack (the standard version as published),
+autoattack-plus, autoattack-rand, and its components with the standard version's settings: apgd-ce,
+apgd-dlr, apgd-t, fab, fab-t, aa-square (AutoAttack's Square, 5000 queries).
 
 Defaults: 1-channel 28x28 data (MNIST, Fashion-MNIST): eps 0.3, step 0.01 (Madry et al. 2018);
 everything else (CIFAR, SVHN, Tiny-ImageNet): eps 8/255, step 2/255. An eps override keeps the step/eps
@@ -11,11 +14,14 @@ ratio (0.01/0.3 = 1/30, or 1/4) unless a step size is given too.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch.nn as nn
 
-from igam.attacks.autoattack import AutoAttack
+from igam.attacks.autoattack import AutoAttack, count_classes
 from igam.attacks.base import Attack
 from igam.attacks.fgsm import FGSM
 from igam.attacks.pgd import PGD
@@ -24,7 +30,17 @@ from igam.errors import IgamError, suggest
 from igam.units import check_eps
 
 PRESET_EXAMPLES = ("fgsm", "pgd5", "pgd7", "pgd10", "pgd20", "pgd40", "pgd50", "pgd100", "pgd20x5",
-                   "pgd20-cw", "square", "autoattack")
+                   "pgd20-cw", "square", "autoattack", "autoattack-plus", "autoattack-rand", "apgd-ce",
+                   "apgd-dlr", "apgd-t", "fab", "fab-t", "aa-square")
+# AutoAttack names -> (pyautoattack version, components; None = all of the version's)
+AUTOATTACK: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "autoattack": ("standard", None), "autoattack-plus": ("plus", None), "autoattack-rand": ("rand", None),
+    "apgd-ce": ("standard", ("apgd-ce",)), "apgd-dlr": ("standard", ("apgd-dlr",)),
+    "apgd-t": ("standard", ("apgd-t",)), "fab": ("standard", ("fab",)), "fab-t": ("standard", ("fab-t",)),
+    "aa-square": ("standard", ("square",)),
+}
+_COLUMNS = {"autoattack": "AutoAttack", "autoattack-plus": "AutoAttack+",
+            "autoattack-rand": "AutoAttack-rand", "aa-square": "AA-Square"}
 _PGD = re.compile(r"pgd(\d+)(?:x(\d+))?(?:-(ce|cw))?")
 _SQUARE = re.compile(r"square(\d+)?")
 
@@ -38,13 +54,16 @@ class AttackSpec:
     restarts: int = 1
     loss: str = "ce"
     queries: int = 0
+    name: str = ""  # the AutoAttack preset (autoattack, autoattack-plus, apgd-t, ...)
 
 
 def parse_preset(name: str) -> AttackSpec:
     """'pgd20x5-cw' -> AttackSpec('pgd', 20, 5, 'cw'). Raises IgamError naming the valid forms."""
     s = name.strip().lower()
-    if s in ("fgsm", "autoattack"):
+    if s == "fgsm":
         return AttackSpec(s)
+    if s in AUTOATTACK:
+        return AttackSpec("autoattack", name=s)
     if (m := _PGD.fullmatch(s)) is not None:
         steps, restarts = int(m.group(1)), int(m.group(2) or 1)
         if steps < 1 or restarts < 1:
@@ -57,7 +76,8 @@ def parse_preset(name: str) -> AttackSpec:
         return AttackSpec("square", queries=queries)
     raise IgamError(f"Unknown attack '{name}'.{suggest(s, PRESET_EXAMPLES)} Valid forms: clean, fgsm, pgdK "
                     "(K steps, e.g. pgd20), pgdKxR (R restarts, e.g. pgd20x5), pgdK-cw (margin loss), "
-                    "square, squareQ (Q queries), autoattack.")
+                    "square, squareQ (Q queries); AutoAttack (reference implementation): autoattack, "
+                    "autoattack-plus, autoattack-rand, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, aa-square.")
 
 
 def is_mnist_like(shape: tuple[int, ...]) -> bool:
@@ -71,8 +91,15 @@ def default_eps(shape: tuple[int, ...]) -> tuple[float, float]:
 
 
 def make_attack(name: str, model: nn.Module, shape: tuple[int, ...], *, eps: float | str | None = None,
-                step_size: float | str | None = None, bn: str = "eval", seed: int = 0) -> Attack:
-    """The attack a preset name stands for, on inputs of shape (C, H, W) (or (N, C, H, W))."""
+                step_size: float | str | None = None, bn: str = "eval", seed: int = 0,
+                state_dir: str | Path | None = None, log_path: str | Path | None = None,
+                progress: Callable[[str], None] | None = None) -> Attack:
+    """The attack a preset name stands for, on inputs of shape (C, H, W) (or (N, C, H, W)).
+
+    AutoAttack names count the model's classes on one zero image first, so that a model with too few
+    classes is refused here, before any work (IgamError naming the components that can run).
+    `state_dir`, `log_path` and `progress` go to AutoAttack (resume state, its log, progress lines) and
+    are ignored by the other attacks."""
     spec = parse_preset(name)
     eps0, step0 = default_eps(shape)
     e = eps0 if eps is None else check_eps(eps)
@@ -86,17 +113,43 @@ def make_attack(name: str, model: nn.Module, shape: tuple[int, ...], *, eps: flo
         return PGD(model, e, step, spec.steps, restarts=spec.restarts, loss=spec.loss, bn=bn, seed=seed)
     if spec.kind == "square":
         return Square(model, e, spec.queries, bn=bn, seed=seed)
-    return AutoAttack(model, e, bn=bn, seed=seed)
+    version, components = AUTOATTACK[spec.name]
+    return AutoAttack(model, e, version=version, components=components, bn=bn, seed=seed,
+                      num_classes=count_classes(model, shape), state_dir=state_dir, log_path=log_path,
+                      progress=progress)
 
 
 def column_name(name: str) -> str:
-    """Table header of an attack name, as in the paper: Clean, FGSM, PGD20, PGD20x5-CW, Square, AutoAttack."""
+    """Table header of an attack name, as in the paper: Clean, FGSM, PGD20, PGD20x5-CW, Square, AutoAttack,
+    AutoAttack+, APGD-T, FAB-T, AA-Square."""
     s = name.strip().lower()
     if s == "clean":
         return "Clean"
-    if s == "autoattack":
-        return "AutoAttack"
+    if s in _COLUMNS:
+        return _COLUMNS[s]
     if s.startswith("square"):
         return "Square" + s[6:]
     return s.upper()
 
+
+
+def column_label(name: str, records: Iterable[dict[str, Any] | None] = ()) -> str:
+    """column_name(name), marked when AutoAttack did not run as published in these eval.json records:
+    'AutoAttack (4 targets)' when APGD-T/FAB-T used fewer than 9 target classes (a model with 5 classes),
+    'AutoAttack (reduced targets)' when the rows differ, 'AutoAttack (not as published)' for overrides."""
+    label = column_name(name)
+    targets: set[int | None] = set()  # per record: the reduced target count, None = as published
+    custom = False
+    for rec in records:
+        s = rec.get("attack") if isinstance(rec, dict) else None
+        if not isinstance(s, dict) or s.get("library") != "pyautoattack":
+            continue
+        reduced = s.get("reduced") or {}
+        targets.add(min(int(v["n_target_classes"]) for v in reduced.values()) if reduced else None)
+        custom |= s.get("as_published") is False and not reduced
+    if targets - {None}:
+        t = next(iter(targets))
+        if len(targets) == 1 and t is not None:
+            return f"{label} ({t} target{'s' if t != 1 else ''})"
+        return f"{label} (reduced targets)"
+    return f"{label} (not as published)" if custom else label
