@@ -162,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
               "benchmarks/ddp_smoke.py`.", file=sys.stderr)
         return 2
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    # deterministic kernels: the DDP step and the plain step must then agree to rounding. (The first H200
+    # run, 2026-11-29, used cuDNN's default kernels: exact mode agreed at cosine 0.99985, but the finite-
+    # difference modes, which divide rounding noise by the step h, only at 0.996 / 0.991.)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             print("ddp_smoke: no CUDA device: use --device cpu (gloo) or run on a GPU machine.",

@@ -87,7 +87,8 @@ def _step(igm: InputGradientMatching, student: nn.Module, x: torch.Tensor, y: to
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+    """Cosine of two tensors, compared on the CPU (they may come from different devices)."""
+    return float(F.cosine_similarity(a.double().cpu().flatten(), b.double().cpu().flatten(), dim=0))
 
 
 @pytest.mark.parametrize("mode,scheme", MODES)
@@ -238,3 +239,13 @@ def test_step_cost_benchmark_reports_positive_cuda_memory_figures() -> None:
     assert all(v > 0 for v in out["images_per_s"].values())
     assert out["tf32"]["igam-fd-forward"] is False and out["tf32"]["igam-fd-central"] is False
     assert out["machine"] == torch.cuda.get_device_name(0)
+
+
+def test_pgd_at_with_an_eps_ramp_trains_on_cuda(tmp_path: Path) -> None:
+    """The first GPU check (2026-11-29, H200) crashed here: the eps ramp's train_eps metric was made on the
+    CPU and the logged means stacked it with CUDA tensors. It must train and log train_eps."""
+    _igam("train", "method=pgd-at", "dataset=synthetic:28x28x1:10", "model=madry-mnist", "width=4",
+          "train_subset=256", "epochs=1", "batch_size=32", "device=cuda", "eps=0.3", "step_size=0.1",
+          "steps=2", "eps_warmup_epochs=0.5", f"out_dir={tmp_path}", "name=ramp", *COMMON, cwd=tmp_path)
+    m = json.loads((tmp_path / "ramp" / "metrics.json").read_text())
+    assert m["skipped_steps"] == 0 and math.isfinite(m["train"]["ce"]) and m["train"]["train_eps"] > 0

@@ -306,3 +306,14 @@ def test_unwritable_places_are_clear_errors(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr("igam.runs._atomic", disk_full_for_checkpoints)
     with pytest.raises(IgamError, match=r"Cannot write checkpoint .*No space left on device.*resume=true"):
         train(tiny(tmp_path, "full-disk"), log=quiet)
+
+
+def test_metrics_on_different_devices_are_averaged_on_one() -> None:
+    """A step's metrics may come from different devices (a CPU scalar beside GPU tensors: found on an
+    H200 by scripts/gpu-check, tests/test_cuda.py repeats that run); the logged means are gathered on the
+    given device. Here: tensors and a plain float, all averaged as they are."""
+    from igam.distributed import Dist, mean_over_ranks
+
+    out = mean_over_ranks({"a": torch.tensor(2.0), "b": torch.tensor([3.0]).squeeze(0), "c": 4.0},  # type: ignore[dict-item]
+                          Dist(), torch.device("cpu"))
+    assert out == {"a": 2.0, "b": 3.0, "c": 4.0}

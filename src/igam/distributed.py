@@ -79,12 +79,18 @@ def all_ranks(flag: bool, dist: Dist) -> bool:
     return bool(t.item() > 0)
 
 
-def mean_over_ranks(values: dict[str, torch.Tensor], dist: Dist) -> dict[str, float]:
-    """Each scalar tensor averaged over ranks, as floats (one all-reduce for all of them)."""
+def mean_over_ranks(values: dict[str, torch.Tensor], dist: Dist,
+                    device: torch.device | None = None) -> dict[str, float]:
+    """Each scalar tensor averaged over ranks, as floats (one all-reduce for all of them). The values may
+    live on different devices (a metric made on the CPU beside ones on the GPU): they are gathered on
+    `device` (default: the collective's device under torchrun, else the first value's)."""
     if not values:
         return {}
     keys = sorted(values)
-    t = torch.stack([values[k].float() for k in keys])
+    if device is None:
+        first = torch.as_tensor(values[keys[0]]).device
+        device = torch.device(_collective_device()) if dist.enabled else first
+    t = torch.stack([torch.as_tensor(values[k]).float().to(device) for k in keys])
     if dist.enabled:
         import torch.distributed as tdist
 

@@ -303,7 +303,7 @@ def train(cfg: Config, log=print) -> Path:
                     sums[k] = sums.get(k, 0) + v.detach().float()
                 count += 1
             if step % cfg.log_every == 0 or step == total:
-                last = {k: v / max(1, count) for k, v in mean_over_ranks(sums, dist).items()}
+                last = {k: v / max(1, count) for k, v in mean_over_ranks(sums, dist, device).items()}
                 last.update(lr=optimizer.param_groups[0]["lr"], epoch=round(step / steps_per_epoch, 3),
                             images_per_s=round(count * cfg.batch_size * dist.world
                                                / max(1e-9, time.time() - t0), 1),

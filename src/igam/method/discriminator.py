@@ -151,7 +151,7 @@ class DiscriminatorTrainer:
         opt.zero_grad(set_to_none=True)
         self.set_grad(False)
         if not finite:  # logged as disc_skipped (the fraction of student steps with a skipped D update)
-            return {"disc_skipped": torch.ones(())}
+            return {"disc_skipped": torch.ones((), device=loss.device)}
         return {"disc_loss": loss.detach()}
 
     def compile(self, compile_fn: Callable[..., nn.Module], example_views: torch.Tensor) -> None:

@@ -60,8 +60,8 @@ class PGDAT(Objective):
                   keep_best=False, bn=self.attack_bn, seed=self.seed)
         return pgd(x, y, seed=self.step_seed(step))
 
-    def ramp_metrics(self, step: int) -> Metrics:
-        return {"train_eps": torch.tensor(self.budget(step)[0])} if self.ramp_steps > 0 else {}
+    def ramp_metrics(self, step: int, device: torch.device) -> Metrics:
+        return {"train_eps": torch.tensor(self.budget(step)[0], device=device)} if self.ramp_steps > 0 else {}
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              step: int) -> tuple[torch.Tensor, Metrics, None]:
@@ -69,7 +69,7 @@ class PGDAT(Objective):
         logits = model(x_adv)
         ce = F.cross_entropy(logits, y)
         return ce, {"ce": ce.detach(), "adv_acc": (logits.argmax(1) == y).float().mean(),
-                    **self.ramp_metrics(step)}, None
+                    **self.ramp_metrics(step, x.device)}, None
 
 
 class TRADES(PGDAT):
@@ -111,7 +111,7 @@ class TRADES(PGDAT):
         return ce + self.beta * kl, {"ce": ce.detach(), "kl": kl.detach(),
                                      "acc": (logits.argmax(1) == y).float().mean(),
                                      "adv_acc": (logits_adv.argmax(1) == y).float().mean(),
-                                     **self.ramp_metrics(step)}, None
+                                     **self.ramp_metrics(step, x.device)}, None
 
 
 def _budget(cfg) -> tuple[float, float]:
