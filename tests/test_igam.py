@@ -70,6 +70,20 @@ def test_adapter_shape_errors_name_the_shapes():
     assert build_adapter("auto", (3, 64, 64), (3, 32, 32)).spec == "resize"
 
 
+@pytest.mark.parametrize("target,teacher,good,bad", [
+    ((1, 28, 28), (3, 32, 32), "rgb+pad", "gray"),     # MNIST student, CIFAR-10 teacher: grow and colour
+    ((3, 32, 32), (1, 28, 28), "gray+crop28", "rgb"),  # CIFAR-10 student, MNIST teacher: shrink and grey
+])
+def test_adapter_hints_point_in_the_direction_of_the_transfer(target, teacher, good, bad):
+    """A wrong adapter's error suggests adapters that go the right way (never gray+crop for a 1-channel
+    target), and the suggested family builds."""
+    with pytest.raises(IgamError) as e:
+        build_adapter("identity", target, teacher)
+    hint = str(e.value)
+    assert good.split("+")[0] + "+" in hint and f"{bad}+" not in hint
+    assert build_adapter(good, target, teacher).in_shape == target
+
+
 def test_crop_adapter_gradient_is_zero_outside_and_disc_view_crops():
     a = build_adapter("gray+crop28", (3, 32, 32), (1, 28, 28))
     x = torch.rand(2, 3, 32, 32, requires_grad=True)

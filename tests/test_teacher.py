@@ -3,6 +3,8 @@ a warning for a non-robust teacher; foreign checkpoints load without unpickling.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -124,3 +126,31 @@ def test_foreign_checkpoints_need_their_architecture_and_load_safely(tmp_path):
     net = load_teacher(path, "madry-mnist", 10, "1x28x28")
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(net.features(x), src.features(x))
+
+
+def test_a_weak_fine_tuned_teacher_is_reported(tmp_path: Path) -> None:
+    """A fine-tuned teacher whose recorded clean accuracy is below twice chance gets a warning that names
+    it, its accuracy, chance and what to try; a good one gets none."""
+    from igam.files import read_json, write_json
+    from igam.teachers import WEAK_TEACHER
+
+    src = tmp_path / "source"
+    train(make_config(overrides={"dataset": "synthetic:28x28x1:4", "model": "madry-mnist", "width": 4,
+                                 "train_subset": 64, "epochs": 1, "batch_size": 32, "out_dir": str(tmp_path),
+                                 "name": "source", "progress": False, "tensorboard": False, "eval_n": 32}),
+          log=lambda *a: None)
+    ft = train(make_config(overrides={"method": "finetune", "teacher": str(src),
+                                      "dataset": "synthetic:32x32x3:4", "adapter": "gray+crop28",
+                                      "train_subset": 64, "epochs": 1, "batch_size": 32,
+                                      "out_dir": str(tmp_path), "name": "ft", "progress": False,
+                                      "tensorboard": False, "eval_n": 32}),
+               log=lambda *a: None)
+    metrics = read_json(ft / "metrics.json")
+    for clean, warned in ((0.9 * WEAK_TEACHER / 4, True), (0.95, False)):
+        metrics["final"]["clean_acc"] = clean
+        write_json(ft / "metrics.json", metrics)
+        said: list[str] = []
+        frozen_teacher(ft, (3, 32, 32), 4, log=said.append)
+        assert bool(said) == warned
+        if warned:
+            assert "fine-tuned teacher" in said[0] and "chance: 25.0%" in said[0] and "finetune_lr" in said[0]

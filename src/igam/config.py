@@ -118,9 +118,10 @@ class Config:
     teacher_model: str = opt("", "architecture of a foreign teacher checkpoint")
     teacher_classes: int = opt(0, "classes of a foreign teacher checkpoint's own head")
     teacher_in_shape: str = opt("", "input shape CxHxW of a foreign teacher (e.g. 1x28x28)")
-    adapter: str = opt("auto", "input adapter from target to teacher input: auto | identity | resize | "
-                       "crop | crop28 | pad | random-pad | gray | transpose-conv | compositions like "
-                       "gray+crop28")
+    adapter: str = opt("auto", "input adapter from target to teacher input: auto | identity | gray (3 -> 1 "
+                       "channels) | rgb (1 -> 3) | resize[N] | crop[N] | pad[N] | random-pad[N] | "
+                       "transpose-conv, composed with +: gray+crop28 (CIFAR-10 -> MNIST teacher), rgb+pad "
+                       "(MNIST -> CIFAR-10 teacher); auto: gray/rgb, then crop or resize")
     teacher_bn: str = opt("eval", "teacher BatchNorm mode: eval (paper) | train (official code)",
                           ("eval", "train"))
     # --- IGAM (paper eqs. 7-14) ------------------------------------------------------------------

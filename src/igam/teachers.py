@@ -8,10 +8,12 @@ by the fine-tuning method's set-up, not here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from igam.errors import IgamError
-from igam.files import load_weights
+from igam.files import load_weights, read_json
 from igam.method.adapted import AdaptedTeacher
 from igam.method.adapters import build_adapter
 from igam.models import ImageClassifier, create_model
@@ -85,8 +87,18 @@ def finetune_model(body: ImageClassifier, target_shape: tuple[int, int, int], ta
     return AdaptedTeacher(build_adapter(adapter, target_shape, t_shape), body, body_bn)
 
 
-def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str = "eval") -> AdaptedTeacher:
-    """A fine-tuned teacher run ready for IGAM: every parameter frozen, checked against the target task."""
+WEAK_TEACHER = 2.0  # a fine-tuned teacher below this multiple of chance accuracy is reported as weak
+
+
+def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str = "eval",
+                   log: Callable[[str], Any] = print) -> AdaptedTeacher:
+    """A fine-tuned teacher run ready for IGAM: every parameter frozen, checked against the target task.
+    A teacher whose recorded clean accuracy on the target task is below WEAK_TEACHER x chance is reported
+    through `log` (its input gradients carry little about the task).
+
+    Raises:
+        IgamError: not a fine-tuned teacher run, or fine-tuned for another input shape or class count.
+    """
     p = Path(path)
     net = Run.open(p).load_model() if p.is_dir() else None
     if not isinstance(net, AdaptedTeacher):
@@ -106,6 +118,13 @@ def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str 
             f"The teacher's head has {net.body.num_classes} classes, the target task has "
             f"{target_classes}. Fine-tune the teacher on the target dataset first."
         )
+    metrics = Run(p).metrics_path
+    clean = (read_json(metrics).get("final") or {}).get("clean_acc") if metrics.exists() else None
+    if isinstance(clean, int | float) and clean < WEAK_TEACHER / target_classes:
+        log(f"igam: WARNING: the fine-tuned teacher {p} reaches only {100 * clean:.1f}% clean accuracy on "
+            f"the target task (chance: {100 / target_classes:.1f}%). IGAM matches its input gradients, which "
+            "then say little about the task: fine-tune longer or at another finetune_lr (e.g. 0.01), or try "
+            "another adapter.")
     net.body_bn = bn
     for p_ in net.parameters():
         p_.requires_grad_(False)

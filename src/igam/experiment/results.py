@@ -50,13 +50,19 @@ def collect_results(exp: Experiment) -> dict[str, Any]:
 
 
 def _stage_summary(exp: Experiment, st: Stage) -> dict[str, Any]:
+    """The keys that tell a stage apart; `model` is the network the run trained (meta.json: a fine-tuned
+    teacher's is `adapted:BODY`, whatever cfg.model says), else cfg.model."""
     cfg = resolve_stage(exp, st)
     keys = ["method", "model", "dataset", "epochs", "train_subset"]
     if cfg.method in ("igam", "igr"):
         keys += ["lambda_adv", "lambda_diff", "lambda_diff_auto", "preset", "grad_matching", "igam_start"]
     if cfg.method in ("pgd-at", "trades"):
         keys += ["eps", "steps"]
-    return {k: getattr(cfg, k) for k in keys}
+    out = {k: getattr(cfg, k) for k in keys}
+    run = Run(exp.out_dir / st.name)
+    if run.meta_path.exists():
+        out["model"] = (run.meta.get("model") or {}).get("name", out["model"])
+    return out
 
 
 def results_markdown(exp: Experiment, results: dict[str, Any], column_name) -> str:

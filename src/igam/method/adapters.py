@@ -175,6 +175,14 @@ class Adapter(nn.Module):
 
 
 def auto_spec(target: Shape, teacher: Shape) -> str:
+    """The adapter `auto` means from target (C, H, W) to teacher (C, H, W): gray (3 -> 1 channels) or rgb
+    (1 -> 3), then crop when the target is larger by a non-integer factor (4.3.2), else resize (4.3.1:
+    an exact down-size is average pooling; for a smaller target the paper found resizing slightly better
+    than padding, Table 2). Padding (4.3.3) is never automatic: ask for it, e.g. rgb+pad.
+
+    Raises:
+        IgamError: for channel counts no step converts (neither 3 -> 1 nor 1 -> 3).
+    """
     parts = []
     if target[0] != teacher[0]:
         if (target[0], teacher[0]) == (3, 1):
@@ -196,6 +204,15 @@ def auto_spec(target: Shape, teacher: Shape) -> str:
 
 def _fmt(s: Shape) -> str:
     return "x".join(str(v) for v in s)
+
+
+def _other_examples(target: Shape, teacher: Shape) -> str:
+    """More adapters that fit this direction of transfer, for error messages."""
+    colour = {(3, 1): "gray+", (1, 3): "rgb+"}.get((target[0], teacher[0]), "")
+    if target[1:] == teacher[1:]:
+        return ""
+    smaller = target[1] <= teacher[1] and target[2] <= teacher[2]
+    return f" (or {colour}pad / {colour}random-pad)" if smaller else f" (or {colour}crop{teacher[1]})"
 
 
 def build_adapter(spec: str, target: Shape, teacher: Shape) -> Adapter:
@@ -258,6 +275,6 @@ def build_adapter(spec: str, target: Shape, teacher: Shape) -> Adapter:
         raise IgamError(
             f"Adapter '{spec}' maps the target input {_fmt(target)} to {_fmt(shape)}, but the "
             f"teacher expects {_fmt(teacher)}. Try adapter={auto_spec(target, teacher)}"
-            f"{' (or e.g. gray+crop28)' if teacher[0] != target[0] else ''}."
+            f"{_other_examples(target, teacher)}."
         )
     return Adapter(spec, steps or [Identity(target, target)])
