@@ -168,9 +168,17 @@ def cmd_info(args, extra) -> int:
 
 
 def cmd_models(args, extra) -> int:
-    from igam.models import list_models
+    """`igam models`: the zoo, the library prefixes, and RobustBench's teachers where its extra is there."""
+    from igam.models import list_models, robustbench_zoo
 
     print("\n".join(list_models()))
+    names = robustbench_zoo.list_robustbench("cifar10", "Linf")
+    if names:
+        print(f"\nRobustBench teachers (teacher=robustbench:DATASET/THREAT/NAME; cifar10/Linf has "
+              f"{len(names)}, also cifar100, imagenet and L2, corruptions):")
+        print("\n".join(f"  robustbench:cifar10/Linf/{n}" for n in names))
+    else:
+        print("\nRobustBench teachers: pip install 'igam[robustbench]' to list and load them.")
     return 0
 
 

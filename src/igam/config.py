@@ -114,10 +114,17 @@ class Config:
     trades_beta: float = opt(6.0, "TRADES robustness weight")
     # --- teacher and adapter (finetune, igam) -----------------------------------------------------
     section("teacher")
-    teacher: str = opt("", "teacher: a run directory, or a .safetensors/.pt/.pth file with teacher_model")
+    teacher: str = opt("", "teacher: a run directory, robustbench:DATASET/THREAT/NAME (e.g. "
+                       "robustbench:cifar10/Linf/Carmon2019Unlabeled), or a .safetensors/.pt/.pth file with "
+                       "teacher_model (MadryLab robustness checkpoints and wrapper prefixes are recognised)")
     teacher_model: str = opt("", "architecture of a foreign teacher checkpoint")
     teacher_classes: int = opt(0, "classes of a foreign teacher checkpoint's own head")
     teacher_in_shape: str = opt("", "input shape CxHxW of a foreign teacher (e.g. 1x28x28)")
+    teacher_normalize: str = opt("", "input normalisation a foreign teacher was trained with, kept inside "
+                                 "it: mnist | cifar10 | cifar100 | imagenet | MEAN,../STD,.. (empty: [0, 1] "
+                                 "pixels, or the checkpoint's own normaliser)")
+    teacher_dir: str = opt("", "where robustbench: teachers' weights are, in RobustBench's layout "
+                           "DIR/DATASET/THREAT/NAME.pt (default: DATA_ROOT/robustbench)")
     adapter: str = opt("auto", "input adapter from target to teacher input: auto | identity | gray (3 -> 1 "
                        "channels) | rgb (1 -> 3) | resize[N] | crop[N] | pad[N] | random-pad[N] | "
                        "transpose-conv, composed with +: gray+crop28 (CIFAR-10 -> MNIST teacher), rgb+pad "

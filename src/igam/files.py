@@ -154,7 +154,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types
             raise IgamError(f"'{path}' is not a valid safetensors file ({e}); it may be truncated or "
                             "corrupted. Re-create it (e.g. rerun the training with resume=true).") from None
-    return _check_tensor_dict(load_torch_file(path), path)
+    return check_tensor_dict(load_torch_file(path), path)
 
 
 def _load_error(e: BaseException) -> str:
@@ -191,7 +191,7 @@ def load_torch_file(path: Path) -> Any:
     return obj
 
 
-def _check_tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+def check_tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in obj.items()):
         raise IgamError(f"'{path}' does not hold a state dict (a mapping of parameter names to tensors), so "

@@ -12,28 +12,126 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from igam.data import default_data_dir
 from igam.errors import IgamError
-from igam.files import load_weights, read_json
+from igam.files import check_tensor_dict, load_torch_file, load_weights, read_json
 from igam.method.adapted import AdaptedTeacher
 from igam.method.adapters import build_adapter
-from igam.models import ImageClassifier, create_model
+from igam.models import ImageClassifier, create_model, robustbench_zoo
 from igam.runs import Run
+
+NAMED_NORMALIZATION = {  # per-channel mean / std of common training sets, for teacher_normalize=NAME
+    "mnist": ([0.1307], [0.3081]),
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]),
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+    "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+}
+# prefixes that training wrappers put before parameter names: (Distributed)DataParallel, torch.compile,
+# MadryLab robustness (module.model.), Lightning and other wrappers (model., net., backbone.)
+WRAPPER_PREFIXES = ("", "module.", "_orig_mod.", "module._orig_mod.", "model.", "module.model.", "net.",
+                    "module.net.", "backbone.", "module.backbone.")
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
+    """'1x28x28' -> (1, 28, 28).
+
+    Raises:
+        IgamError: for anything that is not CxHxW with positive integers.
+    """
     try:
         c, h, w = (int(v) for v in text.lower().split("x"))
-        return c, h, w
     except ValueError:
         raise IgamError(f"teacher_in_shape={text!r}: write CxHxW, e.g. 1x28x28.") from None
+    if min(c, h, w) < 1:
+        raise IgamError(f"teacher_in_shape={text!r}: every size must be at least 1.")
+    return c, h, w
 
 
-def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: str = "") -> ImageClassifier:
-    """A teacher network: an igam run directory, or a foreign weights file (.safetensors, or .pt/.pth read
-    with weights_only=True) with its architecture named (model, classes, in_shape)."""
+def parse_normalization(text: str, channels: int) -> tuple[list[float], list[float]] | None:
+    """teacher_normalize: '' (none: the teacher takes [0, 1] pixels), a dataset name (NAMED_NORMALIZATION)
+    or 'M1,M2,M3/S1,S2,S3' (per-channel mean / std of [0, 1] pixels). Returns (mean, std) or None.
+
+    Raises:
+        IgamError: an unknown name, malformed numbers, a channel count that does not fit, or std <= 0.
+    """
+    text = (text or "").strip().lower()
+    if not text or text == "none":
+        return None
+    if text in NAMED_NORMALIZATION:
+        mean, std = NAMED_NORMALIZATION[text]
+    else:
+        try:
+            m, sd = text.split("/")
+            mean, std = [float(v) for v in m.split(",")], [float(v) for v in sd.split(",")]
+        except ValueError:
+            raise IgamError(f"teacher_normalize={text!r}: give a dataset ({', '.join(NAMED_NORMALIZATION)}) "
+                            "or MEAN/STD per channel, e.g. 0.485,0.456,0.406/0.229,0.224,0.225.") from None
+    if len(mean) != channels or len(std) != channels:
+        raise IgamError(f"teacher_normalize={text!r} has {len(mean)} channels; the teacher takes {channels}.")
+    if min(std) <= 0:
+        raise IgamError(f"teacher_normalize={text!r}: every std must be positive.")
+    return list(mean), list(std)
+
+
+State = dict[str, torch.Tensor]
+
+
+def foreign_state(state: State, expected: set[str]) -> tuple[State, str, State]:
+    """A foreign checkpoint's parameters renamed to the architecture's: the wrapper prefix (WRAPPER_PREFIXES)
+    that makes the most names match `expected` is removed, entries outside it (a MadryLab attacker's copy,
+    an optimiser's) dropped. Returns (state, the prefix removed, extra buffers such as MadryLab's
+    normalizer.new_mean / new_std)."""
+    best, best_hits = "", -1
+    for prefix in WRAPPER_PREFIXES:
+        hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in expected)
+        if hits > best_hits:
+            best, best_hits = prefix, hits
+    out = {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
+    extras = {k.rpartition("normalizer.")[2]: v for k, v in state.items()
+              if "normalizer." in k and not k.startswith(best + "attacker")}
+    return out, best, extras
+
+
+def _mismatch(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """Missing, unexpected and mis-shaped parameter names (a few of each, with counts)."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+    parts = [f"{len(v)} {what}: {few(v)}" for what, v in (("missing", missing), ("unexpected", unexpected),
+                                                         ("mis-shaped", shaped)) if v]
+    return "; ".join(parts)
+
+
+def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: str = "", *,
+                 normalize: str = "", teacher_dir: str | Path = "") -> ImageClassifier:
+    """A teacher network from
+    - an igam run directory;
+    - `robustbench:DATASET/THREAT/NAME`: RobustBench's architecture, weights from teacher_dir in its layout
+      (igam.models.robustbench_zoo), its own normalisation inside;
+    - a foreign weights file (.safetensors, or .pt/.pth read with weights_only=True: a plain state dict, a
+      dict with 'state_dict' or 'model', MadryLab robustness checkpoints) with its architecture named
+      (model, classes, in_shape). Wrapper prefixes are recognised (WRAPPER_PREFIXES); inputs are
+      normalised as `normalize` says (teacher_normalize), or by the checkpoint's own normaliser buffers.
+
+    Raises:
+        IgamError: a path that does not exist, a file without its architecture, weights that do not fit
+            (listing missing / unexpected / mis-shaped names), a malformed normalisation.
+    """
+    spec = str(path)
+    if spec.startswith("robustbench:"):
+        return _robustbench_teacher(spec, teacher_dir)
     p = Path(path)
     if not p.exists():
-        raise IgamError(f"Teacher '{path}' does not exist; give a run directory or a weights file.")
+        raise IgamError(f"Teacher '{path}' does not exist; give a run directory, a weights file or "
+                        "robustbench:DATASET/THREAT/NAME.")
     if p.is_dir():
         run = Run(p)
         status = run.status
@@ -50,24 +148,57 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
         )
     c, h, w = parse_shape(in_shape)
     state = load_weights(p)
-    if not isinstance(state, dict):
-        raise IgamError(f"'{path}' does not hold a state dict of tensors.")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    # a foreign checkpoint carries no normalisation buffers: the network then takes [0, 1] pixels as is
-    # (as Madry et al.'s models do); an igam-written file restores its own normalisation
-    native = "normalize.mean" in state
-    net = create_model(
-        model, num_classes=classes, in_chans=c, input_size=(h, w), normalize="dataset" if native else "none"
-    )
-    if not native:
-        state.update({k: v for k, v in net.state_dict().items() if k.startswith("normalize.")})
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise IgamError(
-            f"'{path}' does not fit a {model} with {classes} classes and input {in_shape}: "
-            f"{str(e).splitlines()[0][:300]}"
-        ) from None
+    native = "normalize.mean" in state or any(k.endswith(".normalize.mean") for k in state)
+    norm = parse_normalization(normalize, c)
+    net = create_model(model, num_classes=classes, in_chans=c, input_size=(h, w),
+                       normalize="dataset" if native or norm else "none",
+                       mean=norm[0] if norm else None, std=norm[1] if norm else None)
+    expected = set(net.state_dict())
+    state, prefix, extras = foreign_state(state, expected)
+    # the network's own normalisation: an igam-written file restores its own; MadryLab's normaliser is
+    # taken over; otherwise what teacher_normalize says (or none: [0, 1] pixels as is)
+    if not any(k.startswith("normalize.") for k in state):
+        own = {k: v for k, v in net.state_dict().items() if k.startswith("normalize.")}
+        if "new_mean" in extras and "new_std" in extras and not norm:
+            own = {"normalize.mean": extras["new_mean"].reshape(1, -1, 1, 1).float(),
+                   "normalize.std": extras["new_std"].reshape(1, -1, 1, 1).float()}
+            net.normalize.mode = "dataset"
+        state.update(own)
+    if set(state) != expected or any(tuple(state[k].shape) != tuple(v.shape)
+                                     for k, v in net.state_dict().items() if k in state):
+        fit = _mismatch(net, state)
+        if set(state) - expected and not (expected - set(state)) and "mis-shaped" not in fit:
+            state = {k: v for k, v in state.items() if k in expected}  # extra entries: buffers we lack
+        else:
+            raise IgamError(f"'{path}' does not fit a {model} with {classes} classes and input {in_shape}"
+                            f"{f' (after removing the prefix {prefix!r})' if prefix else ''}: {fit}.")
+    net.load_state_dict(state)
+    return net
+
+
+def _robustbench_teacher(name: str, teacher_dir: str | Path) -> ImageClassifier:
+    """RobustBench's network `name` with its weights from teacher_dir (see load_teacher)."""
+    dataset = robustbench_zoo.parse_name(name)[0]
+    root = Path(teacher_dir) if teacher_dir else default_data_dir() / "robustbench"
+    weights = robustbench_zoo.weights_path(name, root)
+    if not weights.is_file():
+        raise IgamError(f"No weights for {name} at {weights}. Put RobustBench's file there (on a machine "
+                        "with internet: robustbench.utils.load_model(NAME, model_dir=DIR, dataset=..., "
+                        "threat_model=...) downloads it into that layout), or set teacher_dir=DIR.")
+    c, h, w = robustbench_zoo.SHAPES[dataset]
+    net = create_model(name, num_classes=robustbench_zoo.CLASSES[dataset], in_chans=c, input_size=(h, w),
+                       normalize="none")
+    raw = load_torch_file(weights)
+    if isinstance(raw, dict) and isinstance(raw.get("last"), dict):  # RobustBench's few two-model files
+        raw = raw["last"]
+    state, prefix, _ = foreign_state(check_tensor_dict(raw, weights), net.native_keys())
+    state = {**net.native_names(state),
+             **{k: v for k, v in net.state_dict().items() if k.startswith("normalize.")}}
+    fit = _mismatch(net, state)
+    if fit:
+        raise IgamError(f"{weights} does not fit RobustBench's {name} architecture"
+                        f"{f' (after removing the prefix {prefix!r})' if prefix else ''}: {fit}.")
+    net.load_state_dict(state)
     return net
 
 

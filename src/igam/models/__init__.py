@@ -57,7 +57,8 @@ def _wrn_units(depth: int) -> int:
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY) + ["wrn-D-W (e.g. wrn-32-10, wrn-16-4)", "timm:NAME", "torchvision:NAME"]
+    return sorted(_REGISTRY) + ["wrn-D-W (e.g. wrn-32-10, wrn-16-4)", "timm:NAME", "torchvision:NAME",
+                                "robustbench:DATASET/THREAT/NAME"]
 
 
 def create_model(name: str, *, num_classes: int, in_chans: int = 3, input_size: int | tuple[int, int] = 32,
@@ -72,8 +73,8 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, input_size: 
     norm = Normalize(normalize, mean, std, in_chans)
     if activation not in ("default", *ACTIVATIONS):
         raise unknown("activation", activation, ("default", *ACTIVATIONS))
-    if name.startswith(("timm:", "torchvision:")):
-        model = create_external(name, norm, num_classes, in_chans)
+    if name.startswith(("timm:", "torchvision:", "robustbench:")):
+        model = create_external(name, norm, num_classes, in_chans, size)
     elif (m := _WRN.match(name)) is not None:
         if int(m.group(2)) < 1:
             raise IgamError(f"{name}: the widening factor W of wrn-D-W must be at least 1 (e.g. wrn-32-10).")

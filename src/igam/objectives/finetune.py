@@ -13,6 +13,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from igam.data import default_data_dir
 from igam.errors import IgamError
 from igam.evaluate import check_teacher_robustness
 from igam.method.adapted import AdaptedTeacher
@@ -39,7 +40,10 @@ def build_finetune_model(cfg: Any, spec: Any) -> AdaptedTeacher:
     """
     if not cfg.teacher:
         raise IgamError("method=finetune needs teacher=RUN_DIR (or a weights file with teacher_model=...).")
-    body = load_teacher(cfg.teacher, cfg.teacher_model, cfg.teacher_classes, cfg.teacher_in_shape)
+    root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+    body = load_teacher(cfg.teacher, cfg.teacher_model, cfg.teacher_classes, cfg.teacher_in_shape,
+                        normalize=cfg.teacher_normalize,
+                        teacher_dir=cfg.teacher_dir or root / "robustbench")
     if Path(cfg.teacher).is_dir():
         check_teacher_robustness(Path(cfg.teacher))
     return finetune_model(body, spec.shape, spec.num_classes, cfg.adapter, cfg.teacher_bn)

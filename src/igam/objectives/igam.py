@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from igam.errors import IgamError
 from igam.method.discriminator import GradientDiscriminator
@@ -22,6 +23,7 @@ from igam.method.matching import InputGradientMatching
 from igam.objectives.base import Metrics, Objective, register_objective
 from igam.teachers import frozen_teacher
 from igam.units import parse_fraction, start_step
+from igam.utils import bn_mode
 
 
 class IGAMObjective(Objective):
@@ -134,11 +136,45 @@ def build_matching(cfg: Any, spec: Any, device: torch.device,
     return m.to(device)
 
 
+def check_double_backward(model: nn.Module, shape: tuple[int, ...], device: torch.device) -> None:
+    """Exact mode differentiates the student's input gradient (a double backward through every layer):
+    try it once on two mid-grey images (eval mode: no random draws, no BatchNorm statistics moved; the
+    parameters' .grad is left as it was), so that a layer without a double-backward formula (e.g.
+    hardsigmoid in MobileNetV3) is named before training starts.
+
+    Raises:
+        IgamError: naming PyTorch's missing derivative and the fix (grad_matching=finite-difference).
+    """
+    saved = [(p, p.grad) for p in model.parameters()]
+    x = torch.full((2, *shape), 0.5, device=device, requires_grad=True)
+    try:
+        with bn_mode(model, "eval"), torch.enable_grad():
+            out = model(x)
+            loss = F.cross_entropy(out.float(), torch.zeros(2, dtype=torch.long, device=device))
+            (g,) = torch.autograd.grad(loss, x, create_graph=True)
+            g.pow(2).sum().backward()
+    except RuntimeError as e:
+        if "not implemented" not in str(e):
+            raise
+        what = str(e).strip().splitlines()[0][:200]
+        raise IgamError(f"grad_matching=exact needs the double backward of every layer of the student, and "
+                        f"PyTorch has none for one of this model's layers ({what}). Use "
+                        "grad_matching=finite-difference (first-order passes only), or another "
+                        "student.") from None
+    finally:
+        for p, grad in saved:
+            p.grad = grad
+
+
 @register_objective("igam")
 def make_igam(cfg: Any, model: nn.Module, spec: Any, device: torch.device) -> IGAMObjective:
+    if cfg.grad_matching == "exact":
+        check_double_backward(model, spec.shape, device)
     return IGAMObjective("igam", build_matching(cfg, spec, device, use_teacher=True), cfg.igam_start)
 
 
 @register_objective("igr")
 def make_igr(cfg: Any, model: nn.Module, spec: Any, device: torch.device) -> IGAMObjective:
+    if cfg.grad_matching == "exact":
+        check_double_backward(model, spec.shape, device)
     return IGAMObjective("igr", build_matching(cfg, spec, device, use_teacher=False), cfg.igam_start)
