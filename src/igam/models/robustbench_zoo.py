@@ -105,3 +105,22 @@ def weights_path(name: str, teacher_dir: str | Path) -> Path:
     """Where RobustBench keeps the weights of `name` under teacher_dir: DIR/DATASET/THREAT/NAME.pt."""
     dataset, threat, model = parse_name(name)
     return Path(teacher_dir) / dataset / threat / f"{model}.pt"
+
+
+def download(name: str, teacher_dir: str | Path) -> Path:
+    """Fetch the weights of `robustbench:DATASET/THREAT/NAME` into teacher_dir in RobustBench's layout,
+    through RobustBench's own loader (needs internet; igam never downloads at training time). Returns the
+    file's path.
+
+    Raises:
+        IgamError: robustbench missing, an unknown model, or the download failing.
+    """
+    dataset, threat, model = parse_name(name)
+    _zoo()  # the work-arounds, before robustbench.utils imports what they cover
+    from robustbench.utils import load_model
+
+    try:
+        load_model(model, model_dir=str(teacher_dir), dataset=dataset, threat_model=threat)
+    except Exception as e:  # network, Google Drive quota, a renamed model ...
+        raise IgamError(f"RobustBench could not fetch {name} ({type(e).__name__}: {e}).") from None
+    return weights_path(name, teacher_dir)
