@@ -146,3 +146,21 @@ def test_exact_igam_with_a_layer_without_double_backward_names_it_and_the_fix(tm
     err = capsys.readouterr().err
     assert "hardsigmoid" in err and "grad_matching=finite-difference" in err and "Traceback" not in err
     assert main([*args, "name=fd", "grad_matching=finite-difference"]) == 0
+
+
+def test_madrylab_checkpoint_of_a_torchvision_architecture(tmp_path: Path) -> None:
+    """MadryLab's robust ImageNet models are torchvision architectures under module.model.: the library's
+    own parameter names are mapped onto igam's wrapper, and the normaliser kept."""
+    torch.manual_seed(0)
+    import torchvision
+
+    src = torchvision.models.get_model("mobilenet_v3_small", weights=None, num_classes=10).eval()
+    state = {**{f"module.model.{k}": v for k, v in src.state_dict().items()},
+             **{f"module.attacker.model.{k}": v for k, v in src.state_dict().items()},
+             "module.normalizer.new_mean": torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1),
+             "module.normalizer.new_std": torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)}
+    torch.save({"model": state, "epoch": 90}, tmp_path / "madrylab.pt")
+    net = load_teacher(tmp_path / "madrylab.pt", "torchvision:mobilenet_v3_small", 10, "3x64x64").eval()
+    x = torch.rand(2, 3, 64, 64)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(net(x), src((x - mean) / std.view(1, 3, 1, 1)), atol=1e-5)

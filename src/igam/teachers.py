@@ -154,7 +154,12 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
                        normalize="dataset" if native or norm else "none",
                        mean=norm[0] if norm else None, std=norm[1] if norm else None)
     expected = set(net.state_dict())
-    state, prefix, extras = foreign_state(state, expected)
+    wrapped = any(k.endswith("fc.weight") for k in state) and any(".features." in f".{k}" for k in state)
+    if hasattr(net, "native_keys") and not wrapped:  # timm / torchvision: the library's own names
+        state, prefix, extras = foreign_state(state, net.native_keys())
+        state = net.native_names(state)
+    else:
+        state, prefix, extras = foreign_state(state, expected)
     # the network's own normalisation: an igam-written file restores its own; MadryLab's normaliser is
     # taken over; otherwise what teacher_normalize says (or none: [0, 1] pixels as is)
     if not any(k.startswith("normalize.") for k in state):
