@@ -292,3 +292,33 @@ def test_markdown_subset():
                     "- one\n- two\n")
     assert '<h3 id="t">T</h3>' in html and "<code>code</code>" in html and "<strong>bold</strong>" in html
     assert "&lt;x&gt;" in html and "<x>" not in html and ">1</td>" in html and html.count("<li>") == 2
+
+
+def test_model_info_json_in_robustbench_format(tmp_path: Path) -> None:
+    """RobustBench's model-info record from eval.json: percentages with two decimals, eps as k/255, the
+    strongest attack as `reported`, and autoattack_acc only from the reference AutoAttack."""
+    from igam.files import read_json, write_json
+    from igam.report.modelinfo import model_info, write_model_info
+
+    run = tmp_path / "r"
+    run.mkdir()
+    write_json(run / "meta.json", {"status": "finished", "method": "igam", "model": {"name": "resnet20"},
+                                   "data": {"dataset": "cifar10"}, "seed": 0})
+    with pytest.raises(IgamError, match="no eval.json"):
+        model_info(run)
+    eps = 8 / 255
+    ev = {"clean": {"accuracy": 0.9123, "n": 500},
+          "pgd20": {"accuracy": 0.41, "n": 500, "eps": eps, "attack": {"attack": "pgd"}},
+          "fgsm": {"accuracy": 0.55, "n": 500, "eps": eps, "attack": {"attack": "fgsm"}},
+          "pgd20@eps=4/255": {"accuracy": 0.6, "n": 500, "eps": 4 / 255}}
+    write_json(run / "eval.json", ev)
+    info = model_info(run)
+    assert (info["clean_acc"], info["reported"], info["eps"], info["autoattack_acc"]) == ("91.23", "41.00",
+                                                                                         "8/255", None)
+    assert "pgd20" in info["footnote"] and "autoattack_acc is null" in info["footnote"]
+    ev["autoattack"] = {"accuracy": 0.385, "n": 500, "eps": eps,
+                        "attack": {"library": "pyautoattack", "version": "standard"}}
+    write_json(run / "eval.json", ev)
+    path = write_model_info(run, name="my-igam")
+    info = read_json(path)
+    assert (info["name"], info["autoattack_acc"], info["reported"]) == ("my-igam", "38.50", "38.50")

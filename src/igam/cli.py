@@ -104,6 +104,10 @@ def cmd_evaluate(args, extra) -> int:
             check_queries=args.check_queries,
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )
+        if args.model_info:
+            from igam.report.modelinfo import write_model_info
+
+            print(f"igam: {write_model_info(run)}", file=sys.stderr)
         label = Path(run).name + (" (train-mode BN)" if args.bn == "train" else "")
         rows.append((label, {a: res[result_key(a, args.eps, args.bn)] for a in attacks}))
         notes += [f"{label}: {line}" for a in attacks for line in record_notes(a, rows[-1][1][a])]
@@ -378,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-queries", type=int, default=1000, help="queries of the Square attack of --checks"
     )
     ev.add_argument("--strict", action="store_true", help="exit with status 1 when a masking check fails")
+    ev.add_argument("--model-info", action="store_true",
+                    help="also write RUN/model_info.json, RobustBench's model-info record (clean_acc, "
+                    "reported, autoattack_acc, eps, architecture, ...)")
     ev.add_argument("--data-dir", default=None, help="data root (default: the run's own, else $IGAM_DATA)")
     ev.add_argument("--device", default="cpu")
 
