@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from igam.config import config_help, make_config, parse_override_args
+from igam.config import config_help, make_config, methods_help, parse_override_args
 from igam.errors import IgamError
 
 CONFIG_VERBS = {"train", "finetune", "transfer"}  # verbs whose every argument is a configuration key
@@ -276,11 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     verb(
         "train",
         cmd_train,
-        "Train a model: standard, pgd-at, trades, finetune, igam or igr (method=...).",
+        "Train a model: standard, pgd-at, trades, fast-at, n-fgsm, free-at, finetune, igam, igr or kd-noise "
+        "(method=...).",
         config=True,
         epilog=EPILOG_OVERRIDES + "\n\nExamples:\n  igam train dataset=mnist model=madry-mnist "
-        "epochs=2 --data-dir ../shared/data\n  igam train --config experiments/cpu/teacher.yaml seed=1\n\n"
-        + config_help(),
+        "epochs=2 --data-dir ../shared/data\n  igam train --config experiments/cpu/teacher.yaml seed=1\n"
+        "  igam train method=igr lambda_diff=1 activation=gelu dataset=cifar10\n\n"
+        + methods_help() + "\n\n" + config_help(),
     )
 
     verb(
