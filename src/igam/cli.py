@@ -159,6 +159,12 @@ def cmd_info(args, extra) -> int:
         )
         if meta.get("adapter"):
             print(f"adapter  {meta['adapter']}")
+        if meta.get("passes_per_image"):
+            from igam.experiment.results import format_passes
+
+            print(f"cost     {format_passes(meta['passes_per_image'])} passes per training image (forward/"
+                  f"backward[/double]: S student, T teacher, D discriminator)"
+                  + (f", {meta['train_time_s']} s" if meta.get("train_time_s") else ""))
         for key in ("metrics", "eval"):
             if key in out:
                 print(f"{key:<8} {json.dumps(out[key], default=str)}")

@@ -126,8 +126,9 @@ class Config:
     step_size: str = opt("2/255", "PGD step size")
     steps: int = opt(7, "PGD steps for adversarial training (Madry: 7 CIFAR, 40 MNIST)")
     random_start: bool = opt(True, "PGD starts from a uniform random point of the eps-ball")
-    eps_warmup_epochs: float = opt(0.0, "pgd-at/trades: grow the training eps and step size linearly from 0 "
-                                        "over these epochs (steadies MNIST PGD-AT at eps 0.3)")
+    eps_warmup_epochs: float = opt(0.0, "adversarial training (pgd-at, trades, fast-at, n-fgsm, free-at): "
+                                        "grow the training eps and step size linearly from 0 over these "
+                                        "epochs (steadies MNIST PGD-AT at eps 0.3)")
     attack_bn: str = opt("eval", "BatchNorm mode while crafting training attacks: eval | train",
                          ("eval", "train"))
     trades_beta: float = opt(6.0, "TRADES robustness weight")
