@@ -122,6 +122,10 @@ def test_free_at_carries_the_perturbation_from_the_training_backward() -> None:
         assert all(p.grad is not None for p in net.parameters()), "one backward: weights and delta"
         deltas.append(obj.delta.clone())
     assert deltas[0].abs().max() == pytest.approx(0.1) and not torch.equal(deltas[0], deltas[3])
+    aux = obj.delta.clone().requires_grad_(True)
+    aux.grad = torch.full_like(aux, float("nan"))  # an fp16 overflow: the loss scaler skips the step
+    obj.after_step(net, x, y, 4, aux)
+    assert torch.equal(obj.delta, deltas[3])
     state = obj.extra_state()
     fresh = FreeAT(0.1, 3)
     fresh.load_extra_state(state)

@@ -109,10 +109,13 @@ class FreeAT(AttackTraining):
                     **self.ramp_metrics(step, x.device)}, delta
 
     def after_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int, aux: Any) -> Metrics:
-        """The perturbation's ascent step from the gradient the loop's backward left on it."""
+        """The perturbation's ascent step from the gradient the loop's backward left on it (entries whose
+        gradient is not finite, e.g. an fp16 overflow the loss scaler skips, are left where they are)."""
         if aux is not None and aux.grad is not None:
             eps = self.budget(step)[0]
-            self.delta = (aux.detach() + eps * aux.grad.sign()).clamp_(-eps, eps)
+            g = aux.grad
+            direction = torch.where(torch.isfinite(g), g.sign(), torch.zeros_like(g))
+            self.delta = (aux.detach() + eps * direction).clamp_(-eps, eps)
         return {}
 
     def extra_state(self) -> dict[str, Any]:
