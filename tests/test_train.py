@@ -108,7 +108,7 @@ def test_a_run_writes_everything(tmp_path: Path) -> None:
         train(tiny(tmp_path, "full"), log=quiet)
 
 
-@pytest.mark.parametrize("method", [METHOD, "pgd-at"])
+@pytest.mark.parametrize("method", [METHOD, "pgd-at", "free-at", "n-fgsm"])
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path, method: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Interrupt a run right after its 8th step (an epoch end, before that step's checkpoint; the last one

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from igam.config import config_help, make_config, parse_override_args
+from igam.config import config_help, make_config, methods_help, parse_override_args
 from igam.errors import IgamError
 
 CONFIG_VERBS = {"train", "finetune", "transfer"}  # verbs whose every argument is a configuration key
@@ -163,6 +163,12 @@ def cmd_info(args, extra) -> int:
         )
         if meta.get("adapter"):
             print(f"adapter  {meta['adapter']}")
+        if meta.get("passes_per_image"):
+            from igam.experiment.results import format_passes
+
+            print(f"cost     {format_passes(meta['passes_per_image'])} passes per training image (forward/"
+                  f"backward[/double]: S student, T teacher, D discriminator)"
+                  + (f", {meta['train_time_s']} s" if meta.get("train_time_s") else ""))
         for key in ("metrics", "eval"):
             if key in out:
                 print(f"{key:<8} {json.dumps(out[key], default=str)}")
@@ -288,11 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     verb(
         "train",
         cmd_train,
-        "Train a model: standard, pgd-at, trades, finetune, igam or igr (method=...).",
+        "Train a model: standard, pgd-at, trades, fast-at, n-fgsm, free-at, finetune, igam, igr or kd-noise "
+        "(method=...).",
         config=True,
         epilog=EPILOG_OVERRIDES + "\n\nExamples:\n  igam train dataset=mnist model=madry-mnist "
-        "epochs=2 --data-dir ../shared/data\n  igam train --config experiments/cpu/teacher.yaml seed=1\n\n"
-        + config_help(),
+        "epochs=2 --data-dir ../shared/data\n  igam train --config experiments/cpu/teacher.yaml seed=1\n"
+        "  igam train method=igr lambda_diff=1 activation=gelu dataset=cifar10\n\n"
+        + methods_help() + "\n\n" + config_help(),
     )
 
     verb(

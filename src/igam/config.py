@@ -18,12 +18,12 @@ from igam.files import atomic_write_text
 from igam.registry import OBJECTIVES
 from igam.units import check_eps, check_start, parse_fraction
 
-__all__ = ["ALIASES", "FIELDS", "GROUPS", "PRESETS", "Config", "apply_overrides", "check_eps", "config_help",
-           "group_keys", "load_yaml", "make_config", "parse_fraction", "parse_override_args", "save_yaml",
-           "validate"]
+__all__ = ["ALIASES", "FIELDS", "GROUPS", "METHOD_HELP", "METHODS", "PRESETS", "Config", "apply_overrides",
+           "check_eps", "config_help", "group_keys", "load_yaml", "make_config", "methods_help",
+           "parse_fraction", "parse_override_args", "save_yaml", "validate"]
 
 
-GROUPS = ("run", "data", "model", "optim", "attack", "teacher", "igam", "finetune", "eval", "log")
+GROUPS = ("run", "data", "model", "optim", "attack", "teacher", "igam", "distill", "finetune", "eval", "log")
 _section = ["run"]
 
 
@@ -42,7 +42,26 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 
 # The built-in methods (for the help text). What `method` accepts is the objective registry
 # (igam.objectives.OBJECTIVES, checked where a run starts), so registered plug-ins are methods too.
-METHODS = ("standard", "pgd-at", "trades", "finetune", "igam", "igr")
+METHODS = ("standard", "pgd-at", "trades", "fast-at", "n-fgsm", "free-at", "finetune", "igam", "igr",
+           "kd-noise")
+# one line per built-in method for `igam train --help` (docs/METHODS.md has the equations and costs)
+METHOD_HELP = {
+    "standard": "cross-entropy on clean images",
+    "pgd-at": "PGD adversarial training (Madry et al. 2018): PGD-`steps` of `step_size` within `eps`",
+    "trades": "TRADES (Zhang et al. 2019): CE + trades_beta KL(f(x) || f(x')), x' by PGD on the KL",
+    "fast-at": "fast AT (Wong et al. 2020): FGSM from a random start, step fast_alpha (1.25 eps), projected",
+    "n-fgsm": "N-FGSM (de Jorge et al. 2022): FGSM of step eps from x + U(-k eps, k eps), k = nfgsm_noise, "
+              "no projection",
+    "free-at": "free AT (Shafahi et al. 2019): each batch free_replays times, the perturbation carried over; "
+               "epochs count gradient steps (epochs / free_replays passes over the data)",
+    "finetune": "a robust teacher's new logit layer on the target task (paper eq. 6; `igam finetune`)",
+    "igam": "IGAM (paper eqs. 7-14): CE + lambda_adv L_adv + lambda_diff ||J_s - J_t||^2 from a fine-tuned "
+            "teacher",
+    "igr": "input-gradient regularisation, IGAM's J_t = 0 control: CE + lambda_diff ||J_s||^2 (smooth "
+           "students: activation=gelu)",
+    "kd-noise": "distillation from the fine-tuned teacher on x + N(0, kd_sigma^2) at kd_temperature "
+                "(Srinivas & Fleuret 2018: Jacobian matching's first-order equivalent)",
+}
 
 
 @dataclass
@@ -100,18 +119,24 @@ class Config:
     grad_clip: float = opt(0.0, "clip the student's gradient norm (0: off)")
     # --- method --------------------------------------------------------------------------------
     section("run")
-    method: str = opt("standard", "training objective: " + " | ".join(METHODS))
-    # --- attacks used for training (pgd-at, trades) ------------------------------------------------
+    method: str = opt("standard", "training objective: " + " | ".join(METHODS) + " (see methods above)")
+    # --- attacks used for training (pgd-at, trades, fast-at, n-fgsm, free-at) ----------------------
     section("attack")
     eps: str = opt("8/255", "L-inf radius in [0,1] pixel units; fractions like 8/255 allowed")
     step_size: str = opt("2/255", "PGD step size")
     steps: int = opt(7, "PGD steps for adversarial training (Madry: 7 CIFAR, 40 MNIST)")
     random_start: bool = opt(True, "PGD starts from a uniform random point of the eps-ball")
-    eps_warmup_epochs: float = opt(0.0, "pgd-at/trades: grow the training eps and step size linearly from 0 "
-                                        "over these epochs (steadies MNIST PGD-AT at eps 0.3)")
+    eps_warmup_epochs: float = opt(0.0, "adversarial training (pgd-at, trades, fast-at, n-fgsm, free-at): "
+                                        "grow the training eps and step size linearly from 0 over these "
+                                        "epochs (steadies MNIST PGD-AT at eps 0.3)")
     attack_bn: str = opt("eval", "BatchNorm mode while crafting training attacks: eval | train",
                          ("eval", "train"))
     trades_beta: float = opt(6.0, "TRADES robustness weight")
+    fast_alpha: str = opt("0", "fast-at: FGSM step size (0: 1.25 eps, Wong et al.)")
+    nfgsm_noise: float = opt(2.0, "n-fgsm: noise U(-k eps, k eps) before the FGSM step of eps; this is k "
+                             "(de Jorge et al.: 2)")
+    free_replays: int = opt(4, "free-at: steps on each minibatch in a row, m (Shafahi et al.: 8 CIFAR, 4 "
+                            "ImageNet); epochs still count gradient steps")
     # --- teacher and adapter (finetune, igam) -----------------------------------------------------
     section("teacher")
     teacher: str = opt("", "teacher: a run directory, robustbench:DATASET/THREAT/NAME (e.g. "
@@ -164,6 +189,11 @@ class Config:
                          ("central", "forward"))
     amp_input_grad: bool = opt(False, "run the IGAM input-gradient path under amp too (exact mode; default: "
                                "it stays float32)")
+    # --- distillation from the fine-tuned teacher (kd-noise) ----------------------------------------
+    section("distill")
+    kd_temperature: float = opt(4.0, "kd-noise: softmax temperature T (the KL is scaled by T^2)")
+    kd_sigma: float = opt(0.1, "kd-noise: standard deviation of the Gaussian input noise, pixels in [0, 1]")
+    kd_weight: float = opt(1.0, "kd-noise: weight of T^2 KL(teacher || student) on noisy inputs")
     # --- finetune --------------------------------------------------------------------------------
     section("finetune")
     finetune_lr: float = opt(1e-3, "Adam learning rate of the new logit layer (and learned adapter)")
@@ -289,11 +319,16 @@ def validate(cfg: Config) -> None:
         raise IgamError(f"epochs={cfg.epochs} must be positive (fractions such as 0.5 are fine).")
     for key in ("epochs", "lr", "steps", "momentum", "weight_decay", "warmup_epochs", "eps_warmup_epochs",
                 "grad_clip", "threads", "train_subset", "test_subset", "crop_padding", "width", "eval_every",
-                "eval_n", "trades_beta",
+                "eval_n", "trades_beta", "nfgsm_noise", "kd_sigma", "kd_weight",
                 "lambda_adv", "lambda_diff_auto", "disc_lr", "finetune_lr", "teacher_classes", "lr_gamma",
                 "fd_step", "pixel_scale"):
         if getattr(cfg, key) < 0:
             raise IgamError(f"{key}={getattr(cfg, key)} must not be negative.")
+    check_eps(cfg.fast_alpha, "fast_alpha")
+    if cfg.free_replays < 1:
+        raise IgamError(f"free_replays={cfg.free_replays} must be at least 1 (Shafahi et al. use 4-10).")
+    if cfg.kd_temperature <= 0:
+        raise IgamError(f"kd_temperature={cfg.kd_temperature} must be positive (e.g. 4).")
     if not 0 <= cfg.seed < 2**63:
         raise IgamError(f"seed={cfg.seed} must lie in 0 .. 2**63-1.")
     if cfg.keep_checkpoints < 1:
@@ -397,6 +432,12 @@ def group_keys(*groups: str) -> tuple[str, ...]:
     if unknown_groups:
         raise ValueError(f"unknown config groups {sorted(unknown_groups)}; groups are {GROUPS}")
     return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["group"] in groups)
+
+
+def methods_help() -> str:
+    """The method list of `igam train --help`: every built-in method with a line on what it trains."""
+    return "\n".join(["methods (method=...; docs/METHODS.md has papers, equations and passes per image):"]
+                     + [f"  {m:<10} {METHOD_HELP[m]}" for m in METHODS])
 
 
 def config_help(groups: tuple[str, ...] = GROUPS) -> str:

@@ -32,7 +32,7 @@ from igam.distributed import (
 from igam.errors import IgamError
 from igam.evaluate import accuracy, evaluate_attack
 from igam.files import PACKAGE_VERSION, install_kill_hooks, kill_point, save_weights, write_json
-from igam.objectives import Objective, build_model, check_method, create_objective
+from igam.objectives import Objective, build_model, check_method, count_passes, create_objective
 from igam.runs import CSVLogger, Run, git_commit, load_latest_state, load_state_checked, save_state
 from igam.speed import float32_arithmetic, speed_setup
 from igam.units import parse_fraction
@@ -203,7 +203,9 @@ def train(cfg: Config, log=print) -> Path:
             "git_commit": git_commit(), "torch": torch.__version__, "device": str(device),
             "world_size": dist.world, "steps": total, "steps_per_epoch": steps_per_epoch,
             "adapter": getattr(unwrap(model), "adapter_spec", None), "teacher": cfg.teacher or None,
-            "eval_bn": cfg.eval_bn}
+            "eval_bn": cfg.eval_bn,
+            # the machine-independent cost: forward/backward passes per training image, by network
+            "passes_per_image": count_passes(objective, total, steps_per_epoch)}
     if dist.main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -250,8 +252,7 @@ def train(cfg: Config, log=print) -> Path:
         bar = tqdm(total=total, initial=step, desc=run_name(cfg), unit="step", dynamic_ncols=True,
                    mininterval=1.0, leave=False)
     while step < total:
-        epoch, start = divmod(step, steps_per_epoch)
-        for x, y in loader.epoch(epoch, start):
+        for x, y in loader.steps(step, objective.replays):
             if cfg.channels_last and device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             factor = lr_factor(cfg, step, total, steps_per_epoch)
@@ -338,7 +339,8 @@ def train(cfg: Config, log=print) -> Path:
         save_weights(unwrap(model), run.weights_path)
         if objective.state_dict():  # e.g. the discriminator and the resolved lambda_diff
             save_weights(objective, run.objective_path)
-        write_json(run.metrics_path, {"final": final, "train": last, "skipped_steps": skipped, "steps": step})
+        write_json(run.metrics_path, {"final": final, "train": last, "skipped_steps": skipped, "steps": step,
+                                      "passes_per_image": meta["passes_per_image"]})
         meta.update(status="finished", finished=time.time(), epochs=round(step / steps_per_epoch, 4),
                     train_time_s=round(elapsed_before + time.time() - t_start, 1))
         write_json(run.meta_path, meta)

@@ -120,6 +120,19 @@ class BatchLoader:
             hi = min(lo + self.batch_size, len(idx))
             yield self._make(idx, lo, hi, _seed(self.seed, epoch, i))
 
+    def steps(self, first: int = 0, replays: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of training steps first, first + 1, ... without end, epoch after epoch: each batch
+        `replays` times in a row (free adversarial training), so step s trains on batch s // replays of
+        the run, and a run resumed at any step continues exactly where it stopped."""
+        i, r = divmod(first, replays)
+        while True:
+            epoch, start = divmod(i, len(self))
+            for x, y in self.epoch(epoch, start):
+                for _ in range(replays - r):
+                    yield x, y
+                r = 0
+                i += 1
+
     def __iter__(self):
         return self.epoch(0)
 

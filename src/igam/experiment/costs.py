@@ -50,6 +50,10 @@ def estimate_seconds(cfg: Config, gpu: bool = False) -> float:
         "finetune": 0.6,
         "pgd-at": cfg.steps + 1.0,
         "trades": cfg.steps + 2.0,
+        "fast-at": 2.0,
+        "n-fgsm": 2.0,
+        "free-at": 1.0,
+        "kd-noise": 2.5,
         "igam": 3.5,
         "igr": 3.0,
     }.get(cfg.method, 1.0)

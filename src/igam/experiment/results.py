@@ -37,6 +37,7 @@ def collect_results(exp: Experiment) -> dict[str, Any]:
                 "masking_checks": (ev.get("masking_checks") or {}).get("passed"),
                 "masking_failed": (ev.get("masking_checks") or {}).get("failed", []),
                 "train_time_s": meta.get("train_time_s"),
+                "passes_per_image": meta.get("passes_per_image"),
                 "epochs": meta.get("epochs"),
                 "time_per_epoch_s": (
                     round(meta["train_time_s"] / meta["epochs"], 1)
@@ -58,6 +59,11 @@ def _stage_summary(exp: Experiment, st: Stage) -> dict[str, Any]:
         keys += ["lambda_adv", "lambda_diff", "lambda_diff_auto", "preset", "grad_matching", "igam_start"]
     if cfg.method in ("pgd-at", "trades"):
         keys += ["eps", "steps"]
+    if cfg.method in ("fast-at", "n-fgsm", "free-at"):
+        knob = {"fast-at": "fast_alpha", "n-fgsm": "nfgsm_noise", "free-at": "free_replays"}[cfg.method]
+        keys += ["eps", knob]
+    if cfg.method == "kd-noise":
+        keys += ["kd_temperature", "kd_sigma", "kd_weight"]
     out = {k: getattr(cfg, k) for k in keys}
     run = Run(exp.out_dir / st.name)
     if run.meta_path.exists():
@@ -75,10 +81,13 @@ def results_markdown(exp: Experiment, results: dict[str, Any], column_name) -> s
         exp.description.strip(),
         "",
         "Accuracy (%) on the first n test images; paper's number in brackets where it reports one. "
-        "Robust accuracy under each attack, eval-mode BatchNorm.",
+        "Robust accuracy under each attack, eval-mode BatchNorm. passes/img: the training cost that does not "
+        "depend on the machine, forward/backward passes per training image over the whole run (S student, "
+        "T teacher, D discriminator; a third number counts double backwards).",
         "",
-        "| Model | " + " | ".join(_column(c, column_name) for c in cols) + " | masking checks | train time |",
-        "|---|" + "---|" * (len(cols) + 2),
+        "| Model | " + " | ".join(_column(c, column_name) for c in cols)
+        + " | masking checks | passes/img | train time |",
+        "|---|" + "---|" * (len(cols) + 3),
     ]
     for r in results["rows"]:
         if not (r["row"] or r["curve"]) or not r["accuracy"]:
@@ -90,7 +99,8 @@ def results_markdown(exp: Experiment, results: dict[str, Any], column_name) -> s
             cells.append(("-" if v is None else f"{v:.1f}") + (f" ({p:g})" if p is not None else ""))
         mc = {True: "pass", False: "FAIL: " + ", ".join(r["masking_failed"]), None: "-"}[r["masking_checks"]]
         t = hms(r["train_time_s"]) if r["train_time_s"] else "-"
-        lines.append(f"| {r['row'] or r['stage']} | " + " | ".join(cells) + f" | {mc} | {t} |")
+        pp = format_passes(r.get("passes_per_image"))
+        lines.append(f"| {r['row'] or r['stage']} | " + " | ".join(cells) + f" | {mc} | {pp} | {t} |")
     pts = curve_points(results, exp.primary_metric)
     grid, matched = matched_clean(pts)
     if matched:
@@ -119,6 +129,20 @@ def results_markdown(exp: Experiment, results: dict[str, Any], column_name) -> s
         tpe = f", {r['time_per_epoch_s']} s/epoch" if r.get("time_per_epoch_s") else ""
         lines.append(f"- `{r['stage']}`: " + ", ".join(f"{k}={v}" for k, v in r["config"].items()) + tpe)
     return "\n".join(lines) + "\n"
+
+
+def format_passes(passes: dict[str, dict[str, float]] | None) -> str:
+    """'S 16/16 · T 4/4 · D 8.8/8.8' (forward/backward[/double backward] per training image by network,
+    networks that cost nothing left out); '-' for runs that predate the count."""
+    if not passes:
+        return "-"
+    parts = []
+    for net, tag in (("student", "S"), ("teacher", "T"), ("discriminator", "D")):
+        c = passes.get(net) or {}
+        f, b, d = (float(c.get(k, 0)) for k in ("forward", "backward", "double_backward"))
+        if f or b or d:
+            parts.append(f"{tag} {f:.3g}/{b:.3g}" + (f"/{d:.3g}" if d else ""))
+    return " · ".join(parts) or "0"
 
 
 def _column(name: str, column_name) -> str:

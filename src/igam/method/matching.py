@@ -202,10 +202,11 @@ class InputGradientMatching(nn.Module):
         of the finite difference. Under DDP `student` is the wrapper and that pass is its forward; the one
         backward of terms['loss'] then fires DDP's all-reduce hooks once per parameter."""
         with self._input_grad_precision(x):
-            jt = self.teacher_gradients(x, y)
-            self.resolve_lambda_diff(jt, len(x))
+            if self.use_teacher or not self._lambda_known:  # igr: the teacher only sets lambda_diff
+                jt = self.teacher_gradients(x, y)
+                self.resolve_lambda_diff(jt, len(x))
             if not self.use_teacher:
-                jt = torch.zeros_like(jt)
+                jt = torch.zeros_like(x)
             x_in = x.detach().requires_grad_(True)
             exact = self.mode == "exact"
             # finite differences of the CE: J_s and the parameter gradient of sum_i L_i(x_i) (= B x that of

@@ -74,6 +74,9 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, input_size: 
     if activation not in ("default", *ACTIVATIONS):
         raise unknown("activation", activation, ("default", *ACTIVATIONS))
     if name.startswith(("timm:", "torchvision:", "robustbench:")):
+        if activation != "default":
+            raise IgamError(f"activation={activation} applies to zoo models (`igam models`); {name} keeps "
+                            "its own activations. Leave activation=default, or pick a zoo model.")
         model = create_external(name, norm, num_classes, in_chans, size)
     elif (m := _WRN.match(name)) is not None:
         if int(m.group(2)) < 1:

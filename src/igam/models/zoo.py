@@ -10,9 +10,20 @@ import torch.nn.functional as F
 from igam.errors import IgamError
 from igam.models.base import ImageClassifier, Normalize, init_weights, make_act
 
+SMOOTH_ACTIVATIONS = ("softplus", "silu", "gelu")
+
+
+def pool_for(act: str) -> type[nn.Module]:
+    """Max pooling for (leaky) ReLU networks, average pooling for smooth activations (softplus, SiLU,
+    GELU), so that a smooth student is smooth end to end: its input gradient then changes continuously,
+    which input-gradient penalties and finite-difference matching rely on (Rodriguez-Munoz et al. 2024 find
+    gradient-norm training works with GELU, not ReLU). The other zoo models pool only globally (average)."""
+    return nn.AvgPool2d if act in SMOOTH_ACTIVATIONS else nn.MaxPool2d
+
 
 class MadryMNIST(ImageClassifier):
-    """Madry et al.'s MNIST model: conv 32 5x5, pool, conv 64 5x5, pool, fc 1024, fc k (no BatchNorm)."""
+    """Madry et al.'s MNIST model: conv 32 5x5, pool, conv 64 5x5, pool, fc 1024, fc k (no BatchNorm).
+    Max pooling with (leaky) ReLU, as Madry et al.; average pooling with a smooth activation (pool_for)."""
 
     def __init__(self, norm: Normalize, num_classes: int, in_chans: int, input_size: tuple[int, int],
                  act: str = "relu", width: int = 0):
@@ -22,9 +33,10 @@ class MadryMNIST(ImageClassifier):
         if h < 4 or wd < 4:
             raise IgamError(f"madry-mnist needs inputs of at least 4x4 pixels (two 2x2 poolings), got "
                             f"{h}x{wd}.")
+        pool = pool_for(act)
         self.features = nn.Sequential(
-            nn.Conv2d(in_chans, w, 5, padding=2), make_act(act), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 5, padding=2), make_act(act), nn.MaxPool2d(2),
+            nn.Conv2d(in_chans, w, 5, padding=2), make_act(act), pool(2),
+            nn.Conv2d(w, 2 * w, 5, padding=2), make_act(act), pool(2),
             nn.Flatten(), nn.Linear(2 * w * (h // 4) * (wd // 4), 1024), make_act(act))
         self.fc = nn.Linear(1024, num_classes)
         for m in self.modules():  # Madry: truncated normal sigma 0.1, biases 0.1
@@ -47,7 +59,7 @@ class SmallCNN(ImageClassifier):
             layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=not bn)]
             return layers + ([nn.BatchNorm2d(cout)] if bn else []) + [make_act(act)]
 
-        pool = nn.MaxPool2d if act in ("relu", "leaky-relu") else nn.AvgPool2d
+        pool = pool_for(act)
         self.features = nn.Sequential(
             *block(in_chans, w), *block(w, w), pool(2),
             *block(w, 2 * w), *block(2 * w, 2 * w), pool(2),

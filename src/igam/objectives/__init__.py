@@ -4,7 +4,11 @@ and the objective a config names through `build_model` and `create_objective`.
     standard   cross-entropy (base.py)
     finetune   a robust teacher's new logit layer on the target task (finetune.py; paper eq. 6)
     pgd-at     PGD adversarial training; trades: TRADES (pgd_at.py)
+    fast-at, n-fgsm, free-at   cheap adversarial training, one input gradient per step (cheap_at.py)
     igam, igr  IGAM and its J_t = 0 control (igam.py; paper eqs. 7-14)
+    kd-noise   distillation from the fine-tuned teacher on Gaussian-noised inputs (kd_noise.py)
+
+Each declares its cost in passes per training image (`Objective.passes`), summed by `count_passes`.
 """
 
 from __future__ import annotations
@@ -13,21 +17,25 @@ import torch
 import torch.nn as nn
 
 from igam.models import create_model
+from igam.objectives import cheap_at as _cheap_at  # noqa: F401  (registers fast-at, n-fgsm, free-at)
 from igam.objectives import finetune as _finetune  # noqa: F401  (registers finetune)
 from igam.objectives import igam as _igam  # noqa: F401  (registers igam, igr)
+from igam.objectives import kd_noise as _kd_noise  # noqa: F401  (registers kd-noise)
 from igam.objectives import pgd_at as _pgd_at  # noqa: F401  (registers pgd-at, trades)
 from igam.objectives.base import (
     MODEL_BUILDERS,
     OBJECTIVES,
     Metrics,
     Objective,
+    Passes,
     check_method,
+    count_passes,
     register_objective,
 )
 from igam.runs import init_model_from
 
-__all__ = ["OBJECTIVES", "Metrics", "Objective", "build_model", "check_method", "create_objective",
-           "register_objective"]
+__all__ = ["OBJECTIVES", "Metrics", "Objective", "Passes", "build_model", "check_method", "count_passes",
+           "create_objective", "register_objective"]
 
 
 def create_objective(cfg, model: nn.Module, spec, device: torch.device) -> Objective:

@@ -13,6 +13,12 @@ An objective also declares what the loop must provide instead of the loop testin
 student), `needs_fp32` (finite differences: TF32 off on CUDA), `backprops_twice` (the pass at x is
 backpropagated twice: compiled backwards must keep their buffers), `optimizer_settings(cfg)` (which
 optimiser and base lr), and, through `register_objective(name, build_model=...)`, the network it trains.
+
+Two more declarations shape the loop and its records: `replays` (each minibatch is trained on that many
+steps in a row: free adversarial training) and `passes(step)`, the forward and backward passes one step
+costs per training image, by network (student, teacher, discriminator) and kind (forward, backward,
+double_backward), which `count_passes` sums over a run into the machine-independent cost every run
+records (meta.json, metrics.json: `passes_per_image`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,16 @@ from igam.errors import IgamError, suggest
 from igam.registry import MODEL_BUILDERS, OBJECTIVES
 
 Metrics = dict[str, torch.Tensor]
+Passes = dict[str, dict[str, float]]  # network -> kind -> passes per training image
+
+NETWORKS = ("student", "teacher", "discriminator")
+PASS_KINDS = ("forward", "backward", "double_backward")
+
+
+def count(forward: float = 0, backward: float = 0, double_backward: float = 0) -> dict[str, float]:
+    """One network's passes per training image in a step: forward, (first-order) backward, and backward
+    through a graph that holds a backward (double backprop), each counted as a pass over the image."""
+    return {"forward": forward, "backward": backward, "double_backward": double_backward}
 
 
 class Objective(nn.Module):
@@ -37,6 +53,7 @@ class Objective(nn.Module):
     needs_double_backward = False
     needs_fp32 = False
     backprops_twice = False
+    replays = 1  # steps each minibatch is trained on in a row (free-at: m)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              step: int) -> tuple[torch.Tensor, Metrics, Any]:
@@ -45,6 +62,12 @@ class Objective(nn.Module):
         logits = model(x)
         ce = F.cross_entropy(logits, y)
         return ce, {"ce": ce.detach(), "acc": (logits.argmax(1) == y).float().mean()}, None
+
+    def passes(self, step: int) -> Passes:
+        """Forward/backward passes per training image that step `step` costs, by network (NETWORKS) and
+        kind (PASS_KINDS); networks left out cost nothing. Standard training: one forward and one backward
+        of the student."""
+        return {"student": count(1, 1)}
 
     def begin(self, total_steps: int, steps_per_epoch: int, rank: int = 0) -> None:
         """Called once before the loop with the run's length (for schedules such as igam_start) and this
@@ -96,6 +119,27 @@ def register_objective(name: str, build_model: ModelBuilder | None = None) -> Ca
         return fn
 
     return deco
+
+
+def count_passes(objective: Objective, total_steps: int, steps_per_epoch: int) -> Passes:
+    """Passes per training image over a run of `total_steps` steps: sum_s objective.passes(s) /
+    steps_per_epoch (an epoch of steps trains on every training image once, replays included, under
+    torchrun too), for every network and kind (zeros included), rounded to 4 decimals. A function of the
+    settings alone: the same on every machine, and on a resumed run."""
+    out = {net: dict.fromkeys(PASS_KINDS, 0.0) for net in NETWORKS}
+    memo: dict[str, tuple[tuple[str, str, float], ...]] = {}
+    for s in range(total_steps):
+        p = objective.passes(s)
+        key = repr(p)
+        if key not in memo:
+            memo[key] = tuple((net, kind, float(v)) for net, kinds in p.items() for kind, v in kinds.items())
+        for net, kind, v in memo[key]:
+            if net not in out or kind not in out[net]:
+                raise ValueError(f"{type(objective).__name__}.passes names {net}/{kind}; networks are "
+                                 f"{NETWORKS}, kinds {PASS_KINDS}")
+            out[net][kind] += v
+    return {net: {k: round(v / max(1, steps_per_epoch), 4) for k, v in kinds.items()}
+            for net, kinds in out.items()}
 
 
 def check_method(method: str) -> None:

@@ -17,7 +17,7 @@ from igam.data import default_data_dir
 from igam.errors import IgamError
 from igam.evaluate import check_teacher_robustness
 from igam.method.adapted import AdaptedTeacher
-from igam.objectives.base import Objective, register_objective
+from igam.objectives.base import Objective, Passes, count, register_objective
 from igam.teachers import finetune_model, load_teacher
 
 
@@ -25,6 +25,16 @@ class Finetune(Objective):
     """Cross-entropy of the fine-tuned teacher's new head (eq. 6), with Adam at cfg.finetune_lr."""
 
     name = "finetune"
+
+    def __init__(self, learned_adapter: bool = False):
+        super().__init__()
+        self.learned_adapter = learned_adapter
+
+    def passes(self, step: int) -> Passes:
+        """The trained network is the frozen teacher with a new head: a teacher forward per image, and a
+        backward through it only when the adapter in front of it learns (a new head's own backward is a
+        single linear layer, not counted)."""
+        return {"teacher": count(1, 1 if self.learned_adapter else 0)}
 
     def optimizer_settings(self, cfg: Any) -> tuple[str, float]:
         return "adam", cfg.finetune_lr
@@ -51,4 +61,5 @@ def build_finetune_model(cfg: Any, spec: Any) -> AdaptedTeacher:
 
 @register_objective("finetune", build_model=build_finetune_model)
 def make_finetune(cfg: Any, model: nn.Module, spec: Any, device: Any) -> Finetune:
-    return Finetune()
+    adapter = getattr(model, "adapter", None)
+    return Finetune(adapter is not None and any(p.requires_grad for p in adapter.parameters()))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from igam.errors import IgamError
 from igam.method.discriminator import GradientDiscriminator
 from igam.method.matching import InputGradientMatching
-from igam.objectives.base import Metrics, Objective, register_objective
+from igam.objectives.base import Metrics, Objective, Passes, count, register_objective
 from igam.teachers import frozen_teacher
 from igam.units import parse_fraction, start_step
 from igam.utils import bn_mode
@@ -33,6 +33,7 @@ class IGAMObjective(Objective):
         super().__init__()
         self.name, self.matching, self.igam_start = name, matching, igam_start
         self.start = 0
+        self.teacher_sets_scale = not matching._lambda_known  # lambda_diff=auto: J_t on the first batch
 
     @property
     def needs_double_backward(self) -> bool:  # type: ignore[override]
@@ -48,6 +49,30 @@ class IGAMObjective(Objective):
 
     def begin(self, total_steps: int, steps_per_epoch: int, rank: int = 0) -> None:
         self.start = start_step(self.igam_start, total_steps, steps_per_epoch)
+
+    def passes(self, step: int) -> Passes:
+        """Plain CE before igam_start (student forward + backward). Then, per image: the teacher's input
+        gradient (forward + backward; igr: only on its first step, for lambda_diff=auto); the student's
+        pass at x and its input gradient (forward + backward), and, exact: the step's backward through
+        J_s (a double backward); finite-difference: the perturbed passes instead (central: two forwards
+        and backwards; forward: one), plus one more backward of the pass at x for the true-prob target;
+        the discriminator on J_s and J_t (two maps per image: forward + backward to J_s), again for its
+        own update every disc_every steps."""
+        if step < self.start:
+            return super().passes(step)
+        m = self.matching
+        if m.mode == "exact":
+            student = count(1, 1, 1)
+        else:
+            extra = 2 if m.fd_scheme == "central" else 1
+            student = count(1 + extra, 1 + extra + (m.gradient_target != "ce"))
+        out = {"student": student}
+        if m.teacher is not None and (m.use_teacher or (step == self.start and self.teacher_sets_scale)):
+            out["teacher"] = count(1, 1)
+        if m.adversary is not None:
+            d = 2 + 2 * m.adversary.due(step - self.start)
+            out["discriminator"] = count(d, d)
+        return out
 
     def loss(self, model, x, y, step) -> tuple[torch.Tensor, Metrics, Any]:
         if step < self.start:

@@ -1,4 +1,5 @@
-"""Adversarial training objectives: PGD-AT (Madry et al., ICLR 2018) and TRADES (Zhang et al., ICML 2019).
+"""Adversarial training objectives: PGD-AT (Madry et al., ICLR 2018) and TRADES (Zhang et al., ICML 2019),
+and `AttackTraining`, the base they share with the cheap ones (objectives/cheap_at.py).
 
 Both craft the attack on the unwrapped network (no DDP hooks, no parameter gradients: the attack takes
 gradients w.r.t. the input only), with BatchNorm in cfg.attack_bn mode (eval: running statistics), and
@@ -15,29 +16,24 @@ import torch.nn.functional as F
 from igam.attacks import PGD
 from igam.attacks.base import generator_for, project
 from igam.errors import IgamError
-from igam.objectives.base import Metrics, Objective, register_objective
+from igam.objectives.base import Metrics, Objective, Passes, count, register_objective
 from igam.units import check_eps
 from igam.utils import bn_mode, mix_seed, unwrap
 
 
-class PGDAT(Objective):
-    """min_theta E max_{||delta||_inf <= eps} CE(f(x + delta), y): the inner max by PGD-k with a random
-    start (Madry et al. 2018: MNIST eps 0.3, 40 steps of 0.01; CIFAR eps 8/255, 7 steps of 2/255), the
-    outer on the last PGD iterate."""
+class AttackTraining(Objective):
+    """The common part of adversarial-training objectives (pgd-at, trades, fast-at, n-fgsm, free-at): the
+    L-inf budget eps with its optional linear ramp over eps_warmup_epochs, the BatchNorm mode of the
+    attack, and a random stream per (seed, step, rank), so a resumed run draws exactly what an
+    uninterrupted one would. Subclasses implement `attack(model, x, y, step)`; the default loss trains on
+    its points (the outer minimisation of Madry et al.)."""
 
-    name = "pgd-at"
+    name = "attack-training"
 
-    def __init__(self, eps: float, step_size: float, steps: int, random_start: bool = True,
-                 attack_bn: str = "eval", seed: int = 0, eps_warmup_epochs: float = 0.0):
+    def __init__(self, eps: float, step_size: float, attack_bn: str = "eval", seed: int = 0,
+                 eps_warmup_epochs: float = 0.0):
         super().__init__()
-        if steps < 1:
-            raise IgamError(f"method={self.name} needs steps >= 1 (got {steps}); Madry et al. use 40 "
-                            "(MNIST), 7 (CIFAR).")
-        if eps > 0 and step_size == 0:
-            raise IgamError(f"method={self.name} needs step_size > 0; e.g. step_size=2/255 (CIFAR) or 0.01 "
-                            "(MNIST).")
-        self.eps, self.step_size, self.steps = eps, step_size, steps
-        self.random_start, self.attack_bn, self.seed = random_start, attack_bn, seed
+        self.eps, self.step_size, self.attack_bn, self.seed = eps, step_size, attack_bn, seed
         self.eps_warmup_epochs, self.ramp_steps, self.rank = eps_warmup_epochs, 0, 0
 
     def begin(self, total_steps: int, steps_per_epoch: int, rank: int = 0) -> None:
@@ -45,7 +41,7 @@ class PGDAT(Objective):
         self.rank = rank
 
     def step_seed(self, step: int) -> int:
-        """The seed of this step's random start (per seed, step and rank: a resumed run draws the same)."""
+        """The seed of this step's random draws (per seed, step and rank: a resumed run draws the same)."""
         return mix_seed(self.seed, step, stride=8191, offset=17, rank=self.rank)
 
     def budget(self, step: int) -> tuple[float, float]:
@@ -53,15 +49,12 @@ class PGDAT(Objective):
         f = min(1.0, (step + 1) / self.ramp_steps) if self.ramp_steps > 0 else 1.0
         return self.eps * f, self.step_size * f
 
-    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        """The PGD points the model trains on (crafted on the unwrapped model; no parameter gradients)."""
-        eps, step_size = self.budget(step)
-        pgd = PGD(unwrap(model), eps, step_size, self.steps, random_start=self.random_start,
-                  keep_best=False, bn=self.attack_bn, seed=self.seed)
-        return pgd(x, y, seed=self.step_seed(step))
-
     def ramp_metrics(self, step: int, device: torch.device) -> Metrics:
         return {"train_eps": torch.tensor(self.budget(step)[0], device=device)} if self.ramp_steps > 0 else {}
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """The points the model trains on at this step (detached, in [0, 1])."""
+        raise NotImplementedError
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              step: int) -> tuple[torch.Tensor, Metrics, None]:
@@ -70,6 +63,36 @@ class PGDAT(Objective):
         ce = F.cross_entropy(logits, y)
         return ce, {"ce": ce.detach(), "adv_acc": (logits.argmax(1) == y).float().mean(),
                     **self.ramp_metrics(step, x.device)}, None
+
+
+class PGDAT(AttackTraining):
+    """min_theta E max_{||delta||_inf <= eps} CE(f(x + delta), y): the inner max by PGD-k with a random
+    start (Madry et al. 2018: MNIST eps 0.3, 40 steps of 0.01; CIFAR eps 8/255, 7 steps of 2/255), the
+    outer on the last PGD iterate."""
+
+    name = "pgd-at"
+
+    def __init__(self, eps: float, step_size: float, steps: int, random_start: bool = True,
+                 attack_bn: str = "eval", seed: int = 0, eps_warmup_epochs: float = 0.0):
+        super().__init__(eps, step_size, attack_bn, seed, eps_warmup_epochs)
+        if steps < 1:
+            raise IgamError(f"method={self.name} needs steps >= 1 (got {steps}); Madry et al. use 40 "
+                            "(MNIST), 7 (CIFAR).")
+        if eps > 0 and step_size == 0:
+            raise IgamError(f"method={self.name} needs step_size > 0; e.g. step_size=2/255 (CIFAR) or 0.01 "
+                            "(MNIST).")
+        self.steps, self.random_start = steps, random_start
+
+    def passes(self, step: int) -> Passes:
+        """PGD-k: k forwards and backwards (input gradients) for the attack, one of each to train."""
+        return {"student": count(self.steps + 1, self.steps + 1)}
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """The PGD points the model trains on (crafted on the unwrapped model; no parameter gradients)."""
+        eps, step_size = self.budget(step)
+        pgd = PGD(unwrap(model), eps, step_size, self.steps, random_start=self.random_start,
+                  keep_best=False, bn=self.attack_bn, seed=self.seed)
+        return pgd(x, y, seed=self.step_seed(step))
 
 
 class TRADES(PGDAT):
@@ -84,6 +107,11 @@ class TRADES(PGDAT):
         if beta < 0:
             raise IgamError(f"trades_beta={beta} must not be negative (Zhang et al. use 6).")
         self.beta = beta
+
+    def passes(self, step: int) -> Passes:
+        """TRADES-k: a forward for p(x), k forwards and backwards for the KL attack, then the loss at x and
+        at x' (two forwards, two backwards)."""
+        return {"student": count(self.steps + 3, self.steps + 2)}
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         net = unwrap(model)
