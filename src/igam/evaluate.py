@@ -33,7 +33,7 @@ from igam.attacks.presets import default_eps, is_mnist_like
 from igam.data import load_data
 from igam.errors import IgamError, NonFiniteOutputs
 from igam.files import read_json, write_json
-from igam.runs import Run
+from igam.runs import Run, refuse_symlinks
 from igam.units import check_eps
 from igam.utils import bn_mode, mix_seed, to_unit
 
@@ -278,6 +278,7 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
         check_eps(eps)
     the_run = Run.open(run)
     run_dir = the_run.dir
+    refuse_symlinks(run_dir)  # eval.json and AutoAttack states are written inside the run folder only
     meta = the_run.meta
     arrays = load_data(meta["data"]["dataset"], data_dir or the_run.data_dir, False, 0, n)
     x, y = arrays.x_test, arrays.y_test

@@ -178,7 +178,7 @@ class DirLock:
             IgamError: when the lock file cannot be created.
         """
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as e:
             raise IgamError(f"Cannot create the lock file '{self.path}' ({e.strerror or e}); check the "
                             "permissions of the run directory.") from None

@@ -46,34 +46,45 @@ def nonfinite_grads(model: nn.Module, limit: int = 3) -> list[str]:
 
 
 class StateGuard:
-    """Watches the floating tensors of the student (weights and buffers such as BatchNorm statistics) and
-    of the objective (e.g. a discriminator) for non-finite values and explosions."""
+    """Watches the trainable weights and floating buffers (e.g. BatchNorm statistics) of the student for
+    non-finite values and explosions, and those of `extra` modules (e.g. a discriminator) for non-finite
+    values only (their scale says nothing about the student's)."""
 
-    def __init__(self, *modules: nn.Module):
-        self.tensors = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
-        self.norm = self._norm()
+    def __init__(self, student: nn.Module, *extra: nn.Module):
+        self.student = _floating(student)
+        self.extra = [t for m in extra for t in _floating(m)]
+        self.norm = self._norms()[0]
 
-    def _norm(self) -> float:
-        if not self.tensors:
-            return 0.0
+    def _norms(self) -> tuple[float, float]:
+        """(student norm, extra norm), read back together: one host-device sync."""
         with torch.no_grad():
-            return float(torch.nn.utils.get_total_norm([t.detach() for t in self.tensors]))
+            parts = [torch.nn.utils.get_total_norm(ts) if ts else None for ts in (self.student, self.extra)]
+            device = next((p.device for p in parts if p is not None), torch.device("cpu"))
+            both = torch.stack([p.float().to(device) if p is not None else torch.zeros((), device=device)
+                                for p in parts]).tolist()
+        return both[0], both[1]
 
     def finite(self) -> bool:
-        """Whether every watched value is finite now (one fused norm: a NaN or Inf anywhere makes it
-        non-finite; only then is each tensor looked at, as huge finite values also overflow the norm)."""
-        if math.isfinite(self._norm()):
+        """Whether every watched value is finite now (fused norms: a NaN or Inf anywhere makes them
+        non-finite; only then is each tensor looked at, as huge finite values also overflow a norm)."""
+        if all(math.isfinite(v) for v in self._norms()):
             return True
-        return all(bool(torch.isfinite(t).all()) for t in self.tensors)
+        return all(bool(torch.isfinite(t).all()) for t in (*self.student, *self.extra))
 
     def after_update(self) -> str:
         """'' when the state after an update is finite and has not exploded, else what went wrong (the
         update is then to be rejected)."""
-        norm = self._norm()
-        if not math.isfinite(norm):
+        norm, extra = self._norms()
+        if not (math.isfinite(norm) and math.isfinite(extra)):
             return "the update made the weights non-finite"
         if norm > GROWTH_LIMIT * max(self.norm, 1.0):
             return (f"the update made the weights explode (their norm went from {self.norm:.3g} to "
                     f"{norm:.3g} in one step)")
         self.norm = norm
         return ""
+
+
+def _floating(module: nn.Module) -> list[torch.Tensor]:
+    """The trainable parameters and floating buffers of `module` (frozen weights cannot change)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [t.detach() for t in (*params, *module.buffers()) if t.is_floating_point()]

@@ -198,7 +198,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
         skipped, skipped_in_a_row = int(state.get("skipped", 0)), int(state.get("skipped_in_a_row", 0))
         last = dict(state.get("last_log", {}))
         count = int(state.get("log_count", 0))
-        sums = {k: v.to(device) for k, v in state.get("log_sums", {}).items()}
+        sums = {k: torch.tensor(v, device=device) for k, v in state.get("log_sums", {}).items()}
         say(f"igam: resumed {run_dir} at step {step}/{total}")
         changed = changed_settings(run, cfg)
         if changed:
@@ -250,6 +250,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
         nonlocal last_good
         if not guard.finite():
             stop(f"non-finite weights or buffers (e.g. BatchNorm statistics) at step {step}")
+        window = mean_over_ranks(sums, dist, device)  # the open log window, the same on every rank
         if dist.main:
             save_state(run_dir, step, {
                 "step": step, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -257,7 +258,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
                 "rng": rng_state(), "scaler": scaler.state_dict(),
                 "elapsed_s": elapsed_before + time.time() - t_start,
                 "skipped": skipped, "skipped_in_a_row": skipped_in_a_row, "last_log": last,
-                "log_count": count, "log_sums": {k: v.cpu() for k, v in sums.items()}},
+                "log_count": count, "log_sums": window},
                 keep=cfg.keep_checkpoints)
         last_good = step
 
