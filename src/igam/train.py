@@ -274,7 +274,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
 
     # the loop --------------------------------------------------------------------------------
     eval_every_steps = max(1, round(cfg.eval_every * steps_per_epoch)) if cfg.eval_every > 0 else 0
-    t0 = time.time()
+    t0, timed_from = time.time(), count  # (images_per_s counts only the steps timed by this process)
     bar = None
     if cfg.progress and dist.main:
         from tqdm import tqdm
@@ -342,12 +342,12 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
             if step % cfg.log_every == 0 or step == total:
                 last = {k: v / max(1, count) for k, v in mean_over_ranks(sums, dist, device).items()}
                 last.update(lr=optimizer.param_groups[0]["lr"], epoch=round(step / steps_per_epoch, 3),
-                            images_per_s=round(count * cfg.batch_size * dist.world
+                            images_per_s=round((count - timed_from) * cfg.batch_size * dist.world
                                                / max(1e-9, time.time() - t0), 1),
                             skipped_steps=skipped)
                 if dist.main:
                     logger.log(step, last)
-                sums, count, t0 = {}, 0, time.time()
+                sums, count, t0, timed_from = {}, 0, time.time(), 0
                 if bar is not None:
                     bar.set_postfix({k: f"{last[k]:.3g}" for k in ("ce", "acc") if k in last})
             if bar is not None:
