@@ -167,7 +167,8 @@ def test_a_nan_model_is_an_error_in_evaluation_never_an_accuracy(tmp_path: Path)
 
 @pytest.mark.parametrize("setting, message", [
     ({"fd_step": 0}, "fd_step=0 is below 1e-06"), ({"fd_step": 1e-9}, "every finite-difference IGAM step"),
-    ({"lr": 0}, "lr=0 makes every training step a no-op"), ({"finetune_lr": 0.0}, "finetune_lr=0")])
+    ({"lr": 0}, "lr=0 makes every training step a no-op"), ({"finetune_lr": 0.0}, "finetune_lr=0"),
+    ({"pixel_scale": 0}, "pixel_scale=0 divides every input gradient by 0")])
 def test_settings_that_make_every_step_a_no_op_are_refused(setting: dict[str, Any], message: str) -> None:
     with pytest.raises(IgamError, match=message):
         make_config(overrides=setting)

@@ -294,6 +294,9 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, key) == 0:
             raise IgamError(f"{key}=0 makes every training step a no-op (the weights never change); give a "
                             f"positive {key}.")
+    if cfg.pixel_scale == 0:
+        raise IgamError("pixel_scale=0 divides every input gradient by 0, so every IGAM step would be "
+                        "skipped; use 1 (inputs in [0, 1]) or 255 (the official code's 0-255 pixels).")
     if cfg.fd_step < FD_STEP_MIN:
         raise IgamError(f"fd_step={cfg.fd_step:g} is below {FD_STEP_MIN:g}: the finite-difference step "
                         "vanishes in float32, so every finite-difference IGAM step would be skipped (0/0). "
