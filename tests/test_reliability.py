@@ -103,6 +103,12 @@ def test_killed_again_and_again_then_resumed_is_bit_identical(tmp_path: Path, re
     assert same_weights(reference, run) == []
     assert [x["ce"] for x in read_log(run)] == [x["ce"] for x in read_log(reference)]
     assert read_json(run / "metrics.json")["final"] == read_json(reference / "metrics.json")["final"]
+    # resumed after its last in-loop checkpoint: the train block is kept, the final evaluation not doubled
+    train_block = {k: v for k, v in read_json(run / "metrics.json")["train"].items() if k != "images_per_s"}
+    assert train_block == {k: v for k, v in read_json(reference / "metrics.json")["train"].items()
+                           if k != "images_per_s"}
+    assert [x["step"] for x in read_log(run, "eval_log.csv")] == [x["step"] for x in read_log(reference,
+                                                                                             "eval_log.csv")]
     assert read_json(run / "meta.json")["status"] == "finished"
     assert not list(run.rglob(".*.tmp"))
 

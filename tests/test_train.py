@@ -181,11 +181,12 @@ def test_nan_in_a_loss_term_is_skipped_and_reported(tmp_path: Path) -> None:
     ScriptedObjective.nan_at = {3}
     ScriptedObjective.inf_at = {5}
     messages: list[str] = []
-    run = train(tiny(tmp_path, "nan", method=METHOD), log=messages.append)
+    # (2 of 48 steps: within the 5% a run may skip, igam.guard.MAX_SKIP_SHARE)
+    run = train(tiny(tmp_path, "nan", method=METHOD, epochs=6), log=messages.append)
     assert any("non-finite poison at step 3; step skipped (nan_policy=skip)" in m for m in messages)
     assert any("non-finite poison at step 5" in m for m in messages)
     metrics = read_json(run / "metrics.json")
-    assert metrics["skipped_steps"] == 2 and metrics["steps"] == 16
+    assert metrics["skipped_steps"] == 2 and metrics["steps"] == 48
     assert all(torch.isfinite(v).all() for v in weights(run).values())
     rows = read_log(run)
     assert rows[-1]["skipped_steps"] == 2 and all(math.isfinite(r["ce"]) for r in rows if "ce" in r)
@@ -195,7 +196,7 @@ def test_nan_in_a_loss_term_is_skipped_and_reported(tmp_path: Path) -> None:
 def test_nan_gradient_names_the_parameter(tmp_path: Path) -> None:
     ScriptedObjective.nan_grad_at = {2}
     messages: list[str] = []
-    run = train(tiny(tmp_path, "nangrad", method=METHOD, epochs=0.5), log=messages.append)
+    run = train(tiny(tmp_path, "nangrad", method=METHOD, epochs=2.5), log=messages.append)
     assert any("non-finite gradient of fc.weight at step 2; step skipped" in m for m in messages), messages
     assert read_json(run / "metrics.json")["skipped_steps"] == 1
 
@@ -204,7 +205,7 @@ def test_nan_policy_stop_checkpoints_and_resumes(tmp_path: Path) -> None:
     ScriptedObjective.nan_at = {5}
     cfg = tiny(tmp_path, "stop", method=METHOD, nan_policy="stop")
     with pytest.raises(IgamError, match=r"Training stopped: non-finite poison at step 5\. The last good "
-                                        r"state is checkpointed in .*stop; lower lr"):
+                                        r"state \(step 5\) is checkpointed in .*stop; lower lr"):
         train(cfg, log=quiet)
     meta = read_json(tmp_path / "stop" / "meta.json")
     assert meta["status"] == "stopped" and "poison" in meta["stopped"]
@@ -217,9 +218,41 @@ def test_nan_policy_stop_checkpoints_and_resumes(tmp_path: Path) -> None:
 
 
 def test_endless_nans_stop_even_under_skip(tmp_path: Path) -> None:
+    """20 skips in a row stop a long run (where 5% of the steps would be more); no checkpoint is written
+    during the skips, so the good ones (steps 3 and 4, keep_checkpoints=2) are not rotated out."""
     ScriptedObjective.nan_at = set(range(4, 100))
-    with pytest.raises(IgamError, match=r"non-finite poison at step 23 \(20 steps in a row\)"):
-        train(tiny(tmp_path, "endless", method=METHOD, epochs=4), log=quiet)
+    with pytest.raises(IgamError, match=r"non-finite poison at step 23 \(20 steps in a row\)\. The last good "
+                                        r"state \(step 4\)"):
+        train(tiny(tmp_path, "endless", method=METHOD, epochs=250, train_subset=64, checkpoint_every=1,
+                   keep_checkpoints=2, eval_every=0), log=quiet)
+    ck = sorted(p.name for p in (tmp_path / "endless" / "checkpoints").glob("*.pt"))
+    assert ck == ["ckpt-000000003.pt", "ckpt-000000004.pt"]
+    assert read_json(tmp_path / "endless" / "meta.json")["status"] == "stopped"
+
+
+def test_too_many_skipped_steps_stop_the_run_even_across_a_resume(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """More than 5% of the steps skipped (4 of 64) stops the run; the skip counter is in the checkpoint, so
+    a run interrupted after 3 skips and resumed still stops at the 4th."""
+    ScriptedObjective.nan_at = {5, 20, 40, 50}
+    cfg = tiny(tmp_path, "many", method=METHOD, epochs=8, eval_every=0)
+
+    hits = {"step": 0}
+
+    def interrupt_at_step_46(name: str) -> None:  # (the last checkpoint is at step 45, after 3 skips)
+        hits[name] = hits.get(name, 0) + 1
+        if name == "step" and hits[name] == 46:
+            raise Interrupted
+
+    monkeypatch.setattr("igam.train.kill_point", interrupt_at_step_46)
+    with pytest.raises(Interrupted):
+        train(cfg, log=quiet)
+    monkeypatch.undo()
+    with pytest.raises(IgamError, match=r"non-finite poison at step 50 \(4 of 64 steps skipped: more than 5% "
+                                        r"of the run\)"):
+        train(cfg.replace(resume=True), log=quiet)
+    assert read_json(tmp_path / "many" / "meta.json")["status"] == "stopped"
+    assert not (tmp_path / "many" / "model.safetensors").exists()
 
 
 def test_grad_clip_bounds_the_update(tmp_path: Path) -> None:

@@ -115,13 +115,20 @@ def cmd_evaluate(args, extra) -> int:
         if mc["failed"]:
             warnings.append(warning_block(str(run), mc["checks"]))
     print(format_table(rows, attacks))
+    used = sorted({rec["n"] for _, res in rows for rec in res.values()})
+    images = (f"first {args.n} test images" if used == [args.n] else
+              f"{'/'.join(map(str, used))} test images (all of the test set; --n {args.n} asked for more)")
+    stale = sorted({f"{label}: status {rec['run_status']}" for label, res in rows for rec in res.values()
+                    if rec.get("run_status")})
     print(
-        f"(accuracy in %, first {args.n} test images, seed {args.seed}, BatchNorm {args.bn}"
+        f"(accuracy in %, {images}, seed {args.seed}, BatchNorm {args.bn}"
         + (f", eps {args.eps}" if args.eps else "")
         + "; details in RUN/eval.json)"
     )
     for line in notes:
         print(f"note: {line}")
+    for line in stale:
+        print(f"WARNING: {line}: weights of an earlier finish, not of the latest training (see eval.json)")
     for w in warnings:
         print(w, file=sys.stderr)
     if warnings and args.strict:

@@ -299,6 +299,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return out
 
 
+FD_STEP_MIN = 1e-6  # below this the finite-difference step is lost in float32 rounding
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type cannot express."""
     if cfg.method not in METHODS and cfg.method not in OBJECTIVES:
@@ -329,6 +332,18 @@ def validate(cfg: Config) -> None:
         raise IgamError(f"free_replays={cfg.free_replays} must be at least 1 (Shafahi et al. use 4-10).")
     if cfg.kd_temperature <= 0:
         raise IgamError(f"kd_temperature={cfg.kd_temperature} must be positive (e.g. 4).")
+    # settings that make every step a no-op or a skipped step would "finish" a run that never trained
+    for key in ("lr", "finetune_lr"):
+        if getattr(cfg, key) == 0:
+            raise IgamError(f"{key}=0 makes every training step a no-op (the weights never change); give a "
+                            f"positive {key}.")
+    if cfg.pixel_scale == 0:
+        raise IgamError("pixel_scale=0 divides every input gradient by 0, so every IGAM step would be "
+                        "skipped; use 1 (inputs in [0, 1]) or 255 (the official code's 0-255 pixels).")
+    if cfg.fd_step < FD_STEP_MIN:
+        raise IgamError(f"fd_step={cfg.fd_step:g} is below {FD_STEP_MIN:g}: the finite-difference step "
+                        "vanishes in float32, so every finite-difference IGAM step would be skipped (0/0). "
+                        "Use e.g. fd_step=1e-2 (the default) or 1e-3.")
     if not 0 <= cfg.seed < 2**63:
         raise IgamError(f"seed={cfg.seed} must lie in 0 .. 2**63-1.")
     if cfg.keep_checkpoints < 1:

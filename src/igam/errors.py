@@ -19,3 +19,7 @@ def suggest(name: str, choices: Iterable[str]) -> str:
 def unknown(kind: str, name: str, choices: Iterable[str]) -> IgamError:
     choices = sorted(choices)
     return IgamError(f"Unknown {kind} '{name}'.{suggest(name, choices)} Valid {kind}s: {', '.join(choices)}.")
+
+
+class NonFiniteOutputs(IgamError):
+    """A model gave NaN/Inf logits: a diverged model, never to be scored as a prediction."""

@@ -31,15 +31,15 @@ from igam.attacks.autoattack import FLAGS_DOC, INSTALL_HINT, pyautoattack_versio
 from igam.attacks.checks import Observation, gradient_stats, run_checks, warning_block
 from igam.attacks.presets import default_eps, is_mnist_like
 from igam.data import load_data
-from igam.errors import IgamError
+from igam.errors import IgamError, NonFiniteOutputs
 from igam.files import read_json, write_json
-from igam.runs import Run
+from igam.runs import Run, refuse_symlinks
 from igam.units import check_eps
 from igam.utils import bn_mode, mix_seed, to_unit
 
 __all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "check_teacher_robustness", "evaluate_attack",
-           "evaluate_run", "large_eps", "masking_report", "record_notes", "result_key", "run_attack",
-           "state_name", "warning_block"]
+           "evaluate_run", "large_eps", "masking_report", "predict", "record_notes", "result_key",
+           "run_attack", "stale_weights_note", "state_name", "warning_block"]
 
 CHECK_STEPS = (10, 20, 50)  # PGD step counts of the --checks step sweep
 EPS_SWEEP = (0.25, 0.5, 1.0, 1.5)  # multiples of eps of the --checks eps sweep (PGD-20)
@@ -53,6 +53,23 @@ def _as_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return to_unit(x.to(device))
 
 
+def predict(model: nn.Module, x: torch.Tensor, what: str = "The model") -> torch.Tensor:
+    """The predicted classes of float images x under no_grad.
+
+    Raises:
+        NonFiniteOutputs: when any logit is NaN or Inf (a diverged model is never scored: argmax of NaN
+            logits would count as class 0).
+    """
+    with torch.no_grad():
+        logits = model(x)
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).any(1).sum())
+        raise NonFiniteOutputs(f"{what} gives non-finite (NaN/Inf) outputs on {bad} of {len(x)} images: it "
+                               "diverged, so it has no accuracy to report. Retrain it (e.g. lower lr or set "
+                               "grad_clip) or evaluate an earlier run.")
+    return logits.argmax(1)
+
+
 def validate_attacks(names: list[str]) -> None:
     """Fail before any work on a bad name, or on AutoAttack without pyautoattack."""
     if not names:
@@ -64,9 +81,14 @@ def validate_attacks(names: list[str]) -> None:
 
 def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str | Attack, *,
                eps: float | str | None = None, step_size: float | str | None = None, batch_size: int = 500,
-               seed: int = 0, bn: str = "eval") -> dict[str, Any]:
+               seed: int = 0, bn: str = "eval", what: str = "The model") -> dict[str, Any]:
     """Accuracy of `model` on images x (uint8 0..255 or float [0,1], NCHW) under an attack preset name
-    ('clean', 'fgsm', 'pgd20x5', ...) or an Attack object; returns the record saved in eval.json."""
+    ('clean', 'fgsm', 'pgd20x5', ...) or an Attack object; returns the record saved in eval.json.
+
+    Raises:
+        IgamError: for a bad batch size or attack; NonFiniteOutputs (an IgamError naming `what`) when the
+            model's logits on the clean or attacked images are NaN/Inf.
+    """
     if batch_size < 1:
         raise IgamError(f"batch_size={batch_size} must be at least 1.")
     device = next(model.parameters()).device
@@ -80,12 +102,12 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str |
     correct = torch.zeros(len(x), dtype=torch.bool)
     for b, i in enumerate(range(0, len(x), batch_size)):
         xb, yb = _as_float(x[i:i + batch_size], device), y[i:i + batch_size].to(device)
-        with bn_mode(model, bn), torch.no_grad():
-            ok = model(xb).argmax(1) == yb
+        with bn_mode(model, bn):
+            ok = predict(model, xb, what) == yb
         if atk is not None:
             x_adv = atk(xb, yb, seed=_batch_seed(seed, b))
-            with bn_mode(model, bn), torch.no_grad():
-                ok &= model(x_adv).argmax(1) == yb
+            with bn_mode(model, bn):
+                ok &= predict(model, x_adv, f"{what} (under {atk.settings().get('attack', 'attack')})") == yb
         correct[i:i + batch_size] = ok.cpu()
     settings = {"attack": "clean", "bn": bn} if atk is None else atk.settings()
     return {"accuracy": float(correct.float().mean()) if len(x) else 0.0, "n": len(x), "seed": seed, "bn": bn,
@@ -95,15 +117,19 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str |
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
-             bn: str = "eval") -> float:
+             bn: str = "eval", what: str = "The model") -> float:
     """Clean accuracy in [0, 1] with eval-mode BatchNorm (or train-mode, labelled, for the official
-    protocol)."""
+    protocol).
+
+    Raises:
+        NonFiniteOutputs: when the logits are NaN/Inf (never scored as predictions).
+    """
     correct = 0
     device = next(model.parameters()).device
     with bn_mode(model, bn):
         for i in range(0, len(x), batch_size):
             xb = to_unit(x[i:i + batch_size].to(device))
-            correct += int((model(xb).argmax(1) == y[i:i + batch_size].to(device)).sum())
+            correct += int((predict(model, xb, what) == y[i:i + batch_size].to(device)).sum())
     return correct / max(1, len(x))
 
 
@@ -159,19 +185,25 @@ def observation(key: str, rec: dict[str, Any]) -> Observation | None:
 def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | str | None = None,
                    observations: list[Observation] = (), sweeps: bool = True, queries: int = 1000,  # type: ignore[assignment]
                    batch_size: int = 500, seed: int = 0, bn: str = "eval",
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] | None = None, what: str = "The model") -> dict[str, Any]:
     """Gradient-masking checks of `model` on images x (uint8 or float [0,1]): input-gradient statistics,
-    plus the sweeps of `check_attacks` (sweeps=True), judged together with earlier `observations`."""
+    plus the sweeps of `check_attacks` (sweeps=True), judged together with earlier `observations`.
+
+    Raises:
+        NonFiniteOutputs: when the model's logits are NaN/Inf (a diverged model is not judged for masking).
+    """
     say = log or (lambda s: None)
     shape = tuple(x.shape[1:])
     nominal = check_eps(eps) if eps is not None else default_eps(shape)[0]
     device = next(model.parameters()).device
+    with bn_mode(model, bn):  # a diverged model is an error, not "gradient masking"
+        predict(model, _as_float(x[:batch_size], device), what)
     obs = list(observations)
     grads = gradient_stats(model, _as_float(x, device), y, batch_size, bn)
     if sweeps:
         for label, atk in check_attacks(model, shape, nominal, queries=queries, bn=bn, seed=seed):
             say(f"check {label} on {len(x)} images ...")
-            rec = run_attack(model, x, y, atk, batch_size=batch_size, seed=seed, bn=bn)
+            rec = run_attack(model, x, y, atk, batch_size=batch_size, seed=seed, bn=bn, what=what)
             obs.append(observation(f"check:{label}", rec))  # type: ignore[arg-type]
     verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads)
     failed = [k for k, v in verdicts.items() if v["passed"] is False]
@@ -204,6 +236,20 @@ def record_notes(key: str, rec: dict[str, Any]) -> list[str]:
     return out
 
 
+def stale_weights_note(run: Run) -> str:
+    """'' for a finished run; else why its model.safetensors is not the result of its latest training (a
+    resume killed, stopped or still running leaves the weights of an earlier finish in place)."""
+    status = run.status
+    if status == "finished":
+        return ""
+    holder = run.holder()
+    now = f"; {holder} is training it now" if holder else ""
+    why = run.meta.get("stopped")
+    return (f"run '{run.dir}' has status '{status}'{now}{f' ({why})' if why else ''}: its model.safetensors "
+            "is from an earlier finish of this run, not from its latest training. Evaluating those weights; "
+            "the status is recorded in eval.json. Finish the run (resume=true) to evaluate its latest state.")
+
+
 def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size: int = 500, seed: int = 0,
                  bn: str = "eval", data_dir: str | None = None, device: str = "cpu", *,
                  eps: float | str | None = None, checks: bool = False, check_n: int = 500,
@@ -218,20 +264,33 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     component fails at once. AutoAttack resumes from RUN/autoattack-state-KEY/ (deleted once its record
     is written) and appends its log to RUN/autoattack-KEY.log.
 
+    A run that is not `finished` (a resume killed, stopped or still running) but has an older
+    model.safetensors is evaluated with a loud warning, and each record carries `run_status` and
+    `stale_weights`. When the test set has fewer than n images, all of them are used and each record's `n`
+    says how many.
+
     Raises: IgamError for bad arguments, and when an attack fails: the message names the attack, the
-    results already saved and the attacks left (the original exception is chained)."""
+    results already saved and the attacks left (the original exception is chained). NonFiniteOutputs
+    (an IgamError naming the run) when the model's outputs are NaN/Inf."""
     say = log or (lambda s: None)
     validate_attacks(attacks)
     if eps is not None:
         check_eps(eps)
     the_run = Run.open(run)
     run_dir = the_run.dir
+    refuse_symlinks(run_dir)  # eval.json and AutoAttack states are written inside the run folder only
     meta = the_run.meta
     arrays = load_data(meta["data"]["dataset"], data_dir or the_run.data_dir, False, 0, n)
     x, y = arrays.x_test, arrays.y_test
     model = the_run.load_model(device)
     shape = tuple(x.shape[1:])
     prefix = f"igam: {run_dir.name}:"
+    what = f"Run '{run_dir}'"
+    stale = stale_weights_note(the_run)
+    if stale:
+        say(f"igam: WARNING: {stale}")
+    if len(x) < n:
+        say(f"{prefix} the test set has {len(x)} images (fewer than n={n}): all {len(x)} are used.")
     built: list[tuple[str, str, Attack | None]] = []
     for name in attacks:
         key = result_key(name, eps, bn)
@@ -246,7 +305,12 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     for i, (name, key, atk) in enumerate(built):
         say(f"{prefix} {name} on {len(x)} images ...")
         try:
-            rec = run_attack(model, x, y, atk or "clean", batch_size=batch_size, seed=seed, bn=bn)
+            rec = run_attack(model, x, y, atk or "clean", batch_size=batch_size, seed=seed, bn=bn, what=what)
+            if stale:
+                rec["run_status"] = meta.get("status")
+                rec["stale_weights"] = stale
+        except NonFiniteOutputs:
+            raise  # (names the run: a diverged model has no accuracy, and nothing is left to finish)
         except BaseException as e:
             done = ", ".join(results) or "none"
             left = ",".join(a for a, _, _ in built[i:])
@@ -278,7 +342,7 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     nc = min(len(x), check_n)
     results["masking_checks"] = masking_report(
         model, x[:nc], y[:nc], eps=eps, observations=obs, sweeps=checks, queries=check_queries,
-        batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"))
+        batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"), what=what)
     merged["masking_checks"] = results["masking_checks"]
     write_json(path, merged)
     return results
@@ -294,8 +358,9 @@ def check_teacher_robustness(run_dir: Path, n: int = 200, log: Callable[[str], N
     except IgamError:
         return None
     model = run.load_model()
-    clean = run_attack(model, data.x_test, data.y_test, "clean")["accuracy"]
-    robust = run_attack(model, data.x_test, data.y_test, "pgd10")["accuracy"]
+    what = f"The teacher run '{run_dir}'"
+    clean = run_attack(model, data.x_test, data.y_test, "clean", what=what)["accuracy"]
+    robust = run_attack(model, data.x_test, data.y_test, "pgd10", what=what)["accuracy"]
     eps = default_eps(tuple(data.x_test.shape[1:]))[0]
     if robust < 0.05:
         log(

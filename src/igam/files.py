@@ -7,6 +7,7 @@ reliability tests use (docs/RELIABILITY.md). Nothing here unpickles.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -135,12 +136,120 @@ def save_weights(module_or_state: torch.nn.Module | dict, path: Path) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors recreates the file 0600; match the other files
         kill_point("weights-write")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ---------------------------------------------------------------------------------------------
+# one process per run directory: an OS lock (flock on POSIX, msvcrt.locking on Windows) on a small file
+class LockHeld(IgamError):
+    """Another live process holds the lock (its description is in `holder`)."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
+
+
+class DirLock:
+    """An exclusive, non-blocking OS lock on `path` (a small file that stays in place; it holds the
+    holder's pid, host and command while locked and is emptied on release). The OS drops the lock when the
+    holder dies, however it dies (SIGKILL included), so a lock left by a dead process is taken over; its
+    old contents are then returned by `acquire` so the caller can say so.
+
+    POSIX: fcntl.flock. Windows: msvcrt.locking on the file's first byte (also released by the OS when the
+    process ends). Network file systems without lock support may not enforce it.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def acquire(self, what: str) -> str:
+        """Take the lock; return what a dead previous holder left in the file ('' when it was released
+        cleanly).
+
+        Raises:
+            LockHeld: when another live process holds it (the message names `what`, its pid and the fix).
+            IgamError: when the lock file cannot be created.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as e:
+            raise IgamError(f"Cannot create the lock file '{self.path}' ({e.strerror or e}); check the "
+                            "permissions of the run directory.") from None
+        if not _try_lock(fd):
+            holder = _read_fd(fd).strip() or "another process"
+            os.close(fd)
+            raise LockHeld(f"{what} is in use by {holder}. Wait for it to finish (or stop it), or choose "
+                           f"another name=...; if that process is gone, the lock is released by the OS and "
+                           f"a new start takes it over.", holder)
+        old = _read_fd(fd).strip()
+        import socket
+        import sys
+
+        me = f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]})"
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, (me + "\n").encode())
+        os.fsync(fd)
+        self.fd = fd
+        return old
+
+    def release(self) -> None:
+        """Empty the file (a clean release) and drop the lock; a no-op when not held."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing the descriptor drops the OS lock
+        self.fd = None
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the lock on `path` now (the text the holder wrote), or None when nobody does. Probing
+    takes the lock for an instant and changes nothing in the file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if _try_lock(fd):
+            return None
+        return _read_fd(fd).strip() or "another process"
+    finally:
+        os.close(fd)  # drops the probe's lock, if it got one
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _read_fd(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 4096).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

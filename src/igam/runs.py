@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -29,11 +30,13 @@ import yaml
 
 from igam.errors import IgamError
 from igam.files import (
+    DirLock,
     _atomic,
     _load_error,
     atomic_write_text,
     kill_point,
     load_weights,
+    lock_holder,
     read_json,
     sha256_file,
     write_json,
@@ -47,8 +50,14 @@ from igam.utils import unwrap
 # resumable training state: tensors and primitives only, with a checksum
 def save_state(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write ckpt-STEP.pt atomically, then its sidecar ckpt-STEP.json (step, sha256): a checkpoint counts
-    only once its sidecar exists and matches. Older checkpoints beyond `keep` are removed afterwards."""
+    only once its sidecar exists and matches. Older checkpoints beyond `keep` are removed afterwards. The
+    caller writes only states that passed its finite check, so pruning never drops the last good state.
+
+    Raises:
+        IgamError: when the write fails, or checkpoints/ (or an entry in it) is a symbolic link.
+    """
     ckdir = Path(run_dir) / "checkpoints"
+    refuse_symlinks(Path(run_dir), ("checkpoints",))
     ckdir.mkdir(parents=True, exist_ok=True)
     path = ckdir / f"ckpt-{step:09d}.pt"
     buf = io.BytesIO()
@@ -74,6 +83,29 @@ def save_state(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
     return path
+
+
+def refuse_symlinks(run_dir: Path, names: tuple[str, ...] | None = None) -> None:
+    """Refuse a run directory whose entries (all of them, or `names`) or whose checkpoints/ and tb/
+    entries are symbolic links: igam writes and deletes only inside the run folder, and a link would make
+    it write through to (or prune files of) another place. The run directory itself may be a link.
+
+    Raises:
+        IgamError: naming the link and its target.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    entries = [run_dir / n for n in names] if names is not None else list(run_dir.iterdir())
+    for sub in ("checkpoints", "tb"):
+        folder = run_dir / sub
+        if (names is None or sub in names) and folder.is_dir() and not folder.is_symlink():
+            entries += list(folder.iterdir())
+    for e in entries:
+        if e.is_symlink():
+            raise IgamError(f"'{e}' is a symbolic link (to '{os.readlink(e)}'). igam writes and deletes only "
+                            "inside a run folder, never through links; replace the link with a real "
+                            f"{'folder' if e.name in ('checkpoints', 'tb') else 'file'} (or remove it).")
 
 
 def clean_partial_writes(run_dir: Path) -> None:
@@ -161,10 +193,16 @@ class CSVLogger:
         w.writerows([{k: r.get(k, "") for k in self.keys} for r in rows])
         atomic_write_text(self.path, buf.getvalue())
 
-    def log(self, step: int, values: dict[str, Any]) -> None:
+    def log(self, step: int, values: dict[str, Any], replace: bool = False) -> None:
+        """Append a row; replace=True first drops the rows of the same step (a final evaluation redone by a
+        resume of a run that had already reached it)."""
         row = {"step": step, **values}
         new = [k for k in row if k not in self.keys]
-        if new or not self.path.exists():
+        old = [r for r in _read_csv(self.path)] if replace and self.path.exists() else []
+        if replace and any(_same_step(r, step) for r in old):
+            self.keys += new
+            self._rewrite([r for r in old if not _same_step(r, step)] + [row])
+        elif new or not self.path.exists():
             rows = _read_csv(self.path) if self.path.exists() else []
             self.keys += new
             self._rewrite(rows + [row])
@@ -190,6 +228,13 @@ def _complete(row: dict[Any, Any]) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _same_step(row: dict[str, Any], step: int) -> bool:
+    try:
+        return float(row.get("step", "")) == step
+    except (TypeError, ValueError):
+        return False
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
@@ -247,6 +292,7 @@ class Run:
     CONFIG, META, METRICS, EVAL = "config.yaml", "meta.json", "metrics.json", "eval.json"
     WEIGHTS, OBJECTIVE = "model.safetensors", "objective.safetensors"
     LOG, EVAL_LOG, TB, CHECKPOINTS = "log.csv", "eval_log.csv", "tb", "checkpoints"
+    LOCK = ".lock"  # held (OS lock) by the one process that trains in this folder
 
     def __init__(self, path: str | Path):
         self.dir = Path(path)
@@ -313,6 +359,30 @@ class Run:
     def data_dir(self) -> str | None:
         """The data root the run was trained from (its config.yaml), or None."""
         return self.config.get("data_dir") or None
+
+    def lock(self, log=print) -> DirLock:
+        """Create the folder if needed and take its lock (released by `.release()`, or by the OS when the
+        process dies). A lock a dead process left is taken over with a note.
+
+        Raises:
+            IgamError: when another live process holds it (naming its pid), the folder cannot be created,
+                or an entry of the folder is a symbolic link.
+        """
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise IgamError(f"Cannot create the run directory '{self.dir}' ({e.strerror or e}); choose "
+                            "another out_dir=... or name=....") from None
+        refuse_symlinks(self.dir)
+        lock = DirLock(self.dir / self.LOCK)
+        old = lock.acquire(f"Run directory '{self.dir}'")
+        if old:
+            log(f"igam: note: took over the lock of {self.dir} from {old}, which is no longer running.")
+        return lock
+
+    def holder(self) -> str | None:
+        """Who holds the folder's lock now ('pid N on HOST (...)'), or None when nobody does."""
+        return lock_holder(self.dir / self.LOCK)
 
     @property
     def status(self) -> str | None:

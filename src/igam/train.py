@@ -12,6 +12,7 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn as nn
@@ -29,16 +30,25 @@ from igam.distributed import (
     setup_distributed,
     shard,
 )
-from igam.errors import IgamError
+from igam.errors import IgamError, NonFiniteOutputs
 from igam.evaluate import accuracy, evaluate_attack
 from igam.files import PACKAGE_VERSION, install_kill_hooks, kill_point, save_weights, write_json
+from igam.guard import (
+    MAX_SKIP_SHARE,
+    MAX_SKIPS_IN_A_ROW,
+    StateGuard,
+    nonfinite_grads,
+    nonfinite_terms,
+    skip_limit,
+)
 from igam.objectives import Objective, build_model, check_method, count_passes, create_objective
 from igam.runs import CSVLogger, Run, git_commit, load_latest_state, load_state_checked, save_state
 from igam.speed import float32_arithmetic, speed_setup
 from igam.units import parse_fraction
 from igam.utils import bn_mode, rng_state, seed_everything, set_rng_state, to_unit, unwrap
 
-MAX_SKIPS_IN_A_ROW = 20  # nan_policy=skip gives up after this many non-finite steps in a row
+__all__ = ["MAX_SKIPS_IN_A_ROW", "MAX_SKIP_SHARE", "lr_factor", "make_optimizer", "nonfinite_grads",
+           "nonfinite_terms", "run_name", "train"]
 
 
 def run_name(cfg: Config) -> str:
@@ -86,24 +96,6 @@ def changed_settings(run: Run, cfg: Config) -> str:
                      if k != "resume" and k in saved and saved[k] != now[k])
 
 
-def nonfinite_terms(loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the non-finite loss terms of a step ('loss' when only the total is). All flags are reduced
-    on the device and read back at once: one host-device sync per step, not one per term."""
-    names = [k for k, v in metrics.items() if torch.is_tensor(v)]
-    flags = torch.stack([torch.isfinite(metrics[k].detach()).all().to(loss.device) for k in names]
-                        + [torch.isfinite(loss.detach()).all()]).tolist()
-    bad = [k for k, ok in zip(names, flags) if not ok]
-    return bad or ([] if flags[-1] else ["loss"])
-
-
-def nonfinite_grads(model: nn.Module, limit: int = 3) -> list[str]:
-    """'gradient of NAME' for the first parameters whose gradient holds NaN/Inf."""
-    names = [n for n, p in model.named_parameters()
-             if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return [f"gradient of {', '.join(names[:limit]) or 'the parameters'}{more}"]
-
-
 def evaluate_during_training(cfg: Config, eval_model: nn.Module, model: nn.Module, objective: Objective,
                              eval_x: torch.Tensor, eval_y: torch.Tensor, epoch: float, dist: Dist,
                              device: torch.device) -> dict[str, float]:
@@ -127,26 +119,40 @@ def evaluate_during_training(cfg: Config, eval_model: nn.Module, model: nn.Modul
 
 # ---------------------------------------------------------------------------------------------
 def train(cfg: Config, log=print) -> Path:
-    """Train according to cfg and return the run directory.
+    """Train according to cfg and return the run directory. The run directory is locked for the whole run
+    (one process per run folder; the OS drops the lock if the process dies).
 
     Raises:
-        IgamError: for any problem of the input (method, data, model, teacher, run directory) and when
-            training stops on non-finite values (the last good state is checkpointed first).
+        IgamError: for any problem of the input (method, data, model, teacher, run directory), when another
+            process holds the run directory, and when training stops on divergence: non-finite values
+            under nan_policy=stop, too many skipped steps, an update that makes the weights non-finite or
+            explode, or a model whose outputs are non-finite (meta.json then says `stopped`, the last good
+            checkpoint stays, and an earlier model.safetensors is not replaced).
     """
     check_method(cfg.method)
     if cfg.amp_input_grad and cfg.amp != "bf16":
         raise IgamError("amp_input_grad=true runs the input-gradient path under amp=bf16; set amp=bf16 (fp16 "
                         "would need loss scaling inside the input gradient) or drop amp_input_grad.")
     dist, device = setup_distributed(cfg.device)
+    say = log if dist.main else (lambda *a, **k: None)
+    run = Run(Path(cfg.out_dir) / run_name(cfg))
+    lock = run.lock(log=say) if dist.main else None  # a second process on this folder stops here
+    try:
+        return _train(cfg, run, dist, device, say)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path:
+    """The body of `train`, run while holding the run directory's lock."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.seed)
     install_kill_hooks()  # crash tests only (IGAM_TEST_KILL_AT); no-op otherwise
-    say = log if dist.main else (lambda *a, **k: None)
 
-    run = Run(Path(cfg.out_dir) / run_name(cfg))
     run_dir = run.dir
     state = None
     if cfg.resume:
@@ -176,7 +182,11 @@ def train(cfg: Config, log=print) -> Path:
     eval_x, eval_y = arrays.x_test[: cfg.eval_n or None], arrays.y_test[: cfg.eval_n or None]
     objective.begin(total, steps_per_epoch, dist.rank)
 
+    # what a checkpoint carries besides the networks: skip counters and the open log window, so that a
+    # resumed run stops, logs and reports exactly as an uninterrupted one
     step, elapsed_before, t_start = 0, 0.0, time.time()
+    skipped, skipped_in_a_row, count, last = 0, 0, 0, {}
+    sums: dict[str, torch.Tensor] = {}
     if state is not None:
         load_state_checked(model, state["model"], f"The checkpoint in {run_dir}")
         optimizer.load_state_dict(state["optimizer"])
@@ -185,10 +195,15 @@ def train(cfg: Config, log=print) -> Path:
         set_rng_state(state["rng"])
         step = int(state["step"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
+        skipped, skipped_in_a_row = int(state.get("skipped", 0)), int(state.get("skipped_in_a_row", 0))
+        last = dict(state.get("last_log", {}))
+        count = int(state.get("log_count", 0))
+        sums = {k: torch.tensor(v, device=device) for k, v in state.get("log_sums", {}).items()}
         say(f"igam: resumed {run_dir} at step {step}/{total}")
         changed = changed_settings(run, cfg)
         if changed:
             say(f"igam: note: resuming with changed settings: {changed}")
+    last_good = step if state is not None else None  # the step of the newest known-good checkpoint
 
     if cfg.amp != "none" and device.type != "cuda":
         say(f"igam: amp={cfg.amp} is a GPU setting; this {device.type} run uses float32.")
@@ -197,6 +212,7 @@ def train(cfg: Config, log=print) -> Path:
     if dist.enabled:
         train_model = ddp(train_model, device)
         objective.wrap_for_ddp(lambda m: ddp(m, device))  # e.g. IGAM's discriminator update
+    guard = StateGuard(unwrap(model), objective)
 
     meta = {"status": "running", "method": cfg.method, "model": unwrap(model).igam_args,
             "data": spec.to_dict(), "augment": augment, "seed": cfg.seed, "version": PACKAGE_VERSION,
@@ -207,11 +223,6 @@ def train(cfg: Config, log=print) -> Path:
             # the machine-independent cost: forward/backward passes per training image, by network
             "passes_per_image": count_passes(objective, total, steps_per_epoch)}
     if dist.main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise IgamError(f"Cannot create the run directory '{run_dir}' ({e.strerror or e}); choose "
-                            "another out_dir=... or name=....") from None
         save_yaml(cfg.to_dict(), run.config_path)
         write_json(run.meta_path, meta)
     resume_step = step if state else None
@@ -225,26 +236,47 @@ def train(cfg: Config, log=print) -> Path:
     if state is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
 
+    def stop(msg: str) -> NoReturn:
+        """End the run as `stopped`: meta.json says why, model.safetensors is left as it was."""
+        if dist.main:
+            write_json(run.meta_path, {**meta, "status": "stopped", "stopped": msg})
+            logger.close()
+        where = (f"No good state is checkpointed yet in {run_dir} (resume=true starts over)"
+                 if last_good is None else
+                 f"The last good state (step {last_good}) is checkpointed in {run_dir}")
+        raise IgamError(f"Training stopped: {msg}. {where}; lower lr or the lambdas, or set grad_clip, "
+                        "then resume=true.")
+
     def checkpoint() -> None:
+        """Save a resumable state, only from a state that passes the finite check."""
+        nonlocal last_good
+        if not guard.finite():
+            stop(f"non-finite weights or buffers (e.g. BatchNorm statistics) at step {step}")
+        window = mean_over_ranks(sums, dist, device)  # the open log window, the same on every rank
         if dist.main:
             save_state(run_dir, step, {
                 "step": step, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "objective": objective.state_dict(), "objective_extra": objective.extra_state(),
                 "rng": rng_state(), "scaler": scaler.state_dict(),
-                "elapsed_s": elapsed_before + time.time() - t_start},
+                "elapsed_s": elapsed_before + time.time() - t_start,
+                "skipped": skipped, "skipped_in_a_row": skipped_in_a_row, "last_log": last,
+                "log_count": count, "log_sums": window},
                 keep=cfg.keep_checkpoints)
+        last_good = step
 
-    def evaluate_now() -> dict[str, float]:
-        res = evaluate_during_training(cfg, eval_model, model, objective, eval_x, eval_y,
-                                       step / steps_per_epoch, dist, device)
+    def evaluate_now(final: bool = False) -> dict[str, float]:
+        try:
+            res = evaluate_during_training(cfg, eval_model, model, objective, eval_x, eval_y,
+                                           step / steps_per_epoch, dist, device)
+        except NonFiniteOutputs as e:
+            stop(f"the model's outputs are non-finite at step {step} ({e})")
         if dist.main:
-            eval_logger.log(step, res)
+            eval_logger.log(step, res, replace=final)  # a resumed final evaluation replaces its row
         return res
 
     # the loop --------------------------------------------------------------------------------
     eval_every_steps = max(1, round(cfg.eval_every * steps_per_epoch)) if cfg.eval_every > 0 else 0
-    sums: dict[str, torch.Tensor] = {}
-    count, skipped, skipped_in_a_row, t0, last = 0, 0, 0, time.time(), {}
+    t0, timed_from = time.time(), count  # (images_per_s counts only the steps timed by this process)
     bar = None
     if cfg.progress and dist.main:
         from tqdm import tqdm
@@ -280,21 +312,26 @@ def train(cfg: Config, log=print) -> Path:
                 msg = f"non-finite {', '.join(bad)} at step {step}"
                 skipped += 1
                 skipped_in_a_row += 1
-                if cfg.nan_policy == "stop" or skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
-                    why = "" if cfg.nan_policy == "stop" else f" ({MAX_SKIPS_IN_A_ROW} steps in a row)"
-                    checkpoint()
-                    if dist.main:
-                        write_json(run.meta_path, {**meta, "status": "stopped", "stopped": msg})
-                        logger.close()
-                    raise IgamError(f"Training stopped: {msg}{why}. The last good state is checkpointed "
-                                    f"in {run_dir}; lower lr or the lambdas, or set grad_clip, then "
-                                    "resume=true.")
+                if cfg.nan_policy == "stop":
+                    if skipped_in_a_row == 1 and guard.finite():  # the state before this step is good
+                        checkpoint()
+                    stop(msg)
+                if skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    stop(f"{msg} ({MAX_SKIPS_IN_A_ROW} steps in a row)")
+                if skipped > skip_limit(total):
+                    stop(f"{msg} ({skipped} of {total} steps skipped: more than "
+                         f"{MAX_SKIP_SHARE:.0%} of the run)")
                 say(f"igam: {msg}; step skipped (nan_policy=skip)")
                 optimizer.zero_grad(set_to_none=True)
             else:
                 skipped_in_a_row = 0
                 scaler.step(optimizer)
                 scaler.update()
+                # a finite loss and gradient can still make an update that explodes the weights: reject
+                # it (the run rolls back to its last good checkpoint; no per-step copy is kept)
+                rejected = guard.after_update()
+                if not all_ranks(not rejected, dist):
+                    stop(f"{rejected or 'another rank rejected its update'} at step {step} (update rejected)")
                 metrics.update(objective.after_step(train_model, x, y, step, aux))
                 kill_point("after-step")  # crash tests: die after the updates, before the step is counted
             step += 1
@@ -306,12 +343,12 @@ def train(cfg: Config, log=print) -> Path:
             if step % cfg.log_every == 0 or step == total:
                 last = {k: v / max(1, count) for k, v in mean_over_ranks(sums, dist, device).items()}
                 last.update(lr=optimizer.param_groups[0]["lr"], epoch=round(step / steps_per_epoch, 3),
-                            images_per_s=round(count * cfg.batch_size * dist.world
+                            images_per_s=round((count - timed_from) * cfg.batch_size * dist.world
                                                / max(1e-9, time.time() - t0), 1),
                             skipped_steps=skipped)
                 if dist.main:
                     logger.log(step, last)
-                sums, count, t0 = {}, 0, time.time()
+                sums, count, t0, timed_from = {}, 0, time.time(), 0
                 if bar is not None:
                     bar.set_postfix({k: f"{last[k]:.3g}" for k in ("ce", "acc") if k in last})
             if bar is not None:
@@ -320,15 +357,18 @@ def train(cfg: Config, log=print) -> Path:
                 res = evaluate_now()
                 say(f"igam: epoch {res['epoch']:.2f} " + " ".join(f"{k}={v:.4f}" for k, v in res.items()
                                                                    if k != "epoch"))
-            if step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0:
+            # never in a run of skipped steps (the newest checkpoint stays a good one), nor at the last step
+            # (the end checkpoints once the final model has passed its evaluation)
+            if ((step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0) and not skipped_in_a_row
+                    and step < total):
                 checkpoint()
             if step >= total:
                 break
     if bar is not None:
         bar.close()
 
-    # the end -----------------------------------------------------------------------------------
-    final = evaluate_now()
+    # the end: the final model must give finite outputs before it replaces anything -----------------
+    final = evaluate_now(final=True)
     if dist.enabled:  # every rank must hold the same networks (student and e.g. the discriminator)
         meta["ranks_in_sync"] = ranks_in_sync([*model.parameters(), *objective.parameters()], device)
         if not meta["ranks_in_sync"]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+import igam.models.robustbench_zoo as robustbench_zoo
 from igam.errors import IgamError, suggest
-from igam.models import robustbench_zoo
 from igam.models.base import ImageClassifier, Normalize
 
 
