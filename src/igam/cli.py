@@ -80,6 +80,7 @@ def cmd_run(args, extra) -> int:
 
 
 def cmd_evaluate(args, extra) -> int:
+    from igam.attacks.checks import summary as check_summary
     from igam.evaluate import evaluate_run, record_notes, result_key, validate_attacks, warning_block
 
     attacks = [a.strip().lower() for a in args.attacks.split(",") if a.strip()]
@@ -108,6 +109,7 @@ def cmd_evaluate(args, extra) -> int:
         rows.append((label, {a: res[result_key(a, args.eps, args.bn)] for a in attacks}))
         notes += [f"{label}: {line}" for a in attacks for line in record_notes(a, rows[-1][1][a])]
         mc = res["masking_checks"]
+        notes.append(f"{label}: masking checks: {check_summary(mc['checks'])}")
         if mc["failed"]:
             warnings.append(warning_block(str(run), mc["checks"]))
     print(format_table(rows, attacks))
@@ -509,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
             raise IgamError(
                 f"`igam {args.verb}` does not take {' '.join(extra)!r}; see `igam {args.verb} --help`."
             )
+        if isinstance(getattr(args, "device", None), str):  # evaluate, gradients, landscape, report
+            from igam.utils import resolve_device
+
+            resolve_device(args.device)
         return int(args.fn(args, extra) or 0)
     except IgamError as e:
         print(f"igam: error: {e}", file=sys.stderr)

@@ -116,9 +116,14 @@ def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 @contextlib.contextmanager
 def bn_batch_stats(model: nn.Module) -> Iterator[list[nn.modules.batchnorm._BatchNorm]]:
     """BatchNorm layers (in whatever mode they are) keep their running averages: momentum 0 inside the
-    block, restored on exit. Yields the BatchNorm layers (an empty list: the model has none)."""
+    block, restored on exit, and every buffer (running mean / var, num_batches_tracked) put back
+    bit-identical. Yields the BatchNorm layers (an empty list: the model has none)."""
     bns = batchnorms(model)
     saved = [m.momentum for m in bns]
+    # num_batches_tracked counts every train-mode forward whatever the momentum: keep a copy of every
+    # buffer and put it back, so the block leaves them bit-identical
+    buffers = [(b, b.detach().clone()) for m in bns for b in (m.running_mean, m.running_var,
+                                                               m.num_batches_tracked) if b is not None]
     for m in bns:
         m.momentum = 0.0
     try:
@@ -126,6 +131,9 @@ def bn_batch_stats(model: nn.Module) -> Iterator[list[nn.modules.batchnorm._Batc
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
+        with torch.no_grad():
+            for b, copy in buffers:
+                b.copy_(copy)
 
 
 @contextlib.contextmanager
