@@ -287,8 +287,7 @@ def validate(cfg: Config) -> None:
     if cfg.disc_channels * 2 ** (cfg.disc_layers - 1) > 8192:
         raise IgamError(f"disc_channels={cfg.disc_channels} doubled over disc_layers={cfg.disc_layers} gives "
                         f"{cfg.disc_channels * 2 ** (cfg.disc_layers - 1)} channels in the last layer (at "
-                        f"most "
-                        "8192); lower one of them (Appendix A: 5 layers of 16 channels).")
+                        "most 8192); lower one of them (Appendix A: 5 layers of 16 channels).")
     if cfg.epochs <= 0:
         raise IgamError(f"epochs={cfg.epochs} must be positive (fractions such as 0.5 are fine).")
     for key in ("epochs", "lr", "steps", "momentum", "weight_decay", "warmup_epochs", "eps_warmup_epochs",

@@ -152,8 +152,8 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError, ValueError) as e:
-        raise IgamError(f"'{path}' is not valid JSON ({' '.join(str(e).split())[:200]}). Restore or "
-                        f"delete it."
+        raise IgamError(f"'{path}' is not valid JSON ({' '.join(str(e).split())[:200]}). "
+                        "Restore or delete it."
                         ) from None
 
 
@@ -208,9 +208,11 @@ def load_yaml_text(text: str, where: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         what = getattr(e, "problem", None) or " ".join(str(e).split())
-        if "python/" in str(e) or "could not determine a constructor" in str(e):
-            what = (f"{what.split(' for the tag')[0]}: a tag that would build Python objects "
-                    f"({' '.join(str(e).split())[:120]}), which igam never does")
+        tag = re.search(r"for the tag '([^']+)'", str(e))
+        if tag is not None:
+            raise IgamError(f"{where} is refused: it holds the tag '{tag.group(1)}'{at}, which would build "
+                            "a Python object. igam reads plain YAML only and never runs code from files; "
+                            "delete the tag (or restore the file).") from None
         raise IgamError(f"{where} is not valid YAML: {what}{at}. Fix or delete it.") from None
     except RecursionError:
         raise IgamError(f"{where} nests too deeply to be read; igam's YAML files are flat key: value lists."
@@ -307,9 +309,8 @@ def load_torch_file(path: Path) -> Any:
             ) from None
         raise IgamError(
             f"'{path}' is not a PyTorch checkpoint (it cannot be read as one: {_not_checkpoint(e)}). Give "
-            f"a .safetensors file or a "
-            f".pt/.pth "
-            "state dict saved with torch.save(model.state_dict(), path), or a run directory."
+            "a .safetensors file or a "
+            ".pt/.pth state dict saved with torch.save(model.state_dict(), path), or a run directory."
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

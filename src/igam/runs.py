@@ -268,7 +268,7 @@ def check_meta(meta: Any, path: Path | str = "meta.json") -> dict[str, Any]:
         try:
             check_model_args(d["name"], d["num_classes"], d["in_chans"], d["input_size"], d.get("width", 0))
         except IgamError as e:
-            raise bad(f"in '{where}': {e}") from None
+            raise bad(f"in '{where}': {str(e).rstrip('.')}") from None
     for key in ("shape", "num_classes"):
         v = data.get(key)
         if key == "shape" and v is not None and (not isinstance(v, list) or len(v) != 3

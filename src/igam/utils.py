@@ -120,10 +120,11 @@ def bn_batch_stats(model: nn.Module) -> Iterator[list[nn.modules.batchnorm._Batc
     bit-identical. Yields the BatchNorm layers (an empty list: the model has none)."""
     bns = batchnorms(model)
     saved = [m.momentum for m in bns]
-    # num_batches_tracked counts every train-mode forward whatever the momentum: keep a copy of every
-    # buffer and put it back, so the block leaves them bit-identical
-    buffers = [(b, b.detach().clone()) for m in bns for b in (m.running_mean, m.running_var,
-                                                               m.num_batches_tracked) if b is not None]
+    # num_batches_tracked counts every train-mode forward whatever the momentum: put it back on exit, so
+    # the block leaves every buffer bit-identical (the running averages stay put through momentum 0; they
+    # are not copied back, as autograd may still hold them for a backward pass after the block)
+    buffers = [(m.num_batches_tracked, m.num_batches_tracked.detach().clone()) for m in bns
+               if m.num_batches_tracked is not None]
     for m in bns:
         m.momentum = 0.0
     try:

@@ -96,15 +96,14 @@ def check_labels(y: Any, n: int) -> torch.Tensor:
                         f"{type(y).__name__}.")
     if y.ndim == 2 and y.shape == (n, y.shape[1]) and y.shape[1] > 1:
         raise IgamError(f"The labels of shape {tuple(y.shape)} look one-hot (or like probabilities): "
-                        f"attacks and "
-                        f"evaluation take class indices of shape ({n},). Convert them with y.argmax(1).")
+                        f"attacks and evaluation take class indices of shape ({n},). Convert them with "
+                        "y.argmax(1).")
     if y.ndim != 1 or len(y) != n:
         raise IgamError(f"The labels must have shape (N,) = ({n},), one class index per image; got shape "
                         f"{tuple(y.shape)}.")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise IgamError(f"The labels must be integer class indices; got {y.dtype}. Convert them with "
-                        f"y.long() "
-                        "(after checking they are whole numbers).")
+                        "y.long() (after checking they are whole numbers).")
     if len(y) and int(y.min()) < 0:
         raise IgamError(f"The labels must be class indices 0 .. K-1; got {int(y.min())}.")
     return y.long()
@@ -124,8 +123,7 @@ def check_images(x: Any, *, allow_uint8: bool = False) -> None:
         if not (lo >= 0 and hi <= 1):  # also catches NaN
             raise IgamError(f"Float images must lie in [0, 1] (pixel space; normalisation belongs inside the "
                             f"model); got values in [{lo:.3g}, {hi:.3g}]. Divide 0-255 pixels by 255, or "
-                            f"pass "
-                            "uint8 images.")
+                            "pass uint8 images.")
 
 
 def check_inputs(x: torch.Tensor, y: torch.Tensor, *, allow_uint8: bool = False

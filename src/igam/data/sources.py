@@ -86,9 +86,8 @@ def channels_last(shape: tuple[int, ...], where: str) -> bool:
     if c1 <= MAX_CHANNELS and c4 <= MAX_CHANNELS:
         if (c1 in (1, 3)) == (c4 in (1, 3)):
             raise IgamError(f"{where}: images of shape {tuple(shape)} are ambiguous: axis 1 ({c1}) and "
-                            f"axis 3 "
-                            f"({c4}) could both hold the channels. Save them as (N, C, H, W) with H, W > "
-                            f"{MAX_CHANNELS}, or transpose them so that the layout is clear.")
+                            f"axis 3 ({c4}) could both hold the channels. Save them as (N, C, H, W) with "
+                            f"H, W > {MAX_CHANNELS}, or transpose them so that the layout is clear.")
         return c4 in (1, 3)
     if c1 > 64:
         raise IgamError(f"{where}: images of shape {tuple(shape)} have no channel axis of 1 to "
@@ -119,8 +118,7 @@ def check_labels(y_train: torch.Tensor, y_test: torch.Tensor, where: str, inferr
         say = log or (lambda m: print(m, file=sys.stderr))
         say(f"igam: WARNING: {where}: the number of classes is inferred from the labels as {hi + 1} "
             f"(0 .. {hi}), but {len(missing)} of them never occur ({shown}): a stray label makes a model "
-            f"with "
-            "extra outputs. Remap the labels to 0 .. K-1, or save class_names in the npz to confirm.")
+            "with extra outputs. Remap the labels to 0 .. K-1, or save class_names in the npz to confirm.")
 
 
 def _labels(y: np.ndarray, where: Path) -> torch.Tensor:
@@ -160,7 +158,7 @@ def load_npz(path: Path, name: str) -> Arrays:
     except Exception as e:
         if "allow_pickle" in str(e) or "pickle" in str(e).lower():
             raise IgamError(f"Cannot read '{path}' as an npz dataset: it holds Python objects (object "
-                            f"arrays), which igam never unpickles. Save the "
+                            "arrays), which igam never unpickles. Save the "
                             "images as a uint8 array and the labels as an integer array (np.savez with plain "
                             "numeric arrays).") from None
         raise IgamError(f"Cannot read '{path}' as an npz dataset ({type(e).__name__}: "

@@ -157,8 +157,7 @@ def load_experiment(
         for k, v in sweep.items():
             if not isinstance(v, list) or not v:
                 raise IgamError(f"'{path}', stage '{s['name']}': sweep {k}: {v!r} must be a non-empty "
-                                f"list of "
-                                f"values, e.g. `sweep: {{{k}: [{v!r}, ...]}}`.")
+                                f"list of values, e.g. `sweep: {{{k}: [{v!r}, ...]}}`.")
         keys = list(sweep)
         combos = list(itertools.product(*[sweep[k] for k in keys])) if keys else [()]
         for combo in combos:
@@ -236,8 +235,8 @@ def check_evaluation(blocks: Any, path: str | Path, stages: list[str]) -> list[d
                                 f"{', '.join(EVAL_KEYS)}.")
         attacks = ev.get("attacks")
         if not isinstance(attacks, list) or not attacks or not all(isinstance(a, str) for a in attacks):
-            raise IgamError(f"{where}: attacks must be a non-empty list of attack names, e.g. [clean, "
-                            f"pgd20].")
+            raise IgamError(f"{where}: attacks must be a non-empty list of attack names, "
+                            "e.g. [clean, pgd20].")
         for a in attacks:
             base, _, eps = a.partition("@eps=")
             try:
