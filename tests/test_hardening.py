@@ -25,7 +25,7 @@ from igam.evaluate import run_attack
 from igam.experiment.spec import load_experiment
 from igam.files import load_weights, read_json, save_weights
 from igam.models import create_model
-from igam.runs import Run
+from igam.runs import Run, read_log
 from igam.train import train
 
 TINY = ["dataset=synthetic:16x16x1:4", "model=small-cnn", "width=4", "train_subset=64", "test_subset=32",
@@ -118,6 +118,25 @@ def test_meta_that_is_no_object_or_nests_deeply(run_dir: Path, tmp_path: Path, c
     run = _copy(run_dir, tmp_path)
     (run / Run.META).write_text(text)
     _cli_error(capsys, ["evaluate", str(run), "--attacks", "clean"], "meta.json")
+
+
+@pytest.mark.parametrize("name,text", [(Run.EVAL, "[1, 2]"), (Run.EVAL, "{"), (Run.METRICS, '"text"'),
+                                       (Run.EVAL, "[" * 70 + "]" * 70)])
+def test_other_run_files_malformed(run_dir: Path, tmp_path: Path, capsys, name: str, text: str) -> None:
+    run = _copy(run_dir, tmp_path)
+    (run / name).write_text(text)
+    argv = (["report", str(run)] if name == Run.METRICS
+            else ["evaluate", str(run), "--attacks", "clean", "--n", "8"])
+    _cli_error(capsys, argv, name)
+
+
+def test_malformed_csv_log(run_dir: Path, tmp_path: Path, capsys) -> None:
+    run = _copy(run_dir, tmp_path)
+    (run / Run.LOG).write_text('step,loss\n1,"' + "x" * 200000)
+    with pytest.raises(IgamError, match="CSV log"):
+        read_log(run)
+    assert main(["report", str(run)]) in (0, 2)
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_yaml_alias_bomb_is_refused_without_expanding(tmp_path: Path, capsys) -> None:

@@ -33,7 +33,7 @@ from igam.attacks.checks import Observation, gradient_stats, run_checks, warning
 from igam.attacks.presets import default_eps, is_mnist_like
 from igam.data import load_data
 from igam.errors import IgamError
-from igam.files import read_json, write_json
+from igam.files import read_json_object, write_json
 from igam.runs import Run
 from igam.units import check_eps
 from igam.utils import bn_mode, mix_seed, to_unit
@@ -275,7 +275,7 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
             say(msg)
             raise
         results[key] = rec
-        merged = read_json(path) if path.exists() else {}
+        merged = read_json_object(path) if path.exists() else {}
         merged[key] = rec
         write_json(path, merged)
         if isinstance(atk, AutoAttack):
@@ -284,7 +284,7 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
                 say(f"{prefix} {line}")
         say(f"{prefix} {name}: {100 * rec['accuracy']:.2f}% ({rec['time_s']} s)")
 
-    merged = read_json(path) if path.exists() else {}
+    merged = read_json_object(path) if path.exists() else {}
     obs = [o for k, r in merged.items() if isinstance(r, dict) and (o := observation(k, r)) is not None]
     if not checks:  # keep the sweeps of an earlier --checks call: same run, same weights
         previous = merged.get("masking_checks", {}).get("observations", [])

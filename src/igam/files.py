@@ -157,6 +157,15 @@ def read_json(path: Path) -> Any:
                         ) from None
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """`read_json` of a file that must hold a JSON object (meta.json, metrics.json, eval.json)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise IgamError(f"'{path}' holds a JSON {type(data).__name__}, not an object; it was not written "
+                        "by igam or is damaged. Restore or delete it.")
+    return data
+
+
 class _BoundedLoader(yaml.SafeLoader):
     """yaml.SafeLoader (no tags that build Python objects) that refuses documents whose aliases would
     expand to more than MAX_YAML_NODES nodes (a 'billion laughs' alias bomb) or that nest deeper than

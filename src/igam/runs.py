@@ -203,7 +203,13 @@ def read_log(run_dir: Path, name: str = "log.csv") -> list[dict[str, Any]]:
     if not path.exists():
         return []
     out = []
-    for r in _read_csv(path):
+    try:
+        rows = _read_csv(path)
+    except (csv.Error, UnicodeDecodeError, ValueError) as e:
+        raise IgamError(f"'{path}' is not a readable CSV log ({' '.join(str(e).split())[:160]}); it was not "
+                        "written by igam or is damaged. Delete it (training rewrites it on resume)."
+                        ) from None
+    for r in rows:
         conv: dict[str, Any] = {}
         for k, v in r.items():
             if v in ("", None):

@@ -10,7 +10,7 @@ from typing import Any
 from igam.attacks.checks import summary
 from igam.experiment.costs import hms
 from igam.experiment.spec import Experiment, Stage, resolve_stage
-from igam.files import read_json
+from igam.files import read_json_object
 from igam.runs import Run
 
 
@@ -27,8 +27,8 @@ def collect_results(exp: Experiment) -> dict[str, Any]:
         run_dir = exp.out_dir / st.name
         if not (run_dir / Run.META).exists():
             continue
-        meta = read_json(run_dir / Run.META)
-        ev = read_json(run_dir / Run.EVAL) if (run_dir / Run.EVAL).exists() else {}
+        meta = Run(run_dir).meta
+        ev = read_json_object(run_dir / Run.EVAL) if (run_dir / Run.EVAL).exists() else {}
         acc = {
             k: round(100 * v["accuracy"], 2) for k, v in ev.items() if isinstance(v, dict) and "accuracy" in v
         }

@@ -25,7 +25,7 @@ import markdown as markdown_lib
 
 from igam.config import Config
 from igam.errors import IgamError
-from igam.files import PACKAGE_VERSION, atomic_write_text, read_json
+from igam.files import PACKAGE_VERSION, atomic_write_text, read_json_object
 from igam.report.common import png_bytes, run_labels
 from igam.report.curves import curves_figure
 from igam.report.gradients import run_gradient_figure
@@ -65,7 +65,7 @@ def read_run(run_dir: Path, label: str | None = None) -> RunInfo:
     for name in ("metrics", "eval"):
         path = run_dir / f"{name}.json"
         if path.exists():
-            setattr(info, name, read_json(path))
+            setattr(info, name, read_json_object(path))
     return info
 
 
