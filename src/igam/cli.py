@@ -342,10 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--attacks",
         default="clean",
         help="comma-separated: clean, fgsm, pgdK (pgd5/7/10/20/40/50/100), pgdKxR (R restarts), "
-        "pgdK-cw (margin loss), square, squareQ (Q queries); AutoAttack through the reference implementation "
-        "(pyautoattack): autoattack (standard version), autoattack-plus, autoattack-rand, and its components "
-        "apgd-ce, apgd-dlr, apgd-t, fab, fab-t, aa-square. "
-        "Defaults: eps 0.3, step 0.01 on 1x28x28 data; eps 8/255, step 2/255 otherwise",
+        "pgdK-cw (margin loss), pgdK-fixed (the paper's fixed step), square, squareQ (Q queries); AutoAttack "
+        "through the reference implementation (pyautoattack): autoattack (standard version), "
+        "autoattack-plus, autoattack-rand, and its components apgd-ce, apgd-dlr, apgd-t, fab, fab-t, "
+        "aa-square. Defaults: eps 0.3 on 1x28x28 data, 8/255 otherwise; PGD-K step max(2.5 eps / K, "
+        "s * eps / eps0) with the fixed step s = 0.01 at eps0 = 0.3 (1x28x28) or 2/255 at 8/255, so PGD-K "
+        "reaches the boundary",
     )
     ev.add_argument("--n", type=int, default=10000, help="number of test images (first n)")
     ev.add_argument("--batch-size", type=int, default=500)
