@@ -117,15 +117,14 @@ def _read_small_text(path: Path, what: str) -> str:
     try:
         if p.stat().st_size > MAX_TEXT_BYTES:
             raise IgamError(f"{what} '{path}' is {p.stat().st_size} bytes, more than the "
-                            f"{MAX_TEXT_BYTES >> 20} "
-                            "MiB igam reads from such a file; it is not one igam wrote. Restore or delete "
-                            "it.")
+                            f"{MAX_TEXT_BYTES >> 20} MiB igam reads from such a file; it is not one igam "
+                            "wrote. Restore or delete it.")
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise IgamError(f"'{path}' is missing.") from None
     except UnicodeDecodeError:
-        raise IgamError(f"{what} '{path}' is not valid YAML or JSON: it is not UTF-8 text. Restore or delete "
-                        "it.") from None
+        raise IgamError(f"{what} '{path}' is not valid YAML or JSON: it is not UTF-8 text. "
+                        "Restore or delete it.") from None
     except IsADirectoryError:
         raise IgamError(f"{what} '{path}' is a directory, not a file.") from None
 
@@ -219,7 +218,8 @@ def load_yaml_text(text: str, where: str) -> Any:
         what = getattr(e, "problem", None) or " ".join(str(e).split())
         tag = re.search(r"for the tag '([^']+)'", str(e))
         if tag is not None:
-            raise IgamError(f"{where} is refused: it holds the tag '{tag.group(1)}'{at}, which would build "
+            raise IgamError(f"{where} is not valid YAML for igam: it holds the tag '{tag.group(1)}'{at}, "
+                            "which would build "
                             "a Python object. igam reads plain YAML only and never runs code from files; "
                             "delete the tag (or restore the file).") from None
         raise IgamError(f"{where} is not valid YAML: {what}{at}. Fix or delete it.") from None

@@ -91,8 +91,7 @@ def channels_last(shape: tuple[int, ...], where: str) -> bool:
         return c4 in (1, 3)
     if c1 > 64:
         raise IgamError(f"{where}: images of shape {tuple(shape)} have no channel axis of 1 to "
-                        f"{MAX_CHANNELS} "
-                        "entries at either end; save them as (N, H, W, C) or (N, C, H, W).")
+                        f"{MAX_CHANNELS} entries at either end; save them as (N, H, W, C) or (N, C, H, W).")
     return False
 
 
