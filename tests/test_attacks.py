@@ -150,11 +150,15 @@ def test_presets_and_conventions():
     model = TinyCNN(c=3).eval()
     assert parse_preset("pgd20x5-cw").steps == 20 and parse_preset("pgd20x5-cw").restarts == 5
     assert parse_preset("pgd20-cw").loss == "cw" and parse_preset("square").queries == 5000
+    # the default step rule: max(2.5 eps / K, the dataset's step scaled to eps); '-fixed': the paper's step
     mnist = make_attack("pgd40", model, (1, 28, 28))
-    assert (mnist.eps, mnist.step_size, mnist.steps) == (0.3, 0.01, 40)
-    cifar = make_attack("pgd7", model, (3, 32, 32))
+    assert (mnist.eps, mnist.steps) == (0.3, 40) and mnist.step_size == pytest.approx(2.5 * 0.3 / 40)
+    assert mnist.settings()["step_rule"] == "reach" and mnist.settings()["reaches_boundary"]
+    paper = make_attack("pgd40-fixed", model, (1, 28, 28))
+    assert (paper.eps, paper.step_size, paper.steps) == (0.3, 0.01, 40) and paper.step_rule == "fixed"
+    cifar = make_attack("pgd10", model, (3, 32, 32))
     assert (cifar.eps, cifar.step_size) == (8 / 255, 2 / 255)
-    wide = make_attack("pgd10", model, (3, 32, 32), eps="16/255")
+    wide = make_attack("pgd10-fixed", model, (3, 32, 32), eps="16/255")
     assert wide.eps == pytest.approx(16 / 255) and wide.step_size == pytest.approx(4 / 255)
     assert isinstance(make_attack("fgsm", model, (3, 32, 32)), FGSM)
     assert [column_name(a) for a in ("clean", "fgsm", "pgd20x5", "autoattack")] == \

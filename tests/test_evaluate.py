@@ -45,7 +45,9 @@ def test_cli_writes_eval_json_and_prints_paper_table(run_dir, capsys):
         rec = ev[key]
         assert 0.0 <= rec["accuracy"] <= 1.0 and rec["n"] == 64 and rec["seed"] == 3 and rec["bn"] == "eval"
         assert "time_s" in rec and rec["attack"]["attack"] in ("clean", "fgsm", "pgd")
-    assert ev["pgd5"]["attack"]["eps"] == 0.3 and ev["pgd5"]["attack"]["step_size"] == 0.01
+    assert ev["pgd5"]["attack"]["eps"] == 0.3
+    assert ev["pgd5"]["attack"]["step_size"] == pytest.approx(2.5 * 0.3 / 5)
+    assert ev["pgd5"]["attack"]["step_rule"] == "reach"
     assert ev["pgd5x2-cw"]["attack"]["restarts"] == 2 and ev["pgd5x2-cw"]["attack"]["loss"] == "cw"
     for key in ("fgsm", "pgd5", "pgd5x2-cw"):  # robust accuracy counts the clean point: never above clean
         assert ev[key]["accuracy"] <= ev["clean"]["accuracy"]
@@ -69,7 +71,7 @@ def test_eps_and_bn_overrides_are_labelled(run_dir, capsys):
     ev = _eval_json(run_dir)
     rec = ev[result_key("pgd5", "0.1", "train")]
     assert rec["eps"] == pytest.approx(0.1) and rec["bn"] == "train"
-    assert rec["attack"]["step_size"] == pytest.approx(0.1 / 30)
+    assert rec["attack"]["step_size"] == pytest.approx(2.5 * 0.1 / 5)  # the default rule reaches the boundary
     assert "clean@bn=train" in ev
 
 
@@ -148,7 +150,7 @@ def test_check_logic_with_noise_margin():
                       pgd("pgd10b", 10, 0.5, 0.3), Observation("fgsm", "fgsm", 0.3, 0.3, n),
                       Observation("square", "square", 0.3, 0.2, n)],
                      0.3, 0.5, {"n": n, "zero_ce": 0.5, "zero_margin": 0.02, "nonfinite": 0.0})
-    assert not any(bad[k]["passed"] for k in CHECKS if k != "eps_monotone")
+    assert not any(bad[k]["passed"] for k in CHECKS if k not in ("eps_monotone", "converged"))
     other_n = run_checks([pgd("a", 10, 0.3, 0.1), Observation("b", "pgd", 0.3, 0.9, n // 2, steps=50)],
                          0.3, 0.5)
     assert other_n["steps_monotone"]["passed"] is None, "results on different images are not compared"

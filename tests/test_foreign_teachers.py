@@ -131,7 +131,7 @@ def test_timm_vit_is_built_for_the_input_size() -> None:
 
 def test_exact_igam_with_a_layer_without_double_backward_names_it_and_the_fix(tmp_path: Path, capsys) -> None:
     """timm's MobileNetV3 uses hardsigmoid, which has no double-backward formula: exact-mode IGAM says so
-    before training (one clear error, exit 2) and finite-difference mode trains it."""
+    before training (one clear error, exit 2), and finite-difference mode trains it."""
     pytest.importorskip("timm")
     small = [f"out_dir={tmp_path}", "progress=false", "tensorboard=false", "train_subset=32",
              "batch_size=16", "eval_n=16", "epochs=0.5"]
@@ -145,7 +145,9 @@ def test_exact_igam_with_a_layer_without_double_backward_names_it_and_the_fix(tm
     assert main([*args, "name=exact"]) == 2
     err = capsys.readouterr().err
     assert "hardsigmoid" in err and "grad_matching=finite-difference" in err and "Traceback" not in err
-    assert main([*args, "name=fd", "grad_matching=finite-difference"]) == 0
+    # (at the default lr=0.01 this tiny MobileNetV3 diverges in its first steps, which the run reports as
+    # stopped; a smaller, clipped step trains)
+    assert main([*args, "name=fd", "grad_matching=finite-difference", "lr=0.001", "grad_clip=1"]) == 0
 
 
 def test_madrylab_checkpoint_of_a_torchvision_architecture(tmp_path: Path) -> None:

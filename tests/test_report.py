@@ -302,8 +302,10 @@ def test_model_info_json_in_robustbench_format(tmp_path: Path) -> None:
 
     run = tmp_path / "r"
     run.mkdir()
-    write_json(run / "meta.json", {"status": "finished", "method": "igam", "model": {"name": "resnet20"},
-                                   "data": {"dataset": "cifar10"}, "seed": 0})
+    write_json(run / "meta.json", {"status": "finished", "method": "igam", "seed": 0,
+                                   "model": {"name": "resnet20", "num_classes": 10, "in_chans": 3,
+                                             "input_size": [32, 32]},
+                                   "data": {"dataset": "cifar10", "shape": [3, 32, 32], "num_classes": 10}})
     with pytest.raises(IgamError, match="no eval.json"):
         model_info(run)
     eps = 8 / 255

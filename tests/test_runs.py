@@ -97,7 +97,7 @@ def test_bad_weight_files(tmp_path: Path) -> None:
     with pytest.raises(IgamError, match="truncated or corrupted"):
         load_weights(tmp_path / "cut.safetensors")
     (tmp_path / "junk.pt").write_bytes(b"not a zip file at all")
-    with pytest.raises(IgamError, match="Refused to load"):
+    with pytest.raises(IgamError, match="not a PyTorch checkpoint"):
         load_weights(tmp_path / "junk.pt")
 
 

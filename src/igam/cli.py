@@ -80,6 +80,7 @@ def cmd_run(args, extra) -> int:
 
 
 def cmd_evaluate(args, extra) -> int:
+    from igam.attacks.checks import summary as check_summary
     from igam.evaluate import evaluate_run, record_notes, result_key, validate_attacks, warning_block
 
     attacks = [a.strip().lower() for a in args.attacks.split(",") if a.strip()]
@@ -112,6 +113,7 @@ def cmd_evaluate(args, extra) -> int:
         rows.append((label, {a: res[result_key(a, args.eps, args.bn)] for a in attacks}))
         notes += [f"{label}: {line}" for a in attacks for line in record_notes(a, rows[-1][1][a])]
         mc = res["masking_checks"]
+        notes.append(f"{label}: masking checks: {check_summary(mc['checks'])}")
         if mc["failed"]:
             warnings.append(warning_block(str(run), mc["checks"]))
     print(format_table(rows, attacks))
@@ -367,10 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--attacks",
         default="clean",
         help="comma-separated: clean, fgsm, pgdK (pgd5/7/10/20/40/50/100), pgdKxR (R restarts), "
-        "pgdK-cw (margin loss), square, squareQ (Q queries); AutoAttack through the reference implementation "
-        "(pyautoattack): autoattack (standard version), autoattack-plus, autoattack-rand, and its components "
-        "apgd-ce, apgd-dlr, apgd-t, fab, fab-t, aa-square. "
-        "Defaults: eps 0.3, step 0.01 on 1x28x28 data; eps 8/255, step 2/255 otherwise",
+        "pgdK-cw (margin loss), pgdK-fixed (the paper's fixed step), square, squareQ (Q queries); AutoAttack "
+        "through the reference implementation (pyautoattack): autoattack (standard version), "
+        "autoattack-plus, autoattack-rand, and its components apgd-ce, apgd-dlr, apgd-t, fab, fab-t, "
+        "aa-square. Defaults: eps 0.3 on 1x28x28 data, 8/255 otherwise; PGD-K step max(2.5 eps / K, "
+        "s * eps / eps0) with the fixed step s = 0.01 at eps0 = 0.3 (1x28x28) or 2/255 at 8/255, so PGD-K "
+        "reaches the boundary",
     )
     ev.add_argument("--n", type=int, default=10000, help="number of test images (first n)")
     ev.add_argument("--batch-size", type=int, default=500)
@@ -539,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
             raise IgamError(
                 f"`igam {args.verb}` does not take {' '.join(extra)!r}; see `igam {args.verb} --help`."
             )
+        if isinstance(getattr(args, "device", None), str):  # evaluate, gradients, landscape, report
+            from igam.utils import resolve_device
+
+            resolve_device(args.device)
         return int(args.fn(args, extra) or 0)
     except IgamError as e:
         print(f"igam: error: {e}", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from igam.errors import IgamError, suggest
-from igam.files import atomic_write_text
+from igam.files import atomic_write_text, read_yaml
 from igam.registry import OBJECTIVES
 from igam.units import check_eps, check_start, parse_fraction
 
@@ -318,6 +318,17 @@ def validate(cfg: Config) -> None:
                 "disc_layers", "disc_channels"):
         if getattr(cfg, key) < 1:
             raise IgamError(f"{key}={getattr(cfg, key)} must be at least 1.")
+    for key, hi, why in (("disc_layers", 8, "each layer halves the gradient map and doubles the channels"),
+                         ("disc_channels", 1024, "channels of the discriminator's first layer"),
+                         ("crop_padding", 64, "pixels of zero padding around each image"),
+                         ("width", 1024, "base channels / widening of a zoo model")):
+        if getattr(cfg, key) > hi:
+            raise IgamError(f"{key}={getattr(cfg, key)} is more than {hi} ({why}); that cannot be built or "
+                            f"used sensibly. Choose a value up to {hi}.")
+    if cfg.disc_channels * 2 ** (cfg.disc_layers - 1) > 8192:
+        raise IgamError(f"disc_channels={cfg.disc_channels} doubled over disc_layers={cfg.disc_layers} gives "
+                        f"{cfg.disc_channels * 2 ** (cfg.disc_layers - 1)} channels in the last layer (at "
+                        "most 8192); lower one of them (Appendix A: 5 layers of 16 channels).")
     if cfg.epochs <= 0:
         raise IgamError(f"epochs={cfg.epochs} must be positive (fractions such as 0.5 are fine).")
     for key in ("epochs", "lr", "steps", "momentum", "weight_decay", "warmup_epochs", "eps_warmup_epochs",
@@ -367,16 +378,16 @@ def validate(cfg: Config) -> None:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A --config file as a mapping: safe YAML (no Python tags, no alias bombs, no deep nesting).
+
+    Raises:
+        IgamError: when it is missing, unreadable, malformed, hostile or not a mapping.
+    """
     p = Path(path)
     if not p.is_file():
         raise IgamError(f"Config file '{path}' does not exist.")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        what = getattr(e, "problem", None) or " ".join(str(e).split())
-        raise IgamError(f"Config file '{path}' is not valid YAML: {what}{where}.") from None
+        data = read_yaml(p, "Config file") or {}
     except OSError as e:
         raise IgamError(f"Cannot read config file '{path}' ({e.strerror or e}).") from None
     if not isinstance(data, dict):

@@ -26,13 +26,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from igam.attacks import FGSM, PGD, Attack, AutoAttack, Square, make_attack, parse_preset
+from igam.attacks import FGSM, PGD, Attack, AutoAttack, Square, make_attack, parse_preset, pgd_step
 from igam.attacks.autoattack import FLAGS_DOC, INSTALL_HINT, pyautoattack_version
+from igam.attacks.base import check_inputs
 from igam.attacks.checks import Observation, gradient_stats, run_checks, warning_block
 from igam.attacks.presets import default_eps, is_mnist_like
 from igam.data import load_data
 from igam.errors import IgamError, NonFiniteOutputs
-from igam.files import read_json, write_json
+from igam.files import read_json_object, write_json
 from igam.runs import Run, refuse_symlinks
 from igam.units import check_eps
 from igam.utils import bn_mode, mix_seed, to_unit
@@ -53,15 +54,19 @@ def _as_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return to_unit(x.to(device))
 
 
-def predict(model: nn.Module, x: torch.Tensor, what: str = "The model") -> torch.Tensor:
-    """The predicted classes of float images x under no_grad.
+def predict(model: nn.Module, x: torch.Tensor, what: str = "The model",
+            y: torch.Tensor | None = None) -> torch.Tensor:
+    """The predicted classes (N,) of float images x (N, C, H, W) under no_grad.
 
     Raises:
         NonFiniteOutputs: when any logit is NaN or Inf (a diverged model is never scored: argmax of NaN
             logits would count as class 0).
+        IgamError: when labels y (N,) do not index the model's outputs.
     """
     with torch.no_grad():
         logits = model(x)
+    if y is not None:
+        check_logits(logits, y)
     if not bool(torch.isfinite(logits).all()):
         bad = int((~torch.isfinite(logits)).any(1).sum())
         raise NonFiniteOutputs(f"{what} gives non-finite (NaN/Inf) outputs on {bad} of {len(x)} images: it "
@@ -91,6 +96,7 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str |
     """
     if batch_size < 1:
         raise IgamError(f"batch_size={batch_size} must be at least 1.")
+    x, y = check_inputs(x, y, allow_uint8=True)  # the same check for clean and for every attack
     device = next(model.parameters()).device
     shape = tuple(x.shape[1:])
     if isinstance(attack, str):
@@ -103,7 +109,7 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str |
     for b, i in enumerate(range(0, len(x), batch_size)):
         xb, yb = _as_float(x[i:i + batch_size], device), y[i:i + batch_size].to(device)
         with bn_mode(model, bn):
-            ok = predict(model, xb, what) == yb
+            ok = predict(model, xb, what, yb) == yb
         if atk is not None:
             x_adv = atk(xb, yb, seed=_batch_seed(seed, b))
             with bn_mode(model, bn):
@@ -115,6 +121,13 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str |
             "time_s": round(time.time() - t0, 2)}
 
 
+def check_logits(logits: torch.Tensor, y: torch.Tensor) -> None:
+    """Labels must index the model's outputs."""
+    if logits.ndim == 2 and len(y) and int(y.max()) >= logits.shape[1]:
+        raise IgamError(f"Label {int(y.max())} is out of range for a model with {logits.shape[1]} outputs "
+                        f"(labels must be 0 .. {logits.shape[1] - 1}); is this the model's dataset?")
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
              bn: str = "eval", what: str = "The model") -> float:
@@ -123,7 +136,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
     Raises:
         NonFiniteOutputs: when the logits are NaN/Inf (never scored as predictions).
+        IgamError: for images or labels the input check refuses.
     """
+    x, y = check_inputs(x, y, allow_uint8=True)
     correct = 0
     device = next(model.parameters()).device
     with bn_mode(model, bn):
@@ -156,15 +171,17 @@ def large_eps(shape: tuple[int, ...], eps: float = 0.0) -> float:
 def check_attacks(model: nn.Module, shape: tuple[int, ...], eps: float, *, queries: int = 1000,
                   bn: str = "eval", seed: int = 0) -> list[tuple[str, Attack]]:
     """The extra attacks of --checks: FGSM, a PGD step sweep, a PGD-20 eps sweep, PGD-50 at a large eps
-    (step 2.5 eps / 50, Madry et al.) and Square, as (label, attack) pairs."""
-    eps0, step0 = default_eps(shape)
-    ratio = step0 / eps0
+    (step 2.5 eps / 50, Madry et al.) and Square, as (label, attack) pairs. PGD steps follow the default
+    step rule (`pgd_step`, 'reach')."""
+
+    def pgd(e: float, k: int) -> PGD:
+        return PGD(model, e, pgd_step(e, k, shape), k, bn=bn, seed=seed, step_rule="reach")
+
     out: list[tuple[str, Attack]] = [("fgsm", FGSM(model, eps, bn=bn, seed=seed))]
-    out += [(f"pgd{k}", PGD(model, eps, eps * ratio, k, bn=bn, seed=seed)) for k in CHECK_STEPS]
-    out += [(f"pgd20@eps={f * eps:.4g}", PGD(model, min(1.0, f * eps), min(1.0, f * eps) * ratio, 20, bn=bn,
-                                            seed=seed)) for f in EPS_SWEEP if f != 1.0]
+    out += [(f"pgd{k}", pgd(eps, k)) for k in CHECK_STEPS]
+    out += [(f"pgd20@eps={f * eps:.4g}", pgd(min(1.0, f * eps), 20)) for f in EPS_SWEEP if f != 1.0]
     big = large_eps(shape, eps)
-    out.append((f"pgd50@eps={big:.4g}", PGD(model, big, 2.5 * big / 50, 50, bn=bn, seed=seed)))
+    out.append((f"pgd50@eps={big:.4g}", pgd(big, 50)))
     out.append((f"square{queries}", Square(model, eps, queries, bn=bn, seed=seed)))
     return out
 
@@ -179,7 +196,7 @@ def observation(key: str, rec: dict[str, Any]) -> Observation | None:
         kind = "square"  # AutoAttack's Square alone is a black-box attack
     return Observation(key, kind, float(rec["eps"]), float(rec["accuracy"]), int(rec["n"]),
                        str(rec.get("bn", "eval")), int(s.get("steps", 0)), int(s.get("restarts", 1)),
-                       str(s.get("loss", "ce")))
+                       str(s.get("loss", "ce")), float(s.get("step_size", 0.0) or 0.0))
 
 
 def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | str | None = None,
@@ -325,7 +342,7 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
             say(msg)
             raise
         results[key] = rec
-        merged = read_json(path) if path.exists() else {}
+        merged = read_json_object(path) if path.exists() else {}
         merged[key] = rec
         write_json(path, merged)
         if isinstance(atk, AutoAttack):
@@ -334,7 +351,7 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
                 say(f"{prefix} {line}")
         say(f"{prefix} {name}: {100 * rec['accuracy']:.2f}% ({rec['time_s']} s)")
 
-    merged = read_json(path) if path.exists() else {}
+    merged = read_json_object(path) if path.exists() else {}
     obs = [o for k, r in merged.items() if isinstance(r, dict) and (o := observation(k, r)) is not None]
     if not checks:  # keep the sweeps of an earlier --checks call: same run, same weights
         previous = merged.get("masking_checks", {}).get("observations", [])

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from igam.errors import IgamError
@@ -108,13 +109,129 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(Path(path), json.dumps(data, indent=2, default=str) + "\n")
 
 
-def read_json(path: Path) -> Any:
+MAX_TEXT_BYTES = 16 << 20  # run files (meta.json, config.yaml, eval.json) and config files are small
+MAX_NESTING = 64  # brackets / indentation levels a run or config file may nest
+
+
+def _read_small_text(path: Path, what: str) -> str:
+    p = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        if p.stat().st_size > MAX_TEXT_BYTES:
+            raise IgamError(f"{what} '{path}' is {p.stat().st_size} bytes, more than the "
+                            f"{MAX_TEXT_BYTES >> 20} MiB igam reads from such a file; it is not one igam "
+                            "wrote. Restore or delete it.")
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise IgamError(f"'{path}' is missing.") from None
-    except json.JSONDecodeError as e:
-        raise IgamError(f"'{path}' is not valid JSON ({e}).") from None
+    except UnicodeDecodeError:
+        raise IgamError(f"{what} '{path}' is not valid YAML or JSON: it is not UTF-8 text. "
+                        "Restore or delete it.") from None
+    except IsADirectoryError:
+        raise IgamError(f"{what} '{path}' is a directory, not a file.") from None
+
+
+def _nesting(text: str) -> int:
+    """Deepest bracket nesting of a JSON text (strings are not parsed; an upper bound is all we need)."""
+    depth = best = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            best = max(best, depth)
+        elif ch in "]}":
+            depth -= 1
+    return best
+
+
+def read_json(path: Path) -> Any:
+    """A small JSON file. Raises IgamError (never a traceback) when it is missing, too large, nested too
+    deeply, not UTF-8 or not valid JSON."""
+    text = _read_small_text(path, "JSON file")
+    if _nesting(text) > MAX_NESTING:
+        raise IgamError(f"'{path}' nests brackets more than {MAX_NESTING} deep; it is not a file igam wrote. "
+                        "Restore or delete it.")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise IgamError(f"'{path}' is not valid JSON ({' '.join(str(e).split())[:200]}). "
+                        "Restore or delete it."
+                        ) from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """`read_json` of a file that must hold a JSON object (meta.json, metrics.json, eval.json)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise IgamError(f"'{path}' holds a JSON {type(data).__name__}, not an object; it was not written "
+                        "by igam or is damaged. Restore or delete it.")
+    return data
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no tags that build Python objects) that refuses documents whose aliases would
+    expand to more than MAX_YAML_NODES nodes (a 'billion laughs' alias bomb) or that nest deeper than
+    MAX_NESTING: checked on the composed node graph, before anything is constructed or expanded."""
+
+
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], depth: int = 0) -> int:
+    if depth > MAX_NESTING:
+        raise IgamError(f"it nests more than {MAX_NESTING} levels deep")
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_YAML_NODES + 1  # a cycle (a recursive alias) counts as too large
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(n, memo, depth + 1) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo, depth + 1) + _expanded_size(v, memo, depth + 1)
+                       for k, v in node.value)
+    else:
+        size = 1 + len(str(node.value)) // 64
+    size = min(size, MAX_YAML_NODES + 1)
+    memo[id(node)] = size
+    return size
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """Parse YAML safely: no Python tags (safe_load's rules), no alias bombs, no deep nesting. Raises
+    IgamError naming `where` and the line of a syntax error."""
+    try:
+        loader = _BoundedLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            try:
+                size = _expanded_size(node, {})
+            except IgamError as e:
+                raise IgamError(f"{where} is refused: {e}; igam's YAML files are flat key: value lists."
+                                ) from None
+            if size > MAX_YAML_NODES:
+                raise IgamError(f"{where} is refused: its anchors and aliases expand to more than "
+                                f"{MAX_YAML_NODES} entries (an 'alias bomb'); write the values out instead.")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        tag = re.search(r"for the tag '([^']+)'", str(e))
+        if tag is not None:
+            raise IgamError(f"{where} is not valid YAML for igam: it holds the tag '{tag.group(1)}'{at}, "
+                            "which would build "
+                            "a Python object. igam reads plain YAML only and never runs code from files; "
+                            "delete the tag (or restore the file).") from None
+        raise IgamError(f"{where} is not valid YAML: {what}{at}. Fix or delete it.") from None
+    except RecursionError:
+        raise IgamError(f"{where} nests too deeply to be read; igam's YAML files are flat key: value lists."
+                        ) from None
+
+
+def read_yaml(path: Path, what: str = "YAML file") -> Any:
+    """A small YAML file read with `load_yaml_text` (IgamError for every malformed or hostile content)."""
+    return load_yaml_text(_read_small_text(path, what), f"{what} '{path}'")
 
 
 def sha256_file(path: Path) -> str:
@@ -140,6 +257,11 @@ def save_weights(module_or_state: torch.nn.Module | dict, path: Path) -> None:
         kill_point("weights-write")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as e:  # OSError, or safetensors' own SafetensorError on a full disk
+        Path(tmp).unlink(missing_ok=True)
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
+        raise IgamError(f"Cannot write weights '{path}' ({reason}); the checkpoints are intact. Free disk "
+                        "space (or fix permissions), then continue with resume=true.") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -280,6 +402,15 @@ def _load_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {line[:200].rstrip('.')}"
 
 
+def _not_checkpoint(e: BaseException) -> str:
+    """Why a file is no checkpoint, without torch's advice (which suggests weights_only=False)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if text.startswith("Weights only load failed") or "weights_only" in text:
+        return "not a zip or pickle file that torch.save writes"
+    line = next((t.strip() for t in text.splitlines() if t.strip()), type(e).__name__)
+    return f"{type(e).__name__}: {line[:160].rstrip('.')}"
+
+
 def load_torch_file(path: Path) -> Any:
     """torch.load with weights_only=True: a pickle payload that would run code is refused."""
     path = Path(path)
@@ -288,10 +419,16 @@ def load_torch_file(path: Path) -> Any:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
+        if str(e).startswith("Weights only load failed") and re.search(r"GLOBAL|global", str(e)):
+            raise IgamError(
+                f"Refused to load '{path}': it is a pickle holding objects other than tensors "
+                f"({_load_error(e)}). igam never unpickles arbitrary objects. Give a safetensors file or a "
+                "plain state dict (torch.save(model.state_dict(), path)) from the checkpoint's author."
+            ) from None
         raise IgamError(
-            f"Refused to load '{path}': it is not a plain tensor checkpoint ({_load_error(e)}). igam never "
-            "unpickles arbitrary objects. If you trust the file, convert it to safetensors in a separate "
-            "Python session (torch.load(..., weights_only=False), then safetensors.torch.save_file)."
+            f"'{path}' is not a PyTorch checkpoint (it cannot be read as one: {_not_checkpoint(e)}). Give "
+            "a .safetensors file or a "
+            ".pt/.pth state dict saved with torch.save(model.state_dict(), path), or a run directory."
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import yaml
 
 from igam.errors import IgamError
 from igam.files import (
@@ -38,11 +37,12 @@ from igam.files import (
     load_weights,
     lock_holder,
     read_json,
+    read_yaml,
     sha256_file,
     write_json,
 )
 from igam.method.adapted import model_from_meta
-from igam.models import model_from_args
+from igam.models import check_model_args, model_from_args
 from igam.utils import unwrap
 
 
@@ -248,7 +248,13 @@ def read_log(run_dir: Path, name: str = "log.csv") -> list[dict[str, Any]]:
     if not path.exists():
         return []
     out = []
-    for r in _read_csv(path):
+    try:
+        rows = _read_csv(path)
+    except (csv.Error, UnicodeDecodeError, ValueError) as e:
+        raise IgamError(f"'{path}' is not a readable CSV log ({' '.join(str(e).split())[:160]}); it was not "
+                        "written by igam or is damaged. Delete it (training rewrites it on resume)."
+                        ) from None
+    for r in rows:
         conv: dict[str, Any] = {}
         for k, v in r.items():
             if v in ("", None):
@@ -280,6 +286,48 @@ def load_state_checked(model: nn.Module, state: dict[str, Any], what: str) -> No
         first = "; ".join([t.strip() for t in str(e).splitlines() if t.strip()][1:3])[:300].rstrip(".")
         raise IgamError(f"{what} does not fit this model ({first}). It was written for another architecture, "
                         "input shape or number of classes.") from None
+
+
+def check_meta(meta: Any, path: Path | str = "meta.json") -> dict[str, Any]:
+    """The fields of a run's meta.json that are used to rebuild its model and data, checked for type and
+    bounds before anything is built (a hostile or damaged file gives one IgamError, never an allocator
+    error, KeyError or RecursionError). Returns `meta` unchanged."""
+    def bad(what: str) -> IgamError:
+        return IgamError(f"'{path}' is not a valid igam meta.json: {what}. It was not written by igam or is "
+                         "damaged; restore it, or retrain the run.")
+
+    if not isinstance(meta, dict):
+        raise bad(f"it holds a JSON {type(meta).__name__}, not an object")
+    model, data = meta.get("model"), meta.get("data")
+    if not isinstance(model, dict):
+        raise bad("the 'model' entry is missing or not an object")
+    if not isinstance(data, dict):
+        raise bad("the 'data' entry is missing or not an object")
+    if not isinstance(data.get("dataset"), str) or not data["dataset"]:
+        raise bad("'data.dataset' is missing or not a name")
+    if meta.get("status") is not None and not isinstance(meta["status"], str):
+        raise bad("'status' is not a string")
+    descriptions = [("model", model)]
+    if model.get("adapter") is not None:
+        if not isinstance(model.get("adapter"), str) or not isinstance(model.get("teacher"), dict):
+            raise bad("a fine-tuned teacher needs 'model.adapter' (a name) and 'model.teacher' (an object)")
+        descriptions.append(("model.teacher", model["teacher"]))
+    for where, d in descriptions:
+        missing = [k for k in ("name", "num_classes", "in_chans", "input_size") if k not in d]
+        if missing:
+            raise bad(f"'{where}' lacks {', '.join(missing)}")
+        try:
+            check_model_args(d["name"], d["num_classes"], d["in_chans"], d["input_size"], d.get("width", 0))
+        except IgamError as e:
+            raise bad(f"in '{where}': {str(e).rstrip('.')}") from None
+    for key in ("shape", "num_classes"):
+        v = data.get(key)
+        if key == "shape" and v is not None and (not isinstance(v, list) or len(v) != 3
+                                                 or not all(isinstance(i, int) and 0 < i <= 4096 for i in v)):
+            raise bad(f"'data.shape' {str(v)[:80]} is not [channels, height, width]")
+        if key == "num_classes" and v is not None and (not isinstance(v, int) or not 0 < v <= 100_000):
+            raise bad(f"'data.num_classes' {str(v)[:80]} is not a whole number in 1 .. 100000")
+    return meta
 
 
 class Run:
@@ -342,23 +390,39 @@ class Run:
         """meta.json (architecture, data, status, provenance).
 
         Raises:
-            IgamError: when it is missing or not valid JSON.
+            IgamError: when it is missing, not valid JSON, or its fields are malformed (`check_meta`).
         """
-        return read_json(self.meta_path)
+        return check_meta(read_json(self.meta_path), self.meta_path)
 
     @property
     def config(self) -> dict[str, Any]:
-        """config.yaml as a plain mapping ({} when absent or unreadable)."""
-        try:
-            cfg = yaml.safe_load(self.config_path.read_text()) if self.config_path.exists() else {}
-        except (OSError, yaml.YAMLError):
+        """config.yaml as a plain mapping ({} when absent), read with safe YAML (no Python tags, no alias
+        bombs).
+
+        Raises:
+            IgamError: when it is unreadable, malformed or hostile, or not a mapping.
+        """
+        if not self.config_path.exists():
             return {}
-        return cfg if isinstance(cfg, dict) else {}
+        try:
+            cfg = read_yaml(self.config_path, "The run's config file")
+        except OSError as e:
+            raise IgamError(f"Cannot read '{self.config_path}' ({e.strerror or e}).") from None
+        if cfg is None:
+            return {}
+        if not isinstance(cfg, dict):
+            raise IgamError(f"'{self.config_path}' must hold a mapping of key: value, not "
+                            f"{type(cfg).__name__}; "
+                            "it was not written by igam or is damaged. Restore or delete it.")
+        return cfg
 
     @property
     def data_dir(self) -> str | None:
         """The data root the run was trained from (its config.yaml), or None."""
-        return self.config.get("data_dir") or None
+        d = self.config.get("data_dir") or None
+        if d is not None and not isinstance(d, str):
+            raise IgamError(f"'{self.config_path}': data_dir={d!r} is not a path; fix or delete the line.")
+        return d
 
     def lock(self, log=print) -> DirLock:
         """Create the folder if needed and take its lock (released by `.release()`, or by the OS when the
@@ -391,10 +455,16 @@ class Run:
     def build_model(self) -> nn.Module:
         """The run's network with freshly initialised weights, re-created from meta.json (a fine-tuned
         teacher comes back with its adapter and frozen body)."""
-        args = self.meta.get("model") or {}
-        if args.get("adapter") is not None:  # an adapted (fine-tuned) teacher
-            return model_from_meta(self.meta)
-        return model_from_args(args)
+        meta = self.meta
+        args = meta["model"]
+        try:
+            if args.get("adapter") is not None:  # an adapted (fine-tuned) teacher
+                return model_from_meta(meta)
+            return model_from_args(args)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise IgamError(f"'{self.meta_path}' describes a model that cannot be built ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:160]}); it was not written by igam or is damaged. "
+                            "Restore it, or retrain the run.") from None
 
     def load_model(self, device: str | torch.device = "cpu") -> nn.Module:
         """The trained network in eval mode on `device`.

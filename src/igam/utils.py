@@ -116,9 +116,15 @@ def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 @contextlib.contextmanager
 def bn_batch_stats(model: nn.Module) -> Iterator[list[nn.modules.batchnorm._BatchNorm]]:
     """BatchNorm layers (in whatever mode they are) keep their running averages: momentum 0 inside the
-    block, restored on exit. Yields the BatchNorm layers (an empty list: the model has none)."""
+    block, restored on exit, and every buffer (running mean / var, num_batches_tracked) put back
+    bit-identical. Yields the BatchNorm layers (an empty list: the model has none)."""
     bns = batchnorms(model)
     saved = [m.momentum for m in bns]
+    # num_batches_tracked counts every train-mode forward whatever the momentum: put it back on exit, so
+    # the block leaves every buffer bit-identical (the running averages stay put through momentum 0; they
+    # are not copied back, as autograd may still hold them for a backward pass after the block)
+    buffers = [(m.num_batches_tracked, m.num_batches_tracked.detach().clone()) for m in bns
+               if m.num_batches_tracked is not None]
     for m in bns:
         m.momentum = 0.0
     try:
@@ -126,6 +132,9 @@ def bn_batch_stats(model: nn.Module) -> Iterator[list[nn.modules.batchnorm._Batc
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
+        with torch.no_grad():
+            for b, copy in buffers:
+                b.copy_(copy)
 
 
 @contextlib.contextmanager

@@ -22,9 +22,10 @@ from igam.attacks.presets import (
     is_mnist_like,
     make_attack,
     parse_preset,
+    pgd_step,
 )
 from igam.attacks.square import Square
 
 __all__ = ["INSTALL_HINT", "PRESET_EXAMPLES", "Attack", "AttackSpec", "AutoAttack", "FGSM", "PGD", "Square",
            "attack_loss", "column_label", "column_name", "default_eps", "is_mnist_like", "make_attack",
-           "margin", "parse_preset", "project", "pyautoattack_version"]
+           "margin", "pgd_step", "parse_preset", "project", "pyautoattack_version"]

@@ -77,7 +77,7 @@ class Attack(ABC):
         return {"attack": self.name, "eps": self.eps, "bn": self.bn}
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
-        check_inputs(x, y)
+        x, y = check_inputs(x, y)
         gen = generator_for(self.seed if seed is None else seed, x.device)
         with bn_mode(self.model, self.bn), torch.enable_grad():
             x_adv = self.forward(x.detach(), y.detach(), gen)
@@ -88,14 +88,47 @@ class Attack(ABC):
         return f"{type(self).__name__}({args})"
 
 
-def check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
-    if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim != 4:
-        raise IgamError(f"Attacks take float images of shape (N, C, H, W) in [0, 1]; got "
+def check_labels(y: Any, n: int) -> torch.Tensor:
+    """Labels as int64 class indices of shape (n,): any integer dtype (uint8, int32, ...) is converted;
+    one-hot or probability rows, floats, booleans and wrong lengths are refused with IgamError."""
+    if not torch.is_tensor(y):
+        raise IgamError(f"The labels must be a tensor of class indices of shape ({n},); got "
+                        f"{type(y).__name__}.")
+    if y.ndim == 2 and y.shape == (n, y.shape[1]) and y.shape[1] > 1:
+        raise IgamError(f"The labels of shape {tuple(y.shape)} look one-hot (or like probabilities): "
+                        f"attacks and evaluation take class indices of shape ({n},). Convert them with "
+                        "y.argmax(1).")
+    if y.ndim != 1 or len(y) != n:
+        raise IgamError(f"The labels must have shape (N,) = ({n},), one class index per image; got shape "
+                        f"{tuple(y.shape)}.")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise IgamError(f"The labels must be integer class indices; got {y.dtype}. Convert them with "
+                        "y.long() (after checking they are whole numbers).")
+    if len(y) and int(y.min()) < 0:
+        raise IgamError(f"The labels must be class indices 0 .. K-1; got {int(y.min())}.")
+    return y.long()
+
+
+def check_images(x: Any, *, allow_uint8: bool = False) -> None:
+    """Images of shape (N, C, H, W): float in [0, 1] (or uint8 0..255 where allow_uint8). Floats on the
+    0..255 scale, NaNs and other dtypes are refused with IgamError naming the conversion."""
+    ok_dtype = torch.is_tensor(x) and (x.is_floating_point() or (allow_uint8 and x.dtype == torch.uint8))
+    if not ok_dtype or x.ndim != 4:
+        what = "float images in [0, 1]" + (" or uint8 images" if allow_uint8 else "")
+        raise IgamError(f"Attacks and evaluation take {what} of shape (N, C, H, W); got "
                         f"{getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}. "
                         "Convert uint8 images with x.float() / 255.")
-    if not torch.is_tensor(y) or y.ndim != 1 or len(y) != len(x) or y.is_floating_point():
-        raise IgamError(f"Attacks take integer labels of shape (N,) = ({len(x)},); got "
-                        f"{getattr(y, 'dtype', type(y))} of shape {tuple(getattr(y, 'shape', ()))}.")
-    if len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
-        raise IgamError(f"Attack inputs must lie in [0, 1] (pixel space; normalisation belongs inside the "
-                        f"model); got values in [{float(x.min()):.3g}, {float(x.max()):.3g}].")
+    if x.is_floating_point() and len(x):
+        lo, hi = float(x.min()), float(x.max())
+        if not (lo >= 0 and hi <= 1):  # also catches NaN
+            raise IgamError(f"Float images must lie in [0, 1] (pixel space; normalisation belongs inside the "
+                            f"model); got values in [{lo:.3g}, {hi:.3g}]. Divide 0-255 pixels by 255, or "
+                            "pass uint8 images.")
+
+
+def check_inputs(x: torch.Tensor, y: torch.Tensor, *, allow_uint8: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one input check of every attack and evaluation path: images (see `check_images`) and labels
+    (see `check_labels`). Returns (x, y) with y as int64."""
+    check_images(x, allow_uint8=allow_uint8)
+    return x, check_labels(y, len(x))

@@ -6,6 +6,9 @@ gradients do. Each check compares accuracies measured on the same first-n test i
 BatchNorm mode, allowing binomial noise (`noise_margin`):
 
 - steps_monotone: more PGD steps must not raise accuracy.
+- converged: PGD must have converged: K * step >= eps (it can reach the ball's boundary), and more steps
+  (same eps, loss, restarts) must not lower accuracy by more than noise (the fewer-step attack
+  under-attacks: its number is an overestimate).
 - eps_monotone: a larger eps must not raise accuracy.
 - large_eps_zero: at a large eps (0.5 MNIST, 64/255 colour) PGD must reach about 0%.
 - blackbox_vs_whitebox: Square (no gradients) must not beat white-box PGD.
@@ -26,8 +29,8 @@ import torch.nn.functional as F
 from igam.attacks.base import margin
 from igam.utils import bn_mode
 
-CHECKS = ("steps_monotone", "eps_monotone", "large_eps_zero", "blackbox_vs_whitebox", "fgsm_vs_pgd",
-          "gradients")
+CHECKS = ("steps_monotone", "converged", "eps_monotone", "large_eps_zero", "blackbox_vs_whitebox",
+          "fgsm_vs_pgd", "gradients")
 LARGE_EPS_MAX_ACC = 0.02  # "about 0%": accuracy allowed at the large eps, before the noise margin
 ZERO_GRAD_MAX_FRAC = 0.01  # share of inputs with an all-zero margin-loss gradient that still passes
 
@@ -52,6 +55,7 @@ class Observation:
     steps: int = 0
     restarts: int = 1
     loss: str = "ce"
+    step_size: float = 0.0  # PGD's step (0: unknown)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,7 +86,14 @@ def run_checks(obs: list[Observation], eps: float, large_eps: float,
             out[name] = {"passed": True, "detail": f"{compared} comparison(s) within noise"}
 
     # more steps -> not higher accuracy; larger eps -> not higher accuracy
-    fails_s, fails_e, n_s, n_e = [], [], 0, 0
+    fails_s, fails_e, fails_c, n_s, n_e, n_c = [], [], [], 0, 0, 0
+    drops: list[str] = []
+    for o in (o for o in obs if o.kind == "pgd" and o.step_size > 0 and o.steps > 0):
+        n_c += 1
+        if o.steps * o.step_size < o.eps * (1 - 1e-6):
+            fails_c.append(f"{o.name}: {o.steps} steps of {o.step_size:.4g} move at most "
+                           f"{o.steps * o.step_size:.4g} < eps {o.eps:.4g}, so it cannot reach the ball's "
+                           "boundary (use the default step rule, or more steps)")
     for (n, _), g in groups.items():
         pgd = [o for o in g if o.kind == "pgd"]
         for a in pgd:
@@ -91,9 +102,15 @@ def run_checks(obs: list[Observation], eps: float, large_eps: float,
                 if (_same_eps(a.eps, b.eps) and a.loss == b.loss and a.restarts == b.restarts
                         and a.steps < b.steps):
                     n_s += 1
+                    n_c += 1
                     if b.accuracy > a.accuracy + m:
                         fails_s.append(f"{b.name} {_pct(b.accuracy)} > {a.name} {_pct(a.accuracy)} "
                                        f"(+{_pct(m)} noise) at eps {a.eps:.4g}, n={n}")
+                    if b.accuracy < a.accuracy - m:
+                        drops.append(f"{a.name} {_pct(a.accuracy)} -> {b.name} {_pct(b.accuracy)}")
+                        fails_c.append(f"{a.name} has not converged: {b.name} gives {_pct(b.accuracy)}, "
+                                       f"{_pct(a.accuracy - b.accuracy)} lower (noise {_pct(m)}) at eps "
+                                       f"{a.eps:.4g}, n={n}; report the stronger attack")
                 same_attack = a.steps == b.steps and a.loss == b.loss and a.restarts == b.restarts
                 if same_attack and a.eps < b.eps - 1e-9:
                     n_e += 1
@@ -101,6 +118,10 @@ def run_checks(obs: list[Observation], eps: float, large_eps: float,
                         fails_e.append(f"eps {b.eps:.4g}: {_pct(b.accuracy)} > eps {a.eps:.4g}: "
                                        f"{_pct(a.accuracy)} (+{_pct(m)} noise), {a.steps} steps, n={n}")
     verdict("steps_monotone", fails_s, n_s, "PGD with two step counts")
+    if out["steps_monotone"]["passed"] and drops:
+        out["steps_monotone"]["detail"] = (f"{n_s} comparison(s): more steps never raised accuracy, but "
+                                           f"lowered it beyond noise ({'; '.join(drops)}): see converged")
+    verdict("converged", fails_c, n_c, "PGD with a known step size, or with two step counts")
     verdict("eps_monotone", fails_e, n_e, "PGD at two eps")
 
     # large eps -> about 0%
@@ -136,6 +157,17 @@ def run_checks(obs: list[Observation], eps: float, large_eps: float,
     else:
         out["gradients"] = {"passed": None, "detail": "not run"}
     return out
+
+
+def summary(checks: dict[str, dict[str, Any]]) -> str:
+    """One line for tables and logs: 'pass (3 of 7 ran)', 'FAIL: converged (5 of 7 ran)', 'not run'.
+    Never a bare 'pass' when some checks did not run."""
+    ran = [k for k, v in checks.items() if isinstance(v, dict) and v.get("passed") is not None]
+    failed = [k for k in ran if checks[k].get("passed") is False]
+    if not ran:
+        return "not run"
+    count = f"{len(ran)} of {len(checks)} ran"
+    return f"FAIL: {', '.join(failed)} ({count})" if failed else f"pass ({count})"
 
 
 def gradient_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,

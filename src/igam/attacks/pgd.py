@@ -30,6 +30,7 @@ class PGD(Attack):
         loss: 'ce' (default) or 'cw' (margin, Carlini & Wagner 2017). targeted: y holds target classes.
         keep_best: keep the best iterate per example (default True; training uses the last iterate).
         bn: 'eval' (default) or 'train'. seed: seed of the random starts.
+        step_rule: a label saved in the records: how step_size was chosen (reach, fixed or given).
     Shape: x (N, C, H, W) in [0, 1]; y (N,) int64. Returns x_adv of x's shape, |x_adv - x| <= eps, in [0, 1].
     Example:
         >>> attack = PGD(model, eps=0.3, step_size=0.01, steps=40)
@@ -40,7 +41,8 @@ class PGD(Attack):
 
     def __init__(self, model: nn.Module, eps: float | str = 8 / 255, step_size: float | str = 2 / 255,
                  steps: int = 10, *, random_start: bool = True, restarts: int = 1, loss: str = "ce",
-                 targeted: bool = False, keep_best: bool = True, bn: str = "eval", seed: int = 0):
+                 targeted: bool = False, keep_best: bool = True, bn: str = "eval", seed: int = 0,
+                 step_rule: str = "given"):
         super().__init__(model, eps, bn=bn, seed=seed)
         self.step_size = check_eps(step_size, "step_size")
         if int(steps) < 1 or int(restarts) < 1:
@@ -50,6 +52,7 @@ class PGD(Attack):
             raise IgamError(f"PGD loss={loss!r}; use one of {', '.join(LOSSES)}.")
         self.steps, self.restarts, self.random_start = int(steps), int(restarts), bool(random_start)
         self.loss, self.targeted, self.keep_best = loss, bool(targeted), bool(keep_best)
+        self.step_rule = str(step_rule)  # how step_size was chosen (reach | fixed | given), for the records
 
     def _success(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         pred = logits.argmax(1)
@@ -98,4 +101,5 @@ class PGD(Attack):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "step_size": self.step_size, "steps": self.steps,
                 "restarts": self.restarts, "random_start": self.random_start, "loss": self.loss,
-                "targeted": self.targeted}
+                "targeted": self.targeted, "step_rule": self.step_rule,
+                "reaches_boundary": self.steps * self.step_size >= self.eps * (1 - 1e-6)}

@@ -7,8 +7,14 @@ autoattack-plus, autoattack-rand, and its components with the standard version's
 apgd-dlr, apgd-t, fab, fab-t, aa-square (AutoAttack's Square, 5000 queries).
 
 Defaults: 1-channel 28x28 data (MNIST, Fashion-MNIST): eps 0.3, step 0.01 (Madry et al. 2018);
-everything else (CIFAR, SVHN, Tiny-ImageNet): eps 8/255, step 2/255. An eps override keeps the step/eps
-ratio (0.01/0.3 = 1/30, or 1/4) unless a step size is given too.
+everything else (CIFAR, SVHN, Tiny-ImageNet): eps 8/255, step 2/255.
+
+Step rule of PGD-K (`pgd_step`), unless a step size is given: "reach" (default) takes
+max(2.5 eps / K, the dataset's step scaled to eps), so that K steps can always cross the eps-ball
+(K * step >= 2.5 eps >= eps, Madry et al.'s 2.5 eps / K rule); "fixed" (the paper's tables: MNIST 0.01 at
+eps 0.3, CIFAR 2/255 at 8/255, scaled with eps) is asked for by the suffix `-fixed` (`pgd20-fixed`,
+`pgd40x5-cw-fixed`). Every record names its rule (`step_rule`); a fixed-step PGD-K that cannot reach the
+boundary (K * step < eps) is flagged by the `converged` masking check.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ AUTOATTACK: dict[str, tuple[str, tuple[str, ...] | None]] = {
 }
 _COLUMNS = {"autoattack": "AutoAttack", "autoattack-plus": "AutoAttack+",
             "autoattack-rand": "AutoAttack-rand", "aa-square": "AA-Square"}
-_PGD = re.compile(r"pgd(\d+)(?:x(\d+))?(?:-(ce|cw))?")
+_PGD = re.compile(r"pgd(\d+)(?:x(\d+))?(?:-(ce|cw))?(-fixed)?")
+STEP_RULES = ("reach", "fixed")
 _SQUARE = re.compile(r"square(\d+)?")
 
 
@@ -55,6 +62,7 @@ class AttackSpec:
     loss: str = "ce"
     queries: int = 0
     name: str = ""  # the AutoAttack preset (autoattack, autoattack-plus, apgd-t, ...)
+    step_rule: str = "reach"  # PGD: reach (max(2.5 eps / K, scaled default)) or fixed (the paper's)
 
 
 def parse_preset(name: str) -> AttackSpec:
@@ -68,7 +76,8 @@ def parse_preset(name: str) -> AttackSpec:
         steps, restarts = int(m.group(1)), int(m.group(2) or 1)
         if steps < 1 or restarts < 1:
             raise IgamError(f"Attack '{name}' needs at least 1 step and 1 restart.")
-        return AttackSpec("pgd", steps, restarts, m.group(3) or "ce")
+        return AttackSpec("pgd", steps, restarts, m.group(3) or "ce",
+                          step_rule="fixed" if m.group(4) else "reach")
     if (m := _SQUARE.fullmatch(s)) is not None:
         queries = int(m.group(1) or 5000)
         if queries < 1:
@@ -76,6 +85,7 @@ def parse_preset(name: str) -> AttackSpec:
         return AttackSpec("square", queries=queries)
     raise IgamError(f"Unknown attack '{name}'.{suggest(s, PRESET_EXAMPLES)} Valid forms: clean, fgsm, pgdK "
                     "(K steps, e.g. pgd20), pgdKxR (R restarts, e.g. pgd20x5), pgdK-cw (margin loss), "
+                    "pgdK-fixed (the paper's fixed step size instead of max(2.5 eps / K, ...)), "
                     "square, squareQ (Q queries); AutoAttack (reference implementation): autoattack, "
                     "autoattack-plus, autoattack-rand, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, aa-square.")
 
@@ -90,6 +100,17 @@ def default_eps(shape: tuple[int, ...]) -> tuple[float, float]:
     return (0.3, 0.01) if is_mnist_like(shape) else (8 / 255, 2 / 255)
 
 
+def pgd_step(eps: float, steps: int, shape: tuple[int, ...], rule: str = "reach") -> float:
+    """PGD's step size for radius eps and `steps` steps on inputs of this shape. 'fixed': the dataset's
+    default step scaled to eps (0.01 at 0.3 on MNIST, 2/255 at 8/255 otherwise), the paper's tables;
+    'reach': at least 2.5 eps / steps as well, so that every PGD-K can reach the eps-ball's boundary."""
+    if rule not in STEP_RULES:
+        raise IgamError(f"step_rule={rule!r} is not a PGD step rule; use one of {', '.join(STEP_RULES)}.")
+    eps0, step0 = default_eps(shape)
+    fixed = eps * step0 / eps0
+    return fixed if rule == "fixed" else min(1.0, max(2.5 * eps / max(int(steps), 1), fixed))
+
+
 def make_attack(name: str, model: nn.Module, shape: tuple[int, ...], *, eps: float | str | None = None,
                 step_size: float | str | None = None, bn: str = "eval", seed: int = 0,
                 state_dir: str | Path | None = None, log_path: str | Path | None = None,
@@ -101,16 +122,17 @@ def make_attack(name: str, model: nn.Module, shape: tuple[int, ...], *, eps: flo
     `state_dir`, `log_path` and `progress` go to AutoAttack (resume state, its log, progress lines) and
     are ignored by the other attacks."""
     spec = parse_preset(name)
-    eps0, step0 = default_eps(shape)
+    eps0, _ = default_eps(shape)
     e = eps0 if eps is None else check_eps(eps)
-    if step_size is not None:
-        step = check_eps(step_size, "step_size")
-    else:
-        step = step0 if eps is None else e * step0 / eps0
     if spec.kind == "fgsm":
         return FGSM(model, e, bn=bn, seed=seed)
     if spec.kind == "pgd":
-        return PGD(model, e, step, spec.steps, restarts=spec.restarts, loss=spec.loss, bn=bn, seed=seed)
+        if step_size is not None:
+            step, rule = check_eps(step_size, "step_size"), "given"
+        else:
+            step, rule = pgd_step(e, spec.steps, shape, spec.step_rule), spec.step_rule
+        return PGD(model, e, step, spec.steps, restarts=spec.restarts, loss=spec.loss, bn=bn, seed=seed,
+                   step_rule=rule)
     if spec.kind == "square":
         return Square(model, e, spec.queries, bn=bn, seed=seed)
     version, components = AUTOATTACK[spec.name]

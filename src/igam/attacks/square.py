@@ -73,9 +73,10 @@ class Square(Attack):
                 break
             x_curr, x_best_curr = x[idx], x_best[idx]
             deltas = x_best_curr - x_curr
-            s = min(max(int(round(math.sqrt(self._p(i) * h * w))), 1), h - 1)
-            r0 = int(torch.randint(0, h - s, (1,), generator=gen, device=x.device))
-            c0 = int(torch.randint(0, w - s, (1,), generator=gen, device=x.device))
+            # the square's side: at most the shorter side - 1 (images may be taller than wide), at least 1
+            s = min(max(int(round(math.sqrt(self._p(i) * h * w))), 1), max(min(h, w) - 1, 1))
+            r0 = int(torch.randint(0, max(h - s, 1), (1,), generator=gen, device=x.device))
+            c0 = int(torch.randint(0, max(w - s, 1), (1,), generator=gen, device=x.device))
             win = (slice(None), slice(None), slice(r0, r0 + s), slice(c0, c0 + s))
             new = self._signs((len(idx), c, 1, 1), gen, x).expand(-1, -1, s, s).clone()
             for _ in range(10):  # redraw patches that would not change the current best point

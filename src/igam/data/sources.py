@@ -14,6 +14,7 @@ import importlib
 import os
 import pickle
 import socket
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,11 +63,61 @@ def _to_nchw(x: np.ndarray, where: str) -> torch.Tensor:
                         "np.uint8 pixel values.")
     if x.ndim == 3:  # N, H, W -> grey
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # NHWC
-        x = x.transpose(0, 3, 1, 2)
-    elif x.ndim != 4:
+    elif x.ndim == 4:
+        if channels_last(x.shape, where):
+            x = x.transpose(0, 3, 1, 2)
+    else:
         raise IgamError(f"{where}: images must have shape (N,H,W), (N,H,W,C) or (N,C,H,W); got {x.shape}.")
     return torch.from_numpy(np.ascontiguousarray(x))
+
+
+MAX_CHANNELS = 4  # an axis this short is a channel axis (grey, grey+alpha or 2-channel, RGB, RGBA)
+MAX_CLASSES = 100_000  # labels beyond this are a damaged file, not a dataset
+
+
+def channels_last(shape: tuple[int, ...], where: str) -> bool:
+    """Whether 4-D images of this shape are (N, H, W, C) rather than (N, C, H, W): the channel axis is the
+    short one (at most MAX_CHANNELS). Raises IgamError when both or neither end axis could be it."""
+    c1, c4 = shape[1], shape[-1]
+    if c4 <= MAX_CHANNELS < c1:
+        return True
+    if c1 <= MAX_CHANNELS < c4:
+        return False
+    if c1 <= MAX_CHANNELS and c4 <= MAX_CHANNELS:
+        if (c1 in (1, 3)) == (c4 in (1, 3)):
+            raise IgamError(f"{where}: images of shape {tuple(shape)} are ambiguous: axis 1 ({c1}) and "
+                            f"axis 3 ({c4}) could both hold the channels. Save them as (N, C, H, W) with "
+                            f"H, W > {MAX_CHANNELS}, or transpose them so that the layout is clear.")
+        return c4 in (1, 3)
+    if c1 > 64:
+        raise IgamError(f"{where}: images of shape {tuple(shape)} have no channel axis of 1 to "
+                        f"{MAX_CHANNELS} entries at either end; save them as (N, H, W, C) or (N, C, H, W).")
+    return False
+
+
+def check_labels(y_train: torch.Tensor, y_test: torch.Tensor, where: str, inferred: bool,
+                 log=None) -> None:
+    """Labels must be 0 .. MAX_CLASSES-1 and name at least two classes. When the classes are inferred from
+    the labels (no class names), a gap in 0 .. max (e.g. one stray label 57 among 0..9) is warned about:
+    it makes a model with max+1 outputs."""
+    labels = torch.cat([y_train.reshape(-1), y_test.reshape(-1)])
+    if not len(labels):
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= MAX_CLASSES:
+        raise IgamError(f"{where}: labels run from {lo} to {hi}; class indices must lie in 0 .. "
+                        f"{MAX_CLASSES - 1}. Fix the stray labels (or remap them to 0 .. K-1).")
+    present = torch.unique(labels)
+    if len(present) < 2:
+        raise IgamError(f"{where}: every label is {lo}: a dataset needs at least two classes (a one-class "
+                        "model is trivially 100% accurate). Check that the right label array was saved.")
+    if inferred and len(present) < hi + 1:
+        missing = sorted(set(range(hi + 1)) - set(present.tolist()))
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        say = log or (lambda m: print(m, file=sys.stderr))
+        say(f"igam: WARNING: {where}: the number of classes is inferred from the labels as {hi + 1} "
+            f"(0 .. {hi}), but {len(missing)} of them never occur ({shown}): a stray label makes a model "
+            "with extra outputs. Remap the labels to 0 .. K-1, or save class_names in the npz to confirm.")
 
 
 def _labels(y: np.ndarray, where: Path) -> torch.Tensor:
@@ -104,7 +155,13 @@ def load_npz(path: Path, name: str) -> Arrays:
     except IgamError:
         raise
     except Exception as e:
-        raise IgamError(f"Cannot read '{path}' as an npz dataset ({type(e).__name__}: {e}).") from None
+        if "allow_pickle" in str(e) or "pickle" in str(e).lower():
+            raise IgamError(f"Cannot read '{path}' as an npz dataset: it holds Python objects (object "
+                            "arrays), which igam never unpickles. Save the "
+                            "images as a uint8 array and the labels as an integer array (np.savez with plain "
+                            "numeric arrays).") from None
+        raise IgamError(f"Cannot read '{path}' as an npz dataset ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}).") from None
     out = Arrays(name, _to_nchw(arrs["x_train"], str(path)), _labels(arrs["y_train"], path),
                  _to_nchw(arrs["x_test"], str(path)), _labels(arrs["y_test"], path), names, f"npz {path}")
     if out.x_train.shape[1:] != out.x_test.shape[1:]:
@@ -112,6 +169,8 @@ def load_npz(path: Path, name: str) -> Arrays:
                         f"{tuple(out.x_test.shape[1:])} differ in shape.")
     if len(out.x_train) != len(out.y_train) or len(out.x_test) != len(out.y_test):
         raise IgamError(f"'{path}': the number of images and labels differ.")
+    if len(out.y_train) and len(out.y_test):  # empty splits: check_arrays names them
+        check_labels(out.y_train, out.y_test, f"'{path}'", inferred=not out.class_names)
     if not out.class_names:
         out.class_names = [str(i) for i in range(out.num_classes)]
     return out
@@ -492,6 +551,8 @@ def check_arrays(a: Arrays) -> Arrays:
             raise IgamError(f"Dataset '{a.name}' has no {split} images ({a.source}).")
         if len(x) != len(y):
             raise IgamError(f"Dataset '{a.name}': {len(x)} {split} images but {len(y)} labels ({a.source}).")
+        if split == "train":
+            check_labels(a.y_train, a.y_test, f"Dataset '{a.name}'", inferred=False)
         k = a.num_classes
         if int(y.min()) < 0 or int(y.max()) >= k:
             raise IgamError(f"Dataset '{a.name}': {split} labels run from {int(y.min())} to {int(y.max())}, "

@@ -7,10 +7,18 @@ import math
 from pathlib import Path
 from typing import Any
 
+from igam.attacks.checks import summary
 from igam.experiment.costs import hms
 from igam.experiment.spec import Experiment, Stage, resolve_stage
-from igam.files import read_json
+from igam.files import read_json_object
 from igam.runs import Run
+
+
+def masking_summary(mc: Any) -> str | None:
+    """'pass (3 of 7 ran)' / 'FAIL: converged (5 of 7 ran)' for an eval.json masking_checks section."""
+    if not isinstance(mc, dict) or not isinstance(mc.get("checks"), dict):
+        return None
+    return summary(mc["checks"])
 
 
 def collect_results(exp: Experiment) -> dict[str, Any]:
@@ -19,8 +27,8 @@ def collect_results(exp: Experiment) -> dict[str, Any]:
         run_dir = exp.out_dir / st.name
         if not (run_dir / Run.META).exists():
             continue
-        meta = read_json(run_dir / Run.META)
-        ev = read_json(run_dir / Run.EVAL) if (run_dir / Run.EVAL).exists() else {}
+        meta = Run(run_dir).meta
+        ev = read_json_object(run_dir / Run.EVAL) if (run_dir / Run.EVAL).exists() else {}
         acc = {
             k: round(100 * v["accuracy"], 2) for k, v in ev.items() if isinstance(v, dict) and "accuracy" in v
         }
@@ -36,6 +44,7 @@ def collect_results(exp: Experiment) -> dict[str, Any]:
                 "n": {k: v.get("n") for k, v in ev.items() if isinstance(v, dict) and "n" in v},
                 "masking_checks": (ev.get("masking_checks") or {}).get("passed"),
                 "masking_failed": (ev.get("masking_checks") or {}).get("failed", []),
+                "masking_summary": masking_summary(ev.get("masking_checks")),
                 "train_time_s": meta.get("train_time_s"),
                 "passes_per_image": meta.get("passes_per_image"),
                 "epochs": meta.get("epochs"),
@@ -97,7 +106,8 @@ def results_markdown(exp: Experiment, results: dict[str, Any], column_name) -> s
             v = r["accuracy"].get(c)
             p = r["paper"].get(c)
             cells.append(("-" if v is None else f"{v:.1f}") + (f" ({p:g})" if p is not None else ""))
-        mc = {True: "pass", False: "FAIL: " + ", ".join(r["masking_failed"]), None: "-"}[r["masking_checks"]]
+        mc = r.get("masking_summary") or {True: "pass", False: "FAIL: " + ", ".join(r["masking_failed"]),
+                                          None: "-"}[r["masking_checks"]]
         t = hms(r["train_time_s"]) if r["train_time_s"] else "-"
         pp = format_passes(r.get("passes_per_image"))
         lines.append(f"| {r['row'] or r['stage']} | " + " | ".join(cells) + f" | {mc} | {pp} | {t} |")

@@ -13,7 +13,7 @@ from igam.evaluate import evaluate_run, result_key
 from igam.experiment.costs import estimate_seconds, hms
 from igam.experiment.results import collect_results, plot_tradeoff, results_markdown
 from igam.experiment.spec import Experiment, Stage, load_experiment, resolve_stage, stage_status
-from igam.files import atomic_write_text, read_json, write_json
+from igam.files import atomic_write_text, read_json_object, write_json
 from igam.report import write_report
 from igam.runs import Run
 from igam.train import train
@@ -119,7 +119,7 @@ def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
                 continue
             # on the stage's device (device=cuda, or auto with a GPU), not on evaluate_run's default CPU
             device = str(resolve_device(resolve_stage(exp, st).device))
-            have = read_json(run_dir / Run.EVAL) if (run_dir / Run.EVAL).exists() else {}
+            have = read_json_object(run_dir / Run.EVAL) if (run_dir / Run.EVAL).exists() else {}
             todo = [
                 a
                 for a in ev["attacks"]

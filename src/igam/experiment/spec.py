@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from igam.attacks.presets import parse_preset
 from igam.config import Config, group_keys, make_config
 from igam.errors import IgamError, suggest
-from igam.files import read_json
+from igam.files import read_yaml
 from igam.objectives import check_method
 from igam.runs import Run
+from igam.units import check_eps
 
 IGNORED_KEYS = ("progress", "resume", "threads", "device", "tensorboard", "out_dir", "name")
 EXPERIMENT_KEYS = (
@@ -131,10 +131,7 @@ def load_experiment(
     p = Path(path)
     if not p.is_file():
         raise IgamError(f"Experiment file '{path}' does not exist.")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise IgamError(f"Experiment file '{path}' is not valid YAML: {e}") from None
+    raw = read_yaml(p, "Experiment file") or {}
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
         raise IgamError(
             f"'{path}' must be a mapping with a non-empty `stages:` list (see `igam run --help`)."
@@ -144,6 +141,7 @@ def load_experiment(
             raise IgamError(f"Unknown experiment key '{key}' in '{path}'.{suggest(key, EXPERIMENT_KEYS)}")
     raw = _expand_env(raw)
     name = str(raw.get("experiment") or p.stem)
+    _mapping(raw.get("defaults"), "defaults", path)
     defaults = dict(raw.get("defaults") or {})
     defaults.update(overrides or {})
     stages: list[Stage] = []
@@ -153,7 +151,13 @@ def load_experiment(
         for key in s:
             if key not in STAGE_KEYS:
                 raise IgamError(f"Unknown key '{key}' in stage '{s['name']}'.{suggest(key, STAGE_KEYS)}")
-        sweep = s.get("sweep") or {}
+        _mapping(s.get("config"), f"stage '{s['name']}': config", path)
+        _mapping(s.get("paper"), f"stage '{s['name']}': paper", path)
+        sweep = _mapping(s.get("sweep"), f"stage '{s['name']}': sweep", path)
+        for k, v in sweep.items():
+            if not isinstance(v, list) or not v:
+                raise IgamError(f"'{path}', stage '{s['name']}': sweep {k}: {v!r} must be a non-empty "
+                                f"list of values, e.g. `sweep: {{{k}: [{v!r}, ...]}}`.")
         keys = list(sweep)
         combos = list(itertools.product(*[sweep[k] for k in keys])) if keys else [()]
         for combo in combos:
@@ -177,7 +181,7 @@ def load_experiment(
         raise IgamError(
             f"Stage names in '{path}' repeat: {sorted({n for n in names if names.count(n) > 1})}."
         )
-    evaluation = list(raw.get("evaluation") or [])
+    evaluation = check_evaluation(raw.get("evaluation"), path, names)
     if miniature:
         evaluation = miniature_evaluation(evaluation)
     exp = Experiment(
@@ -197,11 +201,66 @@ def load_experiment(
                     f"Stage '{st.name}' refers to '{{{ref}}}', which is not an earlier stage."
                     f"{suggest(ref, names)}"
                 )
-    for ev in exp.evaluation:
-        for r in ev.get("rows", []):
-            if r not in names:
-                raise IgamError(f"Evaluation rows name unknown stage '{r}'.{suggest(r, names)}")
     return exp
+
+
+def _mapping(value: Any, what: str, path: str | Path) -> dict[str, Any]:
+    """`value` as a mapping ({} for None); IgamError naming `what` for anything else."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise IgamError(f"'{path}': {what} must be a mapping of key: value, not {type(value).__name__} "
+                        f"({str(value)[:60]}).")
+    return value
+
+
+EVAL_KEYS = ("attacks", "rows", "n", "seed", "checks", "batch_size", "check_n", "title", "notes")
+
+
+def check_evaluation(blocks: Any, path: str | Path, stages: list[str]) -> list[dict[str, Any]]:
+    """The `evaluation:` blocks, checked before any training: types, stage names, and every attack name
+    (with an optional @eps=...), so that --dry-run catches what would otherwise fail after all training."""
+    if blocks is None:
+        return []
+    if not isinstance(blocks, list):
+        raise IgamError(f"'{path}': evaluation must be a list of blocks (attacks: [...], n: ...), not "
+                        f"{type(blocks).__name__}.")
+    for i, ev in enumerate(blocks):
+        where = f"'{path}': evaluation block {i + 1}"
+        if not isinstance(ev, dict):
+            raise IgamError(f"{where} must be a mapping with an `attacks:` list.")
+        for key in ev:
+            if key not in EVAL_KEYS:
+                raise IgamError(f"{where}: unknown key '{key}'.{suggest(str(key), EVAL_KEYS)} Keys: "
+                                f"{', '.join(EVAL_KEYS)}.")
+        attacks = ev.get("attacks")
+        if not isinstance(attacks, list) or not attacks or not all(isinstance(a, str) for a in attacks):
+            raise IgamError(f"{where}: attacks must be a non-empty list of attack names, "
+                            "e.g. [clean, pgd20].")
+        for a in attacks:
+            base, _, eps = a.partition("@eps=")
+            try:
+                if base != "clean":
+                    parse_preset(base)
+                if eps:
+                    check_eps(eps)
+            except IgamError as e:
+                raise IgamError(f"{where}: {e}") from None
+        for key in ("n", "seed", "batch_size", "check_n"):
+            v = ev.get(key)
+            low = 0 if key == "seed" else 1
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+                raise IgamError(f"{where}: {key}={v!r} must be a whole number"
+                                + (" (0 or more)." if key == "seed" else " of at least 1."))
+        if ev.get("checks") is not None and not isinstance(ev["checks"], bool):
+            raise IgamError(f"{where}: checks={ev['checks']!r} must be true or false.")
+        rows = ev.get("rows")
+        if rows is not None and (not isinstance(rows, list) or not all(isinstance(r, str) for r in rows)):
+            raise IgamError(f"{where}: rows must be a list of stage names.")
+        for r in rows or []:
+            if r not in stages:
+                raise IgamError(f"Evaluation rows name unknown stage '{r}'.{suggest(r, stages)}")
+    return list(blocks)
 
 
 def resolve_stage(exp: Experiment, stage: Stage) -> Config:
@@ -236,10 +295,8 @@ def stage_status(exp: Experiment, stage: Stage) -> str:
     run_dir = exp.out_dir / stage.name
     if not (run_dir / Run.META).exists():
         return "todo"
-    meta = read_json(run_dir / Run.META)
-    saved = (
-        yaml.safe_load((run_dir / Run.CONFIG).read_text()) if (run_dir / Run.CONFIG).exists() else {}
-    )
+    meta = Run(run_dir).meta
+    saved = Run(run_dir).config
     now = resolve_stage(exp, stage).to_dict()
     defaults = Config().to_dict()
     # a key added to igam after the run was made counts as unchanged while it keeps its default

@@ -65,11 +65,9 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, input_size: 
                  activation: str = "default", width: int = 0, normalize: str = "dataset",
                  mean: list[float] | None = None, std: list[float] | None = None) -> ImageClassifier:
     """Create a model by name. Inputs are [0,1] NCHW; normalisation is the model's first layer."""
-    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    if num_classes < 1 or in_chans < 1:
-        raise IgamError(f"create_model: num_classes={num_classes} and in_chans={in_chans} must be >= 1.")
-    if len(size) != 2 or min(size) < 1:
-        raise IgamError(f"create_model: input_size={input_size} must be a positive size or (height, width).")
+    size: Any = ((input_size, input_size) if _is_int(input_size)
+                 else tuple(input_size) if isinstance(input_size, list | tuple) else input_size)
+    check_model_args(name, num_classes, in_chans, input_size if _is_int(input_size) else size, width)
     norm = Normalize(normalize, mean, std, in_chans)
     if activation not in ("default", *ACTIVATIONS):
         raise unknown("activation", activation, ("default", *ACTIVATIONS))
@@ -81,14 +79,22 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, input_size: 
     elif (m := _WRN.match(name)) is not None:
         if int(m.group(2)) < 1:
             raise IgamError(f"{name}: the widening factor W of wrn-D-W must be at least 1 (e.g. wrn-32-10).")
+        if int(m.group(2)) > 64 or int(m.group(1)) > 1000:
+            raise IgamError(f"{name}: wrn-D-W takes a depth D up to 1000 and a widening factor W up to 64 "
+                            "(e.g. wrn-32-10).")
         act = "leaky-relu" if activation == "default" else activation
-        model = WideResNet(norm, num_classes, in_chans, size, _wrn_units(int(m.group(1))), int(m.group(2)),
-                           act=act, width=width)
+
+        def build() -> ImageClassifier:
+            return WideResNet(norm, num_classes, in_chans, size, _wrn_units(int(m.group(1))),
+                              int(m.group(2)), act=act, width=width)
+        model = _build_bounded(name, build)
     elif name in _REGISTRY:
         act = _DEFAULT_ACT[name] if activation == "default" else activation
-        model = _REGISTRY[name](norm, num_classes, in_chans, size, act=act, width=width)
+        model = _build_bounded(name, lambda: _REGISTRY[name](norm, num_classes, in_chans, size, act=act,
+                                                              width=width))
     else:
         raise unknown("model", name, sorted(_REGISTRY) + ["wrn-32-10", "timm:NAME", "torchvision:NAME"])
+    check_forward(model, name, in_chans, size)
     model.igam_args = {"name": name, "num_classes": num_classes, "in_chans": in_chans,
                        "input_size": list(size), "activation": activation, "width": width,
                        "normalize": normalize,
@@ -96,16 +102,93 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, input_size: 
     return model
 
 
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
+MAX_CHANNELS = 64
+MAX_SIDE = 1024  # input height / width in pixels
+MAX_WIDTH = 1024  # width= (base channels / multiplier) of zoo models
+MAX_PARAMS = 500_000_000  # 2 GB of float32 weights
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_model_args(name: Any, num_classes: Any, in_chans: Any, size: Any, width: Any) -> None:
+    """Types and bounds of a model description (from a config or a run's meta.json), checked before
+    anything is allocated.
+
+    Raises:
+        IgamError: naming the value, its bound and the fix.
+    """
+    if not isinstance(name, str) or not name:
+        raise IgamError(f"The model name must be a non-empty string, not {name!r}.")
+    for key, v, hi in (("num_classes", num_classes, MAX_CLASSES), ("in_chans", in_chans, MAX_CHANNELS),
+                       ("width", width, MAX_WIDTH)):
+        lo = 0 if key == "width" else 1
+        if not _is_int(v) or not lo <= v <= hi:
+            raise IgamError(f"{key}={v!r} must be >= {lo} and <= {hi} (a whole number); the model cannot be "
+                            "built with it (a damaged meta.json, or a typo in the configuration).")
+    pair = (size, size) if _is_int(size) else size
+    if (not isinstance(pair, tuple | list) or len(pair) != 2
+            or not all(_is_int(v) and 1 <= v <= MAX_SIDE for v in pair)):
+        shown = list(size) if isinstance(size, tuple | list) else size
+        raise IgamError(f"input_size={shown!r} must be (height, width) in pixels, each a whole number in "
+                        f"1 .. {MAX_SIDE}.")
+
+
+def _build_bounded(name: str, build: Callable[[], ImageClassifier]) -> ImageClassifier:
+    """Build a zoo model after counting its parameters on the meta device (no memory): refused above
+    MAX_PARAMS instead of failing in the allocator."""
+    import torch
+
+    with torch.device("meta"):
+        probe = build()
+    n = sum(p.numel() for p in probe.parameters())
+    if n > MAX_PARAMS:
+        raise IgamError(f"model={name} with these settings has {n:,} parameters, more than the "
+                        f"{MAX_PARAMS:,} igam builds; lower width= (or the number of classes).")
+    return build()
+
+
+def check_forward(model: nn.Module, name: str, in_chans: int, size: tuple[int, int]) -> None:
+    """One eval-mode forward pass of a zero image (no buffer or mode changes): an input smaller than the
+    model's receptive field, or one it cannot take, is refused here, before any run directory is written."""
+    import torch
+
+    was = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.zeros(1, in_chans, *size))
+    except Exception as e:
+        reason = " ".join(str(e).split())[:200]
+        raise IgamError(f"model={name} cannot take {in_chans}x{size[0]}x{size[1]} inputs "
+                        f"({type(e).__name__}: "
+                        f"{reason}). The images are probably smaller than the model's receptive field: use "
+                        "larger images (e.g. 28x28 or 32x32), or a model made for this size.") from None
+    finally:
+        for m, t in was.items():
+            m.training = t
+    del out
+
+
 def model_from_args(args: dict[str, Any]) -> ImageClassifier:
     """Re-create a model from the `igam_args` stored in a run's meta.json."""
+    if not isinstance(args, dict):
+        raise IgamError(f"The model description must be a mapping, not {type(args).__name__}; meta.json was "
+                        "not written by igam or is damaged.")
     missing = [k for k in ("name", "num_classes", "in_chans", "input_size") if k not in (args or {})]
     if missing:
         raise IgamError(f"The model description lacks {', '.join(missing)}; meta.json was not written by "
                         "igam or is damaged.")
     return create_model(args["name"], num_classes=args["num_classes"], in_chans=args["in_chans"],
-                        input_size=tuple(args["input_size"]), activation=args.get("activation", "default"),
+                        input_size=_size(args["input_size"]), activation=args.get("activation", "default"),
                         width=args.get("width", 0), normalize=args.get("normalize", "dataset"),
                         mean=args.get("mean"), std=args.get("std"))
+
+
+def _size(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list | tuple) else v
 
 
 def has_batchnorm(model: nn.Module) -> bool:

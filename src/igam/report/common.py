@@ -21,7 +21,6 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from igam.data import load_data  # noqa: E402
 from igam.errors import IgamError  # noqa: E402
-from igam.files import read_json  # noqa: E402
 from igam.runs import Run, resolve_run  # noqa: E402
 
 DPI = 150
@@ -87,7 +86,7 @@ class ImageSample:
 
 def run_meta(run: str | Path) -> tuple[Path, dict]:
     run_dir = resolve_run(run)
-    return run_dir, read_json(run_dir / Run.META)
+    return run_dir, Run(run_dir).meta
 
 
 def load_test_images(run: str | Path, *, n: int | None = None, indices: list[int] | None = None,

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import markdown as markdown_lib
-import yaml
 
 from igam.config import Config
 from igam.errors import IgamError
-from igam.files import PACKAGE_VERSION, atomic_write_text, read_json
+from igam.files import PACKAGE_VERSION, atomic_write_text, read_json_object
 from igam.report.common import png_bytes, run_labels
 from igam.report.curves import curves_figure
 from igam.report.gradients import run_gradient_figure
@@ -60,18 +59,13 @@ class RunInfo:
 
 
 def read_run(run_dir: Path, label: str | None = None) -> RunInfo:
-    meta = read_json(run_dir / Run.META)
-    info = RunInfo(run_dir, label or run_dir.name, meta)
-    cfg_path = run_dir / Run.CONFIG
-    if cfg_path.exists():
-        try:
-            info.config = yaml.safe_load(cfg_path.read_text()) or {}
-        except yaml.YAMLError:
-            info.config = {}
+    run = Run(run_dir)
+    info = RunInfo(run_dir, label or run_dir.name, run.meta)
+    info.config = run.config
     for name in ("metrics", "eval"):
         path = run_dir / f"{name}.json"
         if path.exists():
-            setattr(info, name, read_json(path))
+            setattr(info, name, read_json_object(path))
     return info
 
 
@@ -320,7 +314,7 @@ def masking_html(mc: dict[str, Any]) -> str:
 
 
 def masking_summary(run: RunInfo) -> str:
-    """'6/6 passed' for the results table (coloured), or a dash."""
+    """'3/3 passed (3 of 7 ran)' for the results table (coloured), or a dash."""
     mc = run.eval.get("masking_checks")
     if not isinstance(mc, dict):
         return "&ndash;"
@@ -328,8 +322,8 @@ def masking_summary(run: RunInfo) -> str:
     verdicts = [v.get("passed") for v in checks.values()
                 if isinstance(v, dict) and v.get("passed") is not None]
     ok = bool(mc.get("passed", all(verdicts))) and all(verdicts)
-    text = (f"{sum(bool(v) for v in verdicts)}/{len(verdicts)} passed" if verdicts
-            else "passed" if ok else "failed")
+    text = (f"{sum(bool(v) for v in verdicts)}/{len(verdicts)} passed ({len(verdicts)} of {len(checks)} ran)"
+            if verdicts else "not run" if checks else "passed" if ok else "failed")
     return f'<span class="{"ok" if ok else "bad"}">{text}</span>'
 
 
