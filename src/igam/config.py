@@ -156,6 +156,10 @@ class Config:
                          ("central", "forward"))
     amp_input_grad: bool = opt(False, "run the IGAM input-gradient path under amp too (exact mode; default: "
                                "it stays float32)")
+    teacher_cache: str = opt("auto", "compute the teacher's input gradient of each training image once and "
+                             "reuse it: auto (on exactly when exact: augment none, noise 0, teacher_bn eval, "
+                             "no random adapter) | on (refused where it would be wrong) | off",
+                             ("auto", "on", "off"))
     # --- finetune --------------------------------------------------------------------------------
     section("finetune")
     finetune_lr: float = opt(1e-3, "Adam learning rate of the new logit layer (and learned adapter)")

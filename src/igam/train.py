@@ -251,7 +251,7 @@ def train(cfg: Config, log=print) -> Path:
                    mininterval=1.0, leave=False)
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
-        for x, y in loader.epoch(epoch, start):
+        for x, y, index in loader.epoch(epoch, start, with_index=True):
             if cfg.channels_last and device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             factor = lr_factor(cfg, step, total, steps_per_epoch)
@@ -260,7 +260,8 @@ def train(cfg: Config, log=print) -> Path:
             objective.on_lr(factor)
             model.train()
             with amp_ctx:
-                loss, metrics, aux = objective.loss(train_model, x, y, step)
+                loss, metrics, aux = objective.loss(train_model, x, y, step,
+                                                    **({"index": index} if objective.needs_index else {}))
             optimizer.zero_grad(set_to_none=True)
             # NaN/Inf guard: a non-finite loss term skips the backward, a non-finite gradient the update
             bad = nonfinite_terms(loss, metrics)

@@ -19,7 +19,8 @@ from igam.files import read_json
 from igam.objectives import check_method
 from igam.runs import Run
 
-IGNORED_KEYS = ("progress", "resume", "threads", "device", "tensorboard", "out_dir", "name")
+IGNORED_KEYS = ("progress", "resume", "threads", "device", "tensorboard", "out_dir", "name",
+                "teacher_cache")  # speed only: the same numbers up to float rounding
 EXPERIMENT_KEYS = (
     "experiment",
     "description",

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from igam.data import resolve_augment
 from igam.errors import IgamError
 from igam.method.discriminator import GradientDiscriminator
 from igam.method.matching import InputGradientMatching
+from igam.method.teacher_cache import teacher_cache_blockers
 from igam.objectives.base import Metrics, Objective, register_objective
 from igam.teachers import frozen_teacher
 from igam.units import parse_fraction, start_step
@@ -44,13 +46,18 @@ class IGAMObjective(Objective):
     def backprops_twice(self) -> bool:  # type: ignore[override]
         return self.matching.mode == "finite-difference"
 
+    @property
+    def needs_index(self) -> bool:  # type: ignore[override]
+        """The teacher-gradient cache is keyed by the batch's training-set positions."""
+        return self.matching.teacher_cache is not None
+
     def begin(self, total_steps: int, steps_per_epoch: int, rank: int = 0) -> None:
         self.start = start_step(self.igam_start, total_steps, steps_per_epoch)
 
-    def loss(self, model, x, y, step) -> tuple[torch.Tensor, Metrics, Any]:
+    def loss(self, model, x, y, step, index=None) -> tuple[torch.Tensor, Metrics, Any]:
         if step < self.start:
             return super().loss(model, x, y, step)
-        terms = self.matching(model, x, y)
+        terms = self.matching(model, x, y, index)
         maps = {"js": terms.pop("js"), "jt": terms.pop("jt")}
         return terms.pop("loss"), terms, maps
 
@@ -81,6 +88,34 @@ class IGAMObjective(Objective):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if self.matching.adversary is not None:
             self.matching.adversary.load_state_dict(state)
+
+
+def teacher_cache_decision(cfg: Any, spec: Any, teacher: nn.Module | None) -> tuple[bool, list[str]]:
+    """(cache the teacher's gradients?, the reasons it would be wrong) for cfg.teacher_cache auto | on | off.
+
+    The cache is exact when the student's inputs are the same every epoch (augment none after `auto` is
+    resolved for the data's shape, noise 0) and the teacher is deterministic per example (eval-mode
+    BatchNorm, no random adapter: igam.method.teacher_cache.teacher_cache_blockers). auto is on exactly
+    then (and off without a teacher: nothing to cache); off is off.
+
+    Raises:
+        IgamError: teacher_cache=on where it would be wrong, naming every reason.
+    """
+    if cfg.teacher_cache == "off" or teacher is None:
+        return False, []
+    reasons = []
+    augment = resolve_augment(cfg.augment, tuple(spec.shape))
+    if augment != "none":
+        reasons.append(f"augment={augment}" + (" (auto for this data)" if cfg.augment == "auto" else "")
+                       + " gives the student new inputs every epoch")
+    if parse_fraction(cfg.noise, "noise") > 0:
+        reasons.append(f"noise={cfg.noise} adds fresh noise to the inputs every epoch")
+    reasons += teacher_cache_blockers(teacher)
+    if cfg.teacher_cache == "on" and reasons:
+        raise IgamError("teacher_cache=on would reuse teacher gradients that are wrong: " + "; ".join(reasons)
+                        + ". Use teacher_cache=auto (on exactly when it is exact) or off, or drop those "
+                        "settings (augment=none noise=0 teacher_bn=eval, a deterministic adapter).")
+    return not reasons, reasons
 
 
 def build_matching(cfg: Any, spec: Any, device: torch.device,
@@ -130,6 +165,7 @@ def build_matching(cfg: Any, spec: Any, device: torch.device,
         fd_step=cfg.fd_step,
         fd_scheme=cfg.fd_scheme,
         amp_input_grad=cfg.amp_input_grad,
+        teacher_cache=teacher_cache_decision(cfg, spec, teacher)[0],
     )
     return m.to(device)
 
