@@ -8,7 +8,8 @@ madry-mnist teacher behind the gray+crop28 adapter, a 5-layer discriminator with
 layer, on one fixed batch of CIFAR-like random images. Every method runs the same step as `igam train`
 (objective.loss, the NaN/Inf check, zero_grad, backward, gradient norm, optimizer step, after_step) on
 its own copy of the same student, and the methods are interleaved (the order rotates every repetition),
-so a change of machine load hits all of them alike. Reported per method: median seconds per step,
+so a change of machine load hits all of them alike (--clock cpu: CPU time of this process instead of wall
+time, for a loaded shared CPU). Reported per method: median seconds per step,
 images/s, and the peak memory of a step (CUDA: torch.cuda.max_memory_allocated; CPU on Linux: the rise of
 the process's peak resident set over one step, after returning freed memory to the OS; else skipped).
 
@@ -216,18 +217,20 @@ def peak_memory(method: Method, x: torch.Tensor, y: torch.Tensor, device: torch.
 
 
 def measure(methods: list[Method], x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
-            device: torch.device, log: Callable[[str], None]) -> None:
-    """Interleaved timing: repetition r runs every method once, the order rotated by r."""
+            device: torch.device, log: Callable[[str], None],
+            clock: Callable[[], float] = time.perf_counter) -> None:
+    """Interleaved timing: repetition r runs every method once, the order rotated by r. `clock` is wall
+    time by default; time.process_time (--clock cpu) counts only this process's CPU time."""
     n = len(methods)
     for r in range(warmup + steps):
         for k in range(n):
             m = methods[(r + k) % n]
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             m.run_step(x, y)
             _sync(device)
             if r >= warmup:
-                m.times.append(time.perf_counter() - t0)
+                m.times.append(clock() - t0)
         if r >= warmup:
             log(f"  rep {r - warmup + 1}/{steps}: "
                 + " ".join(f"{m.name}={m.times[-1]:.3f}s" for m in methods))
@@ -330,6 +333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fd-accuracy", action="store_true",
                    help="instead of timing: cos(finite-difference, exact) of the student's IGAM gradient "
                    "for both schemes and several fd_step values (use a small --batch, e.g. 16)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or the process's CPU time (CPU only: with --threads 1 it is far less "
+                   "sensitive to other jobs on a shared machine than wall time)")
     p.add_argument("--teacher-cache", action="store_true",
                    help="also time each IGAM method with the teacher-gradient cache (warm: second epoch)")
     p.add_argument("--tiny", action="store_true", help="width-4 networks, batch 8, 2 steps: a smoke test")
@@ -365,11 +371,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log = (lambda s: None) if args.quiet else print
     machine = device_name(device)
     print(f"step_cost: {args.model}, batch {args.batch}, {args.steps} timed + {args.warmup} warm-up "
-          f"repetitions, device {device}, {args.threads} thread(s), torch {torch.__version__}, {machine}; "
+          f"repetitions, {args.clock} clock, device {device}, {args.threads} thread(s), "
+          f"torch {torch.__version__}, {machine}; "
           f"1-min load {load_before:.2f}")
     tf32_before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     try:
-        measure(methods, x, y, args.steps, args.warmup, device, log)
+        if args.clock == "cpu" and device.type != "cpu":
+            raise SystemExit("step_cost: --clock cpu times CPU work only; use --clock wall on CUDA.")
+        measure(methods, x, y, args.steps, args.warmup, device, log,
+                time.process_time if args.clock == "cpu" else time.perf_counter)
         if args.memory == "auto":
             for m in methods:
                 m.peak_mib = peak_memory(m, x, y, device)
@@ -396,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = {"model": args.model, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
            "threads": args.threads, "device": str(device),
            "channels_last": args.channels_last, "torch": torch.__version__, "machine": machine,
-           "tiny": args.tiny, "teacher_cache": args.teacher_cache,
+           "tiny": args.tiny, "teacher_cache": args.teacher_cache, "clock": args.clock,
            "load_before": load_before, "load_after": load_after,
            "seconds_per_step": med, "images_per_s": {k: args.batch / v for k, v in med.items()},
            "all_times": {m.name: m.times for m in methods},

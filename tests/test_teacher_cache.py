@@ -94,6 +94,18 @@ def test_cached_training_follows_the_uncached_loss_trajectory(tmp_path: Path, tu
     assert_same_trajectory(off, on)
 
 
+def test_images_left_over_by_drop_last_keep_the_run_bit_identical(tmp_path: Path,
+                                                                  tuned_teacher: Path) -> None:
+    """100 images in batches of 32: 4 images drop out of each epoch and meet the cache later, in batches
+    of mostly cached images. Their J_t is computed with the whole batch (a sub-batch of 1-4 images rounds
+    differently in oneDNN), so the cached run stays bit-identical to the uncached one on this CPU."""
+    off = train(igam_cfg(tmp_path, tuned_teacher, "off", teacher_cache="off", train_subset=100), log=quiet)
+    on = train(igam_cfg(tmp_path, tuned_teacher, "on", teacher_cache="on", train_subset=100), log=quiet)
+    assert [r["ce"] for r in read_log(off)] == [r["ce"] for r in read_log(on)]
+    a, b = load_file(str(off / "model.safetensors")), load_file(str(on / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_auto_caches_and_a_resumed_cached_run_matches_an_uninterrupted_one(
         tmp_path: Path, tuned_teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """teacher_cache=auto is on here (augment none, noise 0, teacher_bn eval, identity adapter). The cache is
@@ -122,10 +134,9 @@ def test_auto_caches_and_a_resumed_cached_run_matches_an_uninterrupted_one(
     monkeypatch.setattr(matching_module, "teacher_gradient",
                         lambda t, x, *a, **k: calls.append(len(x)) or real(t, x, *a, **k))
     resumed = train(cfg.replace(resume=True), log=quiet)
-    # steps 5-6 of epoch 1 and steps 7-9 of epoch 2 computed by the teacher once per image: 96 images
-    # (of which step 5-6's 64 once, then epoch 2 computes only the 32 images of batch 1 of epoch 1),
-    # and the final held-out metrics
-    assert sum(calls[:-1]) == 96 and calls[-1] == 32
+    # the cache refills: steps 5-6 compute (empty cache), and so does every epoch-2 batch holding an image
+    # of epoch 1's first batch; the teacher always runs on whole batches (then the final held-out metrics)
+    assert 2 <= len(calls) - 1 <= 5 and set(calls) == {32}
     assert_same_trajectory(ref, resumed, rtol=1e-5)
     ref_w, res_w = load_file(str(ref / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     for k in ref_w:
@@ -199,10 +210,10 @@ def test_cache_computes_each_image_once_and_serves_it_bit_for_bit() -> None:
     out = cache.lookup(a, data[a], labels[a], compute)
     assert torch.equal(out, data[a] * 2 + labels[a][:, None, None, None]) and seen == [3]
     b = torch.tensor([7, 19, 3, 0])  # two cached, two new (and the store grows past index 19)
-    out = cache.lookup(b, data[b], labels[b], compute)
-    assert torch.equal(out, data[b] * 2 + labels[b][:, None, None, None]) and seen == [3, 2]
+    out = cache.lookup(b, data[b], labels[b], compute)  # the whole batch computed, as without the cache
+    assert torch.equal(out, data[b] * 2 + labels[b][:, None, None, None]) and seen == [3, 4]
     out = cache.lookup(b, torch.zeros(4, 3, 4, 4), labels[b], compute)  # all served: x is not read
-    assert torch.equal(out, data[b] * 2 + labels[b][:, None, None, None]) and seen == [3, 2]
+    assert torch.equal(out, data[b] * 2 + labels[b][:, None, None, None]) and seen == [3, 4]
     assert len(cache) == 5 and cache.computed == 5 and cache.served == 6 and cache.where == "host"
     with pytest.raises(ValueError, match="index has 2 entries for a batch of 3"):
         cache.lookup(torch.tensor([1, 2]), data[:3], labels[:3], compute)
