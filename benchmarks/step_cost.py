@@ -8,9 +8,16 @@ madry-mnist teacher behind the gray+crop28 adapter, a 5-layer discriminator with
 layer, on one fixed batch of CIFAR-like random images. Every method runs the same step as `igam train`
 (objective.loss, the NaN/Inf check, zero_grad, backward, gradient norm, optimizer step, after_step) on
 its own copy of the same student, and the methods are interleaved (the order rotates every repetition),
-so a change of machine load hits all of them alike. Reported per method: median seconds per step,
+so a change of machine load hits all of them alike (--clock cpu: CPU time of this process instead of wall
+time, for a loaded shared CPU). Reported per method: median seconds per step,
 images/s, and the peak memory of a step (CUDA: torch.cuda.max_memory_allocated; CPU on Linux: the rise of
 the process's peak resident set over one step, after returning freed memory to the OS; else skipped).
+
+--teacher-cache adds each IGAM method with the teacher-gradient cache of issue 15 (teacher_cache=on) beside
+the uncached one: the batch is given its training-set positions (0..B-1), the cache is filled by the first
+warm-up repetition, so the timed steps are those of a second epoch (J_t served, not computed). Printed with
+it: cached / standard against the targets of issue 15 (FD forward <= 2.2, exact <= 2.9) and cached /
+uncached.
 
 --fd-accuracy prints, instead of timings, how close the finite-difference gradient is to the exact one.
 
@@ -55,6 +62,9 @@ from igam.objectives.pgd_at import PGDAT
 from igam.train import nonfinite_terms
 
 TARGETS = {"igam-fd / pgd7": 0.30, "igam-fd / standard": 2.3, "igam-exact / pgd7": 0.45}
+# issue 15: a cached IGAM step against a standard step (resnet20 / wrn-16-4, 1 thread, quiet machine)
+CACHE_TARGETS = {"igam-fd-forward+cache / standard": 2.2, "igam-fd+cache / standard": 2.2,
+                 "igam-exact+cache / standard": 2.9}
 PAPER_IGAM_OVER_PGD7 = 0.43  # the paper's IGAM / PGD-7 training-time ratio on a GPU: an anchor, not a target
 MODELS = ("small-cnn", "resnet20", "wrn-16-4")
 
@@ -73,11 +83,13 @@ class Method:
     tf32: bool | None = None  # CUDA: TF32 (convolutions, matmuls) in this method's steps; None: as is
 
     def run_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """The body of igam.train's loop, without logging and checkpoints."""
+        """The body of igam.train's loop, without logging and checkpoints. An objective that needs the
+        batch's training-set positions (the teacher cache) gets 0..B-1: the same images every step."""
         if self.tf32 is not None:
             set_tf32(self.tf32)
         self.model.train()
-        loss, metrics, aux = self.objective.loss(self.model, x, y, self.step)
+        extra = {"index": torch.arange(len(x))} if self.objective.needs_index else {}
+        loss, metrics, aux = self.objective.loss(self.model, x, y, self.step, **extra)
         self.optimizer.zero_grad(set_to_none=True)
         if not nonfinite_terms(loss, metrics):
             loss.backward()
@@ -140,7 +152,10 @@ def build_methods(args: argparse.Namespace, device: torch.device) -> list[Method
     add("pgd7", PGDAT(8 / 255, 2 / 255, 7, random_start=True, attack_bn="eval", seed=0))
     variants = [("igam-exact", "exact", "central")]
     variants += [(f"igam-fd-{s}" if len(schemes) > 1 else "igam-fd", "finite-difference", s) for s in schemes]
-    for name, mode, scheme in variants:
+    variants = [(n, m, s, False) for n, m, s in variants]
+    if getattr(args, "teacher_cache", False):
+        variants += [(f"{n}+cache", m, s, True) for n, m, s, _ in variants]
+    for name, mode, scheme, cache in variants:
         torch.manual_seed(1)  # the same discriminator for every variant
         disc = GradientDiscriminator((3, 28, 28), layers=args.disc_layers, channels=4 if args.tiny else 16)
         disc = disc.to(memory_format=fmt)
@@ -149,7 +164,8 @@ def build_methods(args: argparse.Namespace, device: torch.device) -> list[Method
         matching = InputGradientMatching(teacher, disc, lambda_adv=1.0, lambda_diff="auto", mode=mode,
                                          fd_step=args.fd_step, fd_scheme=scheme,
                                          disc_view=teacher.adapter.disc_view, disc_optimizer=disc_opt,
-                                         disc_every=args.disc_every, disc_follow_lr=True)
+                                         disc_every=args.disc_every, disc_follow_lr=True,
+                                         teacher_cache=cache)
         objective = IGAMObjective("igam", matching)
         objective.begin(10**6, 10**6)
         add(name, objective)
@@ -201,18 +217,20 @@ def peak_memory(method: Method, x: torch.Tensor, y: torch.Tensor, device: torch.
 
 
 def measure(methods: list[Method], x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
-            device: torch.device, log: Callable[[str], None]) -> None:
-    """Interleaved timing: repetition r runs every method once, the order rotated by r."""
+            device: torch.device, log: Callable[[str], None],
+            clock: Callable[[], float] = time.perf_counter) -> None:
+    """Interleaved timing: repetition r runs every method once, the order rotated by r. `clock` is wall
+    time by default; time.process_time (--clock cpu) counts only this process's CPU time."""
     n = len(methods)
     for r in range(warmup + steps):
         for k in range(n):
             m = methods[(r + k) % n]
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             m.run_step(x, y)
             _sync(device)
             if r >= warmup:
-                m.times.append(time.perf_counter() - t0)
+                m.times.append(clock() - t0)
         if r >= warmup:
             log(f"  rep {r - warmup + 1}/{steps}: "
                 + " ".join(f"{m.name}={m.times[-1]:.3f}s" for m in methods))
@@ -228,9 +246,14 @@ def ratios(results: dict[str, float]) -> dict[str, float]:
 
 
 def extra_ratios(results: dict[str, float]) -> dict[str, float]:
-    """IGAM-exact / standard and PGD-7 / standard (not in the issue-7 targets, but read beside them)."""
-    return {"igam-exact / standard": results["igam-exact"] / results["standard"],
-            "pgd7 / standard": results["pgd7"] / results["standard"]}
+    """IGAM-exact / standard and PGD-7 / standard (not in the issue-7 targets, but read beside them); with
+    cached methods, each cached step against a standard step and against its uncached twin."""
+    out = {"igam-exact / standard": results["igam-exact"] / results["standard"],
+           "pgd7 / standard": results["pgd7"] / results["standard"]}
+    for name in (k for k in results if k.endswith("+cache")):
+        out[f"{name} / standard"] = results[name] / results["standard"]
+        out[f"{name} / {name.removesuffix('+cache')}"] = results[name] / results[name.removesuffix("+cache")]
+    return out
 
 
 def device_name(device: torch.device) -> str:
@@ -241,6 +264,8 @@ def device_name(device: torch.device) -> str:
 
 
 def target_of(key: str) -> float | None:
+    if "+cache" in key:
+        return CACHE_TARGETS.get(key)
     for pattern, bound in TARGETS.items():
         a, b = pattern.split(" / ")
         if key.startswith(a) and key.endswith(" / " + b):
@@ -308,12 +333,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fd-accuracy", action="store_true",
                    help="instead of timing: cos(finite-difference, exact) of the student's IGAM gradient "
                    "for both schemes and several fd_step values (use a small --batch, e.g. 16)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or the process's CPU time (CPU only: with --threads 1 it is far less "
+                   "sensitive to other jobs on a shared machine than wall time)")
+    p.add_argument("--teacher-cache", action="store_true",
+                   help="also time each IGAM method with the teacher-gradient cache (warm: second epoch)")
     p.add_argument("--tiny", action="store_true", help="width-4 networks, batch 8, 2 steps: a smoke test")
     p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("--quiet", action="store_true", help="no per-repetition lines")
     args = p.parse_args(argv)
     if args.tiny:
         args.batch, args.steps, args.warmup = min(args.batch, 8), min(args.steps, 2), min(args.warmup, 1)
+    if args.teacher_cache:
+        args.warmup = max(args.warmup, 1)  # the first repetition fills the cache: time a second epoch
     return args
 
 
@@ -339,11 +371,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log = (lambda s: None) if args.quiet else print
     machine = device_name(device)
     print(f"step_cost: {args.model}, batch {args.batch}, {args.steps} timed + {args.warmup} warm-up "
-          f"repetitions, device {device}, {args.threads} thread(s), torch {torch.__version__}, {machine}; "
+          f"repetitions, {args.clock} clock, device {device}, {args.threads} thread(s), "
+          f"torch {torch.__version__}, {machine}; "
           f"1-min load {load_before:.2f}")
     tf32_before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     try:
-        measure(methods, x, y, args.steps, args.warmup, device, log)
+        if args.clock == "cpu" and device.type != "cpu":
+            raise SystemExit("step_cost: --clock cpu times CPU work only; use --clock wall on CUDA.")
+        measure(methods, x, y, args.steps, args.warmup, device, log,
+                time.process_time if args.clock == "cpu" else time.perf_counter)
         if args.memory == "auto":
             for m in methods:
                 m.peak_mib = peak_memory(m, x, y, device)
@@ -370,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = {"model": args.model, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
            "threads": args.threads, "device": str(device),
            "channels_last": args.channels_last, "torch": torch.__version__, "machine": machine,
-           "tiny": args.tiny, "load_before": load_before, "load_after": load_after,
+           "tiny": args.tiny, "teacher_cache": args.teacher_cache, "clock": args.clock,
+           "load_before": load_before, "load_after": load_after,
            "seconds_per_step": med, "images_per_s": {k: args.batch / v for k, v in med.items()},
            "all_times": {m.name: m.times for m in methods},
            "peak_memory_mib": {m.name: m.peak_mib for m in methods}, "ratios": r, "extra_ratios": extra,

@@ -42,6 +42,21 @@ def test_step_cost_tiny_runs_every_method_and_reports_ratios(step_cost, tmp_path
     assert "1-min load average" in printed
 
 
+def test_step_cost_teacher_cache_times_cached_beside_uncached(step_cost,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """--teacher-cache: each IGAM method also with the cache, warm (the teacher is asked in warm-up only)."""
+    out = step_cost.main(["--tiny", "--threads", "1", "--quiet", "--memory", "off", "--teacher-cache",
+                          "--clock", "cpu"])
+    cached = {"igam-exact+cache", "igam-fd-central+cache", "igam-fd-forward+cache"}
+    assert cached <= set(out["seconds_per_step"]) and out["teacher_cache"] and out["warmup"] >= 1
+    assert out["clock"] == "cpu"
+    assert {"igam-exact+cache / standard", "igam-exact+cache / igam-exact",
+            "igam-fd-forward+cache / igam-fd-forward"} <= set(out["extra_ratios"])
+    printed = capsys.readouterr().out
+    assert "igam-fd-forward+cache / standard" in printed and "target <= 2.2" in printed
+    assert "igam-exact+cache / standard" in printed and "target <= 2.9" in printed
+
+
 def test_step_cost_steps_really_train(step_cost) -> None:
     """Each method's step changes its own student (a no-op step would time nothing) and the IGAM steps
     also update their discriminator on schedule."""

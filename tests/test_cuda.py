@@ -249,3 +249,21 @@ def test_pgd_at_with_an_eps_ramp_trains_on_cuda(tmp_path: Path) -> None:
           "steps=2", "eps_warmup_epochs=0.5", f"out_dir={tmp_path}", "name=ramp", *COMMON, cwd=tmp_path)
     m = json.loads((tmp_path / "ramp" / "metrics.json").read_text())
     assert m["skipped_steps"] == 0 and math.isfinite(m["train"]["ce"]) and m["train"]["train_eps"] > 0
+
+
+@pytest.mark.parametrize("limit,where", [(None, "device"), (0, "pinned host")])
+def test_teacher_cache_on_the_device_and_in_pinned_host_memory(limit: int | None, where: str) -> None:
+    """teacher_cache=True (issue 15): the store lives on the GPU under the size limit, else in pinned host
+    memory; either way a second epoch serves J_t bit for bit as the first computed it, on the GPU."""
+    teacher, adapter = _teacher()
+    igm = InputGradientMatching(teacher, None, lambda_adv=0.0, lambda_diff=10.0, teacher_cache=True,
+                                cache_device_limit_bytes=limit).to(CUDA)
+    x, y = _batch(32)
+    first = [igm.teacher_gradients(x[i:i + 8], y[i:i + 8], torch.arange(i, i + 8)) for i in range(0, 32, 8)]
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    again = igm.teacher_gradients(torch.zeros_like(x), y[order.to(CUDA)], order)  # x unread when cached
+    assert igm.teacher_cache.where == where and again.device.type == "cuda"
+    assert torch.equal(again, torch.cat(first)[order.to(CUDA)])
+    uncached = InputGradientMatching(teacher, None, lambda_adv=0.0, lambda_diff=10.0).to(CUDA)
+    torch.testing.assert_close(again, uncached.teacher_gradients(x[order.to(CUDA)], y[order.to(CUDA)]),
+                               rtol=1e-4, atol=1e-7)

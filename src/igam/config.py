@@ -189,6 +189,10 @@ class Config:
                          ("central", "forward"))
     amp_input_grad: bool = opt(False, "run the IGAM input-gradient path under amp too (exact mode; default: "
                                "it stays float32)")
+    teacher_cache: str = opt("auto", "compute the teacher's input gradient of each training image once and "
+                             "reuse it: auto (on exactly when exact: augment none, noise 0, teacher_bn eval, "
+                             "no random adapter) | on (refused where it would be wrong) | off",
+                             ("auto", "on", "off"))
     # --- distillation from the fine-tuned teacher (kd-noise) ----------------------------------------
     section("distill")
     kd_temperature: float = opt(4.0, "kd-noise: softmax temperature T (the KL is scaled by T^2)")

@@ -284,7 +284,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
         bar = tqdm(total=total, initial=step, desc=run_name(cfg), unit="step", dynamic_ncols=True,
                    mininterval=1.0, leave=False)
     while step < total:
-        for x, y in loader.steps(step, objective.replays):
+        for x, y, index in loader.steps(step, objective.replays):
             if cfg.channels_last and device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             factor = lr_factor(cfg, step, total, steps_per_epoch)
@@ -293,7 +293,8 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
             objective.on_lr(factor)
             model.train()
             with amp_ctx:
-                loss, metrics, aux = objective.loss(train_model, x, y, step)
+                loss, metrics, aux = objective.loss(train_model, x, y, step,
+                                                    **({"index": index} if objective.needs_index else {}))
             optimizer.zero_grad(set_to_none=True)
             # NaN/Inf guard: a non-finite loss term skips the backward, a non-finite gradient the update
             bad = nonfinite_terms(loss, metrics)

@@ -86,7 +86,9 @@ class BatchLoader:
     """Batches of (x in [0,1] float32, y) from uint8 tensors kept on the target device.
 
     `epoch(e, start)` yields the batches of epoch e from batch index `start` on; under DDP each rank
-    gets rows [rank*B, (rank+1)*B) of every global batch of world*B images.
+    gets rows [rank*B, (rank+1)*B) of every global batch of world*B images. With `with_index=True` it
+    yields (x, y, index): index (B,) int64 on the CPU holds the training-set positions of the batch's
+    images (x[i] is self.x[index[i]], augmented), e.g. the key of IGAM's teacher-gradient cache.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True,
@@ -107,29 +109,34 @@ class BatchLoader:
         gb = self.batch_size * self.world
         return len(self.x) // gb if self.drop_last else -(-len(self.x) // gb)
 
-    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int = 0, start: int = 0, *,
+              with_index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(x (B, C, H, W) float in [0, 1], y (B,) int64) per batch of epoch `epoch` from batch `start`
+        on, plus index (B,) int64 on the CPU with `with_index` (see the class docstring)."""
         n, gb = len(self.x), self.batch_size * self.world
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.seed, epoch)))
+            host_order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.seed, epoch)))
         else:
-            order = torch.arange(n)
-        order = order.to(self.device)
+            host_order = torch.arange(n)
+        order = host_order.to(self.device)
         for i in range(start, len(self)):
             idx = order[i * gb:(i + 1) * gb]
             lo = min(self.rank * self.batch_size, len(idx))
             hi = min(lo + self.batch_size, len(idx))
-            yield self._make(idx, lo, hi, _seed(self.seed, epoch, i))
+            x, y = self._make(idx, lo, hi, _seed(self.seed, epoch, i))
+            yield (x, y, host_order[i * gb:(i + 1) * gb][lo:hi]) if with_index else (x, y)
 
-    def steps(self, first: int = 0, replays: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of training steps first, first + 1, ... without end, epoch after epoch: each batch
-        `replays` times in a row (free adversarial training), so step s trains on batch s // replays of
-        the run, and a run resumed at any step continues exactly where it stopped."""
+    def steps(self, first: int = 0, replays: int = 1) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(x, y, index) of training steps first, first + 1, ... without end, epoch after epoch (index as
+        with `epoch(with_index=True)`): each batch `replays` times in a row (free adversarial training), so
+        step s trains on batch s // replays of the run, and a run resumed at any step continues exactly
+        where it stopped."""
         i, r = divmod(first, replays)
         while True:
             epoch, start = divmod(i, len(self))
-            for x, y in self.epoch(epoch, start):
+            for x, y, index in self.epoch(epoch, start, with_index=True):
                 for _ in range(replays - r):
-                    yield x, y
+                    yield x, y, index
                 r = 0
                 i += 1
 

@@ -19,7 +19,8 @@ from igam.objectives import check_method
 from igam.runs import Run
 from igam.units import check_eps
 
-IGNORED_KEYS = ("progress", "resume", "threads", "device", "tensorboard", "out_dir", "name")
+IGNORED_KEYS = ("progress", "resume", "threads", "device", "tensorboard", "out_dir", "name",
+                "teacher_cache")  # speed only: the same numbers up to float rounding
 EXPERIMENT_KEYS = (
     "experiment",
     "description",

@@ -38,6 +38,7 @@ from igam.errors import IgamError
 from igam.method import finite_difference
 from igam.method.discriminator import DiscriminatorTrainer, GradientDiscriminator, adversarial_loss
 from igam.method.gradients import flat_cosine, input_gradient, per_example_objective, teacher_gradient
+from igam.method.teacher_cache import TeacherGradientCache, teacher_cache_blockers
 
 Terms = dict[str, torch.Tensor]
 
@@ -69,10 +70,16 @@ class InputGradientMatching(nn.Module):
             at x).
         amp_input_grad: keep an enclosing autocast (bf16) on for the input-gradient path too (exact mode
             only); by default that path runs in float32.
+        teacher_cache: keep each training image's J_t after its first computation
+            (igam.method.teacher_cache) and serve it when `forward` is given the batch's training-set
+            `index`; exact only for inputs that do not change between epochs and a deterministic teacher.
+        cache_device_limit_bytes: the largest cache kept on a CUDA device (None: a quarter of the free
+            memory); above it the cache lives in pinned host memory.
 
     Raises:
         IgamError: lambda_diff='auto' without a teacher, an unknown mode or scheme, amp_input_grad in
-            finite-difference mode.
+            finite-difference mode, teacher_cache with a teacher that makes it wrong (train-mode
+            BatchNorm, a random adapter).
     """
 
     def __init__(
@@ -97,6 +104,8 @@ class InputGradientMatching(nn.Module):
         fd_step: float = 1e-2,
         fd_scheme: str = "central",
         amp_input_grad: bool = False,
+        teacher_cache: bool = False,
+        cache_device_limit_bytes: int | None = None,
     ):
         super().__init__()
         if teacher is None and lambda_diff == "auto":
@@ -113,6 +122,12 @@ class InputGradientMatching(nn.Module):
                 "amp_input_grad=true needs grad_matching=exact: finite-difference quotients cancel to noise "
                 "in bfloat16. Drop amp_input_grad (the input-gradient path then runs in float32)."
             )
+        blockers = teacher_cache_blockers(teacher) if teacher_cache else []
+        if blockers:
+            raise IgamError(f"teacher_cache: cached teacher gradients would be wrong: {'; '.join(blockers)}.")
+        # not a module or buffer: the cache is never saved (it refills lazily after a resume)
+        self.teacher_cache = (TeacherGradientCache(cache_device_limit_bytes)
+                              if teacher_cache and teacher is not None else None)
         self._teacher = (teacher,)  # a plain attribute: the frozen teacher is not saved with the objective
         self.discriminator = discriminator  # registered: saved with the objective
         self.adversary = (DiscriminatorTrainer(discriminator, disc_optimizer, every=disc_every,
@@ -140,11 +155,20 @@ class InputGradientMatching(nn.Module):
         return self._teacher[0]
 
     # ----------------------------------------------------------------------------------- the paper
-    def teacher_gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """J_t (eqs. 9, 17): (B, C, H, W) like x, detached; zeros without a teacher."""
+    def teacher_gradients(self, x: torch.Tensor, y: torch.Tensor,
+                          index: torch.Tensor | None = None) -> torch.Tensor:
+        """J_t (eqs. 9, 17): (B, C, H, W) like x, detached; zeros without a teacher. With the teacher
+        cache on and `index` (B,) int64 (the batch's training-set positions) given, each image's J_t is
+        computed once and then served from the cache."""
         if self.teacher is None:
             return torch.zeros_like(x)
-        return teacher_gradient(self.teacher, x, y, self.gradient_target, self.scale)
+
+        def compute(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            return teacher_gradient(self.teacher, xb, yb, self.gradient_target, self.scale)
+
+        if self.teacher_cache is not None and index is not None:
+            return self.teacher_cache.lookup(index, x, y, compute)
+        return compute(x, y)
 
     def resolve_lambda_diff(self, jt: torch.Tensor, batch_size: int) -> None:
         """lambda_diff='auto': set it to lambda_diff_auto / E||J_t||^2 from this batch's J_t (B, C, H, W)
@@ -191,8 +215,10 @@ class InputGradientMatching(nn.Module):
             )
         return total, metrics
 
-    def forward(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Terms:
-        """All terms for a batch x (B, C, H, W) float in [0, 1], y (B,) int64.
+    def forward(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                index: torch.Tensor | None = None) -> Terms:
+        """All terms for a batch x (B, C, H, W) float in [0, 1], y (B,) int64; `index` (B,) int64, the
+        training-set positions of the batch's images, lets the teacher cache serve J_t (None: computed).
 
         Returns a dict of tensors: 'loss' (scalar to backpropagate; its value is eq. 14), the scalar
         metrics ce, acc, l_diff, l_adv, disc accuracies, cos_js_jt, js_norm, jt_norm, lambda_diff, and
@@ -203,7 +229,7 @@ class InputGradientMatching(nn.Module):
         backward of terms['loss'] then fires DDP's all-reduce hooks once per parameter."""
         with self._input_grad_precision(x):
             if self.use_teacher or not self._lambda_known:  # igr: the teacher only sets lambda_diff
-                jt = self.teacher_gradients(x, y)
+                jt = self.teacher_gradients(x, y, index)
                 self.resolve_lambda_diff(jt, len(x))
             if not self.use_teacher:
                 jt = torch.zeros_like(x)

@@ -1,6 +1,7 @@
 """What a training step optimises. The one training loop (igam.train) calls, per batch:
 
     loss, metrics, aux = objective.loss(model, x, y, step)   # scalar whose .backward() gives every gradient
+                                                             # (+ index=... when objective.needs_index)
     ... loop: zero_grad, loss.backward(), clip, optimizer.step() ...
     metrics |= objective.after_step(model, x, y, step, aux)  # e.g. a discriminator update every k steps
 
@@ -12,7 +13,10 @@ An objective also declares what the loop must provide instead of the loop testin
 `needs_double_backward` (the student's loss differentiates an input gradient: no torch.compile of the
 student), `needs_fp32` (finite differences: TF32 off on CUDA), `backprops_twice` (the pass at x is
 backpropagated twice: compiled backwards must keep their buffers), `optimizer_settings(cfg)` (which
-optimiser and base lr), and, through `register_objective(name, build_model=...)`, the network it trains.
+optimiser and base lr), `needs_index` (the loop passes `index=`, the (B,) int64 training-set positions of
+the batch's images on the CPU, to `loss`: e.g. IGAM's teacher-gradient cache is keyed by it; objectives
+that leave it False keep the four-argument `loss`), and, through `register_objective(name,
+build_model=...)`, the network it trains.
 
 Two more declarations shape the loop and its records: `replays` (each minibatch is trained on that many
 steps in a row: free adversarial training) and `passes(step)`, the forward and backward passes one step
@@ -54,11 +58,14 @@ class Objective(nn.Module):
     needs_fp32 = False
     backprops_twice = False
     replays = 1  # steps each minibatch is trained on in a row (free-at: m)
+    needs_index = False
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             step: int) -> tuple[torch.Tensor, Metrics, Any]:
+             step: int, index: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics, Any]:
         """(scalar loss, scalar metrics, aux for after_step) for a batch x (B, C, H, W) float in [0, 1],
-        y (B,) int64, at training step `step` (0-based)."""
+        y (B,) int64, at training step `step` (0-based). `index` (B,) int64 on the CPU: which training
+        images (positions in the training set) the batch holds; the loop passes it only to an objective
+        whose `needs_index` is True, and it is None wherever the images have no training-set position."""
         logits = model(x)
         ce = F.cross_entropy(logits, y)
         return ce, {"ce": ce.detach(), "acc": (logits.argmax(1) == y).float().mean()}, None

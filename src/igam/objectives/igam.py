@@ -17,9 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from igam.data import resolve_augment
 from igam.errors import IgamError
 from igam.method.discriminator import GradientDiscriminator
 from igam.method.matching import InputGradientMatching
+from igam.method.teacher_cache import teacher_cache_blockers
 from igam.objectives.base import Metrics, Objective, Passes, count, register_objective
 from igam.teachers import frozen_teacher
 from igam.units import parse_fraction, start_step
@@ -32,7 +34,7 @@ class IGAMObjective(Objective):
     def __init__(self, name: str, matching: InputGradientMatching, igam_start: str = "0"):
         super().__init__()
         self.name, self.matching, self.igam_start = name, matching, igam_start
-        self.start = 0
+        self.start, self.steps_per_epoch = 0, 0
         self.teacher_sets_scale = not matching._lambda_known  # lambda_diff=auto: J_t on the first batch
 
     @property
@@ -47,8 +49,14 @@ class IGAMObjective(Objective):
     def backprops_twice(self) -> bool:  # type: ignore[override]
         return self.matching.mode == "finite-difference"
 
+    @property
+    def needs_index(self) -> bool:  # type: ignore[override]
+        """The teacher-gradient cache is keyed by the batch's training-set positions."""
+        return self.matching.teacher_cache is not None
+
     def begin(self, total_steps: int, steps_per_epoch: int, rank: int = 0) -> None:
         self.start = start_step(self.igam_start, total_steps, steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
 
     def passes(self, step: int) -> Passes:
         """Plain CE before igam_start (student forward + backward). Then, per image: the teacher's input
@@ -57,7 +65,9 @@ class IGAMObjective(Objective):
         J_s (a double backward); finite-difference: the perturbed passes instead (central: two forwards
         and backwards; forward: one), plus one more backward of the pass at x for the true-prob target;
         the discriminator on J_s and J_t (two maps per image: forward + backward to J_s), again for its
-        own update every disc_every steps."""
+        own update every disc_every steps. With the teacher-gradient cache, the teacher's passes count in
+        the first epoch of IGAM steps only (the few later batches holding images that epoch left out,
+        which recompute the teacher, are not counted)."""
         if step < self.start:
             return super().passes(step)
         m = self.matching
@@ -67,17 +77,19 @@ class IGAMObjective(Objective):
             extra = 2 if m.fd_scheme == "central" else 1
             student = count(1 + extra, 1 + extra + (m.gradient_target != "ce"))
         out = {"student": student}
-        if m.teacher is not None and (m.use_teacher or (step == self.start and self.teacher_sets_scale)):
+        cached = m.teacher_cache is not None and step >= self.start + self.steps_per_epoch
+        if m.teacher is not None and not cached and (m.use_teacher
+                                                     or (step == self.start and self.teacher_sets_scale)):
             out["teacher"] = count(1, 1)
         if m.adversary is not None:
             d = 2 + 2 * m.adversary.due(step - self.start)
             out["discriminator"] = count(d, d)
         return out
 
-    def loss(self, model, x, y, step) -> tuple[torch.Tensor, Metrics, Any]:
+    def loss(self, model, x, y, step, index=None) -> tuple[torch.Tensor, Metrics, Any]:
         if step < self.start:
             return super().loss(model, x, y, step)
-        terms = self.matching(model, x, y)
+        terms = self.matching(model, x, y, index)
         maps = {"js": terms.pop("js"), "jt": terms.pop("jt")}
         return terms.pop("loss"), terms, maps
 
@@ -108,6 +120,34 @@ class IGAMObjective(Objective):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if self.matching.adversary is not None:
             self.matching.adversary.load_state_dict(state)
+
+
+def teacher_cache_decision(cfg: Any, spec: Any, teacher: nn.Module | None) -> tuple[bool, list[str]]:
+    """(cache the teacher's gradients?, the reasons it would be wrong) for cfg.teacher_cache auto | on | off.
+
+    The cache is exact when the student's inputs are the same every epoch (augment none after `auto` is
+    resolved for the data's shape, noise 0) and the teacher is deterministic per example (eval-mode
+    BatchNorm, no random adapter: igam.method.teacher_cache.teacher_cache_blockers). auto is on exactly
+    then (and off without a teacher: nothing to cache); off is off.
+
+    Raises:
+        IgamError: teacher_cache=on where it would be wrong, naming every reason.
+    """
+    if cfg.teacher_cache == "off" or teacher is None:
+        return False, []
+    reasons = []
+    augment = resolve_augment(cfg.augment, tuple(spec.shape))
+    if augment != "none":
+        reasons.append(f"augment={augment}" + (" (auto for this data)" if cfg.augment == "auto" else "")
+                       + " gives the student new inputs every epoch")
+    if parse_fraction(cfg.noise, "noise") > 0:
+        reasons.append(f"noise={cfg.noise} adds fresh noise to the inputs every epoch")
+    reasons += teacher_cache_blockers(teacher)
+    if cfg.teacher_cache == "on" and reasons:
+        raise IgamError("teacher_cache=on would reuse teacher gradients that are wrong: " + "; ".join(reasons)
+                        + ". Use teacher_cache=auto (on exactly when it is exact) or off, or drop those "
+                        "settings (augment=none noise=0 teacher_bn=eval, a deterministic adapter).")
+    return not reasons, reasons
 
 
 def build_matching(cfg: Any, spec: Any, device: torch.device,
@@ -157,6 +197,7 @@ def build_matching(cfg: Any, spec: Any, device: torch.device,
         fd_step=cfg.fd_step,
         fd_scheme=cfg.fd_scheme,
         amp_input_grad=cfg.amp_input_grad,
+        teacher_cache=teacher_cache_decision(cfg, spec, teacher)[0],
     )
     return m.to(device)
 
