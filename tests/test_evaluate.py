@@ -154,3 +154,30 @@ def test_check_logic_with_noise_margin():
     other_n = run_checks([pgd("a", 10, 0.3, 0.1), Observation("b", "pgd", 0.3, 0.9, n // 2, steps=50)],
                          0.3, 0.5)
     assert other_n["steps_monotone"]["passed"] is None, "results on different images are not compared"
+
+
+def test_several_runs_share_one_load_of_the_test_images_and_batch_size_auto(tmp_path, monkeypatch) -> None:
+    """`igam evaluate RUN1 RUN2 --batch-size auto`: the test set is read once for both runs, and auto picks
+    a batch size (on a CPU, min(500, n)); a bad value is one clear error."""
+    import igam.evaluate as ev
+    from igam.cli import main
+    from igam.config import make_config
+    from igam.train import train
+
+    runs = []
+    for name in ("a", "b"):
+        train(make_config(overrides={"dataset": "synthetic:8x8x3:4", "model": "small-cnn", "width": 4,
+                                     "epochs": 0.5, "train_subset": 64, "batch_size": 32, "eval_n": 16,
+                                     "progress": False, "tensorboard": False, "out_dir": str(tmp_path),
+                                     "name": name, "seed": 1 if name == "b" else 0}),
+              log=lambda *a: None)
+        runs.append(str(tmp_path / name))
+    loads = []
+    real = ev.load_data
+    monkeypatch.setattr(ev, "load_data", lambda *a, **k: loads.append(a) or real(*a, **k))
+    ev._TEST_SETS.clear()
+    assert main(["evaluate", *runs, "--attacks", "clean", "--n", "40", "--batch-size", "auto"]) == 0
+    assert len(loads) == 1
+    rec = json.loads((tmp_path / "a" / "eval.json").read_text())["clean"]
+    assert rec["batch_size"] == min(ev.AUTO_BATCH_CPU, rec["n"])
+    assert main(["evaluate", runs[0], "--attacks", "clean", "--batch-size", "big"]) == 2

@@ -85,8 +85,13 @@ def cmd_evaluate(args, extra) -> int:
 
     attacks = [a.strip().lower() for a in args.attacks.split(",") if a.strip()]
     validate_attacks(attacks)
+    if args.batch_size != "auto":
+        try:
+            args.batch_size = int(args.batch_size)
+        except ValueError:
+            raise IgamError(f"--batch-size={args.batch_size!r}: give a number of images, or auto.") from None
     for key in ("n", "batch_size", "check_n", "check_queries"):
-        if getattr(args, key) < 1:
+        if getattr(args, key) != "auto" and getattr(args, key) < 1:
             raise IgamError(f"--{key.replace('_', '-')}={getattr(args, key)} must be at least 1.")
     rows, warnings, notes = [], [], []
     for run in args.runs:
@@ -377,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reaches the boundary",
     )
     ev.add_argument("--n", type=int, default=10000, help="number of test images (first n)")
-    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument("--batch-size", default="500",
+                    help="images per attack batch, or auto: the largest that fits in GPU memory (500 on a "
+                    "CPU)")
     ev.add_argument(
         "--eps",
         default=None,

@@ -267,15 +267,62 @@ def stale_weights_note(run: Run) -> str:
             "the status is recorded in eval.json. Finish the run (resume=true) to evaluate its latest state.")
 
 
-def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size: int = 500, seed: int = 0,
-                 bn: str = "eval", data_dir: str | None = None, device: str = "cpu", *,
+_TEST_SETS: dict[tuple[str, str, int], Any] = {}  # (dataset, data root, n) -> Arrays, shared by one process
+
+
+def test_images(dataset: str, data_dir: str | Path | None, n: int) -> Any:
+    """The first n test images of a dataset (data.Arrays), loaded once per process: evaluating several
+    runs of one dataset (`igam evaluate RUN1 RUN2 ...`, an experiment's rows) reads the files once. Four
+    sets are kept at most."""
+    key = (dataset, str(data_dir or ""), int(n))
+    if key not in _TEST_SETS:
+        while len(_TEST_SETS) >= 4:
+            _TEST_SETS.pop(next(iter(_TEST_SETS)))
+        _TEST_SETS[key] = load_data(dataset, data_dir, False, 0, n)
+    return _TEST_SETS[key]
+
+
+AUTO_BATCH_CPU = 500  # --batch-size auto on a CPU: memory is not what limits a batch there
+AUTO_BATCH_MAX = 8192
+
+
+def auto_batch_size(model: nn.Module, shape: tuple[int, ...], n: int, device: str | torch.device) -> int:
+    """--batch-size auto: on CUDA the largest power of two (up to AUTO_BATCH_MAX and n) whose input-gradient
+    pass (what every attack step does) fits in memory with 2x headroom, found by halving from the top on
+    out-of-memory errors; AUTO_BATCH_CPU (or n) elsewhere. Eval mode, buffers and .grad left as they were."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return max(1, min(AUTO_BATCH_CPU, n))
+    b = 1 << (max(1, min(AUTO_BATCH_MAX, n)) - 1).bit_length()
+    saved = [(p, p.grad) for p in model.parameters()]
+    try:
+        with bn_mode(model, "eval"):
+            while b > 1:
+                try:
+                    x = torch.zeros(2 * b, *shape, device=device, requires_grad=True)  # 2x: headroom
+                    out = model(x)
+                    torch.autograd.grad(out.float().sum(), x)
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    b //= 2
+                finally:
+                    torch.cuda.empty_cache()
+    finally:
+        for p, grad in saved:
+            p.grad = grad
+    return max(1, min(b, n))
+
+
+def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size: int | str = 500,
+                 seed: int = 0, bn: str = "eval", data_dir: str | None = None, device: str = "cpu", *,
                  eps: float | str | None = None, checks: bool = False, check_n: int = 500,
                  check_queries: int = 1000, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate a run on the first n test images of its dataset. Results merge into RUN/eval.json under
     `result_key(name, eps, bn)`, each as soon as its attack is finished; the masking checks (always those the
     results allow, plus the sweeps of `checks=True` on the first check_n images) replace its
     `masking_checks` section at the end. Returns this call's records, keyed like eval.json, and
-    `masking_checks` (sweeps of an earlier --checks call are kept).
+    `masking_checks` (sweeps of an earlier --checks call are kept). The test images are loaded once per
+    process (`test_images`); batch_size='auto' picks the largest batch that fits (`auto_batch_size`).
 
     All attacks are built before any runs, so a bad name or a model with too few classes for an AutoAttack
     component fails at once. AutoAttack resumes from RUN/autoattack-state-KEY/ (deleted once its record
@@ -297,9 +344,14 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     run_dir = the_run.dir
     refuse_symlinks(run_dir)  # eval.json and AutoAttack states are written inside the run folder only
     meta = the_run.meta
-    arrays = load_data(meta["data"]["dataset"], data_dir or the_run.data_dir, False, 0, n)
+    arrays = test_images(meta["data"]["dataset"], data_dir or the_run.data_dir, n)
     x, y = arrays.x_test, arrays.y_test
     model = the_run.load_model(device)
+    if batch_size == "auto":
+        batch_size = auto_batch_size(model, tuple(x.shape[1:]), len(x), device)
+        say(f"igam: {run_dir.name}: --batch-size auto: {batch_size}")
+    elif not isinstance(batch_size, int) or batch_size < 1:
+        raise IgamError(f"batch_size={batch_size!r}: give a positive number of images, or auto.")
     shape = tuple(x.shape[1:])
     prefix = f"igam: {run_dir.name}:"
     what = f"Run '{run_dir}'"

@@ -249,10 +249,13 @@ def check_evaluation(blocks: Any, path: str | Path, stages: list[str]) -> list[d
                 raise IgamError(f"{where}: {e}") from None
         for key in ("n", "seed", "batch_size", "check_n"):
             v = ev.get(key)
+            if key == "batch_size" and v == "auto":  # the largest that fits (igam.evaluate.auto_batch_size)
+                continue
             low = 0 if key == "seed" else 1
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
                 raise IgamError(f"{where}: {key}={v!r} must be a whole number"
-                                + (" (0 or more)." if key == "seed" else " of at least 1."))
+                                + (" (0 or more)." if key == "seed" else " of at least 1")
+                                + (" or auto." if key == "batch_size" else "." if key != "seed" else ""))
         if ev.get("checks") is not None and not isinstance(ev["checks"], bool):
             raise IgamError(f"{where}: checks={ev['checks']!r} must be true or false.")
         rows = ev.get("rows")
