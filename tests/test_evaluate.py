@@ -181,3 +181,19 @@ def test_several_runs_share_one_load_of_the_test_images_and_batch_size_auto(tmp_
     rec = json.loads((tmp_path / "a" / "eval.json").read_text())["clean"]
     assert rec["batch_size"] == min(ev.AUTO_BATCH_CPU, rec["n"])
     assert main(["evaluate", runs[0], "--attacks", "clean", "--batch-size", "big"]) == 2
+
+
+def test_worst_case_per_image_over_attacks() -> None:
+    """The headline number: an image counts as robust only if every attack left it correct."""
+    from igam.evaluate import pack_correct, unpack_correct, worst_case
+
+    a = torch.tensor([1, 1, 0, 1, 1, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
+    b = torch.tensor([1, 0, 1, 1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
+    assert torch.equal(unpack_correct(pack_correct(a), len(a)), a)
+    recs = {"pgd20": {"correct": pack_correct(a), "n": 11, "eps": 0.1, "accuracy": float(a.float().mean())},
+            "square": {"correct": pack_correct(b), "n": 11, "eps": 0.1, "accuracy": float(b.float().mean())}}
+    head = worst_case(recs)
+    assert head["attacks"] == ["pgd20", "square"] and head["accuracy"] == pytest.approx(6 / 11)
+    assert head["accuracy"] < min(r["accuracy"] for r in recs.values())
+    with pytest.raises(IgamError, match="share n and eps"):
+        worst_case({**recs, "fgsm": {"correct": pack_correct(a[:8]), "n": 8, "eps": 0.1}})

@@ -81,7 +81,14 @@ def cmd_run(args, extra) -> int:
 
 def cmd_evaluate(args, extra) -> int:
     from igam.attacks.checks import summary as check_summary
-    from igam.evaluate import evaluate_run, record_notes, result_key, validate_attacks, warning_block
+    from igam.evaluate import (
+        evaluate_run,
+        record_notes,
+        result_key,
+        validate_attacks,
+        warning_block,
+        worst_case,
+    )
 
     attacks = [a.strip().lower() for a in args.attacks.split(",") if a.strip()]
     validate_attacks(attacks)
@@ -132,6 +139,16 @@ def cmd_evaluate(args, extra) -> int:
         + (f", eps {args.eps}" if args.eps else "")
         + "; details in RUN/eval.json)"
     )
+    for label, res in rows:  # the field's headline: per image, the worst case over the attacks run
+        robust = {a: rec for a, rec in res.items() if rec.get("eps") is not None}
+        by_eps: dict[float, dict] = {}
+        for a, rec in robust.items():
+            by_eps.setdefault(round(float(rec["eps"]), 12), {})[a] = rec
+        for eps, recs in sorted(by_eps.items()):
+            head = worst_case(recs) if len({r["n"] for r in recs.values()}) == 1 else None
+            if head is not None and len(head["attacks"]) > 1:
+                print(f"headline: {label}: {100 * head['accuracy']:.2f}% robust at eps {eps:.4g}, per image "
+                      f"the worst case over {', '.join(head['attacks'])}")
     for line in notes:
         print(f"note: {line}")
     for line in stale:

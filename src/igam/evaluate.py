@@ -17,12 +17,14 @@ RUN/autoattack-state-KEY/ until its record is written, so an interrupted evaluat
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -118,7 +120,39 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str |
     settings = {"attack": "clean", "bn": bn} if atk is None else atk.settings()
     return {"accuracy": float(correct.float().mean()) if len(x) else 0.0, "n": len(x), "seed": seed, "bn": bn,
             "eps": None if atk is None else atk.eps, "batch_size": batch_size, "attack": settings,
-            "time_s": round(time.time() - t0, 2)}
+            "time_s": round(time.time() - t0, 2), "correct": pack_correct(correct)}
+
+
+def pack_correct(correct: torch.Tensor) -> str:
+    """Per-image correctness (N,) bool as base64 of its packed bits (N/8 bytes): kept in each eval.json
+    record so that the worst case over attacks can be taken per image."""
+    return base64.b64encode(np.packbits(correct.numpy().astype(np.uint8)).tobytes()).decode("ascii")
+
+
+def unpack_correct(text: str, n: int) -> torch.Tensor:
+    """The (n,) bool tensor `pack_correct` wrote."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n]
+    return torch.from_numpy(bits.astype(bool))
+
+
+def worst_case(records: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The headline robust accuracy: per image, correct under every attack of `records` (eval.json
+    records at one eps, on the same n images and seed), i.e. the worst case over the attacks run, as
+    RobustBench reports AutoAttack's. None when fewer than one record carries per-image results.
+    Returns {accuracy, n, eps, attacks}."""
+    usable = {k: r for k, r in records.items() if isinstance(r, dict) and isinstance(r.get("correct"), str)
+              and r.get("eps") is not None}
+    if not usable:
+        return None
+    ns, epss = {r["n"] for r in usable.values()}, {round(float(r["eps"]), 12) for r in usable.values()}
+    if len(ns) != 1 or len(epss) != 1:
+        raise IgamError("worst_case: the records must share n and eps; group them first.")
+    n = ns.pop()
+    both = torch.ones(n, dtype=torch.bool)
+    for r in usable.values():
+        both &= unpack_correct(r["correct"], n)
+    return {"accuracy": float(both.float().mean()) if n else 0.0, "n": n, "eps": epss.pop(),
+            "attacks": sorted(usable)}
 
 
 def check_logits(logits: torch.Tensor, y: torch.Tensor) -> None:

@@ -7,8 +7,8 @@ model_info/DATASET/THREAT/NAME.json) from a run's meta.json and eval.json.
 Accuracies are percentages as strings with two decimals, as RobustBench writes them. `autoattack_acc` is
 the reference AutoAttack's standard version (eval.json key `autoattack`, library pyautoattack) at the
 nominal eps; without it the field is null and the footnote says so: a PGD number is never passed off as
-AutoAttack. `reported` is the lowest robust accuracy among the attacks run at that eps (the strongest
-evaluation available), and the footnote names which attack gave it.
+AutoAttack. `reported` is, per image, the worst case over the attacks run at that eps (records without
+per-image results: the lowest of their accuracies), and the footnote names the attacks.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from igam.errors import IgamError
+from igam.evaluate import worst_case
 from igam.files import read_json, write_json
 from igam.runs import Run
 
@@ -57,11 +58,15 @@ def model_info(run: str | Path, *, name: str = "", additional_data: bool = False
     eps = max((v["eps"] for v in robust.values()), default=None)
     at_eps = {k: v for k, v in robust.items() if eps is not None and abs(v["eps"] - eps) < 1e-12}
     strongest = min(at_eps, key=lambda k: at_eps[k]["accuracy"]) if at_eps else None
+    head = worst_case(at_eps) if at_eps else None  # per image, the worst case over the attacks run
     aa = at_eps.get("autoattack")
     settings = (aa.get("attack") or {}) if isinstance(aa, dict) else {}
     aa_ok = settings.get("library") == "pyautoattack" and settings.get("version") == "standard"
     notes = []
-    if strongest is not None:
+    if head is not None and len(head["attacks"]) > 1:
+        notes.append(f"reported: per image the worst case over {', '.join(head['attacks'])} on the first "
+                     f"{head['n']} test images")
+    elif strongest is not None:
         notes.append(f"reported: {strongest} on the first {at_eps[strongest]['n']} test images")
     if not aa_ok:
         notes.append("no reference AutoAttack (pyautoattack, standard version) in eval.json: "
@@ -75,7 +80,8 @@ def model_info(run: str | Path, *, name: str = "", additional_data: bool = False
         "threat_model": "Linf",
         "eps": _eps_text(eps) if eps is not None else None,
         "clean_acc": _pct(clean["accuracy"]),
-        "reported": _pct(at_eps[strongest]["accuracy"]) if strongest else None,
+        "reported": (_pct(head["accuracy"]) if head is not None
+                     else _pct(at_eps[strongest]["accuracy"]) if strongest else None),
         "autoattack_acc": _pct(aa["accuracy"]) if aa_ok else None,
         "additional_data": bool(additional_data),
         "number_forward_passes": 1,
