@@ -9,6 +9,8 @@ from (cfg.seed, step, rank), so a resumed run draws exactly what an uninterrupte
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from igam.units import check_eps
 from igam.utils import bn_mode, mix_seed, unwrap
 
 
-class AttackTraining(Objective):
+class AttackTraining(Objective, metaclass=abc.ABCMeta):
     """The common part of adversarial-training objectives (pgd-at, trades, fast-at, n-fgsm, free-at): the
     L-inf budget eps with its optional linear ramp over eps_warmup_epochs, the BatchNorm mode of the
     attack, and a random stream per (seed, step, rank), so a resumed run draws exactly what an
@@ -52,9 +54,9 @@ class AttackTraining(Objective):
     def ramp_metrics(self, step: int, device: torch.device) -> Metrics:
         return {"train_eps": torch.tensor(self.budget(step)[0], device=device)} if self.ramp_steps > 0 else {}
 
+    @abc.abstractmethod
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        """The points the model trains on at this step (detached, in [0, 1])."""
-        raise NotImplementedError
+        """The points the model trains on at this step (detached, in [0, 1]); each method defines it."""
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              step: int) -> tuple[torch.Tensor, Metrics, None]:
