@@ -98,6 +98,11 @@ class FreeAT(AttackTraining):
         """One forward and one backward per step: the backward gives the perturbation's gradient too."""
         return {"student": count(1, 1)}
 
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """The points this step trains on: x plus the carried perturbation, clipped to [0, 1] (detached)."""
+        delta = self.delta if self.delta is not None and self.delta.shape == x.shape else torch.zeros_like(x)
+        return (x + delta.to(device=x.device, dtype=x.dtype)).clamp(0.0, 1.0).detach()
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              step: int) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
         if self.delta is None or self.delta.shape != x.shape:
