@@ -494,7 +494,7 @@ def step_ddp(r: Runner, step: Step) -> None:
         cmd = [*torchrun, "-m", "igam", "transfer", f"teacher={teacher}", f"dataset={target}",
                f"data_dir={r.data}", "model=preact-resnet18", "epochs=1", f"device={dev}",
                f"out_dir={run_dir.parent}", f"name={run_dir.name}", "progress=false", "tensorboard=false",
-               "eval_every=0", "log_every=1", *size]
+               "eval_every=0", "log_every=1", "grad_clip=5", *size]
         r.run(step, cmd, 75)
         meta = json.loads((run_dir / "meta.json").read_text())
         metrics = json.loads((run_dir / "metrics.json").read_text())
