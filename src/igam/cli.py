@@ -100,7 +100,9 @@ def cmd_evaluate(args, extra) -> int:
     for key in ("n", "batch_size", "check_n", "check_queries"):
         if getattr(args, key) != "auto" and getattr(args, key) < 1:
             raise IgamError(f"--{key.replace('_', '-')}={getattr(args, key)} must be at least 1.")
-    rows, warnings, notes = [], [], []
+    if args.eps_sweep is not None and args.eps is not None:
+        raise IgamError("Give --eps (one radius) or --eps-sweep (several), not both.")
+    rows, warnings, notes, curves = [], [], [], []
     for run in args.runs:
         res = evaluate_run(
             run,
@@ -115,6 +117,7 @@ def cmd_evaluate(args, extra) -> int:
             checks=args.checks,
             check_n=args.check_n,
             check_queries=args.check_queries,
+            eps_sweep=args.eps_sweep,
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )
         if args.model_info:
@@ -122,21 +125,36 @@ def cmd_evaluate(args, extra) -> int:
 
             print(f"igam: {write_model_info(run)}", file=sys.stderr)
         label = Path(run).name + (" (train-mode BN)" if args.bn == "train" else "")
-        rows.append((label, {a: res[result_key(a, args.eps, args.bn)] for a in attacks}))
-        notes += [f"{label}: {line}" for a in attacks for line in record_notes(a, rows[-1][1][a])]
+        records = {k: r for k, r in res.items() if k not in ("masking_checks", "eps_sweep")}
+        notes += [f"{label}: {line}" for k, r in records.items() for line in record_notes(k, r)]
+        if "eps_sweep" in res:
+            from igam.report.robustness import plot_robustness_curve
+            from igam.runs import Run
+
+            curves.append((label, res["eps_sweep"]))
+            print(f"igam: {Run(run).curve_path}, {plot_robustness_curve(run)}", file=sys.stderr)
+            notes += [f"{label}: {line}" for line in sweep_notes(res["eps_sweep"])]
+        else:
+            rows.append((label, {a: res[result_key(a, args.eps, args.bn)] for a in attacks}))
+            notes.append(f"{label}: per-class accuracy (mean over classes / worst class): " + "; ".join(
+                per_class_text(a, rows[-1][1][a]) for a in attacks))
         mc = res["masking_checks"]
         notes.append(f"{label}: masking checks: {check_summary(mc['checks'])}")
         if mc["failed"]:
             warnings.append(warning_block(str(run), mc["checks"]))
-    print(format_table(rows, attacks))
-    used = sorted({rec["n"] for _, res in rows for rec in res.values()})
+    used = sorted({rec["n"] for _, res in rows for rec in res.values()} | {c["n"] for _, c in curves})
     images = (f"first {args.n} test images" if used == [args.n] else
               f"{'/'.join(map(str, used))} test images (all of the test set; --n {args.n} asked for more)")
     stale = sorted({f"{label}: status {rec['run_status']}" for label, res in rows for rec in res.values()
                     if rec.get("run_status")})
+    if curves:
+        print(format_sweep_table(curves))
+    else:
+        print(format_table(rows, attacks))
     print(
         f"(accuracy in %, {images}, seed {args.seed}, BatchNorm {args.bn}"
         + (f", eps {args.eps}" if args.eps else "")
+        + ("; curves in RUN/robustness_curve.json and .png" if curves else "")
         + "; details in RUN/eval.json)"
     )
     for label, res in rows:  # the field's headline: per image, the worst case over the attacks run
@@ -156,9 +174,53 @@ def cmd_evaluate(args, extra) -> int:
     for w in warnings:
         print(w, file=sys.stderr)
     if warnings and args.strict:
-        print(f"igam: {len(warnings)} run(s) failed gradient-masking checks (--strict).", file=sys.stderr)
+        print(f"igam: {len(warnings)} run(s) failed gradient-masking or admission checks (--strict).",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def per_class_text(name: str, rec: dict) -> str:
+    """'pgd20 41.25/12.50 (class 3)' from an eval.json record's per_class section (accuracies in %)."""
+    pc = rec.get("per_class") or {}
+    if pc.get("mean") is None:
+        return f"{name} -"
+    classes = pc.get("classes") or []
+    worst = pc.get("worst_class")
+    which = f"{worst} {classes[worst]}" if isinstance(worst, int) and worst < len(classes) else f"{worst}"
+    return f"{name} {100 * pc['mean']:.2f}/{100 * pc['worst']:.2f} (class {which})"
+
+
+def format_sweep_table(curves: list[tuple[str, dict]]) -> str:
+    """The eps sweep: | Model | eps | PGD20 | ... | one row per run and radius (eps 0: clean), in %."""
+    labels = list(dict.fromkeys(c.get("label") or c["attack"] for _, data in curves for c in data["curves"]))
+    lines = ["| Model | eps | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 2)]
+    for name, data in curves:
+        by_label = {c.get("label") or c["attack"]: {p["eps_text"]: p["accuracy"] for p in c["points"]}
+                    for c in data["curves"]}
+        for text in data["eps_text"]:
+            cells = [f"{100 * by_label[a][text]:.2f}" if text in by_label.get(a, {}) else "-" for a in labels]
+            lines.append(f"| {name} | {text if text != '0' else '0 (clean)'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_notes(curve: dict) -> list[str]:
+    """What the sweep says about gradient masking: whether its largest eps was large enough to require ~0%
+    accuracy, and the verdicts of eps_monotone and large_eps_zero."""
+    from igam.evaluate import eps_text
+
+    largest, large = max(curve["eps"]), float(curve.get("large_eps") or 0)
+    text = curve["eps_text"][curve["eps"].index(largest)]
+    checks = curve.get("checks") or {}
+    out = []
+    if largest < large - 1e-9:
+        out.append(f"the sweep's largest eps {text} is below {eps_text(large)}, where accuracy "
+                   "must reach about 0%: add `large` to --eps-sweep (or use --checks) to check that it does")
+    for k in ("eps_monotone", "large_eps_zero"):
+        v = checks.get(k) or {}
+        if v.get("passed") is not None:
+            out.append(f"sweep check {k}: {'pass' if v['passed'] else 'FAIL'}: {v.get('detail', '')}")
+    return out
 
 
 def format_table(rows, attacks) -> str:
@@ -407,6 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="L-inf radius, e.g. 0.3 or 8/255 (default: the dataset's); the PGD step keeps its ratio to eps",
     )
+    ev.add_argument(
+        "--eps-sweep",
+        default=None,
+        help="robustness curve: run every attack of --attacks at each of these radii, e.g. "
+        "1/255,2/255,4/255,8/255,16/255 (`large`: 0.5 on MNIST-like inputs, 64/255 otherwise, where accuracy "
+        "must reach about 0; --checks adds it); writes RUN/robustness_curve.json and .png and prints the "
+        "accuracy per radius (instead of --eps)",
+    )
     ev.add_argument("--seed", type=int, default=0, help="seed of random starts")
     ev.add_argument(
         "--bn",
@@ -418,13 +488,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--checks",
         action="store_true",
         help="also run the gradient-masking sweeps (FGSM, PGD step and eps sweeps, PGD at a "
-        "large eps, Square) on the first --check-n images",
+        "large eps, Square) on the first --check-n images (RobustBench's admission checks, a deterministic "
+        "forward and no optimisation at inference, run on every evaluation)",
     )
     ev.add_argument("--check-n", type=int, default=500, help="images used by the --checks sweeps")
     ev.add_argument(
         "--check-queries", type=int, default=1000, help="queries of the Square attack of --checks"
     )
-    ev.add_argument("--strict", action="store_true", help="exit with status 1 when a masking check fails")
+    ev.add_argument("--strict", action="store_true",
+                    help="exit with status 1 when a masking or admission check fails")
     ev.add_argument("--model-info", action="store_true",
                     help="also write RUN/model_info.json, RobustBench's model-info record (clean_acc, "
                     "reported, autoattack_acc, eps, architecture, ...)")

@@ -7,6 +7,11 @@ attack's output" (the clean image is itself a point of the eps-ball), and every 
 settings, n, seed, time and, for AutoAttack, the library (pyautoattack) and its version, the components
 with their settings and AutoAttack's own flags.
 
+Every record carries its per-image results (`correct`) and the per-class accuracy computed from them
+(`per_class`: per true class, their mean and the worst class). `evaluate_run(..., eps_sweep=...)` runs each
+attack at several radii and writes the robustness curves to RUN/robustness_curve.json (`robustness_curve`).
+The masking checks include RobustBench's admission checks (`attacks.admission`).
+
 `evaluate_run` writes each attack's record to RUN/eval.json as soon as it is finished, so an attack that
 fails (or an interrupt) never loses the results before it; AutoAttack keeps a resume state in
 RUN/autoattack-state-KEY/ until its record is written, so an interrupted evaluation continues.
@@ -28,7 +33,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from igam.attacks import FGSM, PGD, Attack, AutoAttack, Square, make_attack, parse_preset, pgd_step
+from igam.attacks import (
+    FGSM,
+    PGD,
+    Attack,
+    AutoAttack,
+    Square,
+    column_name,
+    make_attack,
+    parse_preset,
+    pgd_step,
+)
+from igam.attacks.admission import ADMISSION_N, admission_checks
 from igam.attacks.autoattack import FLAGS_DOC, INSTALL_HINT, pyautoattack_version
 from igam.attacks.base import check_inputs
 from igam.attacks.checks import Observation, gradient_stats, run_checks, warning_block
@@ -40,9 +56,10 @@ from igam.runs import Run, refuse_symlinks
 from igam.units import check_eps
 from igam.utils import bn_mode, mix_seed, to_unit
 
-__all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "check_teacher_robustness", "evaluate_attack",
-           "evaluate_run", "large_eps", "masking_report", "predict", "record_notes", "result_key",
-           "run_attack", "stale_weights_note", "state_name", "warning_block"]
+__all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "check_teacher_robustness", "eps_text",
+           "evaluate_attack", "evaluate_run", "large_eps", "masking_report", "parse_eps_sweep",
+           "per_class_accuracy", "predict", "record_notes", "result_key", "robustness_curve", "run_attack",
+           "stale_weights_note", "state_name", "warning_block"]
 
 CHECK_STEPS = (10, 20, 50)  # PGD step counts of the --checks step sweep
 EPS_SWEEP = (0.25, 0.5, 1.0, 1.5)  # multiples of eps of the --checks eps sweep (PGD-20)
@@ -86,11 +103,47 @@ def validate_attacks(names: list[str]) -> None:
             raise IgamError(INSTALL_HINT)
 
 
+def per_class_accuracy(correct: torch.Tensor, y: torch.Tensor, num_classes: int | None = None,
+                       class_names: list[str] | None = None) -> dict[str, Any]:
+    """Accuracy per true class of per-image results `correct` (N,) bool with labels y (N,) int in
+    [0, num_classes) (default: max(y) + 1 classes).
+
+    Returns {"accuracy": [acc_c in [0, 1], or None for a class without images], "count": [images of class
+    c], "mean": the mean over the classes that have images, "worst": the lowest of them, "worst_class": its
+    index, and "classes": class_names when given}. The overall accuracy is sum(accuracy_c * count_c) / N.
+
+    Raises:
+        IgamError: when correct and y differ in length, or a label is outside [0, num_classes).
+    """
+    correct, y = correct.reshape(-1).bool().cpu(), y.reshape(-1).long().cpu()
+    if len(correct) != len(y):
+        raise IgamError(f"per_class_accuracy: {len(correct)} results but {len(y)} labels; give one per "
+                        "image.")
+    k = int(num_classes) if num_classes is not None else (int(y.max()) + 1 if len(y) else 0)
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= k):
+        raise IgamError(f"per_class_accuracy: labels span {int(y.min())}..{int(y.max())}, outside the "
+                        f"{k} classes 0..{k - 1}; is this the model's dataset?")
+    count = torch.bincount(y, minlength=k)[:k]
+    right = torch.bincount(y[correct], minlength=k)[:k]
+    acc = [float(r) / int(c) if int(c) else None for r, c in zip(right.tolist(), count.tolist())]
+    present = [(a, c) for c, a in enumerate(acc) if a is not None]
+    worst = min(present) if present else (None, None)
+    out = {"accuracy": acc, "count": count.tolist(),
+           "mean": sum(a for a, _ in present) / len(present) if present else None,
+           "worst": worst[0], "worst_class": worst[1]}
+    if class_names is not None and len(class_names) == k:
+        out["classes"] = [str(c) for c in class_names]
+    return out
+
+
 def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str | Attack, *,
                eps: float | str | None = None, step_size: float | str | None = None, batch_size: int = 500,
-               seed: int = 0, bn: str = "eval", what: str = "The model") -> dict[str, Any]:
+               seed: int = 0, bn: str = "eval", what: str = "The model", num_classes: int | None = None,
+               class_names: list[str] | None = None) -> dict[str, Any]:
     """Accuracy of `model` on images x (uint8 0..255 or float [0,1], NCHW) under an attack preset name
-    ('clean', 'fgsm', 'pgd20x5', ...) or an Attack object; returns the record saved in eval.json.
+    ('clean', 'fgsm', 'pgd20x5', ...) or an Attack object; returns the record saved in eval.json, with the
+    per-image results (`correct`, packed bits) and their `per_class_accuracy` (num_classes: the model's
+    outputs, default max label + 1).
 
     Raises:
         IgamError: for a bad batch size or attack; NonFiniteOutputs (an IgamError naming `what`) when the
@@ -120,7 +173,8 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str |
     settings = {"attack": "clean", "bn": bn} if atk is None else atk.settings()
     return {"accuracy": float(correct.float().mean()) if len(x) else 0.0, "n": len(x), "seed": seed, "bn": bn,
             "eps": None if atk is None else atk.eps, "batch_size": batch_size, "attack": settings,
-            "time_s": round(time.time() - t0, 2), "correct": pack_correct(correct)}
+            "time_s": round(time.time() - t0, 2), "correct": pack_correct(correct),
+            "per_class": per_class_accuracy(correct, y, num_classes, class_names)}
 
 
 def pack_correct(correct: torch.Tensor) -> str:
@@ -202,6 +256,46 @@ def large_eps(shape: tuple[int, ...], eps: float = 0.0) -> float:
     return max(0.5 if is_mnist_like(shape) else 64 / 255, min(1.0, 1.5 * eps))
 
 
+def eps_text(eps: float) -> str:
+    """How a radius is written in keys and tables: its short decimal when that is exact (0.5, 0.2), else
+    k/255 when it is one (64/255), else 4 significant digits."""
+    short, k = f"{eps:.4g}", eps * 255
+    if float(short) == eps:
+        return short
+    return f"{round(k)}/255" if 0 < eps < 1 and abs(k - round(k)) < 1e-6 else short
+
+
+def parse_eps_sweep(sweep: str | list[str | float] | tuple[str | float, ...], shape: tuple[int, ...],
+                    nominal: float | None = None) -> list[tuple[str, float]]:
+    """The radii of `--eps-sweep`: '1/255,2/255,8/255,large' -> [('1/255', 0.0039), ('2/255', ...), ...,
+    ('64/255', 0.251)], sorted by radius (L-inf, pixel units in (0, 1]), duplicates dropped. `large` stands
+    for `large_eps(shape, nominal)` (0.5 on MNIST-like inputs, 64/255 otherwise: where accuracy must reach
+    about 0), written as the number it is. Texts are kept as typed: they name the eval.json keys.
+
+    Raises:
+        IgamError: for an empty sweep, a value that is not a radius in (0, 1] (0 is the clean point, which
+            every curve has), or a text that is not a number.
+    """
+    parts = sweep.split(",") if isinstance(sweep, str) else list(sweep)
+    items = [str(t).strip() for t in parts if str(t).strip()]
+    if not items:
+        raise IgamError("--eps-sweep is empty; give radii, e.g. --eps-sweep 1/255,2/255,4/255,8/255,16/255 "
+                        "(add `large` to check that accuracy reaches about 0).")
+    nominal = default_eps(shape)[0] if nominal is None else nominal
+    out: dict[float, tuple[str, float]] = {}
+    for t in items:
+        if t.lower() == "large":
+            v = large_eps(shape, nominal)
+            t = eps_text(v)
+        else:
+            v = check_eps(t, "--eps-sweep")
+        if v <= 0:
+            raise IgamError(f"--eps-sweep value {t!r} is 0: the clean accuracy is the curve's first point "
+                            "anyway; give radii above 0.")
+        out.setdefault(round(v, 12), (t.replace(" ", ""), v))
+    return [out[k] for k in sorted(out)]
+
+
 def check_attacks(model: nn.Module, shape: tuple[int, ...], eps: float, *, queries: int = 1000,
                   bn: str = "eval", seed: int = 0) -> list[tuple[str, Attack]]:
     """The extra attacks of --checks: FGSM, a PGD step sweep, a PGD-20 eps sweep, PGD-50 at a large eps
@@ -237,8 +331,10 @@ def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
                    observations: list[Observation] = (), sweeps: bool = True, queries: int = 1000,  # type: ignore[assignment]
                    batch_size: int = 500, seed: int = 0, bn: str = "eval",
                    log: Callable[[str], None] | None = None, what: str = "The model") -> dict[str, Any]:
-    """Gradient-masking checks of `model` on images x (uint8 or float [0,1]): input-gradient statistics,
-    plus the sweeps of `check_attacks` (sweeps=True), judged together with earlier `observations`.
+    """Gradient-masking checks of `model` on images x (uint8 or float [0,1]): input-gradient statistics and
+    RobustBench's admission checks (`attacks.admission`: deterministic forward, no optimisation at
+    inference; on the first ADMISSION_N images), plus the sweeps of `check_attacks` (sweeps=True), judged
+    together with earlier `observations`.
 
     Raises:
         NonFiniteOutputs: when the model's logits are NaN/Inf (a diverged model is not judged for masking).
@@ -251,12 +347,14 @@ def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
         predict(model, _as_float(x[:batch_size], device), what)
     obs = list(observations)
     grads = gradient_stats(model, _as_float(x, device), y, batch_size, bn)
+    say(f"admission checks (determinism, no optimisation at inference) on {min(len(x), ADMISSION_N)} images")
+    admission = admission_checks(model, _as_float(x[:ADMISSION_N], device), bn)
     if sweeps:
         for label, atk in check_attacks(model, shape, nominal, queries=queries, bn=bn, seed=seed):
             say(f"check {label} on {len(x)} images ...")
             rec = run_attack(model, x, y, atk, batch_size=batch_size, seed=seed, bn=bn, what=what)
             obs.append(observation(f"check:{label}", rec))  # type: ignore[arg-type]
-    verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads)
+    verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads, admission)
     failed = [k for k, v in verdicts.items() if v["passed"] is False]
     return {"passed": not failed, "failed": failed, "eps": nominal, "check_n": len(x), "checks": verdicts,
             "observations": [o.to_dict() for o in obs]}
@@ -347,16 +445,76 @@ def auto_batch_size(model: nn.Module, shape: tuple[int, ...], n: int, device: st
     return max(1, min(b, n))
 
 
+def robustness_curve(records: dict[str, dict[str, Any]], attacks: list[str], sweep: list[tuple[str, float]],
+                     y: torch.Tensor, *, bn: str = "eval", num_classes: int | None = None,
+                     class_names: list[str] | None = None) -> dict[str, Any]:
+    """The robustness curves of an eps sweep from its eval.json `records` (keyed by `result_key`): one
+    curve per attack of `attacks` ('clean' skipped), each with one point per radius, the clean accuracy
+    as its point at eps 0, and, with two or more attacks, the per-image worst case over them ('worst case',
+    from the records' `correct` bits and labels y (n,)). Accuracies in [0, 1]; eps in pixel units.
+
+    Returns {"eps": [0, eps_1, ...], "eps_text": ["0", "1/255", ...], "n", "seed", "bn", "curves": [{"attack",
+    "label", "points": [{"eps", "eps_text", "key", "accuracy", "mean_class", "worst_class",
+    "worst_class_index"}, ...]}, ...]}.
+
+    Raises:
+        IgamError: when a record of the sweep is missing from `records`.
+    """
+    keys = {("clean", 0.0): result_key("clean", None, bn)}
+    names = [a for a in attacks if a != "clean"]
+    for a in names:
+        for t, v in sweep:
+            keys[(a, v)] = result_key(a, t, bn)
+    missing = [k for k in keys.values() if k not in records]
+    if missing:
+        raise IgamError(f"robustness_curve: no record for {', '.join(missing)}; evaluate them first.")
+    clean = records[keys[("clean", 0.0)]]
+
+    def point(e: float, text: str, key: str, rec: dict[str, Any]) -> dict[str, Any]:
+        pc = rec.get("per_class") or {}
+        return {"eps": e, "eps_text": text, "key": key, "accuracy": rec["accuracy"],
+                "mean_class": pc.get("mean"), "worst_class": pc.get("worst"),
+                "worst_class_index": pc.get("worst_class")}
+
+    curves = []
+    for a in names:
+        points = [point(0.0, "0", keys[("clean", 0.0)], clean)]
+        points += [point(v, t, keys[(a, v)], records[keys[(a, v)]]) for t, v in sweep]
+        curves.append({"attack": a, "label": column_name(a), "points": points})
+    n = int(clean["n"])
+    if len(names) > 1 and all(isinstance(records[k].get("correct"), str) for k in keys.values()):
+        points = [point(0.0, "0", keys[("clean", 0.0)], clean)]
+        for t, v in sweep:
+            both = torch.ones(n, dtype=torch.bool)
+            for a in names:
+                both &= unpack_correct(records[keys[(a, v)]]["correct"], n)
+            rec = {"accuracy": float(both.float().mean()) if n else 0.0,
+                   "per_class": per_class_accuracy(both, y[:n], num_classes, class_names)}
+            points.append(point(v, t, "+".join(keys[(a, v)] for a in names), rec))
+        curves.append({"attack": "worst case", "label": f"worst case ({', '.join(map(column_name, names))})",
+                       "points": points})
+    return {"eps": [0.0, *[v for _, v in sweep]], "eps_text": ["0", *[t for t, _ in sweep]], "n": n,
+            "seed": clean.get("seed"), "bn": bn, "curves": curves}
+
+
 def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size: int | str = 500,
                  seed: int = 0, bn: str = "eval", data_dir: str | None = None, device: str = "cpu", *,
                  eps: float | str | None = None, checks: bool = False, check_n: int = 500,
-                 check_queries: int = 1000, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 check_queries: int = 1000, eps_sweep: str | list[str | float] | None = None,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate a run on the first n test images of its dataset. Results merge into RUN/eval.json under
     `result_key(name, eps, bn)`, each as soon as its attack is finished; the masking checks (always those the
-    results allow, plus the sweeps of `checks=True` on the first check_n images) replace its
-    `masking_checks` section at the end. Returns this call's records, keyed like eval.json, and
-    `masking_checks` (sweeps of an earlier --checks call are kept). The test images are loaded once per
-    process (`test_images`); batch_size='auto' picks the largest batch that fits (`auto_batch_size`).
+    results allow and RobustBench's admission checks, plus the sweeps of `checks=True` on the first check_n
+    images) replace its `masking_checks` section at the end. Returns this call's records, keyed like
+    eval.json, and `masking_checks` (sweeps of an earlier --checks call are kept). Every record carries
+    its per-class accuracy (`per_class_accuracy`). The test images are loaded once per process
+    (`test_images`); batch_size='auto' picks the largest batch that fits (`auto_batch_size`).
+
+    `eps_sweep` (instead of `eps`; e.g. '1/255,2/255,4/255,8/255,16/255', see `parse_eps_sweep`): every
+    attack but clean runs at every radius (keys NAME@eps=TEXT), clean is evaluated too (the curves' point at
+    eps 0), and the curves (`robustness_curve`, with the verdicts of the eps_monotone and large_eps_zero
+    checks and the large eps) are written to RUN/robustness_curve.json and returned under `eps_sweep`. With
+    checks=True the sweep gains the large eps (`large_eps`), where PGD and AutoAttack must reach about 0%.
 
     All attacks are built before any runs, so a bad name or a model with too few classes for an AutoAttack
     component fails at once. AutoAttack resumes from RUN/autoattack-state-KEY/ (deleted once its record
@@ -374,41 +532,56 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     validate_attacks(attacks)
     if eps is not None:
         check_eps(eps)
+    if eps_sweep is not None and eps is not None:
+        raise IgamError("Give --eps (one radius) or --eps-sweep (several), not both.")
+    if eps_sweep is not None and all(a == "clean" for a in attacks):
+        raise IgamError("--eps-sweep needs an attack to sweep: e.g. --attacks pgd20 (clean is added anyway).")
     the_run = Run.open(run)
     run_dir = the_run.dir
     refuse_symlinks(run_dir)  # eval.json and AutoAttack states are written inside the run folder only
     meta = the_run.meta
     arrays = test_images(meta["data"]["dataset"], data_dir or the_run.data_dir, n)
     x, y = arrays.x_test, arrays.y_test
+    shape = tuple(x.shape[1:])
+    sweep = None
+    if eps_sweep is not None:
+        sweep = parse_eps_sweep(eps_sweep, shape)
+        if checks:
+            sweep = parse_eps_sweep([t for t, _ in sweep] + ["large"], shape)
     model = the_run.load_model(device)
     if batch_size == "auto":
-        batch_size = auto_batch_size(model, tuple(x.shape[1:]), len(x), device)
+        batch_size = auto_batch_size(model, shape, len(x), device)
         say(f"igam: {run_dir.name}: --batch-size auto: {batch_size}")
     elif not isinstance(batch_size, int) or batch_size < 1:
         raise IgamError(f"batch_size={batch_size!r}: give a positive number of images, or auto.")
-    shape = tuple(x.shape[1:])
     prefix = f"igam: {run_dir.name}:"
     what = f"Run '{run_dir}'"
+    num_classes = (meta.get("model") or {}).get("num_classes")
+    class_names = list(getattr(arrays, "class_names", None) or []) or None
     stale = stale_weights_note(the_run)
     if stale:
         say(f"igam: WARNING: {stale}")
     if len(x) < n:
         say(f"{prefix} the test set has {len(x)} images (fewer than n={n}): all {len(x)} are used.")
+    plan: list[tuple[str, str | float | None]] = [(a, eps) for a in attacks]
+    if sweep is not None:  # clean first (the curves' eps-0 point), then every attack at every radius
+        plan = [("clean", None)] + [(a, t) for t, _ in sweep for a in attacks if a != "clean"]
     built: list[tuple[str, str, Attack | None]] = []
-    for name in attacks:
-        key = result_key(name, eps, bn)
+    for name, e in plan:
+        key = result_key(name, e, bn)
         atk = None if name == "clean" else make_attack(
-            name, model, shape, eps=eps, bn=bn, seed=seed,
+            name, model, shape, eps=e, bn=bn, seed=seed,
             state_dir=run_dir / f"autoattack-state-{state_name(key)}",
             log_path=run_dir / f"autoattack-{state_name(key)}.log", progress=lambda s: say(f"{prefix} {s}"))
         built.append((name, key, atk))
 
     path = the_run.eval_path
     results: dict[str, Any] = {}
-    for i, (name, key, atk) in enumerate(built):
-        say(f"{prefix} {name} on {len(x)} images ...")
+    for i, (_, key, atk) in enumerate(built):
+        say(f"{prefix} {key} on {len(x)} images ...")
         try:
-            rec = run_attack(model, x, y, atk or "clean", batch_size=batch_size, seed=seed, bn=bn, what=what)
+            rec = run_attack(model, x, y, atk or "clean", batch_size=batch_size, seed=seed, bn=bn, what=what,
+                             num_classes=num_classes, class_names=class_names)
             if stale:
                 rec["run_status"] = meta.get("status")
                 rec["stale_weights"] = stale
@@ -416,12 +589,13 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
             raise  # (names the run: a diverged model has no accuracy, and nothing is left to finish)
         except BaseException as e:
             done = ", ".join(results) or "none"
-            left = ",".join(a for a, _, _ in built[i:])
+            left = (",".join(a for a, _, _ in built[i:]) if sweep is None else
+                    f"{','.join(attacks)} --eps-sweep {','.join(t for t, _ in sweep)} (the whole sweep)")
             resume = (" Its AutoAttack state is kept: the same command continues where it stopped."
                       if isinstance(atk, AutoAttack) and atk.state_dir and atk.state_dir.exists() else "")
             what = ("was interrupted" if isinstance(e, KeyboardInterrupt)
                     else f"failed ({type(e).__name__}: {e})")
-            msg = (f"{prefix} {name} {what}. Results saved in {path}: {done}. "
+            msg = (f"{prefix} {key} {what}. Results saved in {path}: {done}. "
                    f"To finish, run --attacks {left}.{resume}")
             if isinstance(e, IgamError):
                 raise IgamError(msg) from e
@@ -435,7 +609,7 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
             atk.clear_state()
             for line in record_notes(key, rec):
                 say(f"{prefix} {line}")
-        say(f"{prefix} {name}: {100 * rec['accuracy']:.2f}% ({rec['time_s']} s)")
+        say(f"{prefix} {key}: {100 * rec['accuracy']:.2f}% ({rec['time_s']} s)")
 
     merged = read_json_object(path) if path.exists() else {}
     obs = [o for k, r in merged.items() if isinstance(r, dict) and (o := observation(k, r)) is not None]
@@ -448,6 +622,15 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
         batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"), what=what)
     merged["masking_checks"] = results["masking_checks"]
     write_json(path, merged)
+    if sweep is not None:
+        curve = robustness_curve(results, attacks, sweep, y, bn=bn, num_classes=num_classes,
+                                 class_names=class_names)
+        mc = results["masking_checks"]
+        curve.update(run=run_dir.name, dataset=meta["data"]["dataset"], nominal_eps=mc["eps"],
+                     large_eps=large_eps(shape, mc["eps"]),
+                     checks={k: mc["checks"][k] for k in ("eps_monotone", "large_eps_zero")})
+        write_json(the_run.curve_path, curve)
+        results["eps_sweep"] = curve
     return results
 
 

@@ -6,6 +6,7 @@
       model.safetensors    final weights (objective.safetensors: e.g. the discriminator, lambda_diff)
       checkpoints/         resumable training states: ckpt-STEP.pt + ckpt-STEP.json (sha256, step)
       metrics.json         final metrics; eval.json holds attack results
+      robustness_curve.json, robustness_curve.png   the latest `igam evaluate --eps-sweep`
       log.csv, eval_log.csv, tb/   per-step and per-evaluation logs (CSV and TensorBoard)
 
 `Run(path)` owns these names; nothing else spells them. Nothing here unpickles: weights are safetensors
@@ -341,6 +342,7 @@ class Run:
     WEIGHTS, OBJECTIVE = "model.safetensors", "objective.safetensors"
     LOG, EVAL_LOG, TB, CHECKPOINTS = "log.csv", "eval_log.csv", "tb", "checkpoints"
     LOCK = ".lock"  # held (OS lock) by the one process that trains in this folder
+    CURVE, CURVE_PNG = "robustness_curve.json", "robustness_curve.png"  # `igam evaluate --eps-sweep`
 
     def __init__(self, path: str | Path):
         self.dir = Path(path)
@@ -384,6 +386,16 @@ class Run:
     @property
     def eval_path(self) -> Path:
         return self.dir / self.EVAL
+
+    @property
+    def curve_path(self) -> Path:
+        """The robustness curve of the latest `igam evaluate --eps-sweep` (JSON)."""
+        return self.dir / self.CURVE
+
+    @property
+    def curve_png_path(self) -> Path:
+        """Its picture (PNG)."""
+        return self.dir / self.CURVE_PNG
 
     @property
     def meta(self) -> dict[str, Any]:

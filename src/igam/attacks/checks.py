@@ -9,11 +9,15 @@ BatchNorm mode, allowing binomial noise (`noise_margin`):
 - converged: PGD must have converged: K * step >= eps (it can reach the ball's boundary), and more steps
   (same eps, loss, restarts) must not lower accuracy by more than noise (the fewer-step attack
   under-attacks: its number is an overestimate).
-- eps_monotone: a larger eps must not raise accuracy.
-- large_eps_zero: at a large eps (0.5 MNIST, 64/255 colour) PGD must reach about 0%.
+- eps_monotone: a larger eps must not raise accuracy: PGD with the same steps, loss and restarts, and
+  any attack against itself across eps (the points of an `--eps-sweep` curve, eval.json keys NAME@eps=...).
+- large_eps_zero: at a large eps (0.5 MNIST, 64/255 colour) PGD and AutoAttack must reach about 0%
+  (the PGD-50 of --checks, or an `--eps-sweep` that includes `large`).
 - blackbox_vs_whitebox: Square (no gradients) must not beat white-box PGD.
 - fgsm_vs_pgd: single-step FGSM must not beat iterative PGD.
-- gradients: inputs whose loss gradient is exactly zero or not finite.
+- gradients: inputs whose loss gradient is exactly zero or not finite (also RobustBench's admission
+  check "input gradients are non-zero and finite").
+- deterministic, no_inference_optimisation: RobustBench's other admission checks (`admission.py`).
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from igam.attacks.admission import ADMISSION_CHECKS
 from igam.attacks.base import margin
 from igam.utils import bn_mode
 
 CHECKS = ("steps_monotone", "converged", "eps_monotone", "large_eps_zero", "blackbox_vs_whitebox",
-          "fgsm_vs_pgd", "gradients")
+          "fgsm_vs_pgd", "gradients", *ADMISSION_CHECKS)
 LARGE_EPS_MAX_ACC = 0.02  # "about 0%": accuracy allowed at the large eps, before the noise margin
 ZERO_GRAD_MAX_FRAC = 0.01  # share of inputs with an all-zero margin-loss gradient that still passes
 
@@ -69,17 +74,25 @@ def _same_eps(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-6 * max(1.0, abs(a))
 
 
+def base_name(name: str) -> str:
+    """The attack of an observation's name: 'pgd20@eps=8/255@bn=train' -> 'pgd20' (checks keep 'check:')."""
+    return name.split("@", 1)[0]
+
+
 def run_checks(obs: list[Observation], eps: float, large_eps: float,
-               grads: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Pass/fail (or None: not enough measurements) and a one-line reason for every check."""
+               grads: dict[str, Any] | None = None,
+               admission: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Pass/fail (or None: not enough measurements) and a one-line reason for every check of `CHECKS`.
+    `grads` are `gradient_stats`; `admission` the verdicts of `admission.admission_checks` (not run when
+    None)."""
     out: dict[str, dict[str, Any]] = {}
     groups: dict[tuple[int, str], list[Observation]] = {}
     for o in obs:
         groups.setdefault((o.n, o.bn), []).append(o)
 
-    def verdict(name: str, fails: list[str], compared: int, what: str) -> None:
+    def verdict(name: str, fails: list[str], compared: int, what: str, how: str = "use --checks") -> None:
         if compared == 0:
-            out[name] = {"passed": None, "detail": f"not run: needs {what} (use --checks)"}
+            out[name] = {"passed": None, "detail": f"not run: needs {what} ({how})"}
         elif fails:
             out[name] = {"passed": False, "detail": "; ".join(fails)}
         else:
@@ -117,19 +130,29 @@ def run_checks(obs: list[Observation], eps: float, large_eps: float,
                     if b.accuracy > a.accuracy + m:
                         fails_e.append(f"eps {b.eps:.4g}: {_pct(b.accuracy)} > eps {a.eps:.4g}: "
                                        f"{_pct(a.accuracy)} (+{_pct(m)} noise), {a.steps} steps, n={n}")
+        others = [o for o in g if o.kind != "pgd"]  # one attack across eps: the points of a sweep
+        for a in others:
+            for b in others:
+                if base_name(a.name) == base_name(b.name) and a.kind == b.kind and a.eps < b.eps - 1e-9:
+                    m = noise_margin((a.accuracy + b.accuracy) / 2, n)
+                    n_e += 1
+                    if b.accuracy > a.accuracy + m:
+                        fails_e.append(f"{base_name(a.name)} at eps {b.eps:.4g}: {_pct(b.accuracy)} > at eps "
+                                       f"{a.eps:.4g}: {_pct(a.accuracy)} (+{_pct(m)} noise), n={n}")
     verdict("steps_monotone", fails_s, n_s, "PGD with two step counts")
     if out["steps_monotone"]["passed"] and drops:
         out["steps_monotone"]["detail"] = (f"{n_s} comparison(s): more steps never raised accuracy, but "
                                            f"lowered it beyond noise ({'; '.join(drops)}): see converged")
     verdict("converged", fails_c, n_c, "PGD with a known step size, or with two step counts")
-    verdict("eps_monotone", fails_e, n_e, "PGD at two eps")
+    verdict("eps_monotone", fails_e, n_e, "PGD at two eps", "use --checks or --eps-sweep")
 
     # large eps -> about 0%
     big = [o for g in groups.values() for o in g
            if o.kind in ("pgd", "autoattack") and o.eps >= large_eps - 1e-9]
     fails = [f"{o.name} at eps {o.eps:.4g}: {_pct(o.accuracy)} > {_pct(LARGE_EPS_MAX_ACC)}, n={o.n}"
              for o in big if o.accuracy > LARGE_EPS_MAX_ACC + noise_margin(LARGE_EPS_MAX_ACC, o.n)]
-    verdict("large_eps_zero", fails, len(big), f"PGD at eps >= {large_eps:.4g}")
+    verdict("large_eps_zero", fails, len(big), f"PGD or AutoAttack at eps >= {large_eps:.4g}",
+            "use --checks, or add `large` to --eps-sweep")
 
     # black-box and single-step must not beat the best white-box PGD at the same eps
     for name, kinds, what in (("blackbox_vs_whitebox", ("square",), "Square and PGD at the same eps"),
@@ -156,6 +179,8 @@ def run_checks(obs: list[Observation], eps: float, large_eps: float,
             f"cross-entropy gradient all-zero for {_pct(grads['zero_ce'])}"), **grads}
     else:
         out["gradients"] = {"passed": None, "detail": "not run"}
+    for name in ADMISSION_CHECKS:
+        out[name] = dict((admission or {}).get(name) or {"passed": None, "detail": "not run"})
     return out
 
 
@@ -182,8 +207,12 @@ def gradient_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
             xb = x[i:i + batch_size].to(device).clone().requires_grad_(True)
             yb = y[i:i + batch_size].to(device)
             logits = model(xb)
-            g_ce, = torch.autograd.grad(F.cross_entropy(logits, yb, reduction="sum"), xb, retain_graph=True)
-            g_m, = torch.autograd.grad(margin(logits, yb).sum(), xb)
+            # allow_unused: a model that detaches its input has no gradient at all (None): count it as zero
+            g_ce, = torch.autograd.grad(F.cross_entropy(logits, yb, reduction="sum"), xb, retain_graph=True,
+                                        allow_unused=True)
+            g_m, = torch.autograd.grad(margin(logits, yb).sum(), xb, allow_unused=True)
+            g_ce = torch.zeros_like(xb) if g_ce is None else g_ce
+            g_m = torch.zeros_like(xb) if g_m is None else g_m
             zero_ce += int((g_ce.flatten(1) == 0).all(1).sum())
             zero_margin += int((g_m.flatten(1) == 0).all(1).sum())
             finite = torch.isfinite(g_ce.flatten(1)).all(1) & torch.isfinite(g_m.flatten(1)).all(1)
@@ -198,10 +227,20 @@ def warning_block(run: str, checks: dict[str, dict[str, Any]]) -> str:
     if not failed:
         return ""
     bar = "=" * 100
-    lines = [bar, f"WARNING: {run}: {len(failed)} gradient-masking check(s) FAILED.",
-             "Its robust accuracies are probably overestimates: the gradients mislead the attacks "
-             "(Athalye et al. 2018).", "Trust black-box (square) and AutoAttack numbers more, and report "
-             "these failures with the results."]
+    admission = [k for k in failed if k in ADMISSION_CHECKS]
+    masking = [k for k in failed if k not in ADMISSION_CHECKS]
+    lines = [bar, f"WARNING: {run}: {len(failed)} check(s) FAILED "
+             f"({len(masking)} gradient-masking, {len(admission)} RobustBench admission)."]
+    if masking:
+        lines += ["Its robust accuracies are probably overestimates: the gradients mislead the attacks "
+                  "(Athalye et al. 2018).",
+                  "Trust black-box (square) and AutoAttack numbers more, and report these failures with the "
+                  "results."]
+    if admission:
+        lines += ["The model is random or optimises at inference: fixed-model attacks do not evaluate it, "
+                  "and RobustBench would not admit it.",
+                  "Evaluate it adaptively (autoattack-rand for randomness, attacks through its inference "
+                  "loop) and report these failures with the results."]
     lines += [f"  FAIL {k}: {v['detail']}" for k, v in failed.items()]
     lines.append(bar)
     return "\n".join(lines)

@@ -5,6 +5,7 @@ regions (Fig. 7), training curves, and a self-contained HTML report of a run or 
     plot_run_gradients([run, ...], out)              # `igam gradients`
     plot_run_landscape([run], index, eps, out=...)   # `igam landscape`
     plot_curves([run, ...], path)                    # training curves from log.csv / eval_log.csv
+    plot_robustness_curve(run)                       # accuracy vs eps from `igam evaluate --eps-sweep`
     write_report(run_or_experiment_dir, out)         # `igam report`
 
 Matplotlib runs headless (Agg); figures are plain `matplotlib.figure.Figure` objects, never pyplot.
@@ -29,7 +30,9 @@ from igam.report.landscape import (
     plot_run_landscape,
     run_landscapes,
 )
+from igam.report.robustness import plot_robustness_curve, robustness_figure
 
 __all__ = ["Landscape", "curves_figure", "gradient_figure", "gradient_grid", "input_gradients",
-           "landscape_figure", "loss_landscape", "plot_curves", "plot_run_gradients", "plot_run_landscape",
-           "run_gradient_figure", "run_landscapes", "scale_gradients", "write_report"]
+           "landscape_figure", "loss_landscape", "plot_curves", "plot_robustness_curve", "plot_run_gradients",
+           "plot_run_landscape", "robustness_figure", "run_gradient_figure", "run_landscapes",
+           "scale_gradients", "write_report"]

@@ -2,10 +2,11 @@
 subdirectories). Everything is inline: CSS in a <style> block, pictures as data:image/png;base64, so the
 file can be mailed, archived or opened offline.
 
-A run page has the run's summary, evaluation table (eval.json, with masking checks), metrics
-(metrics.json), training curves, an input-gradient grid (paper Figs. 1, 4) and its configuration.
+A run page has the run's summary, evaluation table (eval.json, with per-class accuracy and the masking
+and admission checks), its robustness curve (robustness_curve.json from `igam evaluate --eps-sweep`),
+metrics (metrics.json), training curves, an input-gradient grid (paper Figs. 1, 4) and its configuration.
 An experiment page has the experiment's results.md / results.json when present, a table of all runs,
-overlaid curves, one gradient grid per input shape and each run's details.
+overlaid robustness and training curves, one gradient grid per input shape and each run's details.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from igam.report.common import png_bytes, run_labels
 from igam.report.curves import curves_figure
 from igam.report.gradients import run_gradient_figure
 from igam.report.landscape import run_landscapes
+from igam.report.robustness import read_curve, robustness_figure
 from igam.runs import Run
 
 CSS = resources.files("igam.report").joinpath("report.css").read_text(encoding="utf-8")
@@ -48,6 +50,8 @@ class RunInfo:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
+    curve: dict[str, Any] | None = None  # robustness_curve.json
+    curve_error: str = ""  # why a robustness_curve.json could not be read
 
     @property
     def attacks(self) -> dict[str, dict[str, Any]]:
@@ -66,6 +70,10 @@ def read_run(run_dir: Path, label: str | None = None) -> RunInfo:
         path = run_dir / f"{name}.json"
         if path.exists():
             setattr(info, name, read_json_object(path))
+    try:
+        info.curve = read_curve(run_dir)
+    except IgamError as e:  # a damaged curve file costs its section, not the report
+        info.curve_error = str(e)
     return info
 
 
@@ -245,8 +253,10 @@ def attack_title(a: str) -> str:
 
 
 def fmt_eps(eps: Any) -> Any:
-    """0.0313725 -> '8/255' (radii are usually k/255), other numbers unchanged."""
-    if _is_num(eps) and 0 < eps < 0.25 and abs(eps * 255 - round(eps * 255)) < 1e-4:
+    """0.0313725 -> '8/255' (radii are usually k/255), other numbers (0.2, exact as 4 digits) unchanged."""
+    if _is_num(eps) and float(f"{eps:.4g}") == eps:
+        return eps
+    if _is_num(eps) and 0 < eps < 1 and abs(eps * 255 - round(eps * 255)) < 1e-4:
         return f"{round(eps * 255)}/255"
     return eps
 
@@ -269,10 +279,15 @@ def eval_section(run: RunInfo) -> str:
 
     order = ordered_attacks([run])
     fields = [(k, h) for k, h in ATTACK_FIELDS if any(field_of(attacks[a], k) is not None for a in order)]
-    rows = [[attack_title(a), attacks[a]["accuracy"], attacks[a].get("n"),
-             *[field_of(attacks[a], k) for k, _ in fields]] for a in order]
-    out = table(["attack", "accuracy (%)", "n", *[h for _, h in fields]], rows,
-                ["", "accuracy", "n", *[k for k, _ in fields]])
+    per_class = any(isinstance(attacks[a].get("per_class"), dict) for a in order)
+    classes = ["mean over classes (%)", "worst class (%)", "worst class"] if per_class else []
+    rows = [[attack_title(a), attacks[a]["accuracy"], *(per_class_cells(attacks[a]) if per_class else []),
+             attacks[a].get("n"), *[field_of(attacks[a], k) for k, _ in fields]] for a in order]
+    out = table(["attack", "accuracy (%)", *classes, "n", *[h for _, h in fields]], rows,
+                ["", "accuracy", *(["accuracy", "accuracy", ""] if per_class else []), "n",
+                 *[k for k, _ in fields]])
+    if per_class:
+        out += per_class_html({a: attacks[a] for a in order})
     for k, v in run.eval.items():
         if k in attacks:
             continue
@@ -280,6 +295,83 @@ def eval_section(run: RunInfo) -> str:
             out += "<h3>Gradient-masking checks</h3>" + masking_html(v)
         else:
             out += f"<h3>{esc(k.replace('_', ' ').capitalize())}</h3>" + generic(v, checks="check" in k)
+    return out
+
+
+def per_class_cells(rec: dict[str, Any]) -> list[Any]:
+    """[mean over classes, worst class accuracy, 'index name'] of an eval.json record (dashes without)."""
+    pc = rec.get("per_class") if isinstance(rec.get("per_class"), dict) else {}
+    worst = pc.get("worst_class")
+    names = pc.get("classes") if isinstance(pc.get("classes"), list) else []
+    label = (f"{worst} ({names[worst]})" if isinstance(worst, int) and 0 <= worst < len(names) else worst)
+    mean, low = pc.get("mean"), pc.get("worst")
+    return [float(mean) if _is_num(mean) else None, float(low) if _is_num(low) else None, label]
+
+
+def per_class_html(records: dict[str, dict[str, Any]]) -> str:
+    """A folded table: accuracy (%) per true class (rows) under each attack (columns), with image counts."""
+    pcs = {a: r["per_class"] for a, r in records.items() if isinstance(r.get("per_class"), dict)
+           and isinstance(r["per_class"].get("accuracy"), list)}
+    if not pcs:
+        return ""
+    k = max(len(pc["accuracy"]) for pc in pcs.values())
+    first = next(iter(pcs.values()))
+    names = first.get("classes") if isinstance(first.get("classes"), list) else []
+    counts = first.get("count") if isinstance(first.get("count"), list) else []
+    rows = []
+    for c in range(k):
+        cells = [pc["accuracy"][c] if c < len(pc["accuracy"]) and _is_num(pc["accuracy"][c]) else None
+                 for pc in pcs.values()]
+        rows.append([f"{c} {names[c]}" if c < len(names) else str(c), counts[c] if c < len(counts) else None,
+                     *[float(v) if v is not None else None for v in cells]])
+    return ("<details><summary>Per-class accuracy (the mean over classes weights every class alike; the "
+            "worst class is the lowest row)</summary>"
+            + table(["class", "images", *[f"{attack_title(a)} (%)" for a in pcs]], rows,
+                    ["", "n", *["accuracy"] * len(pcs)])
+            + "</details>")
+
+
+def verdict_html(passed: Any) -> str:
+    """pass / fail / not run, coloured."""
+    return ('<span class="ok">pass</span>' if passed is True else '<span class="bad">fail</span>'
+            if passed is False else '<span class="sub">not run</span>')
+
+
+def curve_html(runs: list[RunInfo]) -> str:
+    """The robustness curves of the runs that have one (robustness_curve.json): one figure (runs overlaid)
+    and a table of accuracy (%) per eps, with the sweep's masking verdicts."""
+    curves = {r.label: r.curve for r in runs if r.curve}
+    out = "".join(note(f"{r.label}: {r.curve_error}") for r in runs if r.curve_error)
+    if not curves:
+        return out
+    fig = robustness_figure(curves, title="Robustness curve" + ("s" if len(curves) > 1 else ""))
+    out += img_tag(png_bytes(fig), "robustness curves",
+                   "Accuracy against the L<sub>&infin;</sub> radius eps (<code>igam evaluate "
+                   "--eps-sweep</code>): at eps 0 the clean accuracy; an image counts as robust when it is "
+                   "classified correctly clean and attacked. Dotted: the worst class. The grey line marks "
+                   "the large eps, where accuracy must reach about 0% (else the attacks are failing: "
+                   "gradient masking).")
+    many = len(curves) > 1
+    cols = [(label, c) for label, data in curves.items() for c in data["curves"]]
+    eps_rows: dict[float, str] = {}
+    for _, c in cols:
+        for p in c["points"]:
+            eps_rows.setdefault(float(p["eps"]), str(p.get("eps_text", p["eps"])))
+    rows = []
+    for e, text in sorted(eps_rows.items()):
+        row: list[Any] = ["0 (clean)" if e == 0 else text]
+        for _, c in cols:
+            acc = [p["accuracy"] for p in c["points"] if abs(float(p["eps"]) - e) <= 1e-12]
+            row.append(float(acc[0]) if acc else None)
+        rows.append(row)
+    heads = [(f"{label}: " if many else "") + f"{c.get('label', c.get('attack'))} (%)" for label, c in cols]
+    out += table(["eps", *heads], rows, ["", *["accuracy"] * len(cols)])
+    for label, data in curves.items():
+        checks = data.get("checks") if isinstance(data.get("checks"), dict) else {}
+        verdicts = [f"{esc(k.replace('_', ' '))}: {verdict_html(v.get('passed'))} "
+                    f"({esc(v.get('detail', ''))})" for k, v in checks.items() if isinstance(v, dict)]
+        if verdicts:
+            out += f'<p class="sub">{esc(label) + ": " if many else ""}{"; ".join(verdicts)}.</p>'
     return out
 
 
@@ -455,6 +547,8 @@ def run_report(run: RunInfo, n: int, seed: int, data_dir: str | None, device: st
                landscape_index: int | None, log: Callable[[str], None]) -> str:
     body = cards(run)
     body += "<h2>Evaluation</h2>" + eval_section(run)
+    if run.curve or run.curve_error:
+        body += "<h2>Robustness curve</h2>" + curve_html([run])
     body += "<h2>Metrics</h2>" + metrics_section(run)
     body += "<h2>Training curves</h2>" + curves_html([run], f"Training curves: {run.label}")
     if gradients:
@@ -522,6 +616,8 @@ def experiment_report(root: Path, runs: list[RunInfo], n: int, seed: int, data_d
         if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 8 << 20:
             body += img_tag(data, png.stem, f"{esc(png.name)} (from the experiment directory)")
     body += "<h2>Runs</h2>" + results_table(runs)
+    if any(r.curve or r.curve_error for r in runs):
+        body += "<h2>Robustness curves</h2>" + curve_html(runs)
     body += "<h2>Training curves</h2>" + curves_html(runs, f"Training curves: {root.name}")
     if gradients:
         body += "<h2>Input gradients</h2>" + gradients_html(runs, n, seed, data_dir, device, log)
