@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from igam.config import Config
+from igam.data.subsets import split_subset, subset_size
 
 CPU_IMAGES_PER_S = {
     "madry-mnist": 1500,
@@ -34,13 +35,26 @@ DATASET_SIZES = {
     "svhn": 73257,
     "tiny-imagenet": 100000,
 }
+DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "svhn": 10,
+                   "tiny-imagenet": 200}
+
+
+def train_images(dataset: str, train_subset: int = 0) -> int:
+    """Training images of a dataset name, a class subset counted as its share of the classes (balanced
+    datasets; rough for SVHN), capped by train_subset."""
+    base, subset = split_subset(dataset)
+    if base not in DATASET_SIZES:  # size unknown without loading it
+        return train_subset or 10000
+    n = DATASET_SIZES[base]
+    if subset is not None:
+        n = n * min(subset_size(base, subset), DATASET_CLASSES[base]) // DATASET_CLASSES[base]
+    return min(n, train_subset) if train_subset else n
 
 
 def estimate_seconds(cfg: Config, gpu: bool = False) -> float:
     """A rough estimate of a stage's training time on a 2-core CPU (or one GPU), for --dry-run."""
     table = GPU_IMAGES_PER_S if gpu else CPU_IMAGES_PER_S
-    base = cfg.dataset.split(":")[0]
-    n = cfg.train_subset or DATASET_SIZES.get(base, 10000)
+    n = train_images(cfg.dataset, cfg.train_subset)
     model = cfg.model
     ips = table.get(model, 300 * (40 if gpu else 1))
     if model == "small-cnn" and cfg.width:
