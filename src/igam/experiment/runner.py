@@ -11,6 +11,7 @@ from typing import Any
 from igam.attacks.presets import column_name
 from igam.evaluate import evaluate_run, result_key
 from igam.experiment.costs import estimate_seconds, hms
+from igam.experiment.frontier import frontier_markdown, frontier_results, plot_frontiers
 from igam.experiment.results import collect_results, plot_tradeoff, results_markdown
 from igam.experiment.spec import Experiment, Stage, load_experiment, resolve_stage, stage_status
 from igam.files import atomic_write_text, read_json_object, write_json
@@ -152,14 +153,24 @@ def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
 
 
 def write_results(exp: Experiment, log=print) -> dict[str, Any]:
-    """results.json, results.md, tradeoff.png and report.html from the runs' eval.json files as they are."""
+    """results.json, results.md, tradeoff.png, the frontier pictures and report.html from the runs' eval.json
+    files as they are."""
     results = collect_results(exp)
-    write_json(exp.out_dir / "results.json", results)
-    atomic_write_text(exp.out_dir / "results.md", results_markdown(exp, results, column_name))
+    try:
+        frontier, frontier_md = frontier_results(exp, results), frontier_markdown(exp, results, column_name)
+    except Exception as e:  # noqa: BLE001  (the ranking must never lose the results either)
+        frontier, frontier_md = {}, ""
+        log(f"igam run: frontier tables skipped ({type(e).__name__}: {e})")
+    write_json(exp.out_dir / "results.json", {**results, "frontier": frontier})
+    atomic_write_text(exp.out_dir / "results.md", results_markdown(exp, results, column_name) + frontier_md)
     try:
         plot_tradeoff(exp, results, exp.out_dir / "tradeoff.png")
     except Exception as e:  # a plot must never lose the results
         log(f"igam run: trade-off plot skipped ({e})")
+    try:
+        plot_frontiers(exp, results, exp.out_dir)
+    except Exception as e:  # noqa: BLE001
+        log(f"igam run: frontier plots skipped ({type(e).__name__}: {e})")
     try:
         write_report(exp.out_dir)
     except Exception as e:  # noqa: BLE001
