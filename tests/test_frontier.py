@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from igam.attacks.presets import column_name
 from igam.experiment import Experiment, Stage, pareto_front, run_experiment, total_passes
 from igam.experiment.frontier import frontier_markdown, frontier_metric, frontier_points, fronts
@@ -56,7 +58,13 @@ def _experiment() -> tuple[Experiment, dict]:
 def test_frontier_points_join_second_seeds_and_label_the_knob() -> None:
     exp, results = _experiment()
     assert frontier_metric(results, "pgd20") == "autoattack"
-    assert frontier_metric({"rows": [{"accuracy": {"clean": 1, "pgd20": 1}}]}, "pgd20") == "pgd20"
+    def rows(*metrics):
+        return {"rows": [{"accuracy": {"clean": 1, **{m: 1 for m in ms}}, "row": "r", "curve": ""}
+                         for ms in metrics]}
+
+    assert frontier_metric(rows(["pgd20", "fgsm"]), "pgd20") == "pgd20"
+    assert frontier_metric(rows(["fgsm"], ["fgsm", "pgd5"]), "pgd20") == "fgsm"  # a miniature: no pgd20
+    assert frontier_metric(rows([]), "pgd20") == "pgd20"
     pts = {q["stage"]: q for q in frontier_points(exp, results, "autoattack")}
     assert pts["pgd-seed=1"]["series"] == "PGD" and pts["pgd-seed=1"]["repeat_of"] == "pgd-eps=8"
     assert pts["pgd-eps=2"]["label"] == "2/255" and pts["pgd-seed=1"]["label"] == "8/255"
@@ -97,3 +105,37 @@ def test_a_small_experiment_writes_both_pictures_and_the_report_shows_them(tmp_p
     assert "| fast-AT | 3 | 4 |" in md  # two eps points and the second seed; 2 forward + 2 backward per image
     report = (out / "report.html").read_text()
     assert 'alt="frontier-clean"' in report and 'alt="frontier-cost"' in report
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["animals-to-vehicles", "mnist-to-cifar10-frontier"])
+def test_the_frontier_files_sweep_every_method_on_both_activations_with_a_second_seed(name: str,
+                                                                                     tmp_path: Path) -> None:
+    from igam.experiment import load_experiment, resolve_stage
+
+    exp = load_experiment(ROOT / "experiments" / "cpu" / f"{name}.yaml", out_dir=str(tmp_path))
+    cfgs = {st.name: resolve_stage(exp, st) for st in exp.stages}
+    curves: dict[str, set[str]] = {}
+    for st in exp.stages:
+        if st.curve:
+            curves.setdefault(st.curve, set()).add(st.name)
+    for act in ("ReLU", "GELU"):
+        for method, points in (("Standard", 1), ("PGD-7", 3), ("fast-AT", 3), ("free-AT", 3), ("IGAM", 4),
+                               ("IGAM lambda_adv=0", 4), ("igr", 4), ("kd-noise", 4)):
+            stages = curves[f"{method} ({act})"]
+            assert len(stages) == points
+            assert {cfgs[s].activation for s in stages} == {act.lower()}
+            if points > 1:  # swept along its own knob, the rest equal
+                assert len({str(cfgs[s].to_dict()) for s in stages}) == points
+    assert any(st.curve.startswith("FT") for st in exp.stages)
+    seeds = [st for st in exp.stages if cfgs[st.name].seed == 1]
+    assert len(seeds) == 16 and all(st.row and not st.curve for st in seeds)
+    strong = [ev for ev in exp.evaluation if {"autoattack", "pgd100x3"} <= set(ev["attacks"])]
+    assert any(not ev.get("rows") and ev["n"] >= 500 for ev in strong)  # every point, n >= 500
+    if name == "animals-to-vehicles":
+        assert cfgs["teacher"].dataset == "cifar10:animals" and cfgs["standard"].dataset == "cifar10:vehicles"
+        assert cfgs["teacher_ft"].adapter == "identity"
+    else:
+        assert cfgs["teacher_ft"].teacher == "igam:mnist-linf-0.3" and cfgs["standard"].dataset == "cifar10"

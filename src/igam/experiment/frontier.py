@@ -18,6 +18,7 @@ already exists.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,15 @@ from igam.experiment.spec import Experiment
 
 DOUBLE_BACKWARD_PASSES = 2.0  # a double backward costs about two to three first-order passes
 FRONTIER_FILES = ("frontier-clean.png", "frontier-cost.png")
+
+
+SMOOTH = ("gelu", "silu", "softplus")
+_ACTIVATION_TAG = re.compile(r"\s*[(\[](relu|leaky-relu|gelu|silu|softplus)[)\]]", re.IGNORECASE)
+
+
+def _family(series: str) -> str:
+    """A curve's method, for its colour: the label without an activation tag ('PGD-7 (GELU)' -> 'PGD-7')."""
+    return _ACTIVATION_TAG.sub("", series).strip() or series
 
 
 def total_passes(passes: dict[str, dict[str, float]] | None) -> float | None:
@@ -57,8 +67,17 @@ def pareto_front(points: list[tuple[float, float]], *, lower_x_better: bool = Fa
 
 
 def frontier_metric(results: dict[str, Any], primary: str) -> str:
-    """autoattack where any row has it, else the experiment's primary metric."""
-    return "autoattack" if any("autoattack" in r["accuracy"] for r in results["rows"]) else primary
+    """autoattack where any row has it, else the experiment's primary metric, else the robust accuracy
+    measured on the most rows (a miniature's fgsm, say); the primary metric when there is none."""
+    counts: dict[str, int] = {}
+    for r in results["rows"]:
+        for k in r["accuracy"]:
+            if k != "clean" and (r["curve"] or r["row"]):
+                counts[k] = counts.get(k, 0) + 1
+    for k in ("autoattack", primary):
+        if k in counts:
+            return k
+    return max(sorted(counts), key=lambda k: counts[k]) if counts else primary
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, str]:
@@ -184,9 +203,13 @@ def plot_frontiers(exp: Experiment, results: dict[str, Any], out_dir: Path) -> l
     if not pts:
         return []
     palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors, *plt.get_cmap("Set1").colors]
-    series = sorted({q["series"] for q in pts},
-                    key=lambda s: (sum(q["series"] == s for q in pts) == 1, s))
-    colors = {s: palette[i % len(palette)] for i, s in enumerate(series)}
+    series = sorted({q["series"] for q in pts}, key=lambda s: (_family(s), s))
+    families = sorted({_family(s) for s in series})
+    # one colour per method; a smooth-activation student's curve dashed with square markers
+    colors = {s: palette[families.index(_family(s)) % len(palette)] for s in series}
+    configs = {st.name: st.config for st in exp.stages}
+    smooth = {s: any(str(configs.get(q["stage"], {}).get("activation", "")).lower() in SMOOTH
+                     for q in pts if q["series"] == s) for s in series}
     written = []
     for fname, xkey, front_key, xlabel in (
             (FRONTIER_FILES[0], "clean", "clean", "clean accuracy (%)"),
@@ -195,14 +218,15 @@ def plot_frontiers(exp: Experiment, results: dict[str, Any], out_dir: Path) -> l
         if not drawn:
             continue
         fig, ax = plt.subplots(figsize=(10.5, 6))
-        for i, s in enumerate(series):
+        for s in series:
             main = sorted((q for q in drawn if q["series"] == s and not q["repeat_of"]),
                           key=lambda q: (q[xkey], q["robust"]))
             extra = [q for q in drawn if q["series"] == s and q["repeat_of"]]
-            marker = "o" if len({q["stage"] for q in main}) > 1 else "sD^vPX*h"[i % 8]
+            marker = "s" if smooth[s] else "o"
             if main:
-                ax.plot([q[xkey] for q in main], [q["robust"] for q in main], f"{marker}-", color=colors[s],
-                        label=s, markersize=6, linewidth=1.3)
+                ax.plot([q[xkey] for q in main], [q["robust"] for q in main], marker,
+                        linestyle="--" if smooth[s] else "-", color=colors[s], label=s, markersize=6,
+                        linewidth=1.3)
             if extra:
                 ax.plot([q[xkey] for q in extra], [q["robust"] for q in extra], marker, color=colors[s],
                         markerfacecolor="none", markersize=7, linestyle="none",
@@ -225,11 +249,13 @@ def plot_frontiers(exp: Experiment, results: dict[str, Any], out_dir: Path) -> l
             decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
             ticks = [m * 10.0 ** k for k in decades for m in (1, 2, 5) if lo <= m * 10.0 ** k <= hi]
             if len(ticks) < 4:  # a narrow range: more of them
-                ticks = [m * 10.0 ** k for k in decades for m in range(1, 10) if lo <= m * 10.0 ** k <= hi]
+                ticks = [m * 10.0 ** k for k in decades for m in (1, 1.5, 2, 3, 5, 7)
+                         if lo <= m * 10.0 ** k <= hi]
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.xaxis.set_minor_formatter(NullFormatter())
         knobs = sorted({q["knob"] for q in pts if q.get("knob")})
-        note = ("points labelled by " + "; ".join(knobs) + "; " if knobs else "") + "hollow: second seed"
+        note = (("points labelled by " + "; ".join(knobs) + "; " if knobs else "") + "hollow: second seed"
+                + ("; dashed: smooth activation" if any(smooth.values()) else ""))
         ax.text(0.99, 0.01, note, transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="gray")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{column_name(metric)} accuracy (%)")
