@@ -83,7 +83,9 @@ class Config:
     # --- data ----------------------------------------------------------------------------------
     section("data")
     dataset: str = opt("synthetic", "mnist | fashion-mnist | cifar10 | cifar100 | svhn | tiny-imagenet | "
-                       "imagefolder:PATH | npz:PATH | synthetic[:HxWxC:K]")
+                       "imagefolder:PATH | npz:PATH | synthetic[:HxWxC:K]; add :CLASSES for some classes, "
+                       "relabelled 0..K-1 in the order given: cifar10:animals, cifar10:vehicles, "
+                       "cifar10:0,1,8,9, cifar10:cat,dog")
     data_dir: str = opt("", "data root (default: $IGAM_DATA, else ./data)")
     download: bool = opt(False, "download a named dataset into data_dir when its files are missing")
     train_subset: int = opt(0, "use only the first N training images (0: all)")

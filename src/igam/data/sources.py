@@ -5,6 +5,8 @@ as in ../shared/data) or in its standard download layout (torchvision's for MNIS
 CIFAR-10/100 and SVHN; `tiny-imagenet-200/` for Tiny-ImageNet). igam reads those layouts itself: idx files
 plain or gzipped, CIFAR's pickles through an unpickler that admits only numpy arrays (a tampered file
 cannot run code), SVHN's .mat files with scipy. torchvision is used only to download (download=true).
+Any of them can be narrowed to some of its classes, `NAME:CLASSES` (cifar10:animals, cifar10:0,1,8,9;
+data/subsets.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from igam.data.subsets import select_classes, split_subset
 from igam.errors import IgamError, unknown
 
 NAMED = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "tiny-imagenet")
@@ -571,6 +574,13 @@ def load_arrays(name: str, data_dir: str | Path | None = None, download: bool = 
 
 
 def _load_arrays(name: str, data_dir: str | Path | None, download: bool) -> Arrays:
+    base, subset = split_subset(name)
+    if subset is None:
+        return _load_whole(name, data_dir, download)
+    return check_arrays(select_classes(_load_whole(base, data_dir, download), subset, name))
+
+
+def _load_whole(name: str, data_dir: str | Path | None, download: bool) -> Arrays:
     if name.startswith("synthetic"):
         return make_synthetic(name)
     if name.startswith("npz:"):

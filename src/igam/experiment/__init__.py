@@ -22,14 +22,18 @@ An experiment file:
 
 "{stage}" is replaced by that stage's run directory, ${VAR} by an environment variable. A stage whose run
 finished with the same configuration is reused, so a rerun after a crash or an edit does only what is
-left. results.md / results.json / tradeoff.png are written into out_dir.
+left. results.md / results.json / tradeoff.png and the frontier pictures (frontier-clean.png,
+frontier-cost.png: robust accuracy against clean accuracy and against passes per training image, Pareto
+fronts marked; experiment/frontier.py) are written into out_dir.
 """
 
 from igam.experiment.costs import estimate_seconds
+from igam.experiment.frontier import frontier_results, pareto_front, plot_frontiers, total_passes
 from igam.experiment.results import collect_results, curve_points, matched_clean, results_markdown
 from igam.experiment.runner import evaluate_experiment, format_plan, plan, run_experiment, write_results
 from igam.experiment.spec import Experiment, Stage, load_experiment, resolve_stage, stage_status
 
 __all__ = ["Experiment", "Stage", "collect_results", "curve_points", "estimate_seconds",
-           "evaluate_experiment", "format_plan", "load_experiment", "matched_clean", "plan", "resolve_stage",
-           "results_markdown", "run_experiment", "stage_status", "write_results"]
+           "evaluate_experiment", "format_plan", "frontier_results", "load_experiment",
+           "matched_clean", "pareto_front", "plan", "plot_frontiers", "resolve_stage", "results_markdown",
+           "run_experiment", "stage_status", "total_passes", "write_results"]

@@ -10,7 +10,8 @@ from typing import Any
 
 from igam.attacks.presets import column_name
 from igam.evaluate import evaluate_run, result_key
-from igam.experiment.costs import estimate_seconds, hms
+from igam.experiment.costs import estimate_eval_seconds, estimate_seconds, hms
+from igam.experiment.frontier import frontier_markdown, frontier_results, plot_frontiers
 from igam.experiment.results import collect_results, plot_tradeoff, results_markdown
 from igam.experiment.spec import Experiment, Stage, load_experiment, resolve_stage, stage_status
 from igam.files import atomic_write_text, read_json_object, write_json
@@ -52,12 +53,34 @@ def format_plan(exp: Experiment) -> str:
         f"on a 2-core CPU, {hms(gpu)} on one A100-class GPU (rough, plus evaluation; measured figures in "
         "docs/PERFORMANCE.md)",
     ]
+    ecpu = egpu = 0.0
     for ev in exp.evaluation:
+        stages = _row_stages(exp, ev)
+        n = int(ev.get("n", 1000))
+        for st in stages:
+            todo = _pending_attacks(exp, st, ev)
+            if todo:
+                cfg = resolve_stage(exp, st)
+                ecpu += estimate_eval_seconds(cfg, todo, n)
+                egpu += estimate_eval_seconds(cfg, todo, n, gpu=True)
         lines.append(
-            f"evaluation: {', '.join(ev['attacks'])} on {ev.get('n', 1000)} test images"
-            + (f" for {', '.join(ev['rows'])}" if ev.get("rows") else "")
+            f"evaluation: {', '.join(ev['attacks'])} on {n} test images"
+            + (f" for {', '.join(ev['rows'])}" if ev.get("rows") else f" for {len(stages)} stages")
         )
+    if exp.evaluation:
+        lines.append(f"estimated evaluation time left: {hms(ecpu)} on a 2-core CPU, {hms(egpu)} on one GPU "
+                     "(rougher still: AutoAttack's time depends on how robust each model turns out)")
     return "\n".join(lines)
+
+
+def _pending_attacks(exp: Experiment, st: Stage, ev: dict[str, Any]) -> list[str]:
+    """The attacks of an evaluation block that the stage's eval.json does not hold yet (same n and seed)."""
+    path = exp.out_dir / st.name / Run.EVAL
+    have = read_json_object(path) if path.exists() else {}
+    n, seed = int(ev.get("n", 1000)), int(ev.get("seed", 0))
+    return [a for a in ev["attacks"] if not (isinstance(have.get(result_key(a)), dict)
+                                             and have[result_key(a)].get("n") == n
+                                             and have[result_key(a)].get("seed") == seed)]
 
 
 
@@ -152,14 +175,24 @@ def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
 
 
 def write_results(exp: Experiment, log=print) -> dict[str, Any]:
-    """results.json, results.md, tradeoff.png and report.html from the runs' eval.json files as they are."""
+    """results.json, results.md, tradeoff.png, the frontier pictures and report.html from the runs' eval.json
+    files as they are."""
     results = collect_results(exp)
-    write_json(exp.out_dir / "results.json", results)
-    atomic_write_text(exp.out_dir / "results.md", results_markdown(exp, results, column_name))
+    try:
+        frontier, frontier_md = frontier_results(exp, results), frontier_markdown(exp, results, column_name)
+    except Exception as e:  # noqa: BLE001  (the ranking must never lose the results either)
+        frontier, frontier_md = {}, ""
+        log(f"igam run: frontier tables skipped ({type(e).__name__}: {e})")
+    write_json(exp.out_dir / "results.json", {**results, "frontier": frontier})
+    atomic_write_text(exp.out_dir / "results.md", results_markdown(exp, results, column_name) + frontier_md)
     try:
         plot_tradeoff(exp, results, exp.out_dir / "tradeoff.png")
     except Exception as e:  # a plot must never lose the results
         log(f"igam run: trade-off plot skipped ({e})")
+    try:
+        plot_frontiers(exp, results, exp.out_dir)
+    except Exception as e:  # noqa: BLE001
+        log(f"igam run: frontier plots skipped ({type(e).__name__}: {e})")
     try:
         write_report(exp.out_dir)
     except Exception as e:  # noqa: BLE001

@@ -13,6 +13,7 @@ from typing import Any
 
 from igam.attacks.presets import parse_preset
 from igam.config import Config, group_keys, make_config
+from igam.data.subsets import split_subset, static_classes, subset_size
 from igam.errors import IgamError, suggest
 from igam.files import read_yaml
 from igam.objectives import check_method
@@ -85,12 +86,26 @@ MINIATURE_DATA = {
 }
 
 
+def miniature_dataset(name: str) -> str:
+    """The synthetic stand-in of a dataset (same shape and classes); a class subset keeps its classes
+    (cifar10:animals -> synthetic:32x32x3:10:2,3,4,5,6,7), or, given by class names, their number."""
+    base, subset = split_subset(name)
+    if base.startswith("synthetic"):
+        return name
+    mini = MINIATURE_DATA.get(base, "synthetic")
+    if subset is None or base not in MINIATURE_DATA:
+        return mini
+    classes = static_classes(base, subset)
+    if classes is None:
+        return f"{mini.rpartition(':')[0]}:{subset_size(base, subset)}"
+    return f"{mini}:{','.join(map(str, classes))}"
+
+
 def miniaturize(cfg: dict[str, Any]) -> dict[str, Any]:
     """The same stage on tiny synthetic stand-ins of its data (same shapes and classes), a width-4 model,
     two PGD steps and a few optimisation steps: a smoke test of a pipeline in seconds."""
     out = dict(cfg)
-    ds = str(out.get("dataset", "synthetic"))
-    out["dataset"] = MINIATURE_DATA.get(ds, ds if ds.startswith("synthetic") else "synthetic")
+    out["dataset"] = miniature_dataset(str(out.get("dataset", "synthetic")))
     model = str(out.get("model", "small-cnn"))
     out["model"] = "madry-mnist" if model == "madry-mnist" else "small-cnn"
     out.update(
