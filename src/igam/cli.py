@@ -238,8 +238,14 @@ def format_table(rows, attacks) -> str:
 
 def cmd_info(args, extra) -> int:
     from igam.files import read_json
+    from igam.models import shipped
     from igam.runs import Run, resolve_run
 
+    if str(args.run).startswith(shipped.PREFIX):  # a shipped teacher: its certificate
+        cert = shipped.certificate(args.run)
+        print(json.dumps(cert, indent=2) if args.json else
+              "\n".join([shipped.describe(cert)] + [f"{k:<14} {v}" for k, v in cert.items() if k != "name"]))
+        return 0
     run_dir = resolve_run(args.run)
     out = {"run": str(run_dir), "meta": read_json(run_dir / Run.META)}
     for name in (Run.METRICS, Run.EVAL):
@@ -272,9 +278,12 @@ def cmd_info(args, extra) -> int:
 
 def cmd_models(args, extra) -> int:
     """`igam models`: the zoo, the library prefixes, and RobustBench's teachers where its extra is there."""
-    from igam.models import list_models, robustbench_zoo
+    from igam.models import list_models, robustbench_zoo, shipped
 
     print("\n".join(list_models()))
+    print("\nShipped teachers (teacher=igam:NAME; offline, certificate in `igam info igam:NAME`):")
+    print("\n".join(f"  {shipped.describe(shipped.certificate(n))}" for n in shipped.list_shipped())
+          or "  none")
     names = robustbench_zoo.list_robustbench("cifar10", "Linf")
     if names:
         print(f"\nRobustBench teachers (teacher=robustbench:DATASET/THREAT/NAME; cifar10/Linf has "

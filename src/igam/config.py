@@ -141,7 +141,8 @@ class Config:
                             "ImageNet); epochs still count gradient steps")
     # --- teacher and adapter (finetune, igam) -----------------------------------------------------
     section("teacher")
-    teacher: str = opt("", "teacher: a run directory, robustbench:DATASET/THREAT/NAME (e.g. "
+    teacher: str = opt("", "teacher: a run directory, igam:NAME (shipped, e.g. igam:mnist-linf-0.3; "
+                       "`igam models`), robustbench:DATASET/THREAT/NAME (e.g. "
                        "robustbench:cifar10/Linf/Carmon2019Unlabeled), or a .safetensors/.pt/.pth file with "
                        "teacher_model (MadryLab robustness checkpoints and wrapper prefixes are recognised)")
     teacher_model: str = opt("", "architecture of a foreign teacher checkpoint")

@@ -52,6 +52,7 @@ from igam.attacks.presets import default_eps, is_mnist_like
 from igam.data import load_data
 from igam.errors import IgamError, NonFiniteOutputs
 from igam.files import read_json_object, write_json
+from igam.models import shipped
 from igam.runs import Run, refuse_symlinks
 from igam.units import check_eps
 from igam.utils import bn_mode, mix_seed, to_unit
@@ -632,6 +633,40 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
         write_json(the_run.curve_path, curve)
         results["eps_sweep"] = curve
     return results
+
+
+SHIPPED_CHECK_N = 300  # test images on which a shipped teacher's certified clean accuracy is re-measured
+
+
+def check_shipped_teacher(spec: str, data_dir: str | Path | None, n: int = SHIPPED_CHECK_N,
+                          log: Callable[[str], None] = print) -> float | None:
+    """Re-measure a shipped teacher's (`igam:NAME`) clean accuracy on the first n test images of its own
+    dataset and compare it with its certificate (measured on the first cert['n'] images). Returns the
+    accuracy in [0, 1], or None when that dataset is not at hand (said through `log`).
+
+    Raises:
+        IgamError: the accuracy is more than 3 binomial standard errors (and 1 point) below the
+            certificate's: the weights or the software do not behave as certified.
+    """
+    cert = shipped.certificate(spec)
+    try:
+        data = load_data(cert["dataset"], str(data_dir) if data_dir else None, False, 0, n)
+    except IgamError:
+        log(f"igam: {spec}: {cert['dataset']} is not at hand, so its certified clean accuracy was not "
+            "re-measured (the weights' sha256 was checked).")
+        return None
+    clean = run_attack(shipped.load_shipped(spec), data.x_test, data.y_test, "clean",
+                       what=f"The shipped teacher {spec}")["accuracy"]
+    want = float(cert["accuracy"]["clean"])
+    margin = max(0.01, 3 * (want * (1 - want) / len(data.x_test)) ** 0.5)
+    if clean < want - margin:
+        raise IgamError(f"The shipped teacher {spec} reaches {100 * clean:.1f}% clean accuracy on the first "
+                        f"{len(data.x_test)} {cert['dataset']} test images; its certificate says "
+                        f"{100 * want:.1f}% (first {cert['n']}). Its weights or this software do not behave "
+                        "as certified: reinstall igam, and report it if it persists.")
+    log(f"igam: {spec}: clean accuracy {100 * clean:.1f}% on the first {len(data.x_test)} {cert['dataset']} "
+        f"test images (certificate: {100 * want:.1f}% on {cert['n']}).")
+    return clean
 
 
 def check_teacher_robustness(run_dir: Path, n: int = 200, log: Callable[[str], None] = print) -> float | None:

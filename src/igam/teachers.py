@@ -19,7 +19,7 @@ from igam.errors import IgamError
 from igam.files import check_tensor_dict, load_torch_file, load_weights, read_json
 from igam.method.adapted import AdaptedTeacher
 from igam.method.adapters import build_adapter
-from igam.models import ImageClassifier, create_model, robustbench_zoo
+from igam.models import ImageClassifier, create_model, robustbench_zoo, shipped
 from igam.runs import Run
 
 NAMED_NORMALIZATION = {  # per-channel mean / std of common training sets, for teacher_normalize=NAME
@@ -114,6 +114,7 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
                  normalize: str = "", teacher_dir: str | Path = "") -> ImageClassifier:
     """A teacher network from
     - an igam run directory;
+    - `igam:NAME`: a teacher shipped inside the package with its certificate (igam.models.shipped);
     - `robustbench:DATASET/THREAT/NAME`: RobustBench's architecture, weights from teacher_dir in its layout
       (igam.models.robustbench_zoo), its own normalisation inside;
     - a foreign weights file (.safetensors, or .pt/.pth read with weights_only=True: a plain state dict, a
@@ -126,11 +127,14 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
             (listing missing / unexpected / mis-shaped names), a malformed normalisation.
     """
     spec = str(path)
+    if spec.startswith(shipped.PREFIX):
+        return shipped.load_shipped(spec)
     if spec.startswith("robustbench:"):
         return _robustbench_teacher(spec, teacher_dir)
     p = Path(path)
     if not p.exists():
-        raise IgamError(f"Teacher '{path}' does not exist; give a run directory, a weights file or "
+        raise IgamError(f"Teacher '{path}' does not exist; give a run directory, a weights "
+                        "file, igam:NAME (a shipped teacher, see `igam models`) or "
                         "robustbench:DATASET/THREAT/NAME.")
     if p.is_dir():
         run = Run(p)

@@ -15,8 +15,9 @@ import torch.nn as nn
 
 from igam.data import default_data_dir
 from igam.errors import IgamError
-from igam.evaluate import check_teacher_robustness
+from igam.evaluate import check_shipped_teacher, check_teacher_robustness
 from igam.method.adapted import AdaptedTeacher
+from igam.models import shipped
 from igam.objectives.base import Objective, Passes, count, register_objective
 from igam.teachers import finetune_model, load_teacher
 
@@ -41,20 +42,24 @@ class Finetune(Objective):
 
 
 def build_finetune_model(cfg: Any, spec: Any) -> AdaptedTeacher:
-    """The network `igam finetune` trains: cfg.teacher (a run directory, or a weights file named by
-    teacher_model / teacher_classes / teacher_in_shape), checked for robustness on its own task when it is
-    a run, frozen, with a new head for spec.num_classes behind the adapter cfg.adapter.
+    """The network `igam finetune` trains: cfg.teacher (a run directory, a shipped `igam:NAME`, or a weights
+    file named by teacher_model / teacher_classes / teacher_in_shape), checked on its own task when it is a
+    run (robustness) or shipped (its certified clean accuracy), frozen, with a new head for
+    spec.num_classes behind the adapter cfg.adapter.
 
     Raises:
         IgamError: no teacher given, or one that cannot be loaded or adapted.
     """
     if not cfg.teacher:
-        raise IgamError("method=finetune needs teacher=RUN_DIR (or a weights file with teacher_model=...).")
+        raise IgamError("method=finetune needs teacher=RUN_DIR, teacher=igam:NAME (a shipped teacher: `igam "
+                        "models`) or a weights file with teacher_model=....")
     root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     body = load_teacher(cfg.teacher, cfg.teacher_model, cfg.teacher_classes, cfg.teacher_in_shape,
                         normalize=cfg.teacher_normalize,
                         teacher_dir=cfg.teacher_dir or root / "robustbench")
-    if Path(cfg.teacher).is_dir():
+    if str(cfg.teacher).startswith(shipped.PREFIX):
+        check_shipped_teacher(cfg.teacher, root)
+    elif Path(cfg.teacher).is_dir():
         check_teacher_robustness(Path(cfg.teacher))
     return finetune_model(body, spec.shape, spec.num_classes, cfg.adapter, cfg.teacher_bn)
 
