@@ -8,6 +8,7 @@ the teacher's robustness, so a teacher that has none is worth a warning before a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from igam.errors import IgamError
 from igam.evaluate import check_teacher_robustness
 from igam.method.adapted import AdaptedTeacher
 from igam.objectives.base import Objective, Passes, count, register_objective
-from igam.teachers import finetune_model, load_teacher
+from igam.teachers import finetune_model, load_teacher, teacher_architecture
 
 
 class Finetune(Objective):
@@ -59,7 +60,14 @@ def build_finetune_model(cfg: Any, spec: Any) -> AdaptedTeacher:
     return finetune_model(body, spec.shape, spec.num_classes, cfg.adapter, cfg.teacher_bn)
 
 
-@register_objective("finetune", build_model=build_finetune_model)
+def finetune_model_name(cfg: Any, planned: Mapping[str, str]) -> str:
+    """`adapted:BODY`, BODY the teacher's architecture (igam.teachers.teacher_architecture), as the
+    fine-tuned teacher's meta.json names it; '' when the teacher's architecture cannot be told yet."""
+    body = teacher_architecture(cfg.teacher, cfg.teacher_model, planned)
+    return f"adapted:{body}" if body else ""
+
+
+@register_objective("finetune", build_model=build_finetune_model, model_name=finetune_model_name)
 def make_finetune(cfg: Any, model: nn.Module, spec: Any, device: Any) -> Finetune:
     adapter = getattr(model, "adapter", None)
     return Finetune(adapter is not None and any(p.requires_grad for p in adapter.parameters()))
