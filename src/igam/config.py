@@ -148,6 +148,10 @@ class Config:
     teacher_normalize: str = opt("", "input normalisation a foreign teacher was trained with, kept inside "
                                  "it: mnist | cifar10 | cifar100 | imagenet | MEAN,../STD,.. (empty: [0, 1] "
                                  "pixels, or the checkpoint's own normaliser)")
+    teacher_dataset: str = opt("", "the dataset a foreign teacher (weights file) was trained on: mnist | "
+                               "cifar10 | ... | npz:PATH (implied by robustbench:DATASET/...; none: skip the "
+                               "check); its clean accuracy on 200 of its test images is checked before "
+                               "fine-tuning (near chance: refused; weak: a warning)")
     teacher_dir: str = opt("", "where robustbench: teachers' weights are, in RobustBench's layout "
                            "DIR/DATASET/THREAT/NAME.pt (default: DATA_ROOT/robustbench)")
     adapter: str = opt("auto", "input adapter from target to teacher input: auto | identity | gray (3 -> 1 "
