@@ -49,18 +49,20 @@ from igam.attacks.autoattack import FLAGS_DOC, INSTALL_HINT, pyautoattack_versio
 from igam.attacks.base import check_inputs
 from igam.attacks.checks import Observation, gradient_stats, run_checks, warning_block
 from igam.attacks.presets import default_eps, is_mnist_like
-from igam.data import load_data
-from igam.errors import IgamError, NonFiniteOutputs
+from igam.data import NAMED, load_data
+from igam.data.sources import PREFIXED
+from igam.errors import IgamError, NonFiniteOutputs, suggest
 from igam.files import read_json_object, write_json
 from igam.models import shipped
 from igam.runs import Run, refuse_symlinks
+from igam.teachers import NAMED_NORMALIZATION
 from igam.units import check_eps
 from igam.utils import bn_mode, mix_seed, to_unit
 
-__all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "check_teacher_robustness", "eps_text",
-           "evaluate_attack", "evaluate_run", "large_eps", "masking_report", "parse_eps_sweep",
-           "per_class_accuracy", "predict", "record_notes", "result_key", "robustness_curve", "run_attack",
-           "stale_weights_note", "state_name", "warning_block"]
+__all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "check_foreign_teacher", "check_shipped_teacher",
+           "check_teacher_robustness", "eps_text", "evaluate_attack", "evaluate_run", "large_eps",
+           "masking_report", "parse_eps_sweep", "per_class_accuracy", "predict", "record_notes", "result_key",
+           "robustness_curve", "run_attack", "stale_weights_note", "state_name", "warning_block"]
 
 CHECK_STEPS = (10, 20, 50)  # PGD step counts of the --checks step sweep
 EPS_SWEEP = (0.25, 0.5, 1.0, 1.5)  # multiples of eps of the --checks eps sweep (PGD-20)
@@ -690,3 +692,88 @@ def check_teacher_robustness(run_dir: Path, n: int = 200, log: Callable[[str], N
             "IGAM transfers the teacher's robustness, so expect little; train the teacher with method=pgd-at."
         )
     return robust
+
+
+# clean accuracy on its own task below which a robust teacher is clearly weaker than expected: set well
+# below what published robust models of each dataset reach, so that what it flags is mostly a teacher read
+# wrongly (normalisation, channel order, architecture) rather than a weak but honest one
+EXPECTED_CLEAN = {"mnist": 0.9, "fashion-mnist": 0.7, "cifar10": 0.6, "cifar100": 0.4, "svhn": 0.8,
+                  "tiny-imagenet": 0.25}
+NEAR_CHANCE = 2.0  # a teacher below this multiple of chance on its own task is refused
+FOREIGN_CHECK_N = 200  # test images of a foreign teacher's own dataset its clean accuracy is measured on
+
+
+def check_foreign_teacher(model: nn.Module, teacher: str, dataset: str, data_dir: str | Path | None = None,
+                          n: int = FOREIGN_CHECK_N, log: Callable[[str], None] = print) -> float | None:
+    """Clean accuracy of a foreign teacher (a weights file, or `robustbench:DATASET/...`) on the first n
+    test images of the dataset it was trained on, before it is fine-tuned: `dataset` (teacher_dataset; for
+    robustbench: names the dataset is implied; 'none' skips the check). A teacher whose weights file does
+    not say its dataset, or whose dataset is not at hand, is reported once through `log` as not checked,
+    with how to check it. Returns the accuracy in [0, 1], or None when not checked.
+
+    Raises:
+        IgamError: for a dataset that is not one (a typo), whose images or classes do not fit the teacher,
+            or on which the teacher is near chance (below NEAR_CHANCE x chance: its weights are not read as
+            trained; the message names what to check, and teacher_dataset=none to fine-tune it anyway).
+    """
+    dataset = (dataset or "").strip()
+    if dataset.lower() == "none":
+        return None
+    if not dataset and teacher.startswith("robustbench:"):
+        dataset = teacher.partition(":")[2].split("/")[0]
+        if dataset not in NAMED:  # e.g. imagenet: no loader here
+            log(f"igam: note: the teacher {teacher} was not checked on its own task ({dataset}): igam has no "
+                f"loader for {dataset}. Give teacher_dataset=npz:PATH (its test images) to check it.")
+            return None
+    if not dataset:
+        log(f"igam: note: the foreign teacher {teacher} was not checked on its own task: a weights file does "
+            "not record the dataset it was trained on. Give teacher_dataset=NAME (e.g. mnist, cifar10) to "
+            f"measure its clean accuracy on {n} of its test images before fine-tuning (teacher_dataset=none "
+            "silences this note).")
+        return None
+    if dataset not in NAMED and not dataset.startswith(PREFIXED):
+        raise IgamError(f"teacher_dataset={dataset!r} is not a dataset.{suggest(dataset, NAMED)} Give the "
+                        f"dataset the teacher was trained on ({', '.join(NAMED)}, npz:PATH, "
+                        "imagefolder:PATH), or none to skip the check.")
+    try:
+        data = load_data(dataset, str(data_dir) if data_dir else None, False, 0, n)
+    except IgamError as e:
+        if dataset not in NAMED:
+            raise
+        log(f"igam: note: the foreign teacher {teacher} was not checked on its own task: {e} "
+            "(teacher_dataset=none silences this note).")
+        return None
+    args = getattr(model, "igam_args", {}) or {}
+    shape = (args.get("in_chans"), *(args.get("input_size") or ()))
+    classes = getattr(model, "num_classes", None)
+    fix = "Is teacher_dataset the teacher's own dataset? Fix it, or teacher_in_shape / teacher_classes."
+    if len(shape) == 3 and tuple(shape) != tuple(data.shape):
+        raise IgamError(f"teacher_dataset={dataset} has {'x'.join(map(str, data.shape))} images; the teacher "
+                        f"{teacher} takes {'x'.join(map(str, shape))}. {fix}")
+    if classes and classes != data.num_classes:
+        raise IgamError(f"teacher_dataset={dataset} has {data.num_classes} classes; the teacher {teacher} "
+                        f"has {classes}. {fix}")
+    was_training = model.training
+    model.eval()
+    try:
+        clean = run_attack(model, data.x_test, data.y_test, "clean",
+                           what=f"The teacher {teacher}")["accuracy"]
+    finally:
+        model.train(was_training)
+    k, m = data.num_classes, len(data.x_test)
+    said = f"{100 * clean:.1f}% clean accuracy on {m} {dataset} test images"
+    example = f"teacher_normalize={dataset if dataset in NAMED_NORMALIZATION else 'MEAN,../STD,..'}"
+    if clean < NEAR_CHANCE / k:
+        raise IgamError(
+            f"The teacher {teacher} gets {said}, about chance ({100 / k:.1f}%): its weights are not read as "
+            f"they were trained. Check teacher_normalize (the mean/std it was trained with, e.g. {example}), "
+            "teacher_model and teacher_in_shape, and that teacher_dataset is its dataset; to fine-tune it "
+            "anyway, set teacher_dataset=none.")
+    expected = EXPECTED_CLEAN.get(dataset)
+    if expected is not None and clean < expected:
+        log(f"igam: WARNING: the teacher {teacher} gets only {said} (a robust {dataset} teacher is expected "
+            f"above {100 * expected:.0f}%). If it was trained on normalised inputs, set teacher_normalize "
+            f"(e.g. {example}); a weak teacher transfers little robustness.")
+    else:
+        log(f"igam: the teacher {teacher} gets {said}.")
+    return clean

@@ -11,3 +11,4 @@ from typing import Any
 
 OBJECTIVES: dict[str, Any] = {}  # method name -> factory(cfg, model, spec, device) -> Objective
 MODEL_BUILDERS: dict[str, Any] = {}  # method name -> build_model(cfg, spec) -> nn.Module (optional)
+MODEL_NAMES: dict[str, Any] = {}  # method name -> model_name(cfg, planned) -> str: what build_model builds

@@ -8,7 +8,7 @@ by the fine-tuning method's set-up, not here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,31 @@ def _robustbench_teacher(name: str, teacher_dir: str | Path) -> ImageClassifier:
                         f"{f' (after removing the prefix {prefix!r})' if prefix else ''}: {fit}.")
     net.load_state_dict(state)
     return net
+
+
+def teacher_architecture(teacher: str | Path, teacher_model: str = "",
+                         planned: Mapping[str, str] | None = None) -> str:
+    """The architecture name of a teacher's body as meta.json records it, told from the config and the
+    files without loading weights: a run directory's recorded model (a fine-tuned teacher's body),
+    `robustbench:...` itself, a weights file's `teacher_model`, or `planned[str(teacher)]` for a run
+    directory not made yet (an experiment's earlier stage). '' when it cannot be told."""
+    spec = str(teacher)
+    if not spec:
+        return ""
+    if spec.startswith("robustbench:"):
+        return spec
+    p = Path(spec)
+    if p.is_dir() and (p / Run.META).is_file():
+        try:
+            args = Run(p).meta["model"]
+        except IgamError:
+            return ""
+        args = args.get("teacher") if args.get("adapter") is not None else args
+        return str(args.get("name") or "") if isinstance(args, dict) else ""
+    if p.is_file():
+        return teacher_model
+    name = (planned or {}).get(spec, "")
+    return name.removeprefix("adapted:")
 
 
 def finetune_model(body: ImageClassifier, target_shape: tuple[int, int, int], target_classes: int,

@@ -41,7 +41,15 @@ from igam.guard import (
     nonfinite_terms,
     skip_limit,
 )
-from igam.objectives import Objective, build_model, check_method, count_passes, create_objective
+from igam.objectives import (
+    Objective,
+    build_model,
+    builds_own_model,
+    check_method,
+    count_passes,
+    create_objective,
+    trained_model_name,
+)
 from igam.runs import CSVLogger, Run, git_commit, load_latest_state, load_state_checked, save_state
 from igam.speed import float32_arithmetic, speed_setup
 from igam.units import parse_fraction
@@ -52,9 +60,11 @@ __all__ = ["MAX_SKIPS_IN_A_ROW", "MAX_SKIP_SHARE", "lr_factor", "make_optimizer"
 
 
 def run_name(cfg: Config) -> str:
-    """cfg.name, or METHOD-MODEL-DATASET-sSEED."""
+    """cfg.name, or METHOD-MODEL-DATASET-sSEED (MODEL: the network trained, e.g. adapted-madry-mnist for a
+    fine-tuned madry-mnist teacher)."""
     ds = cfg.dataset.replace(":", "-").replace("/", "_")[:40]
-    return cfg.name or f"{cfg.method}-{cfg.model.replace(':', '-')}-{ds}-s{cfg.seed}"
+    model = (trained_model_name(cfg) or cfg.model).replace(":", "-").replace("/", "_")
+    return cfg.name or f"{cfg.method}-{model}-{ds}-s{cfg.seed}"
 
 
 def lr_factor(cfg: Config, step: int, total: int, steps_per_epoch: int) -> float:
@@ -170,6 +180,8 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
     say(f"igam: {arrays.name} from {arrays.source}: {len(arrays.x_train)} train / {len(arrays.x_test)} test "
         f"images of shape {spec.shape}, {spec.num_classes} classes")
     model = build_model(cfg, spec).to(device)
+    if builds_own_model(cfg.method):  # config.yaml records the network trained, not the student default
+        cfg = cfg.replace(model=unwrap(model).igam_args["name"])
     objective = create_objective(cfg, model, spec, device)
     optimizer_kind, base_lr = objective.optimizer_settings(cfg)
     optimizer = make_optimizer(optimizer_kind, base_lr, cfg, model)

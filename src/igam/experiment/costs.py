@@ -82,7 +82,9 @@ def estimate_seconds(cfg: Config, gpu: bool = False) -> float:
         "igr": 3.0,
     }.get(cfg.method, 1.0)
     if cfg.method == "finetune":
-        ips = table.get(cfg.teacher_model or "madry-mnist", table["madry-mnist"])
+        # the teacher's body (cfg.model is adapted:BODY once the experiment knows the teacher)
+        body = cfg.model.removeprefix("adapted:") if cfg.model.startswith("adapted:") else cfg.teacher_model
+        ips = table.get(body or "madry-mnist", table["madry-mnist"])
     if cfg.method in ("igam", "igr"):
         start = cfg.igam_start.strip()
         frac = float(start) if re.fullmatch(r"0?\.\d+", start) else 0.0

@@ -44,7 +44,7 @@ def format_plan(exp: Experiment) -> str:
         if status != "done":
             cpu, gpu = cpu + sec, gpu + gsec
         lines.append(
-            f"| {st.name} | {cfg.method} | {cfg.model if cfg.method != 'finetune' else 'teacher head'} | "
+            f"| {st.name} | {cfg.method} | {cfg.model} | "
             f"{cfg.dataset} | {cfg.epochs:g} | {status} | {hms(sec)} | {hms(gsec)} |"
         )
     lines += [

@@ -16,7 +16,7 @@ from igam.config import Config, group_keys, make_config
 from igam.data.subsets import split_subset, static_classes, subset_size
 from igam.errors import IgamError, suggest
 from igam.files import read_yaml
-from igam.objectives import check_method
+from igam.objectives import builds_own_model, check_method, trained_model_name
 from igam.runs import Run
 from igam.units import check_eps
 
@@ -295,9 +295,16 @@ def resolve_stage(exp: Experiment, stage: Stage) -> Config:
     try:
         out = make_config(overrides=cfg)
         check_method(out.method)
-        return out
     except IgamError as e:
         raise IgamError(f"Stage '{stage.name}': {e}") from None
+    if builds_own_model(out.method):  # e.g. finetune: `model` is the adapted teacher, as its run records
+        earlier = exp.stages[: exp.stages.index(stage)] if stage in exp.stages else []
+        refs = set(re.findall(r"\{([A-Za-z0-9_=.\-]+)\}", json.dumps(stage.config)))
+        planned = {str(exp.out_dir / s.name): resolve_stage(exp, s).model for s in earlier if s.name in refs}
+        name = trained_model_name(out, planned)
+        if name:
+            out = out.replace(model=name)
+    return out
 
 
 IGAM_KEYS = group_keys("igam")

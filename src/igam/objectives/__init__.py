@@ -13,6 +13,8 @@ Each declares its cost in passes per training image (`Objective.passes`), summed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 
@@ -24,6 +26,7 @@ from igam.objectives import kd_noise as _kd_noise  # noqa: F401  (registers kd-n
 from igam.objectives import pgd_at as _pgd_at  # noqa: F401  (registers pgd-at, trades)
 from igam.objectives.base import (
     MODEL_BUILDERS,
+    MODEL_NAMES,
     OBJECTIVES,
     Metrics,
     Objective,
@@ -34,8 +37,8 @@ from igam.objectives.base import (
 )
 from igam.runs import init_model_from
 
-__all__ = ["OBJECTIVES", "Metrics", "Objective", "Passes", "build_model", "check_method", "count_passes",
-           "create_objective", "register_objective"]
+__all__ = ["OBJECTIVES", "Metrics", "Objective", "Passes", "build_model", "builds_own_model", "check_method",
+           "count_passes", "create_objective", "register_objective", "trained_model_name"]
 
 
 def create_objective(cfg, model: nn.Module, spec, device: torch.device) -> Objective:
@@ -65,3 +68,19 @@ def build_model(cfg, spec) -> nn.Module:
     if cfg.init_from:
         init_model_from(model, cfg.init_from)
     return model
+
+
+def builds_own_model(method: str) -> bool:
+    """Whether `method` trains a network of its own making (finetune: the adapted teacher) rather than
+    the student cfg.model; its config then records that network's name as `model`."""
+    return method in MODEL_BUILDERS
+
+
+def trained_model_name(cfg, planned: Mapping[str, str] | None = None) -> str:
+    """The architecture cfg's run trains, as meta.json names it, told without building it: the method's
+    own network's (finetune: `adapted:TEACHER_ARCHITECTURE`), else cfg.model. '' when a method with its
+    own network cannot tell it from the config and files (`planned` maps run directories not made yet,
+    an experiment's earlier stages, to their model names)."""
+    if cfg.method in MODEL_NAMES:
+        return MODEL_NAMES[cfg.method](cfg, planned or {})
+    return cfg.model

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from igam.errors import IgamError, suggest
-from igam.registry import MODEL_BUILDERS, OBJECTIVES
+from igam.registry import MODEL_BUILDERS, MODEL_NAMES, OBJECTIVES
 
 Metrics = dict[str, torch.Tensor]
 Passes = dict[str, dict[str, float]]  # network -> kind -> passes per training image
@@ -114,15 +114,24 @@ Factory = Callable[..., Objective]
 ModelBuilder = Callable[..., nn.Module]
 
 
-def register_objective(name: str, build_model: ModelBuilder | None = None) -> Callable[[Factory], Factory]:
+ModelNamer = Callable[..., str]
+
+
+def register_objective(name: str, build_model: ModelBuilder | None = None,
+                       model_name: ModelNamer | None = None) -> Callable[[Factory], Factory]:
     """Decorator: register factory(cfg, model, spec, device) -> Objective as method `name`, and optionally
-    build_model(cfg, spec) -> nn.Module, the network that method trains (default: the student cfg.model)."""
+    build_model(cfg, spec) -> nn.Module, the network that method trains (default: the student cfg.model),
+    with model_name(cfg, planned) -> str, that network's architecture name as meta.json will record it,
+    told without building it ('' when it cannot be told; `planned` maps run directories not made yet to
+    their model names)."""
     def deco(fn: Factory) -> Factory:
         if name in OBJECTIVES:
             raise ValueError(f"objective '{name}' is already registered")
         OBJECTIVES[name] = fn
         if build_model is not None:
             MODEL_BUILDERS[name] = build_model
+        if model_name is not None:
+            MODEL_NAMES[name] = model_name
         return fn
 
     return deco

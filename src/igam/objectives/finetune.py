@@ -2,12 +2,16 @@
 with a new logit layer behind an input adapter (igam.teachers.finetune_model); the objective is plain
 cross-entropy, trained with Adam at cfg.finetune_lr.
 
-Set-up checks the teacher on its own task first (igam.evaluate.check_teacher_robustness): IGAM transfers
-the teacher's robustness, so a teacher that has none is worth a warning before anything is trained.
+Set-up checks the teacher on its own task first: a run directory's robustness
+(igam.evaluate.check_teacher_robustness: IGAM transfers the teacher's robustness, so a teacher that has
+none is worth a warning), a foreign teacher's clean accuracy on the dataset it was trained on
+(igam.evaluate.check_foreign_teacher, teacher_dataset: near chance means its weights are read wrongly, and
+is refused).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +19,11 @@ import torch.nn as nn
 
 from igam.data import default_data_dir
 from igam.errors import IgamError
-from igam.evaluate import check_shipped_teacher, check_teacher_robustness
+from igam.evaluate import check_foreign_teacher, check_shipped_teacher, check_teacher_robustness
 from igam.method.adapted import AdaptedTeacher
 from igam.models import shipped
 from igam.objectives.base import Objective, Passes, count, register_objective
-from igam.teachers import finetune_model, load_teacher
+from igam.teachers import finetune_model, load_teacher, teacher_architecture
 
 
 class Finetune(Objective):
@@ -42,13 +46,15 @@ class Finetune(Objective):
 
 
 def build_finetune_model(cfg: Any, spec: Any) -> AdaptedTeacher:
-    """The network `igam finetune` trains: cfg.teacher (a run directory, a shipped `igam:NAME`, or a weights
-    file named by teacher_model / teacher_classes / teacher_in_shape), checked on its own task when it is a
-    run (robustness) or shipped (its certified clean accuracy), frozen, with a new head for
-    spec.num_classes behind the adapter cfg.adapter.
+    """The network `igam finetune` trains: cfg.teacher (a run directory, a shipped `igam:NAME`, a weights file
+    named by teacher_model / teacher_classes / teacher_in_shape, or robustbench:...), checked on its own task
+    first (a run: robustness; a shipped teacher: its certified clean accuracy; a foreign teacher: clean
+    accuracy on cfg.teacher_dataset), frozen, with a new head for spec.num_classes behind the adapter
+    cfg.adapter.
 
     Raises:
-        IgamError: no teacher given, or one that cannot be loaded or adapted.
+        IgamError: no teacher given, one that cannot be loaded or adapted, or a foreign teacher that does
+            not fit teacher_dataset or is near chance on it.
     """
     if not cfg.teacher:
         raise IgamError("method=finetune needs teacher=RUN_DIR, teacher=igam:NAME (a shipped teacher: `igam "
@@ -61,10 +67,19 @@ def build_finetune_model(cfg: Any, spec: Any) -> AdaptedTeacher:
         check_shipped_teacher(cfg.teacher, root)
     elif Path(cfg.teacher).is_dir():
         check_teacher_robustness(Path(cfg.teacher))
+    else:  # a weights file or robustbench: its own task is teacher_dataset (implied for robustbench)
+        check_foreign_teacher(body, str(cfg.teacher), cfg.teacher_dataset, root)
     return finetune_model(body, spec.shape, spec.num_classes, cfg.adapter, cfg.teacher_bn)
 
 
-@register_objective("finetune", build_model=build_finetune_model)
+def finetune_model_name(cfg: Any, planned: Mapping[str, str]) -> str:
+    """`adapted:BODY`, BODY the teacher's architecture (igam.teachers.teacher_architecture), as the
+    fine-tuned teacher's meta.json names it; '' when the teacher's architecture cannot be told yet."""
+    body = teacher_architecture(cfg.teacher, cfg.teacher_model, planned)
+    return f"adapted:{body}" if body else ""
+
+
+@register_objective("finetune", build_model=build_finetune_model, model_name=finetune_model_name)
 def make_finetune(cfg: Any, model: nn.Module, spec: Any, device: Any) -> Finetune:
     adapter = getattr(model, "adapter", None)
     return Finetune(adapter is not None and any(p.requires_grad for p in adapter.parameters()))
