@@ -214,14 +214,20 @@ def _robustbench_teacher(name: str, teacher_dir: str | Path) -> ImageClassifier:
 def teacher_architecture(teacher: str | Path, teacher_model: str = "",
                          planned: Mapping[str, str] | None = None) -> str:
     """The architecture name of a teacher's body as meta.json records it, told from the config and the
-    files without loading weights: a run directory's recorded model (a fine-tuned teacher's body),
-    `robustbench:...` itself, a weights file's `teacher_model`, or `planned[str(teacher)]` for a run
-    directory not made yet (an experiment's earlier stage). '' when it cannot be told."""
+    files without loading weights: a run directory's recorded model (a fine-tuned teacher's body), a
+    shipped teacher's certified architecture, `robustbench:...` itself, a weights file's `teacher_model`,
+    or `planned[str(teacher)]` for a run directory not made yet (an experiment's earlier
+    stage). '' when it cannot be told."""
     spec = str(teacher)
     if not spec:
         return ""
     if spec.startswith("robustbench:"):
         return spec
+    if spec.startswith(shipped.PREFIX):  # a shipped teacher: its certificate names the architecture
+        try:
+            return str(shipped.certificate(spec)["model"]["name"])
+        except (IgamError, KeyError, TypeError):
+            return ""
     p = Path(spec)
     if p.is_dir() and (p / Run.META).is_file():
         try:
