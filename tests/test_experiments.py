@@ -37,6 +37,19 @@ def test_every_experiment_parses_and_dry_runs(path, tmp_path, capsys):
     assert "stages left" in capsys.readouterr().out
 
 
+def test_dry_run_with_only_counts_only_the_chosen_stages(tmp_path, capsys):
+    """`--dry-run --only a,b` lists the other stages as skipped and estimates the chosen ones alone."""
+    path = ROOT / "experiments" / "cpu" / "mnist-to-cifar10.yaml"
+    exp = load_experiment(path, out_dir=str(tmp_path))
+    full = format_plan(exp)
+    chosen = format_plan(exp, only=["standard", "igam"])
+    assert f"stages left: {len(exp.stages)};" in full
+    assert "stages left: 2;" in chosen
+    assert chosen.count("skipped (--only)") == len(exp.stages) - 2
+    assert main(["run", str(path), "--dry-run", "--only", "standard,igam", "--out-dir", str(tmp_path)]) == 0
+    assert "stages left: 2;" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
 def test_every_paper_experiment_runs_in_miniature(path, tmp_path, monkeypatch):

@@ -30,7 +30,9 @@ def plan(exp: Experiment) -> list[tuple[Stage, str, float, float]]:
     return out
 
 
-def format_plan(exp: Experiment) -> str:
+def format_plan(exp: Experiment, only: list[str] | None = None) -> str:
+    """The plan as a Markdown table with the estimated training and evaluation time left; stages outside
+    `only` (when given, as `--only`) are listed as skipped and not counted."""
     lines = [
         f"experiment {exp.name} -> {exp.out_dir}",
         "",
@@ -39,9 +41,11 @@ def format_plan(exp: Experiment) -> str:
     ]
     cpu = gpu = 0.0
     rows = plan(exp)
+    rows = [(st, status if not only or st.name in only else "skipped (--only)", sec, gsec)
+            for st, status, sec, gsec in rows]
     for st, status, sec, gsec in rows:
         cfg = resolve_stage(exp, st)
-        if status != "done":
+        if status in ("todo", "partial", "stale"):
             cpu, gpu = cpu + sec, gpu + gsec
         lines.append(
             f"| {st.name} | {cfg.method} | {cfg.model} | "
@@ -49,13 +53,14 @@ def format_plan(exp: Experiment) -> str:
         )
     lines += [
         "",
-        f"stages left: {sum(s != 'done' for _, s, _, _ in rows)}; estimated training time: {hms(cpu)} "
+        f"stages left: {sum(s in ('todo', 'partial', 'stale') for _, s, _, _ in rows)}; estimated training "
+        f"time: {hms(cpu)} "
         f"on a 2-core CPU, {hms(gpu)} on one A100-class GPU (rough, plus evaluation; measured figures in "
         "docs/PERFORMANCE.md)",
     ]
     ecpu = egpu = 0.0
     for ev in exp.evaluation:
-        stages = _row_stages(exp, ev)
+        stages = [st for st in _row_stages(exp, ev) if not only or st.name in only]
         n = int(ev.get("n", 1000))
         for st in stages:
             todo = _pending_attacks(exp, st, ev)
@@ -103,7 +108,7 @@ def run_experiment(
     if results_only:
         write_results(exp, log=log)
         return exp.out_dir
-    log(format_plan(exp))
+    log(format_plan(exp, only))
     if dry_run:
         return exp.out_dir
     exp.out_dir.mkdir(parents=True, exist_ok=True)
