@@ -187,7 +187,8 @@ def per_class_text(name: str, rec: dict) -> str:
         return f"{name} -"
     classes = pc.get("classes") or []
     worst = pc.get("worst_class")
-    which = f"{worst} {classes[worst]}" if isinstance(worst, int) and worst < len(classes) else f"{worst}"
+    name_of = classes[worst] if isinstance(worst, int) and worst < len(classes) else None
+    which = f"{worst} {name_of}" if name_of is not None and str(name_of) != str(worst) else f"{worst}"
     return f"{name} {100 * pc['mean']:.2f}/{100 * pc['worst']:.2f} (class {which})"
 
 
