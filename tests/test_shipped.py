@@ -79,6 +79,18 @@ def test_a_teacher_name_given_as_a_run_says_what_to_do(capsys: pytest.CaptureFix
     assert "Shipped teachers: igam:mnist-linf-0.3" in capsys.readouterr().err
 
 
+def test_foreign_teacher_keys_with_a_shipped_teacher_are_refused(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """teacher_model / teacher_dataset / ... describe a weights file; a shipped teacher (or a run) records its
+    own, so giving them is a mistake to report, not to ignore silently."""
+    rc = main(["finetune", f"teacher={MNIST}", "teacher_model=resnet20", "teacher_dataset=cifar10",
+               "dataset=synthetic", "train_subset=32", "epochs=1", "progress=false", "tensorboard=false",
+               f"out_dir={tmp_path}", "name=ft"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "teacher_model and teacher_dataset are for a teacher weights file" in err
+    assert f"teacher={MNIST} is a shipped teacher" in err and "Drop teacher_model and teacher_dataset" in err
+
+
 def test_finetune_from_a_shipped_teacher(tmp_path: Path) -> None:
     """The shipped body is frozen and gets a new head for a synthetic 32x32 RGB task."""
     rc = main(["finetune", f"teacher={MNIST}", "dataset=synthetic", "adapter=gray+crop28",
