@@ -50,6 +50,29 @@ def test_dry_run_with_only_counts_only_the_chosen_stages(tmp_path, capsys):
     assert "stages left: 2;" in capsys.readouterr().out
 
 
+def test_only_with_unknown_empty_or_unready_stages_is_refused_before_anything_runs(tmp_path, capsys):
+    """`--only` names stages: an unknown one (a typo) or none at all is an error, not a silent no-op (or,
+    for an empty value, the whole experiment); a stage whose teacher is neither done nor chosen is refused
+    before any training (the dry run says so under its plan); names are stripped."""
+    path = ROOT / "experiments" / "cpu" / "animals-to-vehicles.yaml"
+    out = tmp_path / "exp"
+    run = ["run", str(path), "--out-dir", str(out)]
+    for only, said in (("techer", "'techer' is not a stage of cpu-animals-to-vehicles. Did you mean "
+                                  "'teacher'?"),
+                       ("", "--only names no stage"), (" , ", "--only names no stage"),
+                       ("igam", "stage 'igam' needs stage 'teacher_ft', which is neither done nor in --only. "
+                                "Add what it needs (--only teacher,teacher_ft,igam)")):
+        assert main([*run, "--only", only]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err
+    assert not out.exists()  # refused before the out_dir was made
+    assert main([*run, "--dry-run", "--only", "igam"]) == 0
+    assert "without --dry-run this would stop before training: --only: stage 'igam' needs" in (
+        capsys.readouterr().out)
+    assert main([*run, "--dry-run", "--only", " teacher ,teacher_ft"]) == 0
+    assert "stages left: 2;" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
 def test_every_paper_experiment_runs_in_miniature(path, tmp_path, monkeypatch):

@@ -179,3 +179,19 @@ def test_an_unchecked_foreign_teacher_is_said_once_with_how_to_check(teacher_fil
 def test_a_teacher_dataset_that_does_not_fit_is_refused(teacher_file: Path, dataset: str, match: str) -> None:
     with pytest.raises(IgamError, match=match):
         check_foreign_teacher(_file_teacher(teacher_file), str(teacher_file), dataset, log=lambda s: None)
+
+
+def test_a_teacher_of_a_class_subset_is_checked_on_that_subset(teacher_file: Path) -> None:
+    """teacher_dataset takes a class subset like every dataset name (cifar10:animals for a 6-class teacher);
+    a whole dataset with more classes than the teacher suggests naming them, a misspelt subset is refused."""
+    said: list[str] = []
+    subset = f"{OWN}:0,1,2,3"  # the same four classes in the same order: the teacher's own task
+    acc = check_foreign_teacher(_file_teacher(teacher_file), str(teacher_file), subset, log=said.append)
+    assert acc is not None and acc >= 0.9 and f"200 {subset} test images" in said[0]
+    with pytest.raises(IgamError, match=r"has 8 classes; the teacher .* has 4 \(a teacher of some of its "
+                                        r"classes: name them, e.g. synthetic:28x28x1:8:0,1"):
+        check_foreign_teacher(_file_teacher(teacher_file), str(teacher_file), "synthetic:28x28x1:8",
+                              log=lambda s: None)
+    with pytest.raises(IgamError, match="class 7 is out of range"):
+        check_foreign_teacher(_file_teacher(teacher_file), str(teacher_file), f"{OWN}:0,1,2,7",
+                              log=lambda s: None)

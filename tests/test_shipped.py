@@ -66,6 +66,31 @@ def test_models_and_info_show_the_certificate(capsys: pytest.CaptureFixture) -> 
     assert "command" in info and "sha256" in info
 
 
+def test_a_teacher_name_given_as_a_run_says_what_to_do(capsys: pytest.CaptureFixture) -> None:
+    """`igam evaluate igam:NAME` (or any verb that takes a run) explains that a shipped or RobustBench teacher
+    is not a run: where its certified figures are and how to use it; an unknown name lists those there are."""
+    assert main(["evaluate", MNIST, "--n", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "is a teacher, not a run directory" in err and f"igam info {MNIST}" in err
+    assert f"igam finetune teacher={MNIST} dataset=TARGET" in err and "Traceback" not in err
+    assert main(["gradients", "robustbench:cifar10/Linf/Standard"]) == 2
+    assert "is a teacher, not a run directory" in capsys.readouterr().err
+    assert main(["evaluate", "igam:nope"]) == 2
+    assert "Shipped teachers: igam:mnist-linf-0.3" in capsys.readouterr().err
+
+
+def test_foreign_teacher_keys_with_a_shipped_teacher_are_refused(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """teacher_model / teacher_dataset / ... describe a weights file; a shipped teacher (or a run) records its
+    own, so giving them is a mistake to report, not to ignore silently."""
+    rc = main(["finetune", f"teacher={MNIST}", "teacher_model=resnet20", "teacher_dataset=cifar10",
+               "dataset=synthetic", "train_subset=32", "epochs=1", "progress=false", "tensorboard=false",
+               f"out_dir={tmp_path}", "name=ft"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "teacher_model and teacher_dataset are for a teacher weights file" in err
+    assert f"teacher={MNIST} is a shipped teacher" in err and "Drop teacher_model and teacher_dataset" in err
+
+
 def test_finetune_from_a_shipped_teacher(tmp_path: Path) -> None:
     """The shipped body is frozen and gets a new head for a synthetic 32x32 RGB task."""
     rc = main(["finetune", f"teacher={MNIST}", "dataset=synthetic", "adapter=gray+crop28",

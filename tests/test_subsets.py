@@ -127,3 +127,24 @@ def test_real_cifar10_animals_and_vehicles(real_cifar_dir: Path) -> None:
     assert vehicles.class_names == ["airplane", "automobile", "ship", "truck"]
     assert len(vehicles.x_train) == 12000 and len(vehicles.x_test) == 4000
     assert load_arrays("cifar10:truck,ship", real_cifar_dir).class_names == ["truck", "ship"]
+
+
+def test_a_teacher_finetuned_on_other_classes_or_another_order_is_refused(tmp_path: Path) -> None:
+    """A fine-tuned teacher's head labels its own subset's classes: a student on the same number of classes
+    but other ones, or the same ones in another order, would match gradients of the wrong classes."""
+    from igam.teachers import frozen_teacher
+    from igam.train import train
+
+    common = dict(QUIET, model="small-cnn", width=4, batch_size=32, eval_n=32, out_dir=str(tmp_path),
+                  train_subset=64, epochs=0.5)
+    teacher = train(make_config(overrides=dict(common, dataset="synthetic:8x8x3:6:0,1,2", name="teacher")),
+                    log=lambda *a: None)
+    ft = train(make_config(overrides=dict(common, method="finetune", teacher=str(teacher), adapter="identity",
+                                          dataset="synthetic:8x8x3:6:5,3,4", name="ft")), log=lambda *a: None)
+    same = spec_of(load_data("synthetic:8x8x3:6:5,3,4"))
+    assert frozen_teacher(ft, same.shape, 3, class_names=same.class_names, dataset=same.dataset) is not None
+    for other in ("synthetic:8x8x3:6:3,4,5", "synthetic:8x8x3:6:0,1,2"):
+        spec = spec_of(load_data(other))
+        with pytest.raises(IgamError, match=r"fine-tuned on synthetic:8x8x3:6:5,3,4.*other classes") as e:
+            frozen_teacher(ft, spec.shape, 3, class_names=spec.class_names, dataset=spec.dataset)
+        assert f"igam finetune teacher={teacher} dataset={other}`" in str(e.value)

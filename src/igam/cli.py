@@ -72,7 +72,7 @@ def cmd_run(args, extra) -> int:
         dry_run=args.dry_run,
         out_dir=args.out_dir,
         overrides=overrides,
-        only=args.only.split(",") if args.only else None,
+        only=args.only.split(",") if args.only is not None else None,
         miniature=args.miniature,
         results_only=args.results_only,
     )

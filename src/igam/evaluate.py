@@ -51,6 +51,7 @@ from igam.attacks.checks import Observation, gradient_stats, run_checks, warning
 from igam.attacks.presets import default_eps, is_mnist_like
 from igam.data import NAMED, load_data
 from igam.data.sources import PREFIXED
+from igam.data.subsets import select_classes, split_subset
 from igam.errors import IgamError, NonFiniteOutputs, suggest
 from igam.files import read_json_object, write_json
 from igam.models import shipped
@@ -731,18 +732,23 @@ def check_foreign_teacher(model: nn.Module, teacher: str, dataset: str, data_dir
             f"measure its clean accuracy on {n} of its test images before fine-tuning (teacher_dataset=none "
             "silences this note).")
         return None
-    if dataset not in NAMED and not dataset.startswith(PREFIXED):
-        raise IgamError(f"teacher_dataset={dataset!r} is not a dataset.{suggest(dataset, NAMED)} Give the "
+    base, subset = split_subset(dataset)  # a teacher of some classes: cifar10:animals, mnist:0,1
+    if base not in NAMED and not base.startswith(PREFIXED):
+        raise IgamError(f"teacher_dataset={dataset!r} is not a dataset.{suggest(base, NAMED)} Give the "
                         f"dataset the teacher was trained on ({', '.join(NAMED)}, npz:PATH, "
-                        "imagefolder:PATH), or none to skip the check.")
+                        "imagefolder:PATH; a class subset as NAME:CLASSES, e.g. cifar10:animals), or none to "
+                        "skip the check.")
     try:
-        data = load_data(dataset, str(data_dir) if data_dir else None, False, 0, n)
+        data = load_data(base, str(data_dir) if data_dir else None, False, 0, 0 if subset else n)
     except IgamError as e:
-        if dataset not in NAMED:
+        if base not in NAMED:
             raise
         log(f"igam: note: the foreign teacher {teacher} was not checked on its own task: {e} "
             "(teacher_dataset=none silences this note).")
         return None
+    if subset is not None:  # a misspelt subset is an error, not a dataset that is not at hand
+        data = select_classes(data, subset, dataset)
+        data.x_test, data.y_test = data.x_test[:n], data.y_test[:n]
     args = getattr(model, "igam_args", {}) or {}
     shape = (args.get("in_chans"), *(args.get("input_size") or ()))
     classes = getattr(model, "num_classes", None)
@@ -751,8 +757,10 @@ def check_foreign_teacher(model: nn.Module, teacher: str, dataset: str, data_dir
         raise IgamError(f"teacher_dataset={dataset} has {'x'.join(map(str, data.shape))} images; the teacher "
                         f"{teacher} takes {'x'.join(map(str, shape))}. {fix}")
     if classes and classes != data.num_classes:
+        part = (f" (a teacher of some of its classes: name them, e.g. {base}:0,1 or a named subset)"
+                if subset is None and classes < data.num_classes else "")
         raise IgamError(f"teacher_dataset={dataset} has {data.num_classes} classes; the teacher {teacher} "
-                        f"has {classes}. {fix}")
+                        f"has {classes}{part}. {fix}")
     was_training = model.training
     model.eval()
     try:
@@ -762,7 +770,7 @@ def check_foreign_teacher(model: nn.Module, teacher: str, dataset: str, data_dir
         model.train(was_training)
     k, m = data.num_classes, len(data.x_test)
     said = f"{100 * clean:.1f}% clean accuracy on {m} {dataset} test images"
-    example = f"teacher_normalize={dataset if dataset in NAMED_NORMALIZATION else 'MEAN,../STD,..'}"
+    example = f"teacher_normalize={base if base in NAMED_NORMALIZATION else 'MEAN,../STD,..'}"
     if clean < NEAR_CHANCE / k:
         raise IgamError(
             f"The teacher {teacher} gets {said}, about chance ({100 / k:.1f}%): its weights are not read as "

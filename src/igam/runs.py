@@ -269,8 +269,25 @@ def read_log(run_dir: Path, name: str = "log.csv") -> list[dict[str, Any]]:
 
 
 def resolve_run(path: str | Path) -> Path:
+    """`path` as a run directory (one that holds meta.json).
+
+    Raises:
+        IgamError: a path that does not exist or is not a run directory; a teacher name (`igam:NAME`,
+            `robustbench:...`), which is not a run, gets what to do with it instead.
+    """
     p = Path(path)
     if not (p / "meta.json").exists():
+        spec = str(path)
+        if not p.exists() and spec.startswith(("igam:", "robustbench:")):
+            if spec.startswith("igam:"):
+                from igam.models.shipped import shipped_name
+
+                shipped_name(spec)  # an unknown name: the shipped teachers there are
+            info = (f"its certificate (the accuracies it was measured to have, and the evaluation command) "
+                    f"is in `igam info {spec}`; " if spec.startswith("igam:") else "")
+            raise IgamError(f"'{spec}' is a teacher, not a run directory: {info}to use it, fine-tune its "
+                            f"head on your task (`igam finetune teacher={spec} dataset=TARGET`) and evaluate "
+                            "or transfer from that run.")
         if p.exists():
             raise IgamError(f"'{path}' is not an igam run directory (no meta.json). Give a directory written "
                             "by `igam train`, `igam finetune` or `igam transfer`.")

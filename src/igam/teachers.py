@@ -262,21 +262,25 @@ WEAK_TEACHER = 2.0  # a fine-tuned teacher below this multiple of chance accurac
 
 
 def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str = "eval",
-                   log: Callable[[str], Any] = print) -> AdaptedTeacher:
-    """A fine-tuned teacher run ready for IGAM: every parameter frozen, checked against the target task.
-    A teacher whose recorded clean accuracy on the target task is below WEAK_TEACHER x chance is reported
-    through `log` (its input gradients carry little about the task).
+                   log: Callable[[str], Any] = print, *, class_names: list[str] | None = None,
+                   dataset: str = "") -> AdaptedTeacher:
+    """A fine-tuned teacher run ready for IGAM: every parameter frozen, checked against the target task
+    (`dataset`, whose classes are `class_names` in label order, when known). A teacher whose recorded clean
+    accuracy on the target task is below WEAK_TEACHER x chance is reported through `log` (its input
+    gradients carry little about the task).
 
     Raises:
-        IgamError: not a fine-tuned teacher run, or fine-tuned for another input shape or class count.
+        IgamError: not a fine-tuned teacher run, or fine-tuned for another input shape, class count, or
+            other classes or class order (e.g. cifar10:vehicles for a cifar10:truck,ship,... student).
     """
     p = Path(path)
     net = Run.open(p).load_model() if p.is_dir() else None
     if not isinstance(net, AdaptedTeacher):
+        robust = str(path) if str(path).startswith((shipped.PREFIX, "robustbench:")) else "ROBUST_RUN"
         raise IgamError(
             f"teacher={path} is not a fine-tuned teacher. IGAM needs the teacher's logit layer "
-            "trained on the target task first: run `igam finetune teacher=ROBUST_RUN "
-            "dataset=TARGET` (paper 4.1) and pass that run as teacher=."
+            f"trained on the target task first: run `igam finetune teacher={robust} "
+            f"dataset={dataset or 'TARGET'}` (paper 4.1) and pass that run as teacher=."
         )
     if tuple(net.adapter.in_shape) != tuple(target_shape):
         raise IgamError(
@@ -288,6 +292,18 @@ def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str 
         raise IgamError(
             f"The teacher's head has {net.body.num_classes} classes, the target task has "
             f"{target_classes}. Fine-tune the teacher on the target dataset first."
+        )
+    meta = Run(p).meta
+    data = meta.get("data") or {}
+    source = meta["teacher"] if isinstance(meta.get("teacher"), str) else "..."
+    own = [str(c) for c in data.get("class_names") or []]
+    if class_names and len(own) == len(class_names) and own != [str(c) for c in class_names]:
+        raise IgamError(
+            f"The teacher {p} was fine-tuned on {data.get('dataset', 'another dataset')}, whose labels "
+            f"0 .. {len(own) - 1} are {', '.join(own)}; the target task{f' {dataset}' if dataset else ''} "
+            f"labels {', '.join(map(str, class_names))}. Its head would answer for other classes. Fine-tune "
+            f"its robust teacher on this dataset (`igam finetune teacher={source} dataset="
+            f"{dataset or 'TARGET'}`) and pass that run as teacher=."
         )
     metrics = Run(p).metrics_path
     clean = (read_json(metrics).get("final") or {}).get("clean_acc") if metrics.exists() else None

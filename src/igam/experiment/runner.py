@@ -9,11 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from igam.attacks.presets import column_name
+from igam.errors import IgamError, suggest
 from igam.evaluate import evaluate_run, result_key
 from igam.experiment.costs import estimate_eval_seconds, estimate_seconds, hms
 from igam.experiment.frontier import frontier_markdown, frontier_results, plot_frontiers
 from igam.experiment.results import collect_results, plot_tradeoff, results_markdown
-from igam.experiment.spec import Experiment, Stage, load_experiment, resolve_stage, stage_status
+from igam.experiment.spec import (
+    Experiment,
+    Stage,
+    load_experiment,
+    references,
+    resolve_stage,
+    stage_status,
+)
 from igam.files import atomic_write_text, read_json_object, write_json
 from igam.report import write_report
 from igam.runs import Run
@@ -90,6 +98,44 @@ def _pending_attacks(exp: Experiment, st: Stage, ev: dict[str, Any]) -> list[str
 
 
 
+def check_only(exp: Experiment, only: list[str]) -> list[str]:
+    """The stage names of `--only a,b`, stripped, checked against the experiment before anything runs.
+
+    Raises:
+        IgamError: no name at all, or a name that is not a stage (the closest one suggested).
+    """
+    names = [n.strip() for n in only if n.strip()]
+    if not names:
+        raise IgamError("--only names no stage; give stage names separated by commas, e.g. --only "
+                        "teacher,teacher_ft (`igam run FILE --dry-run` lists the stages).")
+    stages = {st.name: st for st in exp.stages}
+    for n in names:
+        if n not in stages:
+            raise IgamError(f"--only: '{n}' is not a stage of {exp.name}.{suggest(n, stages)} `igam run "
+                            "FILE --dry-run` lists the stages.")
+    return names
+
+
+def only_needs(exp: Experiment, names: list[str]) -> str:
+    """'' when the stages `names` (of `--only`) can run; otherwise what one of them needs: an earlier stage
+    it refers to (e.g. its teacher), directly or through another, that is neither done nor among them."""
+    stages = {st.name: st for st in exp.stages}
+    missing: dict[str, str] = {}  # a stage not done and not selected -> the selected stage that needs it
+    todo = list(names)
+    while todo:  # what the selected stages need, and what that needs in turn
+        n = todo.pop()
+        for ref in references(stages[n]):
+            if ref not in names and ref not in missing and stage_status(exp, stages[ref]) != "done":
+                missing[ref] = missing.get(n, n)
+                todo.append(ref)
+    if missing:
+        ref, n = next(iter(missing.items()))
+        need = [st.name for st in exp.stages if st.name in missing or st.name in names]
+        return (f"--only: stage '{n}' needs stage '{ref}', which is neither done nor in --only. Add what it "
+                f"needs (--only {','.join(need)}) or run that first.")
+    return ""
+
+
 # ---------------------------------------------------------------------------------------------
 def run_experiment(
     path: str | Path,
@@ -105,11 +151,19 @@ def run_experiment(
     """Run every stage that is not done, evaluate the rows, write results.md/json and the report
     (results_only: only rebuild those from the evaluations already made)."""
     exp = load_experiment(path, out_dir, overrides, miniature)
+    needs = ""
+    if only is not None:
+        only = check_only(exp, only)
+        needs = only_needs(exp, only)
+        if needs and not dry_run and not results_only:
+            raise IgamError(needs)
     if results_only:
         write_results(exp, log=log)
         return exp.out_dir
     log(format_plan(exp, only))
     if dry_run:
+        if needs:
+            log(f"igam run: note: without --dry-run this would stop before training: {needs}")
         return exp.out_dir
     exp.out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(exp.source, exp.out_dir / "experiment.yaml")

@@ -211,13 +211,18 @@ def load_experiment(
     )
     for st in exp.stages:
         resolve_stage(exp, st)  # validates keys, types and references
-        for ref in re.findall(r"\{([A-Za-z0-9_=.\-]+)\}", json.dumps(st.config)):
+        for ref in references(st):
             if ref not in names[: names.index(st.name)]:
                 raise IgamError(
                     f"Stage '{st.name}' refers to '{{{ref}}}', which is not an earlier stage."
                     f"{suggest(ref, names)}"
                 )
     return exp
+
+
+def references(stage: Stage) -> list[str]:
+    """The names of the stages that `stage`'s configuration refers to as "{NAME}" (e.g. its teacher)."""
+    return re.findall(r"\{([A-Za-z0-9_=.\-]+)\}", json.dumps(stage.config))
 
 
 def _mapping(value: Any, what: str, path: str | Path) -> dict[str, Any]:

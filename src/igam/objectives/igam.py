@@ -160,7 +160,8 @@ def build_matching(cfg: Any, spec: Any, device: torch.device,
     """
     teacher = None
     if cfg.teacher:
-        teacher = frozen_teacher(cfg.teacher, spec.shape, spec.num_classes, cfg.teacher_bn).to(device)
+        teacher = frozen_teacher(cfg.teacher, spec.shape, spec.num_classes, cfg.teacher_bn,
+                                   class_names=spec.class_names, dataset=spec.dataset).to(device)
     elif use_teacher:
         raise IgamError(
             "method=igam needs teacher=RUN_DIR: a robust teacher fine-tuned on this dataset "

@@ -94,6 +94,7 @@ def make_kd_noise(cfg: Any, model: nn.Module, spec: Any, device: torch.device) -
     if not cfg.teacher:
         raise IgamError("method=kd-noise needs teacher=RUN_DIR: a robust teacher fine-tuned on this dataset "
                         "(`igam finetune teacher=ROBUST_RUN dataset=...`), as method=igam does.")
-    teacher = frozen_teacher(cfg.teacher, spec.shape, spec.num_classes, cfg.teacher_bn).to(device)
+    teacher = frozen_teacher(cfg.teacher, spec.shape, spec.num_classes, cfg.teacher_bn,
+                               class_names=spec.class_names, dataset=spec.dataset).to(device)
     return KDNoise(teacher, float(cfg.kd_temperature), float(cfg.kd_sigma), float(cfg.kd_weight),
                    int(cfg.seed))
