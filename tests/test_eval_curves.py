@@ -347,7 +347,9 @@ def test_report_shows_the_curve_and_per_class_summary(run_dir, tmp_path) -> None
 def test_per_class_text_names_the_worst_class_once_when_its_name_is_its_index() -> None:
     from igam.cli import per_class_text
 
-    rec = {"per_class": {"mean": 0.77, "worst": 0.54, "worst_class": 8, "classes": [str(i) for i in range(10)]}}
+    digits = [str(i) for i in range(10)]
+    rec = {"per_class": {"mean": 0.77, "worst": 0.54, "worst_class": 8, "classes": digits}}
     assert per_class_text("autoattack", rec) == "autoattack 77.00/54.00 (class 8)"
-    rec["per_class"]["classes"] = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    rec["per_class"]["classes"] = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                                   "truck"]
     assert per_class_text("autoattack", rec).endswith("(class 8 ship)")
