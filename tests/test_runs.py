@@ -251,3 +251,19 @@ def test_resolve_run(tmp_path: Path) -> None:
     (tmp_path / "meta.json").write_text("{")
     with pytest.raises(IgamError, match="not valid JSON"):
         read_json(tmp_path / "meta.json")
+
+
+def test_a_run_refused_before_it_writes_anything_leaves_no_folder(tmp_path: Path) -> None:
+    """A bad teacher is refused at set-up: the new run folder (only its lock so far) is removed, while an
+    existing folder with content is never touched."""
+    from igam.cli import main
+
+    args = ["transfer", "teacher=igam:mnist-linf-0.3", "dataset=synthetic", "train_subset=16", "epochs=0.1",
+            "progress=false", f"out_dir={tmp_path}", "name=refused"]
+    assert main(args) != 0
+    assert not (tmp_path / "refused").exists()
+    keep = tmp_path / "kept"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    assert main(args[:-1] + ["name=kept"]) != 0
+    assert (keep / "notes.txt").read_text() == "mine"

@@ -473,6 +473,19 @@ class Run:
             log(f"igam: note: took over the lock of {self.dir} from {old}, which is no longer running.")
         return lock
 
+    def remove_if_empty(self) -> bool:
+        """Remove the run folder when it holds nothing but its lock file (a run refused before it wrote
+        anything); returns whether it was removed. Nothing else is ever deleted."""
+        try:
+            entries = {p.name for p in self.dir.iterdir()}
+            if entries - {self.LOCK}:
+                return False
+            (self.dir / self.LOCK).unlink(missing_ok=True)
+            self.dir.rmdir()
+            return True
+        except OSError:
+            return False
+
     def holder(self) -> str | None:
         """Who holds the folder's lock now ('pid N on HOST (...)'), or None when nobody does."""
         return lock_holder(self.dir / self.LOCK)

@@ -146,9 +146,14 @@ def train(cfg: Config, log=print) -> Path:
     dist, device = setup_distributed(cfg.device)
     say = log if dist.main else (lambda *a, **k: None)
     run = Run(Path(cfg.out_dir) / run_name(cfg))
+    fresh = not run.dir.exists()
     lock = run.lock(log=say) if dist.main else None  # a second process on this folder stops here
     try:
         return _train(cfg, run, dist, device, say)
+    except BaseException:
+        if lock is not None and fresh:  # refused before anything was written: leave no empty folder
+            run.remove_if_empty()  # while the lock is still held, so no other process is inside
+        raise
     finally:
         if lock is not None:
             lock.release()
