@@ -172,3 +172,14 @@ def test_evaluation_runs_on_the_device_of_the_stage(tmp_path, monkeypatch):
         exp = load_experiment(path, out_dir=str(tmp_path / "out"), overrides={"device": device})
         evaluate_experiment(exp, log=lambda *a: None)
     assert seen == ["cuda", "cpu"]
+
+
+def test_only_evaluates_only_the_chosen_stages(tmp_path):
+    """`igam run --only standard` trains and evaluates `standard` alone, even when other row stages of the
+    file are finished but not yet evaluated."""
+    run_experiment(QUICK, out_dir=str(tmp_path), log=lambda *a, **k: None)
+    for name in ("standard", "igam"):
+        (tmp_path / name / "eval.json").unlink()
+    run_experiment(QUICK, out_dir=str(tmp_path), only=["standard"], log=lambda *a, **k: None)
+    assert (tmp_path / "standard" / "eval.json").exists()
+    assert not (tmp_path / "igam" / "eval.json").exists()

@@ -182,7 +182,7 @@ def run_experiment(
         cfg = resolve_stage(exp, st).replace(resume=status == "partial")
         log(f"igam run: {st.name}: training ({cfg.method}, {cfg.model}, {cfg.dataset})")
         train(cfg, log=log)
-    evaluate_experiment(exp, log=log)
+    evaluate_experiment(exp, log=log, only=only)
     return exp.out_dir
 
 
@@ -191,11 +191,14 @@ def _row_stages(exp: Experiment, ev: dict[str, Any]) -> list[Stage]:
     return [s for s in exp.stages if (s.name in rows if rows else (s.row or s.curve))]
 
 
-def evaluate_experiment(exp: Experiment, log=print) -> dict[str, Any]:
-    """Evaluate each row stage under each evaluation block (results already in eval.json are reused)."""
+def evaluate_experiment(exp: Experiment, log=print, only: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate each row stage (of `only`, when given as `--only`) under each evaluation block (results
+    already in eval.json are reused); results.md/json cover every stage evaluated so far."""
     for ev in exp.evaluation:
         n, seed = int(ev.get("n", 1000)), int(ev.get("seed", 0))
         for st in _row_stages(exp, ev):
+            if only and st.name not in only:
+                continue
             run_dir = exp.out_dir / st.name
             if not (run_dir / Run.WEIGHTS).exists():
                 continue
