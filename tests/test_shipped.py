@@ -32,6 +32,18 @@ def test_the_mnist_teacher_ships_with_a_complete_certificate() -> None:
     assert size_mb < 10, f"a shipped teacher should be a few MB, not {size_mb:.1f}"
 
 
+@pytest.mark.parametrize("name", shipped.list_shipped())
+def test_every_shipped_teacher_loads_and_its_certificate_is_complete(name: str) -> None:
+    cert = shipped.certificate(name)
+    acc = cert["accuracy"]
+    assert acc["autoattack"] <= acc["pgd100x3"] <= acc["clean"] and cert["n"] >= 1000
+    net = load_teacher(f"igam:{name}")
+    model = cert["model"]
+    x = torch.rand(2, model["in_chans"], *model["input_size"])
+    assert net(x).shape == (2, model["num_classes"])
+    assert (shipped.WEIGHTS_DIR / f"{name}.safetensors").stat().st_size < 10e6
+
+
 def test_igam_name_loads_offline_as_a_teacher() -> None:
     net = load_teacher(MNIST)
     x = torch.rand(4, 1, 28, 28)
