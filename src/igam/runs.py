@@ -43,7 +43,7 @@ from igam.files import (
     write_json,
 )
 from igam.method.adapted import model_from_meta
-from igam.models import check_model_args, model_from_args
+from igam.models import check_model_args, model_from_args, shipped
 from igam.utils import unwrap
 
 
@@ -279,10 +279,8 @@ def resolve_run(path: str | Path) -> Path:
     if not (p / "meta.json").exists():
         spec = str(path)
         if not p.exists() and spec.startswith(("igam:", "robustbench:")):
-            if spec.startswith("igam:"):
-                from igam.models.shipped import shipped_name
-
-                shipped_name(spec)  # an unknown name: the shipped teachers there are
+            if spec.startswith(shipped.PREFIX):
+                shipped.shipped_name(spec)  # an unknown name: the shipped teachers there are
             info = (f"its certificate (the accuracies it was measured to have, and the evaluation command) "
                     f"is in `igam info {spec}`; " if spec.startswith("igam:") else "")
             raise IgamError(f"'{spec}' is a teacher, not a run directory: {info}to use it, fine-tune its "
