@@ -57,11 +57,11 @@ def test_only_with_unknown_empty_or_unready_stages_is_refused_before_anything_ru
     path = ROOT / "experiments" / "cpu" / "animals-to-vehicles.yaml"
     out = tmp_path / "exp"
     run = ["run", str(path), "--out-dir", str(out)]
-    for only, said in (("techer", "'techer' is not a stage of cpu-animals-to-vehicles. Did you mean "
-                                  "'teacher'?"),
+    for only, said in (("techer_ft", "'techer_ft' is not a stage of cpu-animals-to-vehicles. Did you mean "
+                                     "'teacher_ft'?"),
                        ("", "--only names no stage"), (" , ", "--only names no stage"),
                        ("igam", "stage 'igam' needs stage 'teacher_ft', which is neither done nor in --only. "
-                                "Add what it needs (--only teacher,teacher_ft,igam)")):
+                                "Add what it needs (--only teacher_ft,igam)")):
         assert main([*run, "--only", only]) == 2
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err
@@ -69,7 +69,7 @@ def test_only_with_unknown_empty_or_unready_stages_is_refused_before_anything_ru
     assert main([*run, "--dry-run", "--only", "igam"]) == 0
     assert "without --dry-run this would stop before training: --only: stage 'igam' needs" in (
         capsys.readouterr().out)
-    assert main([*run, "--dry-run", "--only", " teacher ,teacher_ft"]) == 0
+    assert main([*run, "--dry-run", "--only", " teacher_ft ,igam"]) == 0
     assert "stages left: 2;" in capsys.readouterr().out
 
 

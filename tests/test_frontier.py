@@ -10,6 +10,7 @@ import pytest
 from igam.attacks.presets import column_name
 from igam.experiment import Experiment, Stage, pareto_front, run_experiment, total_passes
 from igam.experiment.frontier import frontier_markdown, frontier_metric, frontier_points, fronts
+from igam.models import shipped
 
 
 def test_pareto_front_of_hand_made_points() -> None:
@@ -135,7 +136,8 @@ def test_the_frontier_files_sweep_every_method_on_both_activations_with_a_second
     strong = [ev for ev in exp.evaluation if {"autoattack", "pgd100x3"} <= set(ev["attacks"])]
     assert any(not ev.get("rows") and ev["n"] >= 500 for ev in strong)  # every point, n >= 500
     if name == "animals-to-vehicles":
-        assert cfgs["teacher"].dataset == "cifar10:animals" and cfgs["standard"].dataset == "cifar10:vehicles"
-        assert cfgs["teacher_ft"].adapter == "identity"
+        assert cfgs["teacher_ft"].teacher == "igam:cifar10-animals-linf-8-255"
+        assert shipped.certificate(cfgs["teacher_ft"].teacher)["dataset"] == "cifar10:animals"
+        assert cfgs["standard"].dataset == "cifar10:vehicles" and cfgs["teacher_ft"].adapter == "identity"
     else:
         assert cfgs["teacher_ft"].teacher == "igam:mnist-linf-0.3" and cfgs["standard"].dataset == "cifar10"
