@@ -87,6 +87,23 @@ def test_teacher_normalize_puts_the_training_normalisation_inside(tmp_path: Path
             load_teacher(tmp_path / "w.pt", "madry-mnist", 10, "1x28x28", normalize=bad)
 
 
+def test_an_igam_run_without_normalisation_loads_as_a_foreign_file_without_it(tmp_path: Path) -> None:
+    """A normalize=none run's model.safetensors, given as a weights file: its header records the mode, so
+    it is not normalised with the unused mean/std buffers (it was, before the mode was recorded)."""
+    assert main(["train", "dataset=synthetic:28x28x1:10", "model=madry-mnist", "normalize=none",
+                 f"out_dir={tmp_path}", "name=plain", *SMALL]) == 0
+    run_model = load_run_model(tmp_path / "plain").eval()
+    assert run_model.normalize.mode == "none"
+    net = load_teacher(tmp_path / "plain" / "model.safetensors", "madry-mnist", 10, "1x28x28").eval()
+    assert net.normalize.mode == "none"
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(net(x), run_model(x))
+    # an explicit teacher_normalize still wins over the header
+    net = load_teacher(tmp_path / "plain" / "model.safetensors", "madry-mnist", 10, "1x28x28",
+                       normalize="0.5/0.25").eval()
+    assert net.normalize.mode == "dataset" and torch.allclose(net(x), run_model((x - 0.5) / 0.25), atol=1e-5)
+
+
 def test_robustbench_teacher_from_its_cache_layout_fine_tunes_offline(tmp_path: Path) -> None:
     """`igam finetune teacher=robustbench:cifar10/Linf/NAME teacher_dir=DIR`: RobustBench's architecture
     (from the robustbench package), weights read from DIR/cifar10/Linf/NAME.pt with weights_only, a few

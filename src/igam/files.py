@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from igam.errors import IgamError
@@ -244,7 +245,10 @@ def sha256_file(path: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # weights: safetensors only
-def save_weights(module_or_state: torch.nn.Module | dict, path: Path) -> None:
+def save_weights(module_or_state: torch.nn.Module | dict, path: Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write a module's state dict (or a tensor dict) as safetensors, atomically; `metadata` (text keys and
+    values, e.g. igam.models.normalization_metadata) goes into the file's header."""
     state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     path = Path(path)
@@ -252,7 +256,7 @@ def save_weights(module_or_state: torch.nn.Module | dict, path: Path) -> None:
     fd, tmp = _mkstemp(path)
     os.close(fd)
     try:
-        save_file(tensors, tmp)
+        save_file(tensors, tmp, metadata=metadata or None)
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors recreates the file 0600; match the other files
         kill_point("weights-write")
         os.replace(tmp, path)
@@ -372,6 +376,18 @@ def _read_fd(fd: int) -> str:
         return os.read(fd, 4096).decode(errors="replace")
     except OSError:
         return ""
+
+
+def weights_metadata(path: Path) -> dict[str, str]:
+    """The text metadata of a safetensors file's header ({} for other files or a header without any)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # an unreadable header: load_weights names the problem
+        return {}
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

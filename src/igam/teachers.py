@@ -16,10 +16,10 @@ import torch
 
 from igam.data import default_data_dir
 from igam.errors import IgamError
-from igam.files import check_tensor_dict, load_torch_file, load_weights, read_json
+from igam.files import check_tensor_dict, load_torch_file, load_weights, read_json, weights_metadata
 from igam.method.adapted import AdaptedTeacher
 from igam.method.adapters import build_adapter
-from igam.models import ImageClassifier, create_model, robustbench_zoo, shipped
+from igam.models import ImageClassifier, apply_normalization_metadata, create_model, robustbench_zoo, shipped
 from igam.runs import Run
 
 NAMED_NORMALIZATION = {  # per-channel mean / std of common training sets, for teacher_normalize=NAME
@@ -120,7 +120,8 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
     - a foreign weights file (.safetensors, or .pt/.pth read with weights_only=True: a plain state dict, a
       dict with 'state_dict' or 'model', MadryLab robustness checkpoints) with its architecture named
       (model, classes, in_shape). Wrapper prefixes are recognised (WRAPPER_PREFIXES); inputs are
-      normalised as `normalize` says (teacher_normalize), or by the checkpoint's own normaliser buffers.
+      normalised as `normalize` says (teacher_normalize), or by the checkpoint's own normaliser buffers
+      (with the mode an igam-written file records in its safetensors header, e.g. none).
 
     Raises:
         IgamError: a path that does not exist, a file without its architecture, weights that do not fit
@@ -164,9 +165,9 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
         state = net.native_names(state)
     else:
         state, prefix, extras = foreign_state(state, expected)
-    # the network's own normalisation: an igam-written file restores its own; MadryLab's normaliser is
-    # taken over; otherwise what teacher_normalize says (or none: [0, 1] pixels as is)
-    if not any(k.startswith("normalize.") for k in state):
+    # the network's own normalisation: teacher_normalize when given; else an igam-written file restores its
+    # own; MadryLab's normaliser is taken over; otherwise none ([0, 1] pixels as is)
+    if norm or not any(k.startswith("normalize.") for k in state):  # teacher_normalize wins over the file's
         own = {k: v for k, v in net.state_dict().items() if k.startswith("normalize.")}
         if "new_mean" in extras and "new_std" in extras and not norm:
             own = {"normalize.mean": extras["new_mean"].reshape(1, -1, 1, 1).float(),
@@ -182,6 +183,8 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
             raise IgamError(f"'{path}' does not fit a {model} with {classes} classes and input {in_shape}"
                             f"{f' (after removing the prefix {prefix!r})' if prefix else ''}: {fit}.")
     net.load_state_dict(state)
+    if not norm:  # an igam-written file records its normalisation modes (e.g. none) in its header
+        apply_normalization_metadata(net, weights_metadata(p), prefix)
     return net
 
 

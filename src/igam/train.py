@@ -41,6 +41,7 @@ from igam.guard import (
     nonfinite_terms,
     skip_limit,
 )
+from igam.models import normalization_metadata
 from igam.objectives import (
     Objective,
     build_model,
@@ -394,7 +395,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
                 "averaged: see docs/DISTRIBUTED.md, pitfalls); rank 0's are saved.")
     checkpoint()
     if dist.main:
-        save_weights(unwrap(model), run.weights_path)
+        save_weights(unwrap(model), run.weights_path, normalization_metadata(unwrap(model)))
         if objective.state_dict():  # e.g. the discriminator and the resolved lambda_diff
             save_weights(objective, run.objective_path)
         write_json(run.metrics_path, {"final": final, "train": last, "skipped_steps": skipped, "steps": step,

@@ -14,12 +14,19 @@ from typing import Any
 import torch.nn as nn
 
 from igam.errors import IgamError, unknown
-from igam.models.base import ACTIVATIONS, ImageClassifier, Normalize, make_act
+from igam.models.base import (
+    ACTIVATIONS,
+    ImageClassifier,
+    Normalize,
+    apply_normalization_metadata,
+    make_act,
+    normalization_metadata,
+)
 from igam.models.external import create_external
 from igam.models.zoo import CifarResNet, MadryMNIST, PreActResNet18, SmallCNN, WideResNet
 
-__all__ = ["ACTIVATIONS", "ImageClassifier", "Normalize", "create_model", "list_models", "make_act",
-           "register_model", "model_from_args"]
+__all__ = ["ACTIVATIONS", "ImageClassifier", "Normalize", "apply_normalization_metadata", "create_model",
+           "list_models", "make_act", "normalization_metadata", "register_model", "model_from_args"]
 
 _REGISTRY: dict[str, Callable[..., ImageClassifier]] = {}
 _DEFAULT_ACT: dict[str, str] = {}

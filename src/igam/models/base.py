@@ -6,6 +6,8 @@ Every model is an :class:`ImageClassifier`: `forward(x) = forward_head(forward_f
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn as nn
 
@@ -64,6 +66,48 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}"
+
+
+NORMALIZE_METADATA = "igam.normalize"  # safetensors header key: {module path: Normalize mode}, as JSON
+
+
+def normalization_metadata(model: nn.Module) -> dict[str, str]:
+    """The safetensors header entry that records each Normalize layer's mode (its mean/std are buffers in
+    the weights; the mode is not), e.g. {"igam.normalize": '{"normalize": "none"}'}; {} without one."""
+    modes = {name: m.mode for name, m in model.named_modules() if isinstance(m, Normalize)}
+    return {NORMALIZE_METADATA: json.dumps(modes, sort_keys=True)} if modes else {}
+
+
+def apply_normalization_metadata(model: nn.Module, metadata: dict[str, str], prefix: str = "") -> list[str]:
+    """Set each Normalize layer of `model` to the mode a file's header recorded for it (at `prefix` + its
+    path when the file's names carried a wrapper prefix). Returns the layers changed, as 'path: mode'.
+
+    Raises:
+        IgamError: a header entry that is not the JSON object normalization_metadata writes, or names an
+            unknown mode.
+    """
+    text = metadata.get(NORMALIZE_METADATA)
+    if not text:
+        return []
+    try:
+        modes = json.loads(text)
+        assert isinstance(modes, dict)
+    except (ValueError, AssertionError):
+        raise IgamError(f"The weights file's '{NORMALIZE_METADATA}' header entry is not a JSON object of "
+                        "normalisation modes; re-save the weights with igam.") from None
+    changed = []
+    for name, m in model.named_modules():
+        if not isinstance(m, Normalize):
+            continue
+        mode = modes.get(prefix + name, modes.get(name))
+        if mode is None or mode == m.mode:
+            continue
+        if mode not in ("dataset", "none", "per-image", "l2"):
+            raise unknown("normalisation in the weights file's header", str(mode),
+                          ["dataset", "none", "per-image", "l2"])
+        m.mode = mode
+        changed.append(f"{name}: {mode}")
+    return changed
 
 
 class ImageClassifier(nn.Module):
