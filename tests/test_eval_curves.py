@@ -301,6 +301,7 @@ def test_sweep_checks_compare_one_attack_across_eps() -> None:
 
 @pytest.mark.parametrize("args, match", [
     (["--attacks", "pgd5", "--eps-sweep", ","], "empty"),
+    (["--attacks", "pgd5", "--eps-sweep", "1/255,,2/255"], "has an empty entry"),
     (["--attacks", "pgd5", "--eps-sweep", "1/255,8"], "8/255"),
     (["--attacks", "pgd5", "--eps-sweep", "0,1/255"], "is 0"),
     (["--attacks", "pgd5", "--eps-sweep", "tiny"], "not a number"),
@@ -353,3 +354,16 @@ def test_per_class_text_names_the_worst_class_once_when_its_name_is_its_index() 
     rec["per_class"]["classes"] = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                                    "truck"]
     assert per_class_text("autoattack", rec).endswith("(class 8 ship)")
+
+
+def test_a_small_sweep_after_a_large_one_does_not_ask_for_large_again() -> None:
+    """The run's records already hold a verdict at the large eps (an earlier sweep): a later sweep that
+    stops short reports that verdict instead of asking to add `large`, which would read as a contradiction."""
+    from igam.cli import sweep_notes
+
+    curve = {"eps": [0.0, 2 / 255], "eps_text": ["0", "2/255"], "large_eps": 64 / 255, "checks": {}}
+    assert any("add `large`" in line for line in sweep_notes(curve))
+    curve["checks"] = {"large_eps_zero": {"passed": True, "detail": "pgd10@eps=64/255: 0.0%"}}
+    notes = sweep_notes(curve)
+    assert not any("add `large`" in line for line in notes)
+    assert "sweep check large_eps_zero: pass: pgd10@eps=64/255: 0.0%" in notes

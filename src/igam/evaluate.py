@@ -277,14 +277,17 @@ def parse_eps_sweep(sweep: str | list[str | float] | tuple[str | float, ...], sh
     about 0), written as the number it is. Texts are kept as typed: they name the eval.json keys.
 
     Raises:
-        IgamError: for an empty sweep, a value that is not a radius in (0, 1] (0 is the clean point, which
-            every curve has), or a text that is not a number.
+        IgamError: for an empty sweep or an empty entry ('1/255,,2/255'), a value that is not a radius in
+            (0, 1] (0 is the clean point, which every curve has), or a text that is not a number.
     """
     parts = sweep.split(",") if isinstance(sweep, str) else list(sweep)
-    items = [str(t).strip() for t in parts if str(t).strip()]
-    if not items:
+    items = [str(t).strip() for t in parts]
+    if not any(items):
         raise IgamError("--eps-sweep is empty; give radii, e.g. --eps-sweep 1/255,2/255,4/255,8/255,16/255 "
                         "(add `large` to check that accuracy reaches about 0).")
+    if not all(items):
+        raise IgamError(f"--eps-sweep {','.join(items)!r} has an empty entry (two commas in a row, or one at "
+                        "an end); give one radius between each pair of commas, e.g. 1/255,2/255,4/255.")
     nominal = default_eps(shape)[0] if nominal is None else nominal
     out: dict[float, tuple[str, float]] = {}
     for t in items:
