@@ -133,7 +133,7 @@ def test_the_frontier_files_sweep_every_method_on_both_activations_with_a_second
     assert any(st.curve.startswith("FT") for st in exp.stages)
     seeds = [st for st in exp.stages if cfgs[st.name].seed == 1]
     assert len(seeds) == 16 and all(st.row and not st.curve for st in seeds)
-    strong = [ev for ev in exp.evaluation if {"autoattack", "pgd100x3"} <= set(ev["attacks"])]
+    strong = [ev for ev in exp.evaluation if "autoattack" in ev["attacks"]]
     assert any(not ev.get("rows") and ev["n"] >= 500 for ev in strong)  # every point, n >= 500
     if name == "animals-to-vehicles":
         assert cfgs["teacher_ft"].teacher == "igam:cifar10-animals-linf-8-255"
