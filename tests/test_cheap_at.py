@@ -171,6 +171,8 @@ def test_kd_noise_loss_is_ce_plus_t2_kl_on_noisy_inputs() -> None:
     (dict(method="kd-noise", kd_sigma=-0.1), "kd_sigma=-0.1 must not be negative"),
     (dict(method="fast-at", fast_alpha="2"), "fast_alpha=2 is larger than 1"),
     (dict(method="fast-at", freee_replays=2), "Unknown config key 'freee_replays'.*free_replays"),
+    (dict(method="fast-at", epochs=1, eps_warmup_epochs=5), "eps_warmup_epochs=5 is not shorter than epochs"),
+    (dict(method="pgd-at", epochs=2, eps_warmup_epochs=2), "the eps ramp would never reach eps=0.1"),
 ])
 def test_bad_keys_are_clear_errors(kw: dict[str, Any], match: str) -> None:
     with pytest.raises(IgamError, match=match):
@@ -181,6 +183,30 @@ def test_bad_keys_are_clear_errors(kw: dict[str, Any], match: str) -> None:
 def test_zero_eps_is_a_clear_error(method: str) -> None:
     with pytest.raises(IgamError, match=f"method={method} needs eps > 0"):
         create_objective(_cfg(method=method, eps="0"), Net(), None, CPU)
+
+
+def test_keys_a_method_does_not_read_and_a_short_free_at_run_get_a_note(tmp_path: Path, capsys) -> None:
+    """Settings that would be recorded in config.yaml but change nothing are named before the run starts
+    (not an error: one config file often serves several methods); so is a free-at run too short to see
+    every training image once."""
+    from igam.cli import main
+    from igam.config import config_notes
+
+    notes = config_notes(_cfg(method="fast-at", teacher="igam:mnist-linf-0.3", kd_sigma=0.5, free_replays=8))
+    assert len(notes) == 1
+    assert ("method=fast-at does not use free_replays=8, teacher=igam:mnist-linf-0.3, kd_sigma=0.5"
+            in notes[0])
+    assert config_notes(_cfg(method="igam", lambda_adv=0, teacher="t", disc_layers=5)) == []
+    assert config_notes(_cfg(method="igr", lambda_diff="1", teacher="t")) == []
+    assert config_notes(_cfg(method="pgd-at", eps_warmup_epochs=1, epochs=3, attack_bn="train")) == []
+    assert any("attack_bn=train" in n for n in config_notes(_cfg(method="free-at", attack_bn="train")))
+    short = config_notes(_cfg(method="free-at", epochs=1, free_replays=4))
+    assert len(short) == 1 and "passes over only 25% of the training images" in short[0]
+    assert config_notes(_cfg(method="free-at", epochs=4, free_replays=4)) == []
+    assert main(["train", "dataset=synthetic:8x8x1:4", "method=standard", "kd_sigma=0.3", "epochs=1",
+                 "train_subset=32", "test_subset=16", "eval_n=16", "batch_size=16", "progress=false",
+                 "tensorboard=false", "threads=1", f"out_dir={tmp_path}", "name=std"]) == 0
+    assert "igam: note: method=standard does not use kd_sigma=0.3" in capsys.readouterr().err
 
 
 def test_kd_noise_needs_a_finetuned_teacher() -> None:

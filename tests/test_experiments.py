@@ -66,11 +66,35 @@ def test_only_with_unknown_empty_or_unready_stages_is_refused_before_anything_ru
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err
     assert not out.exists()  # refused before the out_dir was made
-    assert main([*run, "--dry-run", "--only", "igam"]) == 0
-    assert "without --dry-run this would stop before training: --only: stage 'igam' needs" in (
-        capsys.readouterr().out)
+    assert main([*run, "--dry-run", "--only", "igam"]) == 0  # an estimate, with what would stop the run
+    captured = capsys.readouterr().out
+    assert "| igam | igam |" in captured
+    assert "WARNING: without --dry-run this plan would stop before training: --only: stage 'igam' needs" in (
+        captured)
     assert main([*run, "--dry-run", "--only", " teacher_ft ,igam"]) == 0
     assert "stages left: 2;" in capsys.readouterr().out
+
+
+def test_results_only_without_any_run_is_an_error_and_makes_no_folder(tmp_path, capsys) -> None:
+    out = tmp_path / "nothing"
+    path = ROOT / "experiments" / "cpu" / "animals-to-vehicles.yaml"
+    assert main(["run", str(path), "--out-dir", str(out), "--results-only"]) == 2
+    err = capsys.readouterr().err
+    assert "no stage of cpu-animals-to-vehicles has run" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_an_interrupted_igam_run_says_rerun_not_resume_true(tmp_path, capsys, monkeypatch) -> None:
+    import igam.experiment
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(igam.experiment, "run_experiment", interrupted)
+    path = ROOT / "experiments" / "cpu" / "animals-to-vehicles.yaml"
+    assert main(["run", str(path), "--out-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "rerun the same `igam run` command to resume" in err and "resume=true" not in err
 
 
 @pytest.mark.slow

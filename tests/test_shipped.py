@@ -102,6 +102,11 @@ def test_foreign_teacher_keys_with_a_shipped_teacher_are_refused(tmp_path: Path,
     err = capsys.readouterr().err
     assert rc == 2 and "teacher_model and teacher_dataset are for a teacher weights file" in err
     assert f"teacher={MNIST} is a shipped teacher" in err and "Drop teacher_model and teacher_dataset" in err
+    rc = main(["finetune", f"teacher={MNIST}", "teacher_dir=/nonexistent", "dataset=synthetic",
+               "train_subset=32", "epochs=1", "progress=false", "tensorboard=false", f"out_dir={tmp_path}",
+               "name=ft2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "teacher_dir is for a teacher weights file (teacher_dir: for a robustbench:" in err
 
 
 def test_finetune_from_a_shipped_teacher(tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ def test_subset_by_class_names_from_an_npz(tmp_path: Path) -> None:
     ("synthetic:8x8x3:5:", "names no classes"),
     ("synthetic:8x8x3:5:1,,2", "has an empty entry"),
     ("synthetic:8x8x3:5:class1,clas2", "no class is named 'clas2'. Did you mean 'class2'"),
+    ("synthetic:8x8x3:5:-1", "class -1 is out of range; synthetic:8x8x3:5 has 5 classes, 0 .. 4"),
 ])
 def test_bad_subsets_give_clear_errors(name: str, msg: str) -> None:
     with pytest.raises(IgamError, match=msg):
@@ -81,6 +82,7 @@ def test_named_subsets_resolve_and_unknown_names_are_suggested() -> None:
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert resolve_classes("cifar10", "animals", names, 10) == [2, 3, 4, 5, 6, 7]
     assert resolve_classes("cifar10", "vehicles", names, 10) == [0, 1, 8, 9]
+    assert resolve_classes("cifar10", "ANIMALS", names, 10) == [2, 3, 4, 5, 6, 7]  # any case, as class names
     with pytest.raises(IgamError, match="'vehicles'.*cifar10's named subsets: animals, vehicles"):
         resolve_classes("cifar10", "vehicle", names, 10)
 

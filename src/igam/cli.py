@@ -35,10 +35,19 @@ def _config_from(args: argparse.Namespace, extra: list[str], **forced):
     return make_config(args.config, overrides)
 
 
+def _print_notes(cfg) -> None:
+    """Settings the run would silently ignore or half-use (igam.config.config_notes), on stderr."""
+    from igam.config import config_notes
+
+    for note in config_notes(cfg):
+        print(f"igam: note: {note}", file=sys.stderr)
+
+
 def cmd_train(args, extra) -> int:
     from igam.train import train
 
     cfg = _config_from(args, extra)
+    _print_notes(cfg)
     print(train(cfg))
     return 0
 
@@ -49,6 +58,7 @@ def cmd_finetune(args, extra) -> int:
     cfg = _config_from(args, extra, method="finetune", epochs="10")
     if cfg.method != "finetune":
         raise IgamError("`igam finetune` always uses method=finetune; use `igam train` for other methods.")
+    _print_notes(cfg)
     print(train(cfg))
     return 0
 
@@ -59,6 +69,7 @@ def cmd_transfer(args, extra) -> int:
     cfg = _config_from(args, extra, method="igam")
     if cfg.method not in ("igam", "igr"):
         raise IgamError(f"`igam transfer` trains method=igam (or the igr control), not {cfg.method}.")
+    _print_notes(cfg)
     print(train(cfg))
     return 0
 
@@ -444,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", metavar="key=value", help="keys applied to every stage")
     r.add_argument("--dry-run", action="store_true", help="print the plan with estimated costs, run nothing")
     r.add_argument("--out-dir", default=None, help="where the stages' runs go (default: the file's out_dir)")
-    r.add_argument("--only", default=None, help="comma-separated stage names to run (others are skipped)")
+    r.add_argument("--only", default=None,
+                   help="comma-separated stage names to run (others skipped); a sweep's points and second "
+                   "seeds are stages of their own (e.g. igam-lambda_diff_auto=7, igam-seed=1; see --dry-run)")
     r.add_argument(
         "--miniature",
         action="store_true",
@@ -454,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--results-only",
         action="store_true",
-        help="train and evaluate nothing: rebuild results.md/json, tradeoff.png and report.html from the "
-        "evaluations already made",
+        help="train and evaluate nothing: rebuild results.md/json, the pictures (tradeoff.png when a row "
+        "has PGD, frontier-clean.png / frontier-cost.png when rows have curves) and report.html from the "
+        "evaluations already made; an error when no stage has run yet",
     )
     ev = verb(
         "evaluate", cmd_evaluate, "Evaluate runs under attacks; writes RUN/eval.json and prints a table."
@@ -668,7 +682,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print("igam: interrupted; resume a training run with resume=true.", file=sys.stderr)
+        verb = argv[0] if argv else ""
+        hint = ("rerun the same `igam run` command to resume: finished stages and evaluations are reused"
+                if verb == "run" else "resume a training run with resume=true")
+        print(f"igam: interrupted; {hint}.", file=sys.stderr)
         return 130
 
 

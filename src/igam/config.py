@@ -19,8 +19,8 @@ from igam.registry import OBJECTIVES
 from igam.units import check_eps, check_start, parse_fraction
 
 __all__ = ["ALIASES", "FIELDS", "GROUPS", "METHOD_HELP", "METHODS", "PRESETS", "Config", "apply_overrides",
-           "check_eps", "config_help", "group_keys", "load_yaml", "make_config", "methods_help",
-           "parse_fraction", "parse_override_args", "save_yaml", "validate"]
+           "check_eps", "config_help", "config_notes", "group_keys", "load_yaml", "make_config",
+           "methods_help", "parse_fraction", "parse_override_args", "save_yaml", "validate"]
 
 
 GROUPS = ("run", "data", "model", "optim", "attack", "teacher", "igam", "distill", "finetune", "eval", "log")
@@ -354,6 +354,11 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, key) < 0:
             raise IgamError(f"{key}={getattr(cfg, key)} must not be negative.")
     check_eps(cfg.fast_alpha, "fast_alpha")
+    if cfg.method in ADVERSARIAL and 0 < cfg.epochs <= cfg.eps_warmup_epochs:
+        raise IgamError(f"eps_warmup_epochs={cfg.eps_warmup_epochs:g} is not shorter than "
+                        f"epochs={cfg.epochs:g}: the eps ramp would never reach eps={cfg.eps}, yet the run "
+                        "would be recorded as trained at it. Give eps_warmup_epochs below epochs (e.g. "
+                        f"{cfg.epochs * 0.2:g}), or 0 for no ramp.")
     if cfg.free_replays < 1:
         raise IgamError(f"free_replays={cfg.free_replays} must be at least 1 (Shafahi et al. use 4-10).")
     if cfg.kd_temperature <= 0:
@@ -390,6 +395,52 @@ def validate(cfg: Config) -> None:
     if cfg.preset not in ("", "paper", "official"):
         raise IgamError(f"preset={cfg.preset!r} is not allowed.{suggest(cfg.preset, ['paper', 'official'])} "
                         "Choose paper or official (or leave it empty).")
+
+
+# which built-in methods read which keys beyond the common ones (run, data, model, optim, eval, log);
+# eps is left out: the evaluation during training attacks at eps whatever the method
+ADVERSARIAL = ("pgd-at", "trades", "fast-at", "n-fgsm", "free-at")
+
+
+def used_by() -> dict[str, tuple[str, ...]]:
+    """{key: the built-in methods that read it} for the keys only some methods read."""
+    return {
+        **{k: ("pgd-at", "trades") for k in ("step_size", "steps", "random_start")},
+        "eps_warmup_epochs": ADVERSARIAL,
+        "attack_bn": ("pgd-at", "trades", "fast-at", "n-fgsm"),
+        "trades_beta": ("trades",),
+        "fast_alpha": ("fast-at",),
+        "nfgsm_noise": ("n-fgsm",),
+        "free_replays": ("free-at",),
+        **{k: ("finetune", "igam", "igr", "kd-noise") for k in group_keys("teacher")},
+        **{k: ("igam", "igr") for k in group_keys("igam")},
+        **{k: ("kd-noise",) for k in group_keys("distill")},
+        **{k: ("finetune",) for k in group_keys("finetune")},
+    }
+
+
+def config_notes(cfg: Config) -> list[str]:
+    """What a run of a built-in method would silently ignore or half-do: keys set away from their default
+    that the method does not read (kept in config.yaml, no effect), and a free-at run too short to see
+    every training image once. Text lines for `igam train` to print before it starts."""
+    if cfg.method not in METHODS:
+        return []
+    default = Config()
+    unused = [f"{k}={getattr(cfg, k)}" for k, users in used_by().items()
+              if cfg.method not in users and getattr(cfg, k) != getattr(default, k)]
+    notes = []
+    if unused:
+        one = len(unused) == 1
+        notes.append(f"method={cfg.method} does not use {', '.join(unused)}: config.yaml records "
+                     f"{'it' if one else 'them'}, but {'it has' if one else 'they have'} no effect on this "
+                     "run.")
+    if cfg.method == "free-at" and cfg.epochs < cfg.free_replays:
+        notes.append(f"free-at counts epochs in gradient steps and replays each batch free_replays="
+                     f"{cfg.free_replays} times, so epochs={cfg.epochs:g} passes over only "
+                     f"{100 * cfg.epochs / cfg.free_replays:.0f}% of the training images; give epochs >= "
+                     f"{cfg.free_replays} to see each image at least once (Shafahi et al. train m times "
+                     "fewer passes for the same steps).")
+    return notes
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

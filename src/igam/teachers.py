@@ -281,8 +281,8 @@ def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str 
     if not isinstance(net, AdaptedTeacher):
         robust = str(path) if str(path).startswith((shipped.PREFIX, "robustbench:")) else "ROBUST_RUN"
         raise IgamError(
-            f"teacher={path} is not a fine-tuned teacher. IGAM needs the teacher's logit layer "
-            f"trained on the target task first: run `igam finetune teacher={robust} "
+            f"teacher={path} is not a fine-tuned teacher. A student's teacher (igam, igr, kd-noise) "
+            f"needs its logit layer trained on the target task first: run `igam finetune teacher={robust} "
             f"dataset={dataset or 'TARGET'}` (paper 4.1) and pass that run as teacher=."
         )
     if tuple(net.adapter.in_shape) != tuple(target_shape):
@@ -312,9 +312,9 @@ def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str 
     clean = (read_json(metrics).get("final") or {}).get("clean_acc") if metrics.exists() else None
     if isinstance(clean, int | float) and clean < WEAK_TEACHER / target_classes:
         log(f"igam: WARNING: the fine-tuned teacher {p} reaches only {100 * clean:.1f}% clean accuracy on "
-            f"the target task (chance: {100 / target_classes:.1f}%). IGAM matches its input gradients, which "
-            "then say little about the task: fine-tune longer or at another finetune_lr (e.g. 0.01), or try "
-            "another adapter.")
+            f"the target task (chance: {100 / target_classes:.1f}%). IGAM matches its input gradients "
+            "(kd-noise its outputs), which then say little about the task: fine-tune longer or at another "
+            "finetune_lr (e.g. 0.01), or try another adapter.")
     net.body_bn = bn
     for p_ in net.parameters():
         p_.requires_grad_(False)

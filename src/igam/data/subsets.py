@@ -87,14 +87,14 @@ def resolve_classes(base: str, subset: str, class_names: list[str], num_classes:
     """
     name = name or f"{base}:{subset}"
     named = NAMED_SUBSETS.get(base, {})
-    if subset in named:
-        classes = list(named[subset])
+    if subset.strip().lower() in named:  # named subsets, like class names, in any case
+        classes = list(named[subset.strip().lower()])
     else:
         tokens = _tokens(subset, name)
         lower = {n.lower(): i for i, n in reversed(list(enumerate(class_names)))}
         classes = []
         for t in tokens:
-            if re.fullmatch(r"\d+", t):
+            if re.fullmatch(r"[+-]?\d+", t):  # a negative index is out of range below, not a name
                 classes.append(int(t))
             elif t in class_names:
                 classes.append(class_names.index(t))

@@ -158,12 +158,16 @@ def run_experiment(
         if needs and not dry_run and not results_only:
             raise IgamError(needs)
     if results_only:
+        if not any((exp.out_dir / st.name / Run.META).exists() for st in exp.stages):
+            raise IgamError(f"--results-only: no stage of {exp.name} has run in {exp.out_dir} yet, so "
+                            f"there are no results to rebuild. Run `igam run {exp.source}` (with the same "
+                            "--out-dir) first.")
         write_results(exp, log=log)
         return exp.out_dir
     log(format_plan(exp, only))
     if dry_run:
-        if needs:
-            log(f"igam run: note: without --dry-run this would stop before training: {needs}")
+        if needs:  # an estimate of chosen stages is still useful; that the run would stop is said loudly
+            log(f"igam run: WARNING: without --dry-run this plan would stop before training: {needs}")
         return exp.out_dir
     exp.out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(exp.source, exp.out_dir / "experiment.yaml")

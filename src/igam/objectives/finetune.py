@@ -65,12 +65,13 @@ def build_finetune_model(cfg: Any, spec: Any) -> AdaptedTeacher:
         raise IgamError("method=finetune needs teacher=RUN_DIR, teacher=igam:NAME (a shipped teacher: `igam "
                         "models`) or a weights file with teacher_model=....")
     own = str(cfg.teacher).startswith(shipped.PREFIX) or Path(cfg.teacher).is_dir()
-    given = [k for k in FILE_TEACHER_KEYS if getattr(cfg, k)]
+    given = [k for k in (*FILE_TEACHER_KEYS, "teacher_dir") if getattr(cfg, k)]  # teacher_dir: robustbench:
     if own and given:  # they would be ignored: say so rather than fine-tune something else than meant
         what = "a shipped teacher" if str(cfg.teacher).startswith(shipped.PREFIX) else "an igam run"
         raise IgamError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for a teacher weights "
-                        f"file; teacher={cfg.teacher} is {what}, which records its own architecture, "
-                        f"classes, input shape, normalisation and dataset. Drop {' and '.join(given)}.")
+                        f"file (teacher_dir: for a robustbench: teacher); teacher={cfg.teacher} is {what}, "
+                        "which records its own architecture, classes, input shape, normalisation and "
+                        f"dataset. Drop {' and '.join(given)}.")
     root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     body = load_teacher(cfg.teacher, cfg.teacher_model, cfg.teacher_classes, cfg.teacher_in_shape,
                         normalize=cfg.teacher_normalize,
