@@ -19,6 +19,10 @@ warm-up repetition, so the timed steps are those of a second epoch (J_t served, 
 it: cached / standard against the targets of issue 15 (FD forward <= 2.2, exact <= 2.9) and cached /
 uncached.
 
+--torch-bn adds exact IGAM with PyTorch's own double backward through train-mode BatchNorm
+(bn_double_backward=torch, "igam-exact-torchbn") beside igam's lean one, which every other IGAM method here
+uses (igam.method.batchnorm); printed with it: lean / torch.
+
 --fd-accuracy prints, instead of timings, how close the finite-difference gradient is to the exact one.
 
 Ratios printed: IGAM-FD / PGD-7, IGAM-FD / standard and IGAM-exact / PGD-7, with the targets of issue 7
@@ -151,6 +155,8 @@ def build_methods(args: argparse.Namespace, device: torch.device) -> list[Method
     add("standard", Objective())
     add("pgd7", PGDAT(8 / 255, 2 / 255, 7, random_start=True, attack_bn="eval", seed=0))
     variants = [("igam-exact", "exact", "central")]
+    if getattr(args, "torch_bn", False):  # exact mode with PyTorch's own BatchNorm double backward, beside
+        variants.append(("igam-exact-torchbn", "exact", "central"))
     variants += [(f"igam-fd-{s}" if len(schemes) > 1 else "igam-fd", "finite-difference", s) for s in schemes]
     variants = [(n, m, s, False) for n, m, s in variants]
     if getattr(args, "teacher_cache", False):
@@ -165,7 +171,8 @@ def build_methods(args: argparse.Namespace, device: torch.device) -> list[Method
                                          fd_step=args.fd_step, fd_scheme=scheme,
                                          disc_view=teacher.adapter.disc_view, disc_optimizer=disc_opt,
                                          disc_every=args.disc_every, disc_follow_lr=True,
-                                         teacher_cache=cache)
+                                         teacher_cache=cache,
+                                         bn_double_backward="torch" if "torchbn" in name else "lean")
         objective = IGAMObjective("igam", matching)
         objective.begin(10**6, 10**6)
         add(name, objective)
@@ -250,6 +257,9 @@ def extra_ratios(results: dict[str, float]) -> dict[str, float]:
     cached methods, each cached step against a standard step and against its uncached twin."""
     out = {"igam-exact / standard": results["igam-exact"] / results["standard"],
            "pgd7 / standard": results["pgd7"] / results["standard"]}
+    for name in (k for k in results if "-torchbn" in k):  # the lean BatchNorm double backward's effect
+        lean = name.replace("-torchbn", "")
+        out[f"{lean} / {name}"] = results[lean] / results[name]
     for name in (k for k in results if k.endswith("+cache")):
         out[f"{name} / standard"] = results[name] / results["standard"]
         out[f"{name} / {name.removesuffix('+cache')}"] = results[name] / results[name.removesuffix("+cache")]
@@ -338,6 +348,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "sensitive to other jobs on a shared machine than wall time)")
     p.add_argument("--teacher-cache", action="store_true",
                    help="also time each IGAM method with the teacher-gradient cache (warm: second epoch)")
+    p.add_argument("--torch-bn", action="store_true",
+                   help="also time exact IGAM with PyTorch's own BatchNorm double backward "
+                        "(bn_double_backward=torch; the other IGAM methods use igam's lean one)")
     p.add_argument("--tiny", action="store_true", help="width-4 networks, batch 8, 2 steps: a smoke test")
     p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("--quiet", action="store_true", help="no per-repetition lines")
@@ -389,10 +402,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     med = {m.name: statistics.median(m.times) for m in methods}
     mem_label = "CUDA max allocated" if device.type == "cuda" else "peak RSS rise"
-    print(f"{'method':<18}{'s/step':>10}{'images/s':>11}{'x standard':>12}  peak memory ({mem_label})")
+    w = max(18, *(len(m.name) + 2 for m in methods))
+    print(f"{'method':<{w}}{'s/step':>10}{'images/s':>11}{'x standard':>12}  peak memory ({mem_label})")
     for m in methods:
         mem = f"{m.peak_mib:.0f} MiB" if m.peak_mib is not None else "not measured"
-        print(f"{m.name:<18}{med[m.name]:>10.4f}{args.batch / med[m.name]:>11.1f}"
+        print(f"{m.name:<{w}}{med[m.name]:>10.4f}{args.batch / med[m.name]:>11.1f}"
               f"{med[m.name] / med['standard']:>12.2f}  {mem}")
     r = ratios(med)
     extra = extra_ratios(med)
@@ -401,12 +415,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         verdict = "" if bound is None else f"  (target <= {bound}: {'met' if value <= bound else 'MISSED'})"
         if key.endswith(" / pgd7") and key.startswith("igam"):
             verdict += f"  (paper, GPU: {PAPER_IGAM_OVER_PGD7})"
-        print(f"{key:<28} {value:.3f}{verdict}")
+        print(f"{key:<{max(28, len(key))}} {value:.3f}{verdict}")
     print(f"1-min load average: {load_before:.2f} before, {load_after:.2f} after")
     out = {"model": args.model, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
            "threads": args.threads, "device": str(device),
            "channels_last": args.channels_last, "torch": torch.__version__, "machine": machine,
-           "tiny": args.tiny, "teacher_cache": args.teacher_cache, "clock": args.clock,
+           "tiny": args.tiny, "teacher_cache": args.teacher_cache, "torch_bn": args.torch_bn,
+           "clock": args.clock,
            "load_before": load_before, "load_after": load_after,
            "seconds_per_step": med, "images_per_s": {k: args.batch / v for k, v in med.items()},
            "all_times": {m.name: m.times for m in methods},
