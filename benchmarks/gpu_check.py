@@ -14,7 +14,9 @@ Three modes:
         tests     python3 -m pytest -q -m cuda tests/ (tests/test_cuda.py: bf16 vs fp32 input gradients,
                   finite differences with TF32 off, torch.compile, channels_last, CUDA memory figures)
         bench     benchmarks/step_cost.py on resnet20 and preact-resnet18, batch 256, device cuda:
-                  images/s and IGAM exact / FD-forward / FD-central against standard and PGD-7
+                  images/s and IGAM exact / FD-forward / FD-central against standard and PGD-7, each
+                  IGAM step also with the teacher-gradient cache, exact also with PyTorch's own double
+                  backward (--teacher-cache --torch-double-backward)
         transfer  igam run experiments/gpu/check-transfer.yaml on the packed data: MNIST teacher, its
                   fine-tuning, preact-resnet18 students (standard, PGD-7, IGAM, IGAM-FD) for 2 epochs,
                   clean + PGD-20 on 1000 test images: GPU seconds per epoch side by side
@@ -333,7 +335,10 @@ def step_bench(r: Runner, step: Step) -> None:
     results, problems = {}, []
     for model in BENCH_MODELS:  # a failure on one student still leaves the other measured
         out = r.work / f"bench-{model}.json"
-        cmd = [r.python, "benchmarks/step_cost.py", "--model", model, "--json", out]
+        # beside each IGAM step: the teacher-gradient cache (kept on the device) and exact mode with
+        # PyTorch's own double backward instead of igam's lean one (issue 15)
+        cmd = [r.python, "benchmarks/step_cost.py", "--model", model, "--json", out, "--teacher-cache",
+               "--torch-double-backward"]
         if r.smoke:
             cmd += ["--tiny", "--device", "cpu", "--threads", "1", "--memory", "off"]
         else:

@@ -19,9 +19,9 @@ warm-up repetition, so the timed steps are those of a second epoch (J_t served, 
 it: cached / standard against the targets of issue 15 (FD forward <= 2.2, exact <= 2.9) and cached /
 uncached.
 
---torch-bn adds exact IGAM with PyTorch's own double backward through train-mode BatchNorm
-(bn_double_backward=torch, "igam-exact-torchbn") beside igam's lean one, which every other IGAM method here
-uses (igam.method.batchnorm); printed with it: lean / torch.
+--torch-double-backward adds exact IGAM with PyTorch's own double backward through convolutions and
+train-mode BatchNorm (double_backward=torch, "igam-exact-torchdb") beside igam's lean one, which every other
+exact IGAM method here uses (igam.method.double_backward); printed with it: lean / torch.
 
 --fd-accuracy prints, instead of timings, how close the finite-difference gradient is to the exact one.
 
@@ -155,8 +155,8 @@ def build_methods(args: argparse.Namespace, device: torch.device) -> list[Method
     add("standard", Objective())
     add("pgd7", PGDAT(8 / 255, 2 / 255, 7, random_start=True, attack_bn="eval", seed=0))
     variants = [("igam-exact", "exact", "central")]
-    if getattr(args, "torch_bn", False):  # exact mode with PyTorch's own BatchNorm double backward, beside
-        variants.append(("igam-exact-torchbn", "exact", "central"))
+    if getattr(args, "torch_double_backward", False):  # exact mode with PyTorch's own double backward
+        variants.append(("igam-exact-torchdb", "exact", "central"))
     variants += [(f"igam-fd-{s}" if len(schemes) > 1 else "igam-fd", "finite-difference", s) for s in schemes]
     variants = [(n, m, s, False) for n, m, s in variants]
     if getattr(args, "teacher_cache", False):
@@ -172,7 +172,7 @@ def build_methods(args: argparse.Namespace, device: torch.device) -> list[Method
                                          disc_view=teacher.adapter.disc_view, disc_optimizer=disc_opt,
                                          disc_every=args.disc_every, disc_follow_lr=True,
                                          teacher_cache=cache,
-                                         bn_double_backward="torch" if "torchbn" in name else "lean")
+                                         double_backward="torch" if "torchdb" in name else "lean")
         objective = IGAMObjective("igam", matching)
         objective.begin(10**6, 10**6)
         add(name, objective)
@@ -257,8 +257,8 @@ def extra_ratios(results: dict[str, float]) -> dict[str, float]:
     cached methods, each cached step against a standard step and against its uncached twin."""
     out = {"igam-exact / standard": results["igam-exact"] / results["standard"],
            "pgd7 / standard": results["pgd7"] / results["standard"]}
-    for name in (k for k in results if "-torchbn" in k):  # the lean BatchNorm double backward's effect
-        lean = name.replace("-torchbn", "")
+    for name in (k for k in results if "-torchdb" in k):  # the lean double backward's effect
+        lean = name.replace("-torchdb", "")
         out[f"{lean} / {name}"] = results[lean] / results[name]
     for name in (k for k in results if k.endswith("+cache")):
         out[f"{name} / standard"] = results[name] / results["standard"]
@@ -348,9 +348,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "sensitive to other jobs on a shared machine than wall time)")
     p.add_argument("--teacher-cache", action="store_true",
                    help="also time each IGAM method with the teacher-gradient cache (warm: second epoch)")
-    p.add_argument("--torch-bn", action="store_true",
-                   help="also time exact IGAM with PyTorch's own BatchNorm double backward "
-                        "(bn_double_backward=torch; the other IGAM methods use igam's lean one)")
+    p.add_argument("--torch-double-backward", action="store_true",
+                   help="also time exact IGAM with PyTorch's own double backward through convolutions and "
+                        "BatchNorm (double_backward=torch; the other IGAM methods use igam's lean one)")
     p.add_argument("--tiny", action="store_true", help="width-4 networks, batch 8, 2 steps: a smoke test")
     p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("--quiet", action="store_true", help="no per-repetition lines")
@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = {"model": args.model, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
            "threads": args.threads, "device": str(device),
            "channels_last": args.channels_last, "torch": torch.__version__, "machine": machine,
-           "tiny": args.tiny, "teacher_cache": args.teacher_cache, "torch_bn": args.torch_bn,
+           "tiny": args.tiny, "teacher_cache": args.teacher_cache, "torch_double_backward":
+           args.torch_double_backward,
            "clock": args.clock,
            "load_before": load_before, "load_after": load_after,
            "seconds_per_step": med, "images_per_s": {k: args.batch / v for k, v in med.items()},

@@ -57,14 +57,15 @@ def test_step_cost_teacher_cache_times_cached_beside_uncached(step_cost,
     assert "igam-exact+cache / standard" in printed and "target <= 2.9" in printed
 
 
-def test_step_cost_torch_bn_times_pytorchs_batchnorm_double_backward_beside_the_lean_one(
+def test_step_cost_times_pytorchs_double_backward_beside_the_lean_one(
         step_cost, capsys: pytest.CaptureFixture) -> None:
-    """--torch-bn: exact IGAM with bn_double_backward=torch beside the default lean formula."""
-    out = step_cost.main(["--tiny", "--threads", "1", "--quiet", "--memory", "off", "--torch-bn",
-                          "--model", "resnet20", "--fd-scheme", "forward"])
-    assert {"igam-exact", "igam-exact-torchbn"} <= set(out["seconds_per_step"]) and out["torch_bn"]
-    assert "igam-exact / igam-exact-torchbn" in out["extra_ratios"]
-    assert "igam-exact / igam-exact-torchbn" in capsys.readouterr().out
+    """--torch-double-backward: exact IGAM with double_backward=torch beside the default lean one."""
+    out = step_cost.main(["--tiny", "--threads", "1", "--quiet", "--memory", "off",
+                          "--torch-double-backward", "--model", "resnet20", "--fd-scheme", "forward"])
+    assert out["torch_double_backward"]
+    assert {"igam-exact", "igam-exact-torchdb"} <= set(out["seconds_per_step"])
+    assert "igam-exact / igam-exact-torchdb" in out["extra_ratios"]
+    assert "igam-exact / igam-exact-torchdb" in capsys.readouterr().out
 
 
 def test_step_cost_steps_really_train(step_cost) -> None:

@@ -1,7 +1,8 @@
 """CUDA paths: bf16 autocast and the float32 input-gradient path, finite differences with TF32 off, the lean
-BatchNorm double backward, torch.compile of teacher / discriminator / finite-difference student,
-channels_last, the benchmark's CUDA memory figures. Every test is marked `cuda` and skipped, with the reason, where no CUDA device is visible;
-run them on a GPU with `python3 -m pytest -q -m cuda tests/` (scripts/gpu-check, step 'tests').
+double backward, torch.compile of teacher / discriminator / finite-difference student, channels_last, the
+benchmark's CUDA memory figures. Every test is marked `cuda` and skipped, with the reason, where no CUDA
+device is visible; run them on a GPU with `python3 -m pytest -q -m cuda tests/` (scripts/gpu-check, step
+'tests').
 
 Only igam's public API (`from igam import ...`) and its command line (`python -m igam ...`) are used, so the
 tests survive internal moves; the CPU versions of these checks are in tests/test_precision.py and
@@ -60,14 +61,14 @@ def _teacher(device: torch.device | None = None) -> tuple[nn.Module, nn.Module]:
 
 
 def _matching(mode: str, scheme: str = "central", amp_input_grad: bool = False,
-              device: torch.device | None = None, bn_double_backward: str = "lean") -> InputGradientMatching:
+              device: torch.device | None = None, double_backward: str = "lean") -> InputGradientMatching:
     device = device or CUDA
     teacher, adapter = _teacher(device)
     torch.manual_seed(1)
     disc = GradientDiscriminator((3, 28, 28), layers=3, channels=8).to(device)
     return InputGradientMatching(teacher, disc, lambda_adv=1.0, lambda_diff=10.0, mode=mode, fd_scheme=scheme,
                                  amp_input_grad=amp_input_grad, disc_view=adapter.disc_view,
-                                 bn_double_backward=bn_double_backward).to(device)
+                                 double_backward=double_backward).to(device)
 
 
 def _student(device: torch.device | None = None, name: str = "resnet20", **kw) -> nn.Module:
@@ -138,13 +139,13 @@ def test_finite_differences_with_tf32_off_match_exact_as_on_cpu(bn: bool, tf32_o
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_lean_batchnorm_double_backward_matches_pytorchs_on_cuda(channels_last: bool, tf32_off: None) -> None:
-    """bn_double_backward=lean (the default) against PyTorch's formula, exact IGAM step on resnet20 (TF32
-    off, so both are float32 throughout; tests/test_batchnorm.py checks the formula in float64 on CPU)."""
+def test_lean_double_backward_matches_pytorchs_on_cuda(channels_last: bool, tf32_off: None) -> None:
+    """double_backward=lean (the default) against PyTorch's formulas, exact IGAM step on resnet20 (TF32
+    off, so both are float32 throughout; tests/test_double_backward.py checks them in float64 on CPU)."""
     x, y = _batch()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
-    ref, ref_grad = _step(_matching("exact", bn_double_backward="torch"), _student().to(memory_format=fmt),
+    ref, ref_grad = _step(_matching("exact", double_backward="torch"), _student().to(memory_format=fmt),
                           x, y, autocast=False)
     got, grad = _step(_matching("exact"), _student().to(memory_format=fmt), x, y, autocast=False)
     torch.testing.assert_close(got["loss"].detach(), ref["loss"].detach(), rtol=1e-5, atol=1e-6)

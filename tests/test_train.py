@@ -21,6 +21,7 @@ from igam.files import read_json
 from igam.objectives import OBJECTIVES, register_objective
 from igam.objectives.base import Metrics, Objective
 from igam.runs import load_latest_state, load_run_model, read_log
+from igam.speed import process_settings
 from igam.train import lr_factor, train
 
 TINY = dict(dataset="synthetic:8x8x3:4", model="small-cnn-bn", width=4, train_subset=256, test_subset=64,
@@ -350,3 +351,20 @@ def test_metrics_on_different_devices_are_averaged_on_one() -> None:
     out = mean_over_ranks({"a": torch.tensor(2.0), "b": torch.tensor([3.0]).squeeze(0), "c": 4.0},  # type: ignore[dict-item]
                           Dist(), torch.device("cpu"))
     assert out == {"a": 2.0, "b": 3.0, "c": 4.0}
+
+
+def test_a_run_leaves_the_process_settings_as_it_found_them(tmp_path: Path) -> None:
+    """deterministic=true and threads=N hold for the run only; TF32 (which finite-difference runs turn off
+    on CUDA) is restored too, so the next stage of `igam run` starts from the caller's settings."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
+              torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    threads = 1 if torch.get_num_threads() > 1 else 2
+    train(tiny(tmp_path, "settings", deterministic=True, threads=threads), log=quiet)
+    assert read_json(tmp_path / "settings" / "meta.json")["status"] == "finished"
+    assert (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    with process_settings():
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not before[2]
+        torch.use_deterministic_algorithms(True)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before[2:]
+    assert torch.are_deterministic_algorithms_enabled() == before[0]

@@ -197,10 +197,10 @@ class Config:
                          ("central", "forward"))
     amp_input_grad: bool = opt(False, "run the IGAM input-gradient path under amp too (exact mode; default: "
                                "it stays float32)")
-    bn_double_backward: str = opt("lean", "exact mode's double backward through the student's train-mode "
-                                  "BatchNorm: lean (the same derivatives from about a third of the passes; "
-                                  "docs/PERFORMANCE.md) | torch (PyTorch's own formula); equal up to float "
-                                  "rounding", ("lean", "torch"))
+    double_backward: str = opt("lean", "exact mode's double backward through the student's convolutions and "
+                               "train-mode BatchNorm: lean (the same derivatives from leaner kernels; "
+                               "docs/IGAM.md) | torch (PyTorch's own formulas); equal up to float rounding",
+                               ("lean", "torch"))
     teacher_cache: str = opt("auto", "compute the teacher's input gradient of each training image once and "
                              "reuse it: auto (on exactly when exact: augment none, noise 0, teacher_bn eval, "
                              "no random adapter) | on (refused where it would be wrong) | off",

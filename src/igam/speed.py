@@ -1,11 +1,13 @@
 """Speed settings of a training run: torch.compile, channels_last, and the float32 arithmetic that
-finite-difference gradient matching needs on CUDA. What an objective allows is read from its declared
-properties (needs_double_backward, needs_fp32, backprops_twice), never from its name.
+finite-difference gradient matching needs on CUDA (restored when the run ends: `process_settings`). What
+an objective allows is read from its declared properties (needs_double_backward, needs_fp32,
+backprops_twice), never from its name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -42,6 +44,24 @@ def try_compile(module: nn.Module, example: torch.Tensor, what: str, say: Callab
                 v.copy_(saved[k])
     say(f"igam: compile: {what} compiled")
     return compiled
+
+
+@contextlib.contextmanager
+def process_settings() -> Iterator[None]:
+    """Restore, on leaving, the process-wide torch settings a run may change: TF32 (turned off for
+    finite differences), deterministic algorithms (deterministic=true) and the number of threads
+    (threads=N). Several runs in one process (`igam run`'s stages, the Python API) then each start from
+    the caller's settings, not from what the run before them left."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads())
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+        if torch.get_num_threads() != saved[4]:
+            torch.set_num_threads(saved[4])
 
 
 def float32_arithmetic(objective: Objective, device: torch.device, say: Callable[[str], Any] = print) -> None:

@@ -52,7 +52,7 @@ from igam.objectives import (
     trained_model_name,
 )
 from igam.runs import CSVLogger, Run, git_commit, load_latest_state, load_state_checked, save_state
-from igam.speed import float32_arithmetic, speed_setup
+from igam.speed import float32_arithmetic, process_settings, speed_setup
 from igam.units import parse_fraction
 from igam.utils import bn_mode, rng_state, seed_everything, set_rng_state, to_unit, unwrap
 
@@ -150,7 +150,8 @@ def train(cfg: Config, log=print) -> Path:
     fresh = not run.dir.exists()
     lock = run.lock(log=say) if dist.main else None  # a second process on this folder stops here
     try:
-        return _train(cfg, run, dist, device, say)
+        with process_settings():  # TF32, determinism, threads: as the caller had them after the run
+            return _train(cfg, run, dist, device, say)
     except BaseException:
         if lock is not None and fresh:  # refused before anything was written: leave no empty folder
             run.remove_if_empty()  # while the lock is still held, so no other process is inside

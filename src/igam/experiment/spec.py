@@ -21,7 +21,7 @@ from igam.runs import Run
 from igam.units import check_eps
 
 IGNORED_KEYS = ("progress", "resume", "threads", "device", "tensorboard", "out_dir", "name",
-                "teacher_cache", "bn_double_backward")  # speed only: the same numbers up to float rounding
+                "teacher_cache", "double_backward")  # speed only: the same numbers up to float rounding
 EXPERIMENT_KEYS = (
     "experiment",
     "description",

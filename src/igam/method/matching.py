@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from igam.distributed import world_size
 from igam.errors import IgamError
 from igam.method import finite_difference
-from igam.method.batchnorm import lean_batchnorm
 from igam.method.discriminator import DiscriminatorTrainer, GradientDiscriminator, adversarial_loss
+from igam.method.double_backward import lean_double_backward
 from igam.method.gradients import flat_cosine, input_gradient, per_example_objective, teacher_gradient
 from igam.method.teacher_cache import TeacherGradientCache, teacher_cache_blockers
 
@@ -76,14 +76,14 @@ class InputGradientMatching(nn.Module):
             `index`; exact only for inputs that do not change between epochs and a deterministic teacher.
         cache_device_limit_bytes: the largest cache kept on a CUDA device (None: a quarter of the free
             memory); above it the cache lives in pinned host memory.
-        bn_double_backward: exact mode's double backward through the student's train-mode BatchNorm:
-            'lean' (igam.method.batchnorm: the same derivatives in about a third of the passes) or 'torch'
-            (PyTorch's own formula). Equal up to float rounding.
+        double_backward: exact mode's double backward through the student's convolutions and train-mode
+            BatchNorm: 'lean' (igam.method.double_backward: the same derivatives from leaner kernels) or
+            'torch' (PyTorch's own formulas). Equal up to float rounding.
 
     Raises:
         IgamError: lambda_diff='auto' without a teacher, an unknown mode or scheme, amp_input_grad in
             finite-difference mode, teacher_cache with a teacher that makes it wrong (train-mode
-            BatchNorm, a random adapter), an unknown bn_double_backward.
+            BatchNorm, a random adapter), an unknown double_backward.
     """
 
     def __init__(
@@ -110,7 +110,7 @@ class InputGradientMatching(nn.Module):
         amp_input_grad: bool = False,
         teacher_cache: bool = False,
         cache_device_limit_bytes: int | None = None,
-        bn_double_backward: str = "lean",
+        double_backward: str = "lean",
     ):
         super().__init__()
         if teacher is None and lambda_diff == "auto":
@@ -127,8 +127,8 @@ class InputGradientMatching(nn.Module):
                 "amp_input_grad=true needs grad_matching=exact: finite-difference quotients cancel to noise "
                 "in bfloat16. Drop amp_input_grad (the input-gradient path then runs in float32)."
             )
-        if bn_double_backward not in ("lean", "torch"):
-            raise IgamError(f"bn_double_backward={bn_double_backward!r}: choose lean or torch.")
+        if double_backward not in ("lean", "torch"):
+            raise IgamError(f"double_backward={double_backward!r}: choose lean or torch.")
         blockers = teacher_cache_blockers(teacher) if teacher_cache else []
         if blockers:
             raise IgamError(f"teacher_cache: cached teacher gradients would be wrong: {'; '.join(blockers)}.")
@@ -152,7 +152,7 @@ class InputGradientMatching(nn.Module):
         self.disc_view = disc_view or (lambda g: g)
         self.mode, self.fd_step, self.fd_scheme = mode, float(fd_step), fd_scheme
         self.amp_input_grad = bool(amp_input_grad)
-        self.bn_double_backward = bn_double_backward
+        self.double_backward = double_backward
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -247,8 +247,8 @@ class InputGradientMatching(nn.Module):
             # the CE) come from one backward, and the graph at x is freed (finite_difference.linear_term)
             fused = not exact and self.gradient_target == "ce"
             params = [q for q in student.parameters() if q.requires_grad] if fused else []
-            lean = exact and self.bn_double_backward == "lean"
-            with torch.enable_grad(), (lean_batchnorm() if lean else contextlib.nullcontext()):
+            lean = exact and self.double_backward == "lean"
+            with torch.enable_grad(), (lean_double_backward() if lean else contextlib.nullcontext()):
                 logits = student(x_in)
             with torch.enable_grad():
                 per = per_example_objective(logits, y, self.gradient_target)

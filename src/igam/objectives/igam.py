@@ -199,7 +199,7 @@ def build_matching(cfg: Any, spec: Any, device: torch.device,
         fd_scheme=cfg.fd_scheme,
         amp_input_grad=cfg.amp_input_grad,
         teacher_cache=teacher_cache_decision(cfg, spec, teacher)[0],
-        bn_double_backward=cfg.bn_double_backward,
+        double_backward=cfg.double_backward,
     )
     return m.to(device)
 

@@ -1,6 +1,7 @@
-"""The lean BatchNorm double backward (igam.method.batchnorm, bn_double_backward=lean) gives PyTorch's
-derivatives: every second derivative in float64, the same forward values and running statistics, the same
-exact IGAM step up to float rounding, and it stays out of the way where it does not apply."""
+"""The lean double backward (igam.method.double_backward, double_backward=lean) gives PyTorch's derivatives
+through convolutions and train-mode BatchNorm: every second derivative in float64, the same forward values
+and running statistics, only the gradients a backward pass asks for, the same exact IGAM step up to float
+rounding, and it stays out of the way where it does not apply."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from igam.errors import IgamError
-from igam.method.batchnorm import lean_batchnorm
 from igam.method.discriminator import GradientDiscriminator
+from igam.method.double_backward import lean_double_backward
 from igam.method.matching import InputGradientMatching
 from igam.models import create_model
 
@@ -25,7 +27,7 @@ def _second_derivatives(bn: nn.Module, x: torch.Tensor, lean: bool, outer: tuple
     x = x.clone().requires_grad_(True)
     params = list(bn.parameters())
     if lean:
-        with lean_batchnorm():
+        with lean_double_backward():
             y = bn(x)
     else:
         y = bn(x)
@@ -68,7 +70,7 @@ def test_float32_forward_is_bit_identical_and_channels_last_is_kept():
     x = torch.randn(32, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     ref, new = copy.deepcopy(bn), copy.deepcopy(bn)
     y_ref = ref(x)
-    with lean_batchnorm():
+    with lean_double_backward():
         y_new = new(x)
     assert torch.equal(y_ref, y_new) and torch.equal(ref.running_var, new.running_var)
     assert y_new.is_contiguous(memory_format=torch.channels_last)
@@ -86,17 +88,93 @@ def test_calls_it_does_not_cover_run_unchanged(case):
     if case == "bfloat16":
         bn, x = bn.bfloat16(), x.detach().bfloat16().requires_grad_(True)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if case == "autocast" else torch.enable_grad()
-    with ctx, lean_batchnorm():
+    with ctx, lean_double_backward():
         y = bn(x)
     assert not type(y.grad_fn).__name__.startswith("LeanBatchNorm")
 
 
 def test_a_batch_of_one_value_per_channel_keeps_pytorchs_error():
-    with lean_batchnorm(), pytest.raises(ValueError, match="more than 1 value per channel"):
+    with lean_double_backward(), pytest.raises(ValueError, match="more than 1 value per channel"):
         nn.BatchNorm1d(3).train()(torch.randn(1, 3))
 
 
-def _exact_step_grads(dtype: torch.dtype, bn_double_backward: str):
+def _conv_second_derivatives(conv: nn.Conv2d, x: torch.Tensor, lean: bool, outer: tuple[float, float]):
+    """(y, d/d(x, W, b) of a loss of the convolution's first derivatives)."""
+    torch.manual_seed(1)
+    x = x.clone().requires_grad_(True)
+    if lean:
+        with lean_double_backward():
+            y = conv(x)
+    else:
+        y = conv(x)
+    gy_weight = torch.randn_like(y)
+    params = list(conv.parameters())
+    first = torch.autograd.grad((y * gy_weight).sum() + y.pow(2).sum(), [x, *params], create_graph=True)
+    loss = outer[0] * (first[0] * torch.randn_like(x)).sum() + outer[1] * first[1].pow(2).sum()
+    return y.detach(), torch.autograd.grad(loss, [x, *params], allow_unused=True)
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=4, stride=2, padding=1),
+                                dict(kernel_size=3, dilation=2, padding=(2, 1), bias=False),
+                                dict(kernel_size=3, groups=2, padding="valid"),
+                                dict(kernel_size=1, stride=2, bias=False)])
+@pytest.mark.parametrize("outer", [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0)])
+def test_every_convolution_second_derivative_equals_pytorchs_in_float64(kw, outer):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, **kw).double()
+    x = torch.randn(3, 4, 9, 8, dtype=torch.float64)
+    y_ref, ref = _conv_second_derivatives(conv, x, False, outer)
+    y_new, new = _conv_second_derivatives(conv, x, True, outer)
+    assert torch.equal(y_ref, y_new)
+    for a, b in zip(ref, new):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+
+
+def test_convolutions_it_does_not_cover_run_unchanged():
+    """padding='same', an unbatched input and half precision go to F.conv2d as before."""
+    with lean_double_backward():
+        y1 = nn.Conv2d(2, 3, 3, padding="same")(torch.randn(1, 2, 5, 5, requires_grad=True))
+        y2 = nn.Conv2d(2, 3, 3)(torch.randn(2, 5, 5, requires_grad=True))
+        y3 = nn.Conv2d(2, 3, 3).bfloat16()(torch.randn(1, 2, 5, 5, dtype=torch.bfloat16, requires_grad=True))
+    for y in (y1, y2, y3):
+        assert not type(y.grad_fn).__name__.startswith("LeanConv2d")
+
+
+class _ConvolutionBackwardCalls(TorchDispatchMode):
+    """Records the output mask of every aten.convolution_backward call (input, weight, bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks: list[tuple[bool, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.masks.append(tuple(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_input_gradient_pass_computes_no_weight_gradients():
+    """J_s's pass (autograd.grad w.r.t. the input, create_graph) asks each convolution for g_x only, as
+    PyTorch's own node does; the step's backward then computes the weight gradients."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with lean_double_backward():
+        y = net(x)
+    calls = _ConvolutionBackwardCalls()
+    with calls:
+        (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    assert calls.masks and all(mask == (True, False, False) for mask in calls.masks)
+    calls = _ConvolutionBackwardCalls()
+    with calls:
+        (g.pow(2).sum() + y.sum()).backward()
+    assert any(mask[1] for mask in calls.masks)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def _exact_step_grads(dtype: torch.dtype, double_backward: str):
     torch.manual_seed(0)
     student = create_model("resnet20", num_classes=5, in_chans=3, input_size=8, width=4).to(dtype).train()
     teacher = create_model("small-cnn", num_classes=5, in_chans=3, input_size=8, width=4).to(dtype).eval()
@@ -105,11 +183,12 @@ def _exact_step_grads(dtype: torch.dtype, bn_double_backward: str):
     torch.manual_seed(1)
     disc = GradientDiscriminator((3, 8, 8), layers=2, channels=4).to(dtype)
     igm = InputGradientMatching(teacher, disc, lambda_adv=0.5, lambda_diff=20.0, mode="exact",
-                                bn_double_backward=bn_double_backward)
+                                double_backward=double_backward)
     gen = torch.Generator().manual_seed(2)
     x, y = torch.rand(16, 3, 8, 8, generator=gen, dtype=dtype), torch.randint(0, 5, (16,), generator=gen)
     terms = igm(student, x, y)
-    assert ("LeanBatchNormBackward" in _graph_nodes(terms["loss"])) == (bn_double_backward == "lean")
+    nodes = _graph_nodes(terms["loss"])
+    assert ("LeanBatchNormBackward" in nodes and "LeanConv2dBackward" in nodes) == (double_backward == "lean")
     terms["loss"].backward()
     return float(terms["loss"].detach()), torch.cat([p.grad.flatten() for p in student.parameters()])
 
@@ -127,7 +206,7 @@ def _graph_nodes(t: torch.Tensor) -> set[str]:
 
 
 def test_an_exact_igam_step_has_the_same_parameter_gradient_with_either_formula():
-    """resnet20 (BatchNorm after every convolution): float64 to rounding, float32 to float tolerance."""
+    """resnet20 (convolutions, BatchNorm after each): float64 to rounding, float32 to float tolerance."""
     loss_t, g_t = _exact_step_grads(torch.float64, "torch")
     loss_l, g_l = _exact_step_grads(torch.float64, "lean")
     assert loss_t == loss_l
@@ -153,7 +232,7 @@ def test_exact_igam_training_follows_the_same_trajectory_with_either_formula():
         disc = GradientDiscriminator((3, 8, 8), layers=2, channels=4)
         disc_opt = torch.optim.SGD(disc.parameters(), lr=0.05)
         igm = InputGradientMatching(teacher, disc, lambda_adv=0.5, lambda_diff=20.0, mode="exact",
-                                    disc_optimizer=disc_opt, bn_double_backward=mode)
+                                    disc_optimizer=disc_opt, double_backward=mode)
         opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
         gen = torch.Generator().manual_seed(2)
         x, y = torch.rand(32, 3, 8, 8, generator=gen), torch.randint(0, 4, (32,), generator=gen)
@@ -171,5 +250,5 @@ def test_exact_igam_training_follows_the_same_trajectory_with_either_formula():
 
 
 def test_an_unknown_formula_is_refused():
-    with pytest.raises(IgamError, match="bn_double_backward='fast': choose lean or torch"):
-        InputGradientMatching(None, None, lambda_diff=1.0, bn_double_backward="fast")
+    with pytest.raises(IgamError, match="double_backward='fast': choose lean or torch"):
+        InputGradientMatching(None, None, lambda_diff=1.0, double_backward="fast")
