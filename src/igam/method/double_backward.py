@@ -77,6 +77,7 @@ class _ConvInputGradient(torch.autograd.Function):
                                        [True, False, False])[0]
         ctx.save_for_backward(gy, weight)
         ctx.conv = (stride, padding, dilation, groups)
+        ctx.set_materialize_grads(False)
         return gx
 
     @staticmethod
@@ -86,6 +87,8 @@ class _ConvInputGradient(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         out_pad = [0] * len(stride)
         d_gy = d_w = None
+        if u is None:
+            return None, None, None, None, None, None, None
         if ctx.needs_input_grad[0]:
             d_gy = aten.convolution(u, weight, None, stride, padding, dilation, False, out_pad, groups)
         if ctx.needs_input_grad[2]:
@@ -157,11 +160,14 @@ class _BatchNormBackward(torch.autograd.Function):
                                                      [True, True, True])
         ctx.save_for_backward(gy, x, weight, mean, invstd, gw, gb)
         ctx.eps = eps
+        ctx.set_materialize_grads(False)  # g_gamma, g_beta unused downstream (as in J_s): no zero passes
         return gx, gw, gb
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, u, u_gw, u_gb):  # type: ignore[override]
+        if u is None and u_gw is None and u_gb is None:
+            return None, None, None, None, None, None
         gy, x, weight, mean, invstd, sum_gy_xhat, sum_gy = ctx.saved_tensors
         sh = _channel_view(x)
         m = x.numel() // x.shape[1]
