@@ -51,12 +51,14 @@ def test_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path: Path, gpu_ch
         assert all(c["rc"] == 0 and not c["timed_out"] for c in s["commands"]), s["commands"]
     # tests: the CUDA tests are collected and all skip on a machine without a GPU
     assert steps["tests"]["figures"]["skipped"] >= 5 and steps["tests"]["figures"]["passed"] == 0
-    # bench: both students, every method, ratios against standard and PGD-7
+    # bench: both students, every method (each IGAM step also cached, exact also with PyTorch's double
+    # backward), ratios against standard and PGD-7
     bench = steps["bench"]["figures"]["models"]
     assert set(bench) == set(gpu_check.BENCH_MODELS)
     for res_model in bench.values():
         methods = res_model["methods"]
-        assert set(methods) == {"standard", "pgd7", "igam-exact", "igam-fd-central", "igam-fd-forward"}
+        igam = {"igam-exact", "igam-exact-torchdb", "igam-fd-central", "igam-fd-forward"}
+        assert set(methods) == {"standard", "pgd7", *igam, *(f"{m}+cache" for m in igam)}
         assert methods["standard"]["x_standard"] == 1.0 and methods["pgd7"]["x_pgd7"] == 1.0
         assert all(m["images_per_s"] > 0 for m in methods.values())
     # transfer: every stage finished and was evaluated; seconds per epoch for every student
