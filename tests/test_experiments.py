@@ -133,6 +133,20 @@ def test_finished_stages_are_reused_and_changed_ones_rerun(tmp_path):
     assert len(list(tmp_path.glob("*.stale-*"))) == 4
 
 
+def test_a_folder_spelled_relative_or_absolute_is_the_same_folder(tmp_path, monkeypatch):
+    """data_dir=/abs/data and, from /abs, data_dir=data name one folder: the finished stages are reused,
+    not moved aside as stale and trained again; another folder still counts as a change."""
+    (tmp_path / "data").mkdir()
+    out = str(tmp_path / "exp")
+    run_experiment(QUICK, out_dir=out, overrides={"data_dir": str(tmp_path / "data")}, log=lambda *a: None)
+    monkeypatch.chdir(tmp_path)
+    logs: list[str] = []
+    run_experiment(QUICK, out_dir=out, overrides={"data_dir": "data"}, log=logs.append)
+    assert sum("done, reused" in line for line in logs) == 4 and not list(Path(out).glob("*.stale-*"))
+    exp = load_experiment(QUICK, out_dir=out, overrides={"data_dir": "elsewhere"})
+    assert {stage_status(exp, s) for s in exp.stages} == {"stale"}
+
+
 def test_bad_experiment_files_give_clear_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(

@@ -315,10 +315,22 @@ def resolve_stage(exp: Experiment, stage: Stage) -> Config:
 IGAM_KEYS = group_keys("igam")
 
 
+PATH_KEYS = ("data_dir", "init_from", "teacher", "teacher_dir")  # compared as the folders or files they name
+
+
+def _where(value: Any) -> Any:
+    """A path-valued setting as the absolute path it names from here (`../shared/data` run from /work/main
+    and `/work/shared/data` are one folder); names such as igam:NAME or robustbench:... stay as they are."""
+    if not isinstance(value, str) or not value or re.match(r"^[A-Za-z][\w+-]*:(?![\\/])", value):
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The keys that decide what a stage computes (IGAM keys only matter to igam/igr stages)."""
+    """The keys that decide what a stage computes (IGAM keys only matter to igam/igr stages), with
+    path-valued keys resolved, so that a relative and an absolute spelling of one folder agree."""
     skip = set(IGNORED_KEYS) | (set() if cfg.get("method") in ("igam", "igr") else set(IGAM_KEYS))
-    return {k: v for k, v in cfg.items() if k not in skip}
+    return {k: (_where(v) if k in PATH_KEYS else v) for k, v in cfg.items() if k not in skip}
 
 
 def stage_status(exp: Experiment, stage: Stage) -> str:
