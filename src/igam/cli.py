@@ -292,9 +292,11 @@ def cmd_info(args, extra) -> int:
 
 def cmd_models(args, extra) -> int:
     """`igam models`: the zoo, the library prefixes, and RobustBench's teachers where its extra is there."""
-    from igam.models import list_models, robustbench_zoo, shipped
+    from igam.models import describe_models, robustbench_zoo, shipped
 
-    print("\n".join(list_models()))
+    print("Architectures (model=NAME; width=W scales a zoo model's channels; parameters at the default "
+          "width for 10 classes, 1x28x28 inputs for madry-mnist, else 3x32x32):")
+    print("\n".join(f"  {line}" for line in describe_models()))
     print("\nShipped teachers (teacher=igam:NAME; offline, certificate in `igam info igam:NAME`):")
     print("\n".join(f"  {shipped.describe(shipped.certificate(n))}" for n in shipped.list_shipped())
           or "  none")
