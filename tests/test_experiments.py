@@ -10,6 +10,7 @@ import pytest
 from igam.cli import main
 from igam.errors import IgamError
 from igam.experiment import evaluate_experiment, format_plan, load_experiment, run_experiment, stage_status
+from igam.runs import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = sorted((ROOT / "experiments" / "paper").glob("*.yaml"))
@@ -155,6 +156,30 @@ def test_every_paper_experiment_runs_in_miniature(path, tmp_path, monkeypatch):
         if s.row:
             assert f"| {s.row} |" in table
     assert (out / "results.json").exists()
+
+
+def test_a_miniature_says_so_on_every_row_it_prints(tmp_path):
+    """`--miniature` trains a PGD-7 row with 2 steps on synthetic data: results.md (and the report made
+    from it) label each row and curve "(miniature)" and say what a miniature is, rather than show "PGD-7"
+    as if it had run as written."""
+    path = tmp_path / "e.yaml"
+    path.write_text("description: PGD-7 against the standard student.\nstages:\n"
+                    "  - {name: std, row: Standard, curve: Standard, config: {method: standard}}\n"
+                    "  - {name: pgd7, row: PGD-7, config: {method: pgd-at, steps: 7}}\n"
+                    "evaluation:\n  - {attacks: [clean, fgsm, pgd20], n: 1000}\n")
+    defaults = {"dataset": "cifar10", "threads": 1}
+    assert [s.row for s in load_experiment(path, overrides=defaults).stages] == ["Standard", "PGD-7"]
+    exp = load_experiment(path, out_dir=str(tmp_path / "out"), overrides=defaults, miniature=True)
+    assert [(s.row, s.curve) for s in exp.stages] == [("Standard (miniature)", "Standard (miniature)"),
+                                                      ("PGD-7 (miniature)", "")]
+    out = run_experiment(path, out_dir=str(tmp_path / "out"), overrides=defaults, miniature=True,
+                         log=lambda *a: None)
+    assert Run(out / "pgd7").config["steps"] == 2
+    table = (out / "results.md").read_text()
+    assert "| PGD-7 (miniature) |" in table and "| Standard (miniature) |" in table
+    assert "| PGD-7 |" not in table
+    assert "at most 0.25 epochs and 2 PGD steps" in table and "not results" in table
+    assert "PGD-7 against the standard student." in table
 
 
 def test_finished_stages_are_reused_and_changed_ones_rerun(tmp_path):
