@@ -32,6 +32,35 @@ def test_defaults_are_valid_and_every_key_has_help() -> None:
         assert f"  {name} " in text
 
 
+def test_the_adapter_help_says_what_transpose_conv_does_to_channels_and_size() -> None:
+    """The `adapter` key's help describes transpose-conv as igam.method.adapters builds it: exactly twice
+    the height and width (no size N), the teacher's channels when it is the last spatial step (else its
+    input's), x2 linear interpolation of input channel o mod C at the start, trained by finetune."""
+    import torch
+
+    from igam.method.adapters import build_adapter
+
+    help = FIELDS["adapter"].metadata["help"]
+    for claim in ("HxW -> 2Hx2W, no N", "the teacher's channels when it is the last",
+                  "else keeps its input's", "x2 linear interpolation",
+                  "output channel o from input channel o mod C", "3 -> 1: the first channel only",
+                  "trained by finetune"):
+        assert claim in help, claim
+    last = build_adapter("transpose-conv", (3, 8, 8), (1, 16, 16))
+    assert last.out_shape == (1, 16, 16) and last.learned
+    assert build_adapter("transpose-conv+resize20", (3, 8, 8), (3, 20, 20)).steps[0].out_shape == (3, 16, 16)
+    assert build_adapter("transpose-conv+gray", (3, 8, 8), (1, 16, 16)).steps[0].out_shape == (1, 16, 16)
+    with pytest.raises(IgamError, match="maps the target input 3x8x8 to 3x16x16"):
+        build_adapter("transpose-conv", (3, 8, 8), (3, 24, 24))
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        y = build_adapter("transpose-conv", (3, 8, 8), (3, 16, 16))(x)
+        assert torch.allclose(y[..., ::2, ::2], x)  # x2 linear interpolation, channel by channel
+        assert torch.allclose(y[..., 1:-1:2, ::2], (x[..., :-1, :] + x[..., 1:, :]) / 2)
+        one = last(torch.cat([torch.zeros(1, 1, 8, 8), x[:, 1:]], 1))
+        assert one.abs().max() == 0  # 3 -> 1 channel starts from the first channel only
+
+
 @pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.3", 0.3), (" 2 / 255 ", 2 / 255), (0.5, 0.5),
                                         (1, 1.0), ("1e-3", 1e-3)])
 def test_parse_fraction(text: str | float, value: float) -> None:

@@ -4,6 +4,7 @@ masking checks in eval.json, --strict, and clear errors."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -54,6 +55,34 @@ def test_cli_writes_eval_json_and_prints_paper_table(run_dir, capsys):
     mc = ev["masking_checks"]
     assert set(mc["checks"]) == set(CHECKS) and isinstance(mc["passed"], bool)
     assert mc["checks"]["gradients"]["passed"] is not None
+
+
+def test_evaluate_help_shows_key_value_and_examples_that_run(run_dir, tmp_path, capsys):
+    """`igam evaluate --help` says, in its usage and description, that options can be written key=value
+    (attacks=..., n=...), and its examples run as written (on copies of a tiny run, with n=16); the
+    key=value example prints the same table as its flag twin."""
+    with pytest.raises(SystemExit) as done:
+        main(["evaluate", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    usage, _, rest = text.partition("\n\n")
+    assert "attacks=" in usage and "n=N" in usage
+    assert "key=value" in rest.partition("positional arguments")[0]
+    examples = [line.split(" #")[0].split()[1:] for line in text.partition("Examples:")[2].splitlines()
+                if line.startswith("  igam evaluate ")]
+    assert len(examples) >= 3 and any(t.startswith("attacks=") for ex in examples for t in ex)
+    for name in {t.split("/")[-1] for ex in examples for t in ex if t.startswith("runs/")}:
+        shutil.copytree(run_dir, tmp_path / name)
+    tables = []
+    for argv in examples:
+        argv = [str(tmp_path / t.split("/")[-1]) if t.startswith("runs/") else t for t in argv]
+        argv = ["16" if prev == "--n" else "n=16" if t.startswith("n=") else t
+                for prev, t in zip(["", *argv], argv)]
+        for copy in tmp_path.iterdir():  # evaluate afresh, not from an earlier example's eval.json
+            (copy / "eval.json").unlink(missing_ok=True)
+        assert main(argv) == 0, argv
+        tables.append(capsys.readouterr().out)
+    assert tables[0] == tables[1] and "| Clean | PGD20 | AutoAttack" in tables[0]
 
 
 def test_evaluation_is_deterministic_given_seed(run_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from igam.cli import main
 from igam.errors import IgamError
 from igam.experiment import evaluate_experiment, format_plan, load_experiment, run_experiment, stage_status
+from igam.runs import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = sorted((ROOT / "experiments" / "paper").glob("*.yaml"))
@@ -48,6 +50,42 @@ def test_dry_run_with_only_counts_only_the_chosen_stages(tmp_path, capsys):
     assert chosen.count("skipped (--only)") == len(exp.stages) - 2
     assert main(["run", str(path), "--dry-run", "--only", "standard,igam", "--out-dir", str(tmp_path)]) == 0
     assert "stages left: 2;" in capsys.readouterr().out
+
+
+def test_dry_run_counts_only_the_evaluations_still_to_do(tmp_path, capsys):
+    """The plan's evaluation lines count the stages whose evaluation is still to do, not every row stage:
+    an evaluated experiment has none left; a stage whose eval.json lost a result (or its masking checks)
+    is to do again; a stage whose config changed is retrained, so evaluated afresh."""
+    student = ("{method: standard, dataset: 'synthetic:8x8x3:4', model: small-cnn, width: 4, epochs: 1, "
+               "train_subset: 64, test_subset: 32, batch_size: 32, progress: false, tensorboard: false, "
+               "threads: 1, eval_n: 16}")
+    path = tmp_path / "e.yaml"
+    path.write_text(f"stages:\n  - {{name: a, row: A, config: {student}}}\n"
+                    f"  - {{name: b, row: B, config: {student}}}\n"
+                    "evaluation:\n  - {attacks: [clean, fgsm], n: 16}\n"
+                    "  - {attacks: [clean], n: 16, rows: [b], checks: true, check_n: 16}\n")
+    out = tmp_path / "out"
+    exp = load_experiment(path, out_dir=str(out))
+    before = format_plan(exp)
+    assert "evaluation: clean, fgsm on 16 test images, still to do for 2 of 2 stages" in before
+    assert "evaluation: clean on 16 test images, still to do for 1 of 1 stages (b)" in before
+    run_experiment(path, out_dir=str(out), log=lambda *a: None)
+    assert main(["run", str(path), "--out-dir", str(out), "--dry-run"]) == 0
+    done = capsys.readouterr().out
+    assert "clean, fgsm on 16 test images, still to do for 0 of 2 stages" in done
+    assert "clean on 16 test images, still to do for 0 of 1 stages" in done
+    assert "estimated evaluation time left: 0m00s" in done
+    ev = json.loads((out / "a" / "eval.json").read_text())
+    del ev["fgsm"]
+    (out / "a" / "eval.json").write_text(json.dumps(ev))
+    ev = json.loads((out / "b" / "eval.json").read_text())
+    del ev["masking_checks"]
+    (out / "b" / "eval.json").write_text(json.dumps(ev))
+    partly = format_plan(exp)
+    assert "clean, fgsm on 16 test images, still to do for 1 of 2 stages" in partly
+    assert "clean on 16 test images, still to do for 1 of 1 stages (b)" in partly
+    changed = format_plan(load_experiment(path, out_dir=str(out), overrides={"seed": 1}))
+    assert "clean, fgsm on 16 test images, still to do for 2 of 2 stages" in changed
 
 
 def test_only_with_unknown_empty_or_unready_stages_is_refused_before_anything_runs(tmp_path, capsys):
@@ -118,6 +156,30 @@ def test_every_paper_experiment_runs_in_miniature(path, tmp_path, monkeypatch):
         if s.row:
             assert f"| {s.row} |" in table
     assert (out / "results.json").exists()
+
+
+def test_a_miniature_says_so_on_every_row_it_prints(tmp_path):
+    """`--miniature` trains a PGD-7 row with 2 steps on synthetic data: results.md (and the report made
+    from it) label each row and curve "(miniature)" and say what a miniature is, rather than show "PGD-7"
+    as if it had run as written."""
+    path = tmp_path / "e.yaml"
+    path.write_text("description: PGD-7 against the standard student.\nstages:\n"
+                    "  - {name: std, row: Standard, curve: Standard, config: {method: standard}}\n"
+                    "  - {name: pgd7, row: PGD-7, config: {method: pgd-at, steps: 7}}\n"
+                    "evaluation:\n  - {attacks: [clean, fgsm, pgd20], n: 1000}\n")
+    defaults = {"dataset": "cifar10", "threads": 1}
+    assert [s.row for s in load_experiment(path, overrides=defaults).stages] == ["Standard", "PGD-7"]
+    exp = load_experiment(path, out_dir=str(tmp_path / "out"), overrides=defaults, miniature=True)
+    assert [(s.row, s.curve) for s in exp.stages] == [("Standard (miniature)", "Standard (miniature)"),
+                                                      ("PGD-7 (miniature)", "")]
+    out = run_experiment(path, out_dir=str(tmp_path / "out"), overrides=defaults, miniature=True,
+                         log=lambda *a: None)
+    assert Run(out / "pgd7").config["steps"] == 2
+    table = (out / "results.md").read_text()
+    assert "| PGD-7 (miniature) |" in table and "| Standard (miniature) |" in table
+    assert "| PGD-7 |" not in table
+    assert "at most 0.25 epochs and 2 PGD steps" in table and "not results" in table
+    assert "PGD-7 against the standard student." in table
 
 
 def test_finished_stages_are_reused_and_changed_ones_rerun(tmp_path):

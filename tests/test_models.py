@@ -29,6 +29,32 @@ def test_the_zoo_table_covers_every_registered_name() -> None:
     assert listed <= {name for name, _, _ in ZOO}
 
 
+def test_igam_models_describes_every_architecture_with_its_true_parameter_count(capsys) -> None:
+    """`igam models` gives every name a line that says what it is, not the bare name; the parameter counts
+    it prints (static, so the listing builds nothing) are the models' own: default width, 10 classes,
+    1x28x28 inputs for madry-mnist, else 3x32x32."""
+    from igam.cli import main
+    from igam.models import PARAMS, parameter_count
+
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out.split("\n\nShipped teachers")[0].splitlines()
+    for name in list_models():
+        line = next((t.strip() for t in listing if t.strip().startswith(name + " ")), "")
+        assert len(line) > len(name) + 30, f"`igam models` shows no description of {name}: {line!r}"
+    zoo = {n for n in list_models() if " " not in n and ":" not in n}
+    assert zoo <= set(PARAMS), "every zoo model's line states its parameter count"
+    for name, count in PARAMS.items():
+        c, size = (1, 28) if name == "madry-mnist" else (3, 32)
+        assert parameter_count(name, in_chans=c, input_size=size) == count, name
+        shown = next(t for t in listing if t.split()[0] == name or f"[{name}: " in t or f", {name}: " in t)
+        assert f"{count / 1e6:.2f}M" in shown, (name, shown)
+    # the meta-device count is the count of the model create_model builds
+    for name, c, size in (("madry-mnist", 1, 28), ("resnet20", 3, 32)):
+        built = create_model(name, num_classes=10, in_chans=c, input_size=size)
+        assert sum(p.numel() for p in built.parameters()) == parameter_count(name, in_chans=c,
+                                                                             input_size=size)
+
+
 @pytest.mark.parametrize("name,width,shapes", ZOO, ids=[z[0] for z in ZOO])
 def test_forward_shapes_and_head(name: str, width: int, shapes: list[tuple[int, int, int]]) -> None:
     torch.manual_seed(0)

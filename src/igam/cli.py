@@ -292,9 +292,11 @@ def cmd_info(args, extra) -> int:
 
 def cmd_models(args, extra) -> int:
     """`igam models`: the zoo, the library prefixes, and RobustBench's teachers where its extra is there."""
-    from igam.models import list_models, robustbench_zoo, shipped
+    from igam.models import describe_models, robustbench_zoo, shipped
 
-    print("\n".join(list_models()))
+    print("Architectures (model=NAME; width=W scales a zoo model's channels; parameters at the default "
+          "width for 10 classes, 1x28x28 inputs for madry-mnist, else 3x32x32):")
+    print("\n".join(f"  {line}" for line in describe_models()))
     print("\nShipped teachers (teacher=igam:NAME; offline, certificate in `igam info igam:NAME`):")
     print("\n".join(f"  {shipped.describe(shipped.certificate(n))}" for n in shipped.list_shipped())
           or "  none")
@@ -392,11 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     p.verbs = {}  # type: ignore[attr-defined]
 
-    def verb(name, fn, help, config=False, epilog=""):
+    def verb(name, fn, help, config=False, epilog="", description=""):
         sp = sub.add_parser(
             name,
             help=help,
-            description=help,
+            description=description or help,
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -472,7 +474,20 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluations already made; an error when no stage has run yet",
     )
     ev = verb(
-        "evaluate", cmd_evaluate, "Evaluate runs under attacks; writes RUN/eval.json and prints a table."
+        "evaluate",
+        cmd_evaluate,
+        "Evaluate runs under attacks; writes RUN/eval.json and prints a table.",
+        description="Evaluate runs under attacks; writes RUN/eval.json and prints a table. Every option can "
+        "also be written key=value: `attacks=clean,pgd20 n=1000` is `--attacks clean,pgd20 --n 1000` (a "
+        "switch: checks=true).",
+        epilog="Examples:\n"
+        "  igam evaluate runs/igam_student --attacks clean,pgd20,autoattack --n 1000\n"
+        "  igam evaluate runs/igam_student attacks=clean,pgd20,autoattack n=1000   # the same, as key=value\n"
+        "  igam evaluate runs/standard runs/igam_student --attacks clean,fgsm,pgd20 --n 1000 --checks "
+        "--strict\n"
+        "  igam evaluate runs/igam_student --attacks pgd20 --eps-sweep 2/255,4/255,8/255,large --n 500\n\n"
+        "With two or more attacks at one radius, a `headline:` line gives the accuracy under the worst of "
+        "them per image. `igam info RUN` prints eval.json.",
     )
     ev.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     ev.add_argument(
@@ -528,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "reported, autoattack_acc, eps, architecture, ...)")
     ev.add_argument("--data-dir", default=None, help="data root (default: the run's own, else $IGAM_DATA)")
     ev.add_argument("--device", default="cpu")
+    ev.usage = (ev.format_usage().removeprefix("usage: ").rstrip()
+                + "\n       igam evaluate RUN [RUN ...] [attacks=A,B,...] [n=N] [key=value ...]")
 
     info = verb("info", cmd_info, "Print a run's metadata, metrics and evaluation results.")
     info.add_argument("run", metavar="RUN")

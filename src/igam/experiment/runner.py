@@ -49,6 +49,7 @@ def format_plan(exp: Experiment, only: list[str] | None = None) -> str:
     ]
     cpu = gpu = 0.0
     rows = plan(exp)
+    stale = {st.name for st, status, _, _ in rows if status == "stale"}  # retrained, so evaluated afresh
     rows = [(st, status if not only or st.name in only else "skipped (--only)", sec, gsec)
             for st, status, sec, gsec in rows]
     for st, status, sec, gsec in rows:
@@ -70,15 +71,18 @@ def format_plan(exp: Experiment, only: list[str] | None = None) -> str:
     for ev in exp.evaluation:
         stages = [st for st in _row_stages(exp, ev) if not only or st.name in only]
         n = int(ev.get("n", 1000))
+        pending = []
         for st in stages:
-            todo = _pending_attacks(exp, st, ev)
+            todo = list(ev["attacks"]) if st.name in stale else _pending_attacks(exp, st, ev)
             if todo:
                 cfg = resolve_stage(exp, st)
                 ecpu += estimate_eval_seconds(cfg, todo, n)
                 egpu += estimate_eval_seconds(cfg, todo, n, gpu=True)
+            if todo or _pending_checks(exp, st, ev):
+                pending.append(st.name)
         lines.append(
-            f"evaluation: {', '.join(ev['attacks'])} on {n} test images"
-            + (f" for {', '.join(ev['rows'])}" if ev.get("rows") else f" for {len(stages)} stages")
+            f"evaluation: {', '.join(ev['attacks'])} on {n} test images, still to do for {len(pending)} of "
+            f"{len(stages)} stages" + (f" ({', '.join(pending)})" if ev.get("rows") and pending else "")
         )
     if exp.evaluation:
         lines.append(f"estimated evaluation time left: {hms(ecpu)} on a 2-core CPU, {hms(egpu)} on one GPU "
@@ -96,6 +100,12 @@ def _pending_attacks(exp: Experiment, st: Stage, ev: dict[str, Any]) -> list[str
                                              and have[result_key(a)].get("seed") == seed)]
 
 
+def _pending_checks(exp: Experiment, st: Stage, ev: dict[str, Any]) -> bool:
+    """Whether an evaluation block with `checks: true` has yet to run the masking checks on the stage (its
+    eval.json holds no check sweeps yet)."""
+    path = exp.out_dir / st.name / Run.EVAL
+    have = read_json_object(path) if path.exists() else {}
+    return bool(ev.get("checks")) and "check:fgsm" not in json.dumps(have.get("masking_checks", {}))
 
 
 def check_only(exp: Experiment, only: list[str]) -> list[str]:
@@ -218,7 +228,7 @@ def evaluate_experiment(exp: Experiment, log=print, only: list[str] | None = Non
                     and have[result_key(a)].get("seed") == seed
                 )
             ]
-            checks = bool(ev.get("checks")) and "check:fgsm" not in json.dumps(have.get("masking_checks", {}))
+            checks = _pending_checks(exp, st, ev)
             # 'pgd10@eps=4/255' is pgd10 at another radius: evaluate each radius as one call
             groups: dict[str | None, list[str]] = {}
             for a in todo or (["clean"] if checks else []):

@@ -127,6 +127,13 @@ def miniaturize(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+MINIATURE_TAG = " (miniature)"  # on every row and curve label of a miniature: not the stage the file names
+MINIATURE_NOTE = ("Miniature (`igam run --miniature`): every stage on a synthetic stand-in of its data (256 "
+                  "training images); the models trained here are small-cnn (or madry-mnist) at width 4, for "
+                  "at most 0.25 epochs and 2 PGD steps; only the clean and FGSM evaluations, on 64 images. "
+                  "A smoke test of the pipeline, not results.")
+
+
 def miniature_evaluation(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     cheap = ("clean", "fgsm")
     out = []
@@ -181,15 +188,15 @@ def load_experiment(
             if miniature:
                 cfg = miniaturize(cfg)
             suffix = "".join(f"-{k}={_fmt_value(v)}" for k, v in zip(keys, combo))
-            row = s.get("row", "")
+            row, curve, tag = s.get("row", ""), s.get("curve", ""), MINIATURE_TAG if miniature else ""
             stages.append(
                 Stage(
                     f"{s['name']}{suffix}",
                     cfg,
                     s.get("title", ""),
-                    f"{row}{suffix}" if row else "",
+                    f"{row}{suffix}{tag}" if row else "",
                     dict(s.get("paper") or {}),
-                    s.get("curve", ""),
+                    f"{curve}{tag}" if curve else "",
                 )
             )
     names = [s.name for s in stages]
@@ -205,7 +212,7 @@ def load_experiment(
         Path(out_dir or raw.get("out_dir") or f"runs/{name}"),
         stages,
         evaluation,
-        str(raw.get("description", "")),
+        (MINIATURE_NOTE + "\n\n" if miniature else "") + str(raw.get("description", "")),
         str(raw.get("primary_metric", "pgd20")),
         str(p),
     )

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from igam.errors import IgamError, unknown
@@ -26,7 +27,8 @@ from igam.models.external import create_external
 from igam.models.zoo import CifarResNet, MadryMNIST, PreActResNet18, SmallCNN, WideResNet
 
 __all__ = ["ACTIVATIONS", "ImageClassifier", "Normalize", "apply_normalization_metadata", "create_model",
-           "list_models", "make_act", "normalization_metadata", "register_model", "model_from_args"]
+           "describe_models", "list_models", "make_act", "normalization_metadata", "parameter_count",
+           "register_model", "model_from_args"]
 
 _REGISTRY: dict[str, Callable[..., ImageClassifier]] = {}
 _DEFAULT_ACT: dict[str, str] = {}
@@ -68,6 +70,58 @@ def list_models() -> list[str]:
                                 "robustbench:DATASET/THREAT/NAME"]
 
 
+# `igam models`: per listed name, what it is and what it is for, and the zoo models whose parameters the
+# line counts (PARAMS). tests/test_models.py checks that every name of list_models() has a line.
+ABOUT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "madry-mnist": ("Madry et al.'s MNIST CNN (2 conv, fc 1024, no BatchNorm), the paper's MNIST teacher; "
+                    "made for 1x28x28 (its fc grows with the input)", ("madry-mnist",)),
+    "preact-resnet18": ("PreAct ResNet-18, the usual robust-training baseline on CIFAR",
+                        ("preact-resnet18",)),
+    **{f"resnet{d}": (f"He et al.'s CIFAR ResNet-{d} (widths 16/32/64, parameter-free shortcuts)",
+                      (f"resnet{d}",)) for d in (20, 32, 44, 56, 110)},
+    "small-cnn": ("small fast CNN (5 conv 3x3, global average pool), the student of the demo and the CPU "
+                  "experiments (at width 16); inputs from 4x4", ("small-cnn",)),
+    "small-cnn-bn": ("small-cnn with BatchNorm after every conv", ("small-cnn-bn",)),
+    "wrn-D-W (e.g. wrn-32-10, wrn-16-4)": ("Madry's wide ResNet of depth D, widening factor W, leaky ReLU; "
+                                           "wrn-32-10 is the paper's CIFAR student and teacher",
+                                           ("wrn-32-10", "wrn-16-4")),
+    "timm:NAME": ("any timm model, randomly initialised, built for the data's size and classes (pip install "
+                  "'igam[timm]')", ()),
+    "torchvision:NAME": ("any torchvision classifier, randomly initialised, first conv and logit layer "
+                         "fitted to the data", ()),
+    "robustbench:DATASET/THREAT/NAME": ("a RobustBench architecture at its dataset's input shape; as "
+                                        "teacher=, with its published weights (below)", ()),
+}
+# parameters at the default width for 10 classes, on 1x28x28 (madry-mnist) or 3x32x32 inputs; static, so
+# that `igam models` builds nothing (tests/test_models.py recounts them)
+PARAMS: dict[str, int] = {
+    "madry-mnist": 3_274_634, "preact-resnet18": 11_172_170, "resnet20": 269_722, "resnet32": 464_154,
+    "resnet44": 658_586, "resnet56": 853_018, "resnet110": 1_727_962, "small-cnn": 140_714,
+    "small-cnn-bn": 141_034, "wrn-32-10": 45_901_914, "wrn-16-4": 2_706_906,
+}
+
+
+def describe_models() -> list[str]:
+    """One line per name of list_models(): the name, what it is, and its parameter count (10 classes, the
+    default width, 1x28x28 inputs for madry-mnist, else 3x32x32)."""
+    lines = []
+    for name in list_models():
+        about, counted = ABOUT[name]
+        counts = ", ".join(("" if n == name else f"{n}: ") + f"{PARAMS[n] / 1e6:.2f}M" for n in counted)
+        lines.append(f"{name:<16} {about}" + (f" [{counts} parameters]" if counts else ""))
+    return lines
+
+
+def parameter_count(name: str, *, num_classes: int = 10, in_chans: int = 3, input_size: int = 32,
+                    width: int = 0) -> int:
+    """The parameters of zoo model `name` (not timm:, torchvision:, robustbench:), counted on the meta
+    device: nothing is allocated or initialised."""
+    norm = Normalize("none", None, None, in_chans)
+    with torch.device("meta"):
+        model = _zoo_builder(name, norm, num_classes, in_chans, (input_size, input_size), "default", width)()
+    return sum(p.numel() for p in model.parameters())
+
+
 def create_model(name: str, *, num_classes: int, in_chans: int = 3, input_size: int | tuple[int, int] = 32,
                  activation: str = "default", width: int = 0, normalize: str = "dataset",
                  mean: list[float] | None = None, std: list[float] | None = None) -> ImageClassifier:
@@ -83,30 +137,36 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, input_size: 
             raise IgamError(f"activation={activation} applies to zoo models (`igam models`); {name} keeps "
                             "its own activations. Leave activation=default, or pick a zoo model.")
         model = create_external(name, norm, num_classes, in_chans, size)
-    elif (m := _WRN.match(name)) is not None:
-        if int(m.group(2)) < 1:
-            raise IgamError(f"{name}: the widening factor W of wrn-D-W must be at least 1 (e.g. wrn-32-10).")
-        if int(m.group(2)) > 64 or int(m.group(1)) > 1000:
-            raise IgamError(f"{name}: wrn-D-W takes a depth D up to 1000 and a widening factor W up to 64 "
-                            "(e.g. wrn-32-10).")
-        act = "leaky-relu" if activation == "default" else activation
-
-        def build() -> ImageClassifier:
-            return WideResNet(norm, num_classes, in_chans, size, _wrn_units(int(m.group(1))),
-                              int(m.group(2)), act=act, width=width)
-        model = _build_bounded(name, build)
-    elif name in _REGISTRY:
-        act = _DEFAULT_ACT[name] if activation == "default" else activation
-        model = _build_bounded(name, lambda: _REGISTRY[name](norm, num_classes, in_chans, size, act=act,
-                                                              width=width))
     else:
-        raise unknown("model", name, sorted(_REGISTRY) + ["wrn-32-10", "timm:NAME", "torchvision:NAME"])
+        model = _build_bounded(name, _zoo_builder(name, norm, num_classes, in_chans, size, activation, width))
     check_forward(model, name, in_chans, size)
     model.igam_args = {"name": name, "num_classes": num_classes, "in_chans": in_chans,
                        "input_size": list(size), "activation": activation, "width": width,
                        "normalize": normalize,
                        "mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
     return model
+
+
+def _zoo_builder(name: str, norm: Normalize, num_classes: int, in_chans: int, size: tuple[int, int],
+                 activation: str, width: int) -> Callable[[], ImageClassifier]:
+    """What builds zoo model `name` (a registered name or wrn-D-W) with these settings.
+
+    Raises:
+        IgamError: an unknown name, or a wrn-D-W out of bounds.
+    """
+    if (m := _WRN.match(name)) is not None:
+        if int(m.group(2)) < 1:
+            raise IgamError(f"{name}: the widening factor W of wrn-D-W must be at least 1 (e.g. wrn-32-10).")
+        if int(m.group(2)) > 64 or int(m.group(1)) > 1000:
+            raise IgamError(f"{name}: wrn-D-W takes a depth D up to 1000 and a widening factor W up to 64 "
+                            "(e.g. wrn-32-10).")
+        act = "leaky-relu" if activation == "default" else activation
+        units, widen = _wrn_units(int(m.group(1))), int(m.group(2))
+        return lambda: WideResNet(norm, num_classes, in_chans, size, units, widen, act=act, width=width)
+    if name in _REGISTRY:
+        act = _DEFAULT_ACT[name] if activation == "default" else activation
+        return lambda: _REGISTRY[name](norm, num_classes, in_chans, size, act=act, width=width)
+    raise unknown("model", name, sorted(_REGISTRY) + ["wrn-32-10", "timm:NAME", "torchvision:NAME"])
 
 
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
@@ -146,8 +206,6 @@ def check_model_args(name: Any, num_classes: Any, in_chans: Any, size: Any, widt
 def _build_bounded(name: str, build: Callable[[], ImageClassifier]) -> ImageClassifier:
     """Build a zoo model after counting its parameters on the meta device (no memory): refused above
     MAX_PARAMS instead of failing in the allocator."""
-    import torch
-
     with torch.device("meta"):
         probe = build()
     n = sum(p.numel() for p in probe.parameters())
@@ -160,8 +218,6 @@ def _build_bounded(name: str, build: Callable[[], ImageClassifier]) -> ImageClas
 def check_forward(model: nn.Module, name: str, in_chans: int, size: tuple[int, int]) -> None:
     """One eval-mode forward pass of a zero image (no buffer or mode changes): an input smaller than the
     model's receptive field, or one it cannot take, is refused here, before any run directory is written."""
-    import torch
-
     was = {m: m.training for m in model.modules()}
     try:
         model.eval()
