@@ -43,7 +43,7 @@ def test_the_adapter_help_says_what_transpose_conv_does_to_channels_and_size() -
     help = FIELDS["adapter"].metadata["help"]
     for claim in ("HxW -> 2Hx2W, no N", "the teacher's channels when it is the last",
                   "else keeps its input's", "x2 linear interpolation",
-                  "output channel o from input channel o mod C", "3 -> 1: the first channel only",
+                  "of the channel average for fewer channels (3 -> 1: grey)", "or of channel o mod C",
                   "trained by finetune"):
         assert claim in help, claim
     last = build_adapter("transpose-conv", (3, 8, 8), (1, 16, 16))
@@ -57,8 +57,10 @@ def test_the_adapter_help_says_what_transpose_conv_does_to_channels_and_size() -
         y = build_adapter("transpose-conv", (3, 8, 8), (3, 16, 16))(x)
         assert torch.allclose(y[..., ::2, ::2], x)  # x2 linear interpolation, channel by channel
         assert torch.allclose(y[..., 1:-1:2, ::2], (x[..., :-1, :] + x[..., 1:, :]) / 2)
-        one = last(torch.cat([torch.zeros(1, 1, 8, 8), x[:, 1:]], 1))
-        assert one.abs().max() == 0  # 3 -> 1 channel starts from the first channel only
+        grey = build_adapter("gray+transpose-conv", (3, 8, 8), (1, 16, 16))(x)
+        torch.testing.assert_close(last(x), grey)  # 3 -> 1 starts from the grey channel average
+    with pytest.raises(IgamError, match="transpose-conv takes no size"):
+        build_adapter("transpose-conv99", (3, 8, 8), (1, 16, 16))
 
 
 @pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.3", 0.3), (" 2 / 255 ", 2 / 255), (0.5, 0.5),

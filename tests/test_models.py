@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +165,11 @@ def test_timm_models() -> None:
 def test_timm_missing_is_a_clear_error() -> None:
     with pytest.raises(IgamError, match=r"needs timm: pip install 'igam\[timm\]'"):
         create_model("timm:resnet18", num_classes=4)
+
+
+def test_igam_models_piped_into_head_ends_quietly() -> None:
+    """`igam models | head -1`: the reader closes the pipe early; igam says nothing about disk space."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out = subprocess.run(f"'{sys.executable}' -m igam models | head -1", shell=True, capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.stdout.strip() and "error" not in out.stderr and "Broken pipe" not in out.stderr, out.stderr

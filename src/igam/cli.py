@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -690,6 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     except IgamError as e:
         print(f"igam: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (`igam models | head`): nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush of stdout does not fail again
+        return 1
     except OSError as e:  # the environment, not the input: a full disk, permissions, a vanished file
         where = f" ('{e.filename}')" if e.filename else ""
         print(

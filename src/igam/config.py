@@ -162,8 +162,9 @@ class Config:
                        "channels) | rgb (1 -> 3) | resize[N] | crop[N] | pad[N] | random-pad[N] | "
                        "transpose-conv (a learned 3x3 stride-2 transposed convolution: HxW -> 2Hx2W, no N; "
                        "it outputs the teacher's channels when it is the last resize/crop/pad/transpose-conv "
-                       "step, else keeps its input's; it starts as x2 linear interpolation, output channel o "
-                       "from input channel o mod C (3 -> 1: the first channel only), is trained by finetune "
+                       "step, else keeps its input's; it starts as x2 linear interpolation of the channel "
+                       "average for fewer channels (3 -> 1: grey) or of channel o mod C, is trained by "
+                       "finetune "
                        "with the new logit layer and frozen for the student), composed with +: gray+crop28 "
                        "(CIFAR-10 -> MNIST teacher), rgb+pad (MNIST -> CIFAR-10 teacher); auto: gray/rgb, "
                        "then crop or resize")

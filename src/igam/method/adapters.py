@@ -10,8 +10,11 @@ Specs are strings, composed with '+', applied left to right:
     crop[N]           centre crop (4.3.2); the discriminator sees gradients cropped the same way
     pad[N]            centre zero padding (4.3.3)
     random-pad[N]     zero padding at a random placement per batch (centre at evaluation)
-    transpose-conv    a learned 3x3 stride-2 transposed convolution (x2 up-size), trained with the
-                      teacher's new logit layer (Table 2); initialised as bilinear up-sampling
+    transpose-conv    a learned 3x3 stride-2 transposed convolution (exactly x2 up-size, no N), trained
+                      with the teacher's new logit layer (Table 2); initialised as x2 linear up-sampling
+                      (a [0.5, 1, 0.5] tent: the last row and column start at half intensity) of the
+                      channel average when it has fewer output channels (3 -> 1: grey), else of input
+                      channel o mod C for output channel o
     auto              gray/rgb as needed, then resize (or crop when the target is larger by a non-integer
                       factor)
 e.g. `gray+crop28` maps CIFAR-10 (3x32x32) to an MNIST teacher (1x28x28).
@@ -112,7 +115,10 @@ class RandomPad(Pad):
 
 
 class TransposeConv(Step):
-    """A learned 3x3 stride-2 transposed convolution (x2 up-size), initialised as bilinear up-sampling."""
+    """A learned 3x3 stride-2 transposed convolution (x2 up-size), initialised as x2 linear up-sampling
+    (module docstring): of the average of the input channels i = o mod C_out for output channel o when it
+    has fewer output channels than input channels (3 -> 1: the grey channel average, like `gray`), else of
+    input channel o mod C_in (1 -> 3: repeated, like `rgb`)."""
 
     learned = True
 
@@ -124,7 +130,12 @@ class TransposeConv(Step):
             tent = torch.tensor([0.5, 1.0, 0.5])
             self.conv.weight.zero_()
             for o in range(cout):
-                self.conv.weight[o % cin, o] = torch.outer(tent, tent)
+                if cout < cin:  # average the input channels that fold onto o (3 -> 1: grey)
+                    sources = range(o, cin, cout)
+                    for i in sources:
+                        self.conv.weight[i, o] = torch.outer(tent, tent) / len(sources)
+                else:
+                    self.conv.weight[o % cin, o] = torch.outer(tent, tent)
             self.conv.bias.zero_()
 
     def forward(self, x):
@@ -240,6 +251,10 @@ def build_adapter(spec: str, target: Shape, teacher: Shape) -> Adapter:
                 raise IgamError(f"Adapter step 'rgb' needs a 1-channel input, got {_fmt(shape)}.")
             out, step = (3, h, w), RGB
         elif name == "transpose-conv":
+            if size is not None:
+                raise IgamError(f"Adapter step '{token}': transpose-conv takes no size, it always doubles "
+                                "the height and width; write transpose-conv, and resize/crop/pad after it if "
+                                "the teacher needs another size.")
             oc = teacher[0] if last_spatial else c
             out, step = (oc, 2 * h, 2 * w), TransposeConv
         else:
