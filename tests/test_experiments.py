@@ -158,6 +158,12 @@ def test_every_paper_experiment_runs_in_miniature(path, tmp_path, monkeypatch):
     assert (out / "results.json").exists()
 
 
+def test_a_miniature_without_out_dir_stays_out_of_the_real_runs_folder():
+    real = load_experiment(QUICK).out_dir
+    assert load_experiment(QUICK, miniature=True).out_dir == real.with_name(real.name + "-miniature")
+    assert load_experiment(QUICK, out_dir="somewhere", miniature=True).out_dir == Path("somewhere")
+
+
 def test_a_miniature_says_so_on_every_row_it_prints(tmp_path):
     """`--miniature` trains a PGD-7 row with 2 steps on synthetic data: results.md (and the report made
     from it) label each row and curve "(miniature)" and say what a miniature is, rather than show "PGD-7"

@@ -209,7 +209,8 @@ def load_experiment(
         evaluation = miniature_evaluation(evaluation)
     exp = Experiment(
         name,
-        Path(out_dir or raw.get("out_dir") or f"runs/{name}"),
+        # a miniature without --out-dir goes beside the real runs, never into their folder
+        Path(out_dir or str(raw.get("out_dir") or f"runs/{name}") + ("-miniature" if miniature else "")),
         stages,
         evaluation,
         (MINIATURE_NOTE + "\n\n" if miniature else "") + str(raw.get("description", "")),
