@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 from igam.errors import IgamError
 from igam.method.discriminator import GradientDiscriminator
@@ -252,3 +254,55 @@ def test_exact_igam_training_follows_the_same_trajectory_with_either_formula():
 def test_an_unknown_formula_is_refused():
     with pytest.raises(IgamError, match="double_backward='fast': choose lean or torch"):
         InputGradientMatching(None, None, lambda_diff=1.0, double_backward="fast")
+
+
+def test_activation_checkpointing_makes_it_step_aside():
+    """torch.utils.checkpoint (non-reentrant) recomputes the forward in the backward, outside the mode:
+    the lean Functions' saved tensors would be handed PyTorch's (a silently wrong J_s). Under saved-tensor
+    hooks the mode steps aside, so J_s and the step agree with PyTorch's."""
+    torch.manual_seed(0)
+    segment = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).double().train()
+    x = torch.rand(4, 3, 6, 6, dtype=torch.float64)
+    results = []
+    for lean, ckpt in ((False, True), (True, True)):  # (checkpoint itself moves the running stats twice)
+        seg = copy.deepcopy(segment)
+        xi = x.clone().requires_grad_(True)
+        with lean_double_backward() if lean else torch.enable_grad():
+            h = checkpoint(seg, xi, use_reentrant=False) if ckpt else seg(xi)
+        (g,) = torch.autograd.grad(F.softplus(h).pow(2).sum(), xi, create_graph=True)
+        g.pow(2).sum().backward()
+        results.append((g.detach(), [p.grad for p in seg.parameters()], seg[1].running_var.clone()))
+    (g_ref, p_ref, rv_ref), (g_new, p_new, rv_new) = results
+    torch.testing.assert_close(g_new, g_ref, rtol=1e-12, atol=0)
+    for a, b in zip(p_ref, p_new):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert torch.equal(rv_ref, rv_new)
+
+
+def test_vmap_inside_the_mode_runs_as_pytorch_does():
+    """A student that runs its convolutions under torch.func.vmap (an ensemble) works as without the mode."""
+    torch.manual_seed(0)
+    nets = [nn.Conv2d(3, 4, 3, padding=1) for _ in range(2)]
+    params, _ = stack_module_state(nets)
+    base = copy.deepcopy(nets[0]).to("meta")
+    x = torch.rand(2, 3, 6, 6, requires_grad=True)
+    norms = []
+    for lean in (False, True):
+        with lean_double_backward() if lean else torch.enable_grad():
+            out = torch.func.vmap(lambda p, xx: functional_call(base, p, (xx,)), in_dims=(0, None))(params, x)
+        (g,) = torch.autograd.grad(F.softplus(out).sum(), x, create_graph=True)
+        norms.append(g.detach())
+    torch.testing.assert_close(norms[1], norms[0])
+
+
+def test_a_third_derivative_is_refused_not_dropped():
+    """Differentiating the second derivatives again (create_graph=True through the lean nodes) raises,
+    naming double_backward=torch, instead of silently leaving terms out."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Softplus(), nn.Conv2d(4, 2, 3, padding=1)).double()
+    x = torch.rand(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    with lean_double_backward():
+        y = net(x)
+    (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(IgamError, match="double_backward=torch"):
+        torch.autograd.grad(g.pow(2).sum(), list(net.parameters()), create_graph=True)

@@ -36,9 +36,12 @@ about 28.
 `F.conv2d` (numeric padding, batched 4-d input) and `F.batch_norm` with batch statistics, in float32/64
 outside autocast, to the autograd Functions below; every other call (eval-mode BatchNorm, strings as
 padding, transposed or 1-d/3-d convolutions, half precision, SyncBatchNorm across processes, which does
-not call F.batch_norm) runs as before. Forward values and BatchNorm running statistics are PyTorch's own
-kernels', bit for bit; gradients agree with PyTorch's up to float rounding (tests/test_double_backward.py
-checks every derivative in float64).
+not call F.batch_norm) runs as before, and so does everything while saved-tensor hooks are installed
+(activation checkpointing, save_on_cpu) or inside vmap/grad transforms. Forward values and BatchNorm
+running statistics are PyTorch's own CPU kernels', bit for bit (on CUDA, F.batch_norm may pick cuDNN,
+this path PyTorch's native kernel: equal to float rounding); gradients agree with PyTorch's up to float
+rounding (tests/test_double_backward.py checks every derivative in float64). Second derivatives only: a
+backward through them with create_graph=True raises (use double_backward=torch for third order).
 """
 
 from __future__ import annotations
@@ -47,8 +50,15 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from igam.errors import IgamError
+
 aten = torch.ops.aten
 _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+THIRD_ORDER = ("double_backward=lean gives first and second derivatives only, and this backward pass "
+               "builds a graph to differentiate them once more (create_graph=True); use "
+               "double_backward=torch (or lean_double_backward() off) for third-order derivatives.")
 
 
 def _needed(ctx, i: int) -> bool:
@@ -68,7 +78,7 @@ def _needed(ctx, i: int) -> bool:
 # ------------------------------------------------------------------------------------- convolution
 class _ConvInputGradient(torch.autograd.Function):
     """g_x = conv_transpose(g_y, W) of a convolution, as a function of (g_y, W), with the lean backward
-    of the module docstring. Not differentiable a third time (once_differentiable)."""
+    of the module docstring. Not differentiable a third time: a backward with create_graph=True raises."""
 
     @staticmethod
     def forward(ctx, gy, x, weight, stride, padding, dilation, groups):  # type: ignore[override]
@@ -81,8 +91,9 @@ class _ConvInputGradient(torch.autograd.Function):
         return gx
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, u):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise IgamError(THIRD_ORDER)
         gy, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         out_pad = [0] * len(stride)
@@ -152,7 +163,8 @@ def _channel_view(x: torch.Tensor) -> tuple[int, ...]:
 
 class _BatchNormBackward(torch.autograd.Function):
     """(g_x, g_gamma, g_beta) of train-mode BatchNorm as a function of (g_y, x, gamma), with the lean
-    backward of the module docstring. Not differentiable a third time (once_differentiable)."""
+    backward of the module docstring. Not differentiable a third time: a backward with create_graph=True
+    raises."""
 
     @staticmethod
     def forward(ctx, gy, x, weight, mean, invstd, eps):  # type: ignore[override]
@@ -164,8 +176,9 @@ class _BatchNormBackward(torch.autograd.Function):
         return gx, gw, gb
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, u, u_gw, u_gb):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise IgamError(THIRD_ORDER)
         if u is None and u_gw is None and u_gb is None:
             return None, None, None, None, None, None
         gy, x, weight, mean, invstd, sum_gy_xhat, sum_gy = ctx.saved_tensors
@@ -249,6 +262,16 @@ def _plain_float(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     return all(t is None or (t.dtype == x.dtype and t.device == x.device) for t in others)
 
 
+def _steps_aside() -> bool:
+    """True where the lean Functions would be wrong or refused: saved-tensor hooks are installed (e.g.
+    torch.utils.checkpoint without reentrance, which recomputes the forward later, outside this mode, and
+    hands the recomputed saved tensors back by position; also torch.autograd.graph.save_on_cpu), or a
+    functorch transform (vmap, grad) is running."""
+    if _saved_tensor_hooks is not None and _saved_tensor_hooks(False) is not None:
+        return True
+    return _functorch_level is not None and _functorch_level() is not None
+
+
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
@@ -261,7 +284,9 @@ class lean_double_backward(TorchFunctionMode):  # noqa: N801 - used as a context
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = None
-        if func is F.conv2d:
+        if _steps_aside():
+            pass
+        elif func is F.conv2d:
             out = lean_conv2d(**(dict(zip(_CONV_ARGS, args)) | kwargs))
         elif func is F.batch_norm:
             out = lean_batch_norm(**(dict(zip(_BN_ARGS, args)) | kwargs))
