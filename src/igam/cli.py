@@ -634,6 +634,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--data-dir", default=None, help="data root (default: the run's own, else $IGAM_DATA)")
     rp.add_argument("--device", default="cpu")
+    for name, sp in p.verbs.items():  # type: ignore[attr-defined]
+        # the verbs with classic options read key=value too (_flag_tokens): say so where the help does not
+        opts = [(o, a.nargs == 0) for a in sp._actions for o in a.option_strings
+                if o.startswith("--") and o != "--help"]
+        if name in CONFIG_VERBS | {"run"} or not opts or "key=value" in (sp.description or ""):
+            continue
+        flag, switch = next(((o, sw) for o, sw in opts if not sw), opts[0])
+        key = flag.removeprefix("--").replace("-", "_")
+        example = f"{key}=true is {flag}" if switch else f"{key}=VALUE is {flag} VALUE"
+        sp.description = f"{sp.description} Every option can also be written key=value ({example})."
     return p
 
 
