@@ -346,7 +346,7 @@ def test_report_shows_the_curve_and_per_class_summary(run_dir, tmp_path) -> None
 
 
 def test_per_class_text_names_the_worst_class_once_when_its_name_is_its_index() -> None:
-    from igam.cli import per_class_text
+    from igam.summary import per_class_text
 
     digits = [str(i) for i in range(10)]
     rec = {"per_class": {"mean": 0.77, "worst": 0.54, "worst_class": 8, "classes": digits}}
@@ -359,7 +359,7 @@ def test_per_class_text_names_the_worst_class_once_when_its_name_is_its_index() 
 def test_a_small_sweep_after_a_large_one_does_not_ask_for_large_again() -> None:
     """The run's records already hold a verdict at the large eps (an earlier sweep): a later sweep that
     stops short reports that verdict instead of asking to add `large`, which would read as a contradiction."""
-    from igam.cli import sweep_notes
+    from igam.summary import sweep_notes
 
     curve = {"eps": [0.0, 2 / 255], "eps_text": ["0", "2/255"], "large_eps": 64 / 255, "checks": {}}
     assert any("add `large`" in line for line in sweep_notes(curve))

@@ -1,6 +1,8 @@
 """igam: Input Gradient Adversarial Matching (Chan, Tay & Ong, CVPR 2020) in PyTorch.
 
 Public API:
+    load                    a trained classifier: a run folder, igam:NAME, robustbench:..., a weights file
+    benchmark               robust accuracy of any classifier with `igam evaluate`'s attacks and checks
     InputGradientMatching   the IGAM loss terms for a batch (eqs. 7-14) and the discriminator step
     GradientDiscriminator   the discriminator on input-gradient maps (Appendix A)
     build_adapter           differentiable input adapters (paper 4.3)
@@ -8,6 +10,7 @@ Public API:
     input_gradient          per-example input gradients (eqs. 8-9)
 """
 
+from igam.api import benchmark, load
 from igam.files import PACKAGE_VERSION as __version__
 from igam.method.adapters import build_adapter
 from igam.method.discriminator import GradientDiscriminator
@@ -15,5 +18,5 @@ from igam.method.gradients import input_gradient
 from igam.method.matching import InputGradientMatching
 from igam.models import create_model, list_models
 
-__all__ = ["GradientDiscriminator", "InputGradientMatching", "__version__", "build_adapter", "create_model",
-           "input_gradient", "list_models"]
+__all__ = ["GradientDiscriminator", "InputGradientMatching", "__version__", "benchmark", "build_adapter",
+           "create_model", "input_gradient", "list_models", "load"]

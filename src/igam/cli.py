@@ -92,15 +92,13 @@ def cmd_run(args, extra) -> int:
 
 
 def cmd_evaluate(args, extra) -> int:
+    import igam.progress as progress
+    from igam.api import benchmark, spec_folder
     from igam.attacks.checks import summary as check_summary
-    from igam.evaluate import (
-        evaluate_run,
-        record_notes,
-        result_key,
-        validate_attacks,
-        warning_block,
-        worst_case,
-    )
+    from igam.evaluate import eps_text, evaluate_run, record_notes, validate_attacks, warning_block
+    from igam.models import shipped
+    from igam.summary import format_sweep_table, format_table, headline_lines, per_class_text, sweep_notes
+    from igam.units import check_eps
 
     attacks = [a.strip().lower() for a in args.attacks.split(",") if a.strip()]
     validate_attacks(attacks)
@@ -112,31 +110,42 @@ def cmd_evaluate(args, extra) -> int:
     for key in ("n", "batch_size", "check_n", "check_queries"):
         if getattr(args, key) != "auto" and getattr(args, key) < 1:
             raise IgamError(f"--{key.replace('_', '-')}={getattr(args, key)} must be at least 1.")
+    if args.threads < 0:
+        raise IgamError(f"--threads={args.threads} must not be negative (0: torch's default).")
     if args.eps_sweep is not None and args.eps is not None:
         raise IgamError("Give --eps (one radius) or --eps-sweep (several), not both.")
+    specs = [str(r) for r in args.runs if is_model_spec(str(r))]
+    if specs and args.model_info:
+        raise IgamError(f"--model-info describes run folders; {specs[0]} is not one (a shipped teacher's "
+                        "certificate is in `igam info igam:NAME`). Drop --model-info for it.")
     rows, warnings, notes, curves = [], [], [], []
+    log = progress.write
     for run in args.runs:
-        res = evaluate_run(
-            run,
-            attacks,
-            n=args.n,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            bn=args.bn,
-            data_dir=args.data_dir,
-            device=args.device,
-            eps=args.eps,
-            checks=args.checks,
-            check_n=args.check_n,
-            check_queries=args.check_queries,
-            eps_sweep=args.eps_sweep,
-            log=lambda s: print(s, file=sys.stderr, flush=True),
-        )
+        common = dict(batch_size=args.batch_size, seed=args.seed, bn=args.bn, eps=args.eps,
+                      checks=args.checks, check_n=args.check_n, check_queries=args.check_queries,
+                      eps_sweep=args.eps_sweep, threads=args.threads, log=log, progress=not args.no_progress)
+        if str(run) in specs:  # igam:NAME, robustbench:...: evaluated into runs/NAME (or --out-dir/NAME)
+            folder = spec_folder(str(run), args.out_dir or "runs")
+            result = benchmark(str(run), None, attacks=attacks, n=args.n, data_dir=args.data_dir, out=folder,
+                               device=args.device, **common)
+            res = {**result.records, "masking_checks": result.masking_checks,
+                   **({"eps_sweep": result.eps_sweep} if result.eps_sweep is not None else {})}
+            print(f"igam: {run}: results in {result.path}", file=sys.stderr)
+            if str(run).startswith(shipped.PREFIX):
+                cert = shipped.certificate(str(run))
+                notes.append(f"{run}: its certificate: " + ", ".join(
+                    f"{k} {100 * v:.2f}" for k, v in cert["accuracy"].items() if isinstance(v, int | float))
+                    + f" (% on the first {cert['n']} test images, eps {eps_text(float(cert['eps']))})")
+            label = str(run)
+        else:
+            res = evaluate_run(run, attacks, n=args.n, data_dir=args.data_dir, device=args.device,
+                               **common)
+            label = Path(run).name
         if args.model_info:
             from igam.report.modelinfo import write_model_info
 
             print(f"igam: {write_model_info(run)}", file=sys.stderr)
-        label = Path(run).name + (" (train-mode BN)" if args.bn == "train" else "")
+        label += " (train-mode BN)" if args.bn == "train" else ""
         records = {k: r for k, r in res.items() if k not in ("masking_checks", "eps_sweep")}
         notes += [f"{label}: {line}" for k, r in records.items() for line in record_notes(k, r)]
         if "eps_sweep" in res:
@@ -144,12 +153,13 @@ def cmd_evaluate(args, extra) -> int:
             from igam.runs import Run
 
             curves.append((label, res["eps_sweep"]))
-            print(f"igam: {Run(run).curve_path}, {plot_robustness_curve(run)}", file=sys.stderr)
+            if str(run) not in specs:
+                print(f"igam: {Run(run).curve_path}, {plot_robustness_curve(run)}", file=sys.stderr)
             notes += [f"{label}: {line}" for line in sweep_notes(res["eps_sweep"])]
         else:
-            rows.append((label, {a: res[result_key(a, args.eps, args.bn)] for a in attacks}))
+            rows.append((label, records))
             notes.append(f"{label}: per-class accuracy (mean over classes / worst class): " + "; ".join(
-                per_class_text(a, rows[-1][1][a]) for a in attacks))
+                per_class_text(a, r) for a, r in records.items()))
         mc = res["masking_checks"]
         notes.append(f"{label}: masking checks: {check_summary(mc['checks'])}")
         if mc["failed"]:
@@ -162,23 +172,16 @@ def cmd_evaluate(args, extra) -> int:
     if curves:
         print(format_sweep_table(curves))
     else:
-        print(format_table(rows, attacks))
+        print(format_table(rows, list(dict.fromkeys(k for _, res in rows for k in res))))
     print(
         f"(accuracy in %, {images}, seed {args.seed}, BatchNorm {args.bn}"
-        + (f", eps {args.eps}" if args.eps else "")
+        + (f", eps {eps_text(check_eps(args.eps))}" if args.eps else "")
         + ("; curves in RUN/robustness_curve.json and .png" if curves else "")
         + "; details in RUN/eval.json)"
     )
     for label, res in rows:  # the field's headline: per image, the worst case over the attacks run
-        robust = {a: rec for a, rec in res.items() if rec.get("eps") is not None}
-        by_eps: dict[float, dict] = {}
-        for a, rec in robust.items():
-            by_eps.setdefault(round(float(rec["eps"]), 12), {})[a] = rec
-        for eps, recs in sorted(by_eps.items()):
-            head = worst_case(recs) if len({r["n"] for r in recs.values()}) == 1 else None
-            if head is not None and len(head["attacks"]) > 1:
-                print(f"headline: {label}: {100 * head['accuracy']:.2f}% robust at eps {eps:.4g}, per image "
-                      f"the worst case over {', '.join(head['attacks'])}")
+        for line in headline_lines(label, res):
+            print(line)
     for line in notes:
         print(f"note: {line}")
     for line in stale:
@@ -192,102 +195,66 @@ def cmd_evaluate(args, extra) -> int:
     return 0
 
 
-def per_class_text(name: str, rec: dict) -> str:
-    """'pgd20 41.25/12.50 (class 3)' from an eval.json record's per_class section (accuracies in %)."""
-    pc = rec.get("per_class") or {}
-    if pc.get("mean") is None:
-        return f"{name} -"
-    classes = pc.get("classes") or []
-    worst = pc.get("worst_class")
-    name_of = classes[worst] if isinstance(worst, int) and worst < len(classes) else None
-    which = f"{worst} {name_of}" if name_of is not None and str(name_of) != str(worst) else f"{worst}"
-    return f"{name} {100 * pc['mean']:.2f}/{100 * pc['worst']:.2f} (class {which})"
-
-
-def format_sweep_table(curves: list[tuple[str, dict]]) -> str:
-    """The eps sweep: | Model | eps | PGD20 | ... | one row per run and radius (eps 0: clean), in %."""
-    labels = list(dict.fromkeys(c.get("label") or c["attack"] for _, data in curves for c in data["curves"]))
-    lines = ["| Model | eps | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 2)]
-    for name, data in curves:
-        by_label = {c.get("label") or c["attack"]: {p["eps_text"]: p["accuracy"] for p in c["points"]}
-                    for c in data["curves"]}
-        for text in data["eps_text"]:
-            cells = [f"{100 * by_label[a][text]:.2f}" if text in by_label.get(a, {}) else "-" for a in labels]
-            lines.append(f"| {name} | {text if text != '0' else '0 (clean)'} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def sweep_notes(curve: dict) -> list[str]:
-    """What the sweep says about gradient masking: whether its largest eps was large enough to require ~0%
-    accuracy (unless large_eps_zero already has a verdict from the run's records, e.g. an earlier sweep),
-    and the verdicts of eps_monotone and large_eps_zero."""
-    from igam.evaluate import eps_text
-
-    largest, large = max(curve["eps"]), float(curve.get("large_eps") or 0)
-    text = curve["eps_text"][curve["eps"].index(largest)]
-    checks = curve.get("checks") or {}
-    out = []
-    known = (checks.get("large_eps_zero") or {}).get("passed") is not None  # e.g. from an earlier sweep
-    if largest < large - 1e-9 and not known:
-        out.append(f"the sweep's largest eps {text} is below {eps_text(large)}, where accuracy "
-                   "must reach about 0%: add `large` to --eps-sweep (or use --checks) to check that it does")
-    for k in ("eps_monotone", "large_eps_zero"):
-        v = checks.get(k) or {}
-        if v.get("passed") is not None:
-            out.append(f"sweep check {k}: {'pass' if v['passed'] else 'FAIL'}: {v.get('detail', '')}")
-    return out
-
-
-def format_table(rows, attacks) -> str:
-    """The paper's table: | Model | Clean | FGSM | PGD5 | ... |, accuracies in %."""
-    from igam.attacks import column_label
-
-    lines = [
-        "| Model | " + " | ".join(column_label(a, [res[a] for _, res in rows]) for a in attacks) + " |",
-        "|" + "---|" * (len(attacks) + 1),
-    ]
-    for name, res in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{100 * res[a]['accuracy']:.2f}" for a in attacks) + " |")
-    return "\n".join(lines)
+def is_model_spec(text: str) -> bool:
+    """A model named rather than a run folder: igam:NAME or robustbench:... (a path of that name wins)."""
+    return text.startswith(("igam:", "robustbench:")) and not Path(text).exists()
 
 
 def cmd_info(args, extra) -> int:
     from igam.files import read_json
     from igam.models import shipped
     from igam.runs import Run, resolve_run
+    from igam.summary import certificate_text, eval_text, format_sweep_table
 
     if str(args.run).startswith(shipped.PREFIX):  # a shipped teacher: its certificate
         cert = shipped.certificate(args.run)
         print(json.dumps(cert, indent=2) if args.json else
-              "\n".join([shipped.describe(cert)] + [f"{k:<14} {v}" for k, v in cert.items() if k != "name"]))
+              shipped.describe(cert) + "\n\n" + certificate_text(cert))
+        return 0
+    folder = Path(args.run)
+    if folder.is_dir() and not (folder / Run.META).exists() and (folder / Run.EVAL).exists():
+        ev = read_json(folder / Run.EVAL)  # `igam evaluate igam:NAME` keeps only eval.json
+        print(json.dumps({"folder": str(folder), "eval": ev}, indent=2, default=str) if args.json
+              else f"folder   {folder} (the evaluation of a model that is not a run)\n\n"
+              + eval_text(ev, folder.name))
         return 0
     run_dir = resolve_run(args.run)
     out = {"run": str(run_dir), "meta": read_json(run_dir / Run.META)}
-    for name in (Run.METRICS, Run.EVAL):
+    for name in (Run.METRICS, Run.EVAL, Run.CURVE):
         if (run_dir / name).exists():
             out[name[:-5]] = read_json(run_dir / name)
-    if not args.json:
-        meta = out["meta"]
-        print(
-            f"run      {run_dir}\nstatus   {meta.get('status')}\nmethod   {meta.get('method')}\n"
-            f"model    {meta['model']['name']} ({meta['model']['num_classes']} classes, input "
-            f"{meta['data']['shape']})\ndataset  {meta['data']['dataset']}\nseed     {meta.get('seed')}\n"
-            f"version  {meta.get('version')} (git {str(meta.get('git_commit'))[:10]}, "
-            f"torch {meta.get('torch')})"
-        )
-        if meta.get("adapter"):
-            print(f"adapter  {meta['adapter']}")
-        if meta.get("passes_per_image"):
-            from igam.experiment.results import format_passes
-
-            print(f"cost     {format_passes(meta['passes_per_image'])} passes per training image (forward/"
-                  f"backward[/double]: S student, T teacher, D discriminator)"
-                  + (f", {meta['train_time_s']} s" if meta.get("train_time_s") else ""))
-        for key in ("metrics", "eval"):
-            if key in out:
-                print(f"{key:<8} {json.dumps(out[key], default=str)}")
-    else:
+    if args.json:
         print(json.dumps(out, indent=2, default=str))
+        return 0
+    meta = out["meta"]
+    print(
+        f"run      {run_dir}\nstatus   {meta.get('status')}\nmethod   {meta.get('method')}\n"
+        f"model    {meta['model']['name']} ({meta['model']['num_classes']} classes, input "
+        f"{meta['data']['shape']})\ndataset  {meta['data']['dataset']}\nseed     {meta.get('seed')}\n"
+        f"version  {meta.get('version')} (git {str(meta.get('git_commit'))[:10]}, "
+        f"torch {meta.get('torch')})"
+    )
+    if meta.get("teacher"):
+        print(f"teacher  {meta['teacher']}")
+    if meta.get("adapter"):
+        print(f"adapter  {meta['adapter']}")
+    if meta.get("passes_per_image"):
+        from igam.experiment.results import format_passes
+
+        print(f"cost     {format_passes(meta['passes_per_image'])} passes per training image (forward/"
+              f"backward[/double]: S student, T teacher, D discriminator)"
+              + (f", {meta['train_time_s']} s" if meta.get("train_time_s") else ""))
+    final = (out.get("metrics") or {}).get("final") or {}
+    if final:
+        print("training " + ", ".join(
+            f"{k} {100 * v:.2f}%" if k.endswith("_acc") and isinstance(v, int | float) else
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items())
+            + " (the last evaluation during training)")
+    print("\n" + eval_text(out.get("eval") or {}, run_dir.name))
+    if isinstance(out.get("robustness_curve"), dict):
+        print("\nrobustness curve (the latest --eps-sweep):\n"
+              + format_sweep_table([(run_dir.name, out["robustness_curve"])]))
+    print(f"\n(every field: igam info {args.run} --json)")
     return 0
 
 
@@ -490,7 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
         "With two or more attacks at one radius, a `headline:` line gives the accuracy under the worst of "
         "them per image. `igam info RUN` prints eval.json.",
     )
-    ev.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    ev.add_argument("runs", nargs="+", metavar="RUN",
+                    help="run directories, or models named as teachers are: igam:NAME (a shipped teacher: "
+                    "re-check its certificate), robustbench:DATASET/THREAT/NAME; their eval.json goes to "
+                    "--out-dir/NAME")
     ev.add_argument(
         "--attacks",
         default="clean",
@@ -542,8 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model-info", action="store_true",
                     help="also write RUN/model_info.json, RobustBench's model-info record (clean_acc, "
                     "reported, autoattack_acc, eps, architecture, ...)")
+    ev.add_argument("--out-dir", default=None,
+                    help="where igam:NAME and robustbench: models keep their eval.json (default: runs, as "
+                    "runs/igam-NAME)")
     ev.add_argument("--data-dir", default=None, help="data root (default: the run's own, else $IGAM_DATA)")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    ev.add_argument("--no-progress", action="store_true",
+                    help="no progress bars on stderr (progress=false is the same)")
     ev.usage = (ev.format_usage().removeprefix("usage: ").rstrip()
                 + "\n       igam evaluate RUN [RUN ...] [attacks=A,B,...] [n=N] [key=value ...]")
 
@@ -657,6 +633,13 @@ def _flag_tokens(sp: argparse.ArgumentParser, tokens: list[str]) -> list[str]:
     for t in tokens:
         key, eq, value = t.partition("=")
         found = options.get(key.replace("-", "_")) if eq and not t.startswith("-") else None
+        negated = options.get("no_" + key.replace("-", "_")) if eq and not t.startswith("-") else None
+        if found is None and negated is not None and negated[1].nargs == 0:  # progress=false: --no-progress
+            flag = value.strip().lower()
+            if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise IgamError(f"{key}={value!r}: write {key}=true or {key}=false.")
+            out += [] if flag in ("1", "true", "yes", "on") else [negated[0]]
+            continue
         if found is None:
             out.append(t)
             continue

@@ -148,6 +148,8 @@ class Config:
     teacher_model: str = opt("", "architecture of a foreign teacher checkpoint")
     teacher_classes: int = opt(0, "classes of a foreign teacher checkpoint's own head")
     teacher_in_shape: str = opt("", "input shape CxHxW of a foreign teacher (e.g. 1x28x28)")
+    teacher_width: int = opt(0, "width of a foreign teacher checkpoint's zoo architecture, as width= of "
+                             "`igam models` (e.g. 16 for a madry-mnist trained at width=16; 0: its default)")
     teacher_normalize: str = opt("", "input normalisation a foreign teacher was trained with, kept inside "
                                  "it: mnist | cifar10 | cifar100 | imagenet | MEAN,../STD,.. (empty: [0, 1] "
                                  "pixels, or the checkpoint's own normaliser)")
@@ -360,7 +362,7 @@ def validate(cfg: Config) -> None:
                 "grad_clip", "threads", "train_subset", "test_subset", "crop_padding", "width", "eval_every",
                 "eval_n", "trades_beta", "nfgsm_noise", "kd_sigma", "kd_weight",
                 "lambda_adv", "lambda_diff_auto", "disc_lr", "finetune_lr", "teacher_classes", "lr_gamma",
-                "fd_step", "pixel_scale"):
+                "fd_step", "pixel_scale", "teacher_width"):
         if getattr(cfg, key) < 0:
             raise IgamError(f"{key}={getattr(cfg, key)} must not be negative.")
     check_eps(cfg.fast_alpha, "fast_alpha")

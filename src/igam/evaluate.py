@@ -23,6 +23,7 @@ RUN/autoattack-state-KEY/ until its record is written, so an interrupted evaluat
 from __future__ import annotations
 
 import base64
+import math
 import re
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import igam.progress as bars
 from igam.attacks import (
     FGSM,
     PGD,
@@ -58,12 +60,13 @@ from igam.models import shipped
 from igam.runs import Run, refuse_symlinks
 from igam.teachers import NAMED_NORMALIZATION
 from igam.units import check_eps
-from igam.utils import bn_mode, mix_seed, to_unit
+from igam.utils import bn_mode, mix_seed, to_unit, torch_threads
 
 __all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "check_foreign_teacher", "check_shipped_teacher",
-           "check_teacher_robustness", "eps_text", "evaluate_attack", "evaluate_run", "large_eps",
-           "masking_report", "parse_eps_sweep", "per_class_accuracy", "predict", "record_notes", "result_key",
-           "robustness_curve", "run_attack", "stale_weights_note", "state_name", "warning_block"]
+           "check_teacher_robustness", "eps_text", "evaluate_attack", "evaluate_model", "evaluate_run",
+           "large_eps", "masking_report", "parse_eps_sweep", "per_class_accuracy", "predict", "record_notes",
+           "result_key", "reusable_record", "robustness_curve", "run_attack", "stale_weights_note",
+           "state_name", "warning_block"]
 
 CHECK_STEPS = (10, 20, 50)  # PGD step counts of the --checks step sweep
 EPS_SWEEP = (0.25, 0.5, 1.0, 1.5)  # multiples of eps of the --checks eps sweep (PGD-20)
@@ -143,11 +146,12 @@ def per_class_accuracy(correct: torch.Tensor, y: torch.Tensor, num_classes: int 
 def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str | Attack, *,
                eps: float | str | None = None, step_size: float | str | None = None, batch_size: int = 500,
                seed: int = 0, bn: str = "eval", what: str = "The model", num_classes: int | None = None,
-               class_names: list[str] | None = None) -> dict[str, Any]:
+               class_names: list[str] | None = None, label: str = "") -> dict[str, Any]:
     """Accuracy of `model` on images x (uint8 0..255 or float [0,1], NCHW) under an attack preset name
     ('clean', 'fgsm', 'pgd20x5', ...) or an Attack object; returns the record saved in eval.json, with the
     per-image results (`correct`, packed bits) and their `per_class_accuracy` (num_classes: the model's
-    outputs, default max label + 1).
+    outputs, default max label + 1). A progress bar on stderr (igam.progress, titled `label`) counts the
+    model's forward passes against the attack's bound (`Attack.passes`), batch by batch.
 
     Raises:
         IgamError: for a bad batch size or attack; NonFiniteOutputs (an IgamError naming `what`) when the
@@ -165,15 +169,23 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str |
         atk = attack
     t0 = time.time()
     correct = torch.zeros(len(x), dtype=torch.bool)
-    for b, i in enumerate(range(0, len(x), batch_size)):
-        xb, yb = _as_float(x[i:i + batch_size], device), y[i:i + batch_size].to(device)
-        with bn_mode(model, bn):
-            ok = predict(model, xb, what, yb) == yb
-        if atk is not None:
-            x_adv = atk(xb, yb, seed=_batch_seed(seed, b))
-            with bn_mode(model, bn):
-                ok &= predict(model, x_adv, f"{what} (under {atk.settings().get('attack', 'attack')})") == yb
-        correct[i:i + batch_size] = ok.cpu()
+    starts = range(0, len(x), batch_size)
+    share = [1 if atk is None else 2 + atk.passes(min(batch_size, len(x) - i)) for i in starts]
+    title = label or (attack if isinstance(attack, str) else getattr(atk, "name", "attack"))
+    with bars.bar(sum(share), title) as prog, bars.counting(model, prog):
+        for b, i in enumerate(starts):
+            if len(share) > 1:
+                prog.status("batch", f"batch {b + 1}/{len(share)}")
+            with prog.span(share[b]):
+                xb, yb = _as_float(x[i:i + batch_size], device), y[i:i + batch_size].to(device)
+                with bn_mode(model, bn):
+                    ok = predict(model, xb, what, yb) == yb
+                if atk is not None:
+                    x_adv = atk(xb, yb, seed=_batch_seed(seed, b))
+                    with bn_mode(model, bn):
+                        ok &= predict(model, x_adv,
+                                      f"{what} (under {atk.settings().get('attack', 'attack')})") == yb
+                correct[i:i + batch_size] = ok.cpu()
     settings = {"attack": "clean", "bn": bn} if atk is None else atk.settings()
     return {"accuracy": float(correct.float().mean()) if len(x) else 0.0, "n": len(x), "seed": seed, "bn": bn,
             "eps": None if atk is None else atk.eps, "batch_size": batch_size, "attack": settings,
@@ -334,14 +346,52 @@ def observation(key: str, rec: dict[str, Any]) -> Observation | None:
                        str(s.get("loss", "ce")), float(s.get("step_size", 0.0) or 0.0))
 
 
+def same_settings(a: Any, b: Any) -> bool:
+    """Whether two attack settings (eval.json's `attack` dicts, one possibly read back from JSON) are the
+    same: equal keys and values, numbers within 1e-9 relative."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_settings(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_settings(u, v) for u, v in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def reusable_record(records: dict[str, Any], atk: Attack, n: int, batch_size: int, seed: int,
+                    bn: str) -> tuple[str, dict[str, Any]] | None:
+    """(key, record) of an eval.json record that already holds what `run_attack(model, x[:n], ..., atk,
+    batch_size=batch_size, seed=seed, bn=bn)` would compute: the same attack settings, seed, BatchNorm
+    mode and batch size, on at least n images whose first n fill whole batches (so that the first n
+    images met the same batches and random draws). The record is cut to its first n images. None when
+    there is none."""
+    want = atk.settings()
+    for key, rec in records.items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("correct"), str):
+            continue
+        m = rec.get("n")
+        if (not isinstance(m, int) or m < n or (m != n and n % batch_size) or rec.get("seed") != seed
+                or rec.get("bn", "eval") != bn or rec.get("batch_size") != batch_size
+                or not same_settings(rec.get("attack"), want)):
+            continue
+        correct = unpack_correct(rec["correct"], m)[:n]
+        return key, {**rec, "n": n, "accuracy": float(correct.float().mean()) if n else 0.0,
+                     "correct": pack_correct(correct)}
+    return None
+
+
 def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | str | None = None,
                    observations: list[Observation] = (), sweeps: bool = True, queries: int = 1000,  # type: ignore[assignment]
                    batch_size: int = 500, seed: int = 0, bn: str = "eval",
-                   log: Callable[[str], None] | None = None, what: str = "The model") -> dict[str, Any]:
+                   log: Callable[[str], None] | None = None, what: str = "The model",
+                   records: dict[str, Any] | None = None, name: str = "") -> dict[str, Any]:
     """Gradient-masking checks of `model` on images x (uint8 or float [0,1]): input-gradient statistics and
     RobustBench's admission checks (`attacks.admission`: deterministic forward, no optimisation at
     inference; on the first ADMISSION_N images), plus the sweeps of `check_attacks` (sweeps=True), judged
-    together with earlier `observations`.
+    together with earlier `observations`. A sweep attack whose result is already among `records`
+    (eval.json's, made on the same first images: `reusable_record`) is taken from there, and `log` says so.
 
     Raises:
         NonFiniteOutputs: when the model's logits are NaN/Inf (a diverged model is not judged for masking).
@@ -357,9 +407,17 @@ def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     say(f"admission checks (determinism, no optimisation at inference) on {min(len(x), ADMISSION_N)} images")
     admission = admission_checks(model, _as_float(x[:ADMISSION_N], device), bn)
     if sweeps:
-        for label, atk in check_attacks(model, shape, nominal, queries=queries, bn=bn, seed=seed):
-            say(f"check {label} on {len(x)} images ...")
-            rec = run_attack(model, x, y, atk, batch_size=batch_size, seed=seed, bn=bn, what=what)
+        planned = check_attacks(model, shape, nominal, queries=queries, bn=bn, seed=seed)
+        for i, (label, atk) in enumerate(planned):
+            found = reusable_record(records or {}, atk, len(x), batch_size, seed, bn)
+            if found is not None:
+                say(f"check {label}: reused eval.json's {found[0]} (the same first {len(x)} images, eps and "
+                    "settings)")
+                rec = found[1]
+            else:
+                say(f"check {label} on {len(x)} images ...")
+                rec = run_attack(model, x, y, atk, batch_size=batch_size, seed=seed, bn=bn, what=what,
+                                 label=f"{name + ': ' if name else ''}check {label} [{i + 1}/{len(planned)}]")
             obs.append(observation(f"check:{label}", rec))  # type: ignore[arg-type]
     verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads, admission)
     failed = [k for k, v in verdicts.items() if v["passed"] is False]
@@ -504,38 +562,13 @@ def robustness_curve(records: dict[str, dict[str, Any]], attacks: list[str], swe
             "seed": clean.get("seed"), "bn": bn, "curves": curves}
 
 
-def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size: int | str = 500,
-                 seed: int = 0, bn: str = "eval", data_dir: str | None = None, device: str = "cpu", *,
-                 eps: float | str | None = None, checks: bool = False, check_n: int = 500,
-                 check_queries: int = 1000, eps_sweep: str | list[str | float] | None = None,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Evaluate a run on the first n test images of its dataset. Results merge into RUN/eval.json under
-    `result_key(name, eps, bn)`, each as soon as its attack is finished; the masking checks (always those the
-    results allow and RobustBench's admission checks, plus the sweeps of `checks=True` on the first check_n
-    images) replace its `masking_checks` section at the end. Returns this call's records, keyed like
-    eval.json, and `masking_checks` (sweeps of an earlier --checks call are kept). Every record carries
-    its per-class accuracy (`per_class_accuracy`). The test images are loaded once per process
-    (`test_images`); batch_size='auto' picks the largest batch that fits (`auto_batch_size`).
+def check_evaluation_arguments(attacks: list[str], eps: float | str | None,
+                               eps_sweep: str | list[str | float] | None) -> None:
+    """The checks every evaluation makes before loading anything.
 
-    `eps_sweep` (instead of `eps`; e.g. '1/255,2/255,4/255,8/255,16/255', see `parse_eps_sweep`): every
-    attack but clean runs at every radius (keys NAME@eps=TEXT), clean is evaluated too (the curves' point at
-    eps 0), and the curves (`robustness_curve`, with the verdicts of the eps_monotone and large_eps_zero
-    checks and the large eps) are written to RUN/robustness_curve.json and returned under `eps_sweep`. With
-    checks=True the sweep gains the large eps (`large_eps`), where PGD and AutoAttack must reach about 0%.
-
-    All attacks are built before any runs, so a bad name or a model with too few classes for an AutoAttack
-    component fails at once. AutoAttack resumes from RUN/autoattack-state-KEY/ (deleted once its record
-    is written) and appends its log to RUN/autoattack-KEY.log.
-
-    A run that is not `finished` (a resume killed, stopped or still running) but has an older
-    model.safetensors is evaluated with a loud warning, and each record carries `run_status` and
-    `stale_weights`. When the test set has fewer than n images, all of them are used and each record's `n`
-    says how many.
-
-    Raises: IgamError for bad arguments, and when an attack fails: the message names the attack, the
-    results already saved and the attacks left (the original exception is chained). NonFiniteOutputs
-    (an IgamError naming the run) when the model's outputs are NaN/Inf."""
-    say = log or (lambda s: None)
+    Raises:
+        IgamError: no or unknown attacks, AutoAttack without pyautoattack, a bad eps, eps together with an
+            eps sweep, or a sweep without an attack to sweep."""
     validate_attacks(attacks)
     if eps is not None:
         check_eps(eps)
@@ -543,55 +576,130 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
         raise IgamError("Give --eps (one radius) or --eps-sweep (several), not both.")
     if eps_sweep is not None and all(a == "clean" for a in attacks):
         raise IgamError("--eps-sweep needs an attack to sweep: e.g. --attacks pgd20 (clean is added anyway).")
+
+
+def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size: int | str = 500,
+                 seed: int = 0, bn: str = "eval", data_dir: str | None = None, device: str = "cpu", *,
+                 eps: float | str | None = None, checks: bool = False, check_n: int = 500,
+                 check_queries: int = 1000, eps_sweep: str | list[str | float] | None = None,
+                 log: Callable[[str], None] | None = None, threads: int = 0,
+                 progress: bool = True) -> dict[str, Any]:
+    """Evaluate a run on the first n test images of its dataset with `evaluate_model`, writing into the
+    run folder: records merge into RUN/eval.json, the curves of an eps sweep go to RUN/robustness_curve.json,
+    AutoAttack's resume state to RUN/autoattack-state-KEY/ and its log to RUN/autoattack-KEY.log.
+
+    A run that is not `finished` (a resume killed, stopped or still running) but has an older
+    model.safetensors is evaluated with a loud warning, and each record carries `run_status` and
+    `stale_weights`. `threads` (0: torch's default) sets torch's CPU threads for the evaluation;
+    progress=False hides the progress bars (igam.progress).
+
+    Raises: as `evaluate_model`; IgamError for a path that is not a finished-enough run."""
+    check_evaluation_arguments(attacks, eps, eps_sweep)
     the_run = Run.open(run)
     run_dir = the_run.dir
     refuse_symlinks(run_dir)  # eval.json and AutoAttack states are written inside the run folder only
     meta = the_run.meta
-    arrays = test_images(meta["data"]["dataset"], data_dir or the_run.data_dir, n)
-    x, y = arrays.x_test, arrays.y_test
+    with torch_threads(threads), bars.enabled(progress):
+        arrays = test_images(meta["data"]["dataset"], data_dir or the_run.data_dir, n)
+        model = the_run.load_model(device)
+        stale = stale_weights_note(the_run)
+        if stale and log:
+            log(f"igam: WARNING: {stale}")
+        return evaluate_model(
+            model, arrays.x_test, arrays.y_test, attacks, out=run_dir, name=run_dir.name,
+            what=f"Run '{run_dir}'", dataset=meta["data"]["dataset"], n=n, batch_size=batch_size, seed=seed,
+            bn=bn, eps=eps, checks=checks, check_n=check_n, check_queries=check_queries, eps_sweep=eps_sweep,
+            log=log,
+            num_classes=(meta.get("model") or {}).get("num_classes"),
+            class_names=list(getattr(arrays, "class_names", None) or []) or None,
+            stale={"run_status": meta.get("status"), "stale_weights": stale} if stale else None)
+
+
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[str], *,
+                   out: Path | None = None, name: str = "model", what: str = "The model", dataset: str = "",
+                   n: int | None = None, batch_size: int | str = 500, seed: int = 0, bn: str = "eval",
+                   eps: float | str | None = None, checks: bool = False, check_n: int = 500,
+                   check_queries: int = 1000, eps_sweep: str | list[str | float] | None = None,
+                   log: Callable[[str], None] | None = None, num_classes: int | None = None,
+                   class_names: list[str] | None = None,
+                   stale: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate any classifier `model` ((N, C, H, W) float images in [0, 1] -> logits (N, K), on its own
+    device) on test images x (uint8 or float [0, 1], NCHW) with labels y (N,), the first n of them (default
+    all), under `attacks`: what `igam evaluate` and `igam.benchmark` do.
+
+    Each attack's record (`run_attack`: accuracy in [0, 1], settings, n, seed, per-image results,
+    per-class accuracy) is keyed by `result_key(name, eps, bn)` and, with a folder `out`, merged into
+    OUT/eval.json as soon as its attack is finished; the masking checks (always those the records allow and
+    RobustBench's admission checks, plus the sweeps of `checks=True` on the first check_n images, reusing
+    eval.json's records made with the same settings on the same images) replace its `masking_checks`
+    section at the end. Returns this call's records and `masking_checks` (sweeps of an earlier --checks
+    call are kept). batch_size='auto' picks the largest batch that fits (`auto_batch_size`).
+
+    `eps_sweep` (instead of `eps`; e.g. '1/255,2/255,4/255,8/255,16/255', see `parse_eps_sweep`): every
+    attack but clean runs at every radius (keys NAME@eps=TEXT), clean is evaluated too (the curves' point at
+    eps 0), and the curves (`robustness_curve`, with the verdicts of the eps_monotone and large_eps_zero
+    checks and the large eps) are returned under `eps_sweep` (and written to OUT/robustness_curve.json).
+    With checks=True the sweep gains the large eps (`large_eps`), where PGD and AutoAttack must reach
+    about 0%.
+
+    All attacks are built before any runs, so a bad name or a model with too few classes for an AutoAttack
+    component fails at once. With `out`, AutoAttack resumes from OUT/autoattack-state-KEY/ (deleted once
+    its record is written) and appends its log to OUT/autoattack-KEY.log. When the test set has fewer than
+    n images, all of them are used and each record's `n` says how many. `stale` (keys and values) is
+    added to every record (a run evaluated with the weights of an earlier finish).
+
+    Raises: IgamError for bad arguments, and when an attack fails: the message names the attack, the
+    results already saved and the attacks left (the original exception is chained). NonFiniteOutputs
+    (an IgamError naming `what`) when the model's outputs are NaN/Inf."""
+    say = log or (lambda s: None)
+    check_evaluation_arguments(attacks, eps, eps_sweep)
+    x, y = (x, y) if n is None else (x[:n], y[:n])
+    x, y = check_inputs(x, y, allow_uint8=True)
     shape = tuple(x.shape[1:])
+    device = next(model.parameters()).device
+    if eps is not None and math.isclose(check_eps(eps), default_eps(shape)[0], rel_tol=1e-9):
+        eps = None  # the dataset's own radius: the records are the plain ones (keys without @eps=)
     sweep = None
     if eps_sweep is not None:
         sweep = parse_eps_sweep(eps_sweep, shape)
         if checks:
             sweep = parse_eps_sweep([t for t, _ in sweep] + ["large"], shape)
-    model = the_run.load_model(device)
+    prefix = f"igam: {name}:"
     if batch_size == "auto":
         batch_size = auto_batch_size(model, shape, len(x), device)
-        say(f"igam: {run_dir.name}: --batch-size auto: {batch_size}")
+        say(f"{prefix} --batch-size auto: {batch_size}")
     elif not isinstance(batch_size, int) or batch_size < 1:
         raise IgamError(f"batch_size={batch_size!r}: give a positive number of images, or auto.")
-    prefix = f"igam: {run_dir.name}:"
-    what = f"Run '{run_dir}'"
-    num_classes = (meta.get("model") or {}).get("num_classes")
-    class_names = list(getattr(arrays, "class_names", None) or []) or None
-    stale = stale_weights_note(the_run)
-    if stale:
-        say(f"igam: WARNING: {stale}")
-    if len(x) < n:
+    if n is not None and len(x) < n:
         say(f"{prefix} the test set has {len(x)} images (fewer than n={n}): all {len(x)} are used.")
     plan: list[tuple[str, str | float | None]] = [(a, eps) for a in attacks]
     if sweep is not None:  # clean first (the curves' eps-0 point), then every attack at every radius
         plan = [("clean", None)] + [(a, t) for t, _ in sweep for a in attacks if a != "clean"]
     built: list[tuple[str, str, Attack | None]] = []
-    for name, e in plan:
-        key = result_key(name, e, bn)
-        atk = None if name == "clean" else make_attack(
-            name, model, shape, eps=e, bn=bn, seed=seed,
-            state_dir=run_dir / f"autoattack-state-{state_name(key)}",
-            log_path=run_dir / f"autoattack-{state_name(key)}.log", progress=lambda s: say(f"{prefix} {s}"))
-        built.append((name, key, atk))
+    for attack, e in plan:
+        key = result_key(attack, e, bn)
+        atk = None if attack == "clean" else make_attack(
+            attack, model, shape, eps=e, bn=bn, seed=seed,
+            state_dir=out / f"autoattack-state-{state_name(key)}" if out is not None else None,
+            log_path=out / f"autoattack-{state_name(key)}.log" if out is not None else None,
+            progress=lambda s: say(f"{prefix} {s}"))
+        built.append((attack, key, atk))
 
-    path = the_run.eval_path
+    path = out / Run.EVAL if out is not None else None
     results: dict[str, Any] = {}
+
+    def saved() -> dict[str, Any]:  # eval.json as it is now (this call's records without a folder)
+        if path is None:
+            return {k: v for k, v in results.items() if k != "masking_checks"}
+        return read_json_object(path) if path.exists() else {}
+
     for i, (_, key, atk) in enumerate(built):
         say(f"{prefix} {key} on {len(x)} images ...")
         try:
             rec = run_attack(model, x, y, atk or "clean", batch_size=batch_size, seed=seed, bn=bn, what=what,
-                             num_classes=num_classes, class_names=class_names)
-            if stale:
-                rec["run_status"] = meta.get("status")
-                rec["stale_weights"] = stale
+                             num_classes=num_classes, class_names=class_names,
+                             label=f"{name}: {key} [{i + 1}/{len(built)}]")
+            rec.update(stale or {})
         except NonFiniteOutputs:
             raise  # (names the run: a diverged model has no accuracy, and nothing is left to finish)
         except BaseException as e:
@@ -600,25 +708,26 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
                     f"{','.join(attacks)} --eps-sweep {','.join(t for t, _ in sweep)} (the whole sweep)")
             resume = (" Its AutoAttack state is kept: the same command continues where it stopped."
                       if isinstance(atk, AutoAttack) and atk.state_dir and atk.state_dir.exists() else "")
-            what = ("was interrupted" if isinstance(e, KeyboardInterrupt)
-                    else f"failed ({type(e).__name__}: {e})")
-            msg = (f"{prefix} {key} {what}. Results saved in {path}: {done}. "
-                   f"To finish, run --attacks {left}.{resume}")
+            how = ("was interrupted" if isinstance(e, KeyboardInterrupt)
+                   else f"failed ({type(e).__name__}: {e})")
+            kept = f"Results saved in {path}" if path is not None else "Results finished before it"
+            msg = f"{prefix} {key} {how}. {kept}: {done}. To finish, run --attacks {left}.{resume}"
             if isinstance(e, IgamError):
                 raise IgamError(msg) from e
             say(msg)
             raise
         results[key] = rec
-        merged = read_json_object(path) if path.exists() else {}
-        merged[key] = rec
-        write_json(path, merged)
+        if path is not None:
+            merged = read_json_object(path) if path.exists() else {}
+            merged[key] = rec
+            write_json(path, merged)
         if isinstance(atk, AutoAttack):
             atk.clear_state()
             for line in record_notes(key, rec):
                 say(f"{prefix} {line}")
         say(f"{prefix} {key}: {100 * rec['accuracy']:.2f}% ({rec['time_s']} s)")
 
-    merged = read_json_object(path) if path.exists() else {}
+    merged = saved()
     obs = [o for k, r in merged.items() if isinstance(r, dict) and (o := observation(k, r)) is not None]
     if not checks:  # keep the sweeps of an earlier --checks call: same run, same weights
         previous = merged.get("masking_checks", {}).get("observations", [])
@@ -626,17 +735,19 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     nc = min(len(x), check_n)
     results["masking_checks"] = masking_report(
         model, x[:nc], y[:nc], eps=eps, observations=obs, sweeps=checks, queries=check_queries,
-        batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"), what=what)
-    merged["masking_checks"] = results["masking_checks"]
-    write_json(path, merged)
+        batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"), what=what,
+        records=merged, name=name)
+    if path is not None:
+        merged["masking_checks"] = results["masking_checks"]
+        write_json(path, merged)
     if sweep is not None:
         curve = robustness_curve(results, attacks, sweep, y, bn=bn, num_classes=num_classes,
                                  class_names=class_names)
         mc = results["masking_checks"]
-        curve.update(run=run_dir.name, dataset=meta["data"]["dataset"], nominal_eps=mc["eps"],
-                     large_eps=large_eps(shape, mc["eps"]),
+        curve.update(run=name, dataset=dataset, nominal_eps=mc["eps"], large_eps=large_eps(shape, mc["eps"]),
                      checks={k: mc["checks"][k] for k in ("eps_monotone", "large_eps_zero")})
-        write_json(the_run.curve_path, curve)
+        if out is not None:
+            write_json(out / Run.CURVE, curve)
         results["eps_sweep"] = curve
     return results
 

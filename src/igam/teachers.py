@@ -18,7 +18,7 @@ from igam.data import default_data_dir
 from igam.errors import IgamError
 from igam.files import check_tensor_dict, load_torch_file, load_weights, read_json, weights_metadata
 from igam.method.adapted import AdaptedTeacher
-from igam.method.adapters import build_adapter
+from igam.method.adapters import auto_reason, build_adapter
 from igam.models import ImageClassifier, apply_normalization_metadata, create_model, robustbench_zoo, shipped
 from igam.runs import Run
 
@@ -111,7 +111,7 @@ def _mismatch(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
 
 
 def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: str = "", *,
-                 normalize: str = "", teacher_dir: str | Path = "") -> ImageClassifier:
+                 normalize: str = "", teacher_dir: str | Path = "", width: int = 0) -> ImageClassifier:
     """A teacher network from
     - an igam run directory;
     - `igam:NAME`: a teacher shipped inside the package with its certificate (igam.models.shipped);
@@ -119,7 +119,8 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
       (igam.models.robustbench_zoo), its own normalisation inside;
     - a foreign weights file (.safetensors, or .pt/.pth read with weights_only=True: a plain state dict, a
       dict with 'state_dict' or 'model', MadryLab robustness checkpoints) with its architecture named
-      (model, classes, in_shape). Wrapper prefixes are recognised (WRAPPER_PREFIXES); inputs are
+      (model, classes, in_shape; `width` for a zoo model trained at a width other than its default, as
+      create_model's width). Wrapper prefixes are recognised (WRAPPER_PREFIXES); inputs are
       normalised as `normalize` says (teacher_normalize), or by the checkpoint's own normaliser buffers
       (with the mode an igam-written file records in its safetensors header, e.g. none).
 
@@ -155,7 +156,7 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
     state = load_weights(p)
     native = "normalize.mean" in state or any(k.endswith(".normalize.mean") for k in state)
     norm = parse_normalization(normalize, c)
-    net = create_model(model, num_classes=classes, in_chans=c, input_size=(h, w),
+    net = create_model(model, num_classes=classes, in_chans=c, input_size=(h, w), width=width,
                        normalize="dataset" if native or norm else "none",
                        mean=norm[0] if norm else None, std=norm[1] if norm else None)
     expected = set(net.state_dict())
@@ -180,8 +181,11 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
         if set(state) - expected and not (expected - set(state)) and "mis-shaped" not in fit:
             state = {k: v for k, v in state.items() if k in expected}  # extra entries: buffers we lack
         else:
-            raise IgamError(f"'{path}' does not fit a {model} with {classes} classes and input {in_shape}"
-                            f"{f' (after removing the prefix {prefix!r})' if prefix else ''}: {fit}.")
+            hint = (" If it was trained at another width, give it (teacher_width=W, e.g. 16)."
+                    if "mis-shaped" in fit and not model.startswith(("timm:", "torchvision:")) else "")
+            raise IgamError(f"'{path}' does not fit a {model}{f' of width {width}' if width else ''} with "
+                            f"{classes} classes and input {in_shape}"
+                            f"{f' (after removing the prefix {prefix!r})' if prefix else ''}: {fit}.{hint}")
     net.load_state_dict(state)
     if not norm:  # an igam-written file records its normalisation modes (e.g. none) in its header
         apply_normalization_metadata(net, weights_metadata(p), prefix)
@@ -246,10 +250,12 @@ def teacher_architecture(teacher: str | Path, teacher_model: str = "",
 
 
 def finetune_model(body: ImageClassifier, target_shape: tuple[int, int, int], target_classes: int,
-                   adapter: str = "auto", body_bn: str = "eval") -> AdaptedTeacher:
+                   adapter: str = "auto", body_bn: str = "eval",
+                   log: Callable[[str], Any] | None = print) -> AdaptedTeacher:
     """Freeze `body`, give it a new logit layer for `target_classes` (eq. 6), put the adapter `adapter`
     from `target_shape` (C, H, W) to the body's input in front. Trainable: the new head and a learned
-    adapter only. The new head is initialised from the global torch generator.
+    adapter only. The new head is initialised from the global torch generator. adapter=auto says through
+    `log` what it chose and why (`auto_reason`).
 
     Raises:
         IgamError: for an adapter spec that does not map target_shape to the body's input.
@@ -258,6 +264,8 @@ def finetune_model(body: ImageClassifier, target_shape: tuple[int, int, int], ta
         p.requires_grad_(False)
     body.reset_classifier(target_classes)
     t_shape = (body.igam_args["in_chans"], *body.igam_args["input_size"])
+    if (adapter or "auto").strip().lower() == "auto" and log is not None:
+        log(f"igam: {auto_reason(tuple(target_shape), t_shape)}")
     return AdaptedTeacher(build_adapter(adapter, target_shape, t_shape), body, body_bn)
 
 

@@ -17,6 +17,7 @@ from typing import NoReturn
 import torch
 import torch.nn as nn
 
+import igam.progress as bars
 from igam.config import Config, save_yaml
 from igam.data import BatchLoader, load_data, resolve_augment, spec_of
 from igam.distributed import (
@@ -150,7 +151,9 @@ def train(cfg: Config, log=print) -> Path:
     fresh = not run.dir.exists()
     lock = run.lock(log=say) if dist.main else None  # a second process on this folder stops here
     try:
-        with process_settings():  # TF32, determinism, threads: as the caller had them after the run
+        # TF32, determinism, threads: as the caller had them after the run; the evaluations' progress bars
+        # only where the training bar is shown
+        with process_settings(), bars.enabled(cfg.progress and dist.main):
             return _train(cfg, run, dist, device, say)
     except BaseException:
         if lock is not None and fresh:  # refused before anything was written: leave no empty folder

@@ -152,3 +152,17 @@ def bn_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
     finally:
         for m, t in was_training.items():
             m.training = t
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 0) -> Iterator[None]:
+    """torch's CPU threads set to n for the block (0: left as they are), restored after."""
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+import igam.progress as progress
 from igam.attacks.base import Attack, project
 from igam.errors import IgamError
 from igam.files import atomic_write_bytes, write_json
@@ -287,6 +288,27 @@ class AutoAttack(Attack):
                           "loss": a.loss}
         return out
 
+    def component_passes(self, component: str, n: int, settings: dict[str, Any] | None = None) -> int:
+        """An upper bound on the model's forward passes of one component on n images (pyautoattack's own
+        checks included; counted on pyautoattack 0.2.0 with nothing broken, when every pass runs): per
+        chunk of `batch_size` images, APGD one pass per iteration and EOT draw per restart (and target
+        class), FAB two, Square one per query."""
+        s = (settings or self.component_settings())[component]
+        chunks = -(-max(1, int(n)) // int(self.batch_size or max(1, int(n))))
+        runs = int(s.get("n_restarts", 1)) * int(s.get("n_target_classes", 1))
+        if component.startswith("apgd"):
+            per = runs * int(s.get("eot_iter", 1)) * (int(s["n_iter"]) + 2) + 3
+        elif component.startswith("fab"):
+            per = runs * (2 * int(s["n_iter"]) + 3) + 3
+        else:
+            per = runs * int(s["n_queries"]) + 5
+        return chunks * per + 8
+
+    def passes(self, n: int) -> int:
+        """The components' passes (`component_passes`) plus the clean forward of each batch."""
+        settings = self.component_settings()
+        return 1 + sum(self.component_passes(c, n, settings) for c in self.components)
+
     def static_settings(self) -> dict[str, Any]:
         """Everything that determines the result (the resume state is only reused when these match)."""
         reduced = {c: {"n_target_classes": n, "published": PUBLISHED_TARGETS}
@@ -420,14 +442,19 @@ class AutoAttack(Attack):
             devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()]
         else:  # it also seeds CUDA: keep an initialised CUDA generator as it was
             devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        prog = progress.current()
+        settings = self.component_settings() if prog.total else None
         for c in self.components:
             if c in entry["done"]:
+                prog.tick(self.component_passes(c, len(x), settings) if settings else 0)
                 continue
             idx = robust.nonzero().flatten()
             if len(idx):
                 t0 = time.time()
                 records: list[logging.LogRecord] = []
-                with torch.random.fork_rng(devices=devices), capture_log(records):  # it seeds the global RNG
+                prog.status("component", c.upper())
+                with (torch.random.fork_rng(devices=devices), capture_log(records),  # it seeds the global RNG
+                      prog.span(self.component_passes(c, len(x), settings) if settings else 0)):
                     aa = self._reference(x.device, seed, c)
                     adv, y_adv = aa.run_standard_evaluation(xf[idx], y[idx],
                                                             batch_size=self.batch_size or len(idx))
@@ -439,11 +466,14 @@ class AutoAttack(Attack):
                 robust[idx[broken]] = False
                 self._say(f"{self.name}: {c.upper()}: {int(robust.sum())}/{len(x)} images still correct "
                           f"({time.time() - t0:.1f} s)")
+            else:
+                prog.tick(self.component_passes(c, len(x), settings) if settings else 0)
             entry["counts"][c] = int(robust.sum())
             entry["done"] = [*entry["done"], c]
             if state is not None:
                 entry["robust"] = robust.tolist()
                 self._save_batch(state, key, entry, xf, x_adv)
+        prog.status("component", None)
         self.counts["n"] += len(x)
         for k, v in entry["counts"].items():
             self.counts[k] += v

@@ -76,6 +76,11 @@ class Attack(ABC):
         """What produced the numbers (saved with every result)."""
         return {"attack": self.name, "eps": self.eps, "bn": self.bn}
 
+    def passes(self, n: int) -> int:
+        """An upper bound on the model's forward passes for one call on a batch of n images (the progress
+        bar's total, igam.progress); one gradient step is one pass. Default: 1 (FGSM)."""
+        return 1
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
         x, y = check_inputs(x, y)
         gen = generator_for(self.seed if seed is None else seed, x.device)

@@ -98,6 +98,11 @@ class PGD(Attack):
             success = success | s_new
         return x_best
 
+    def passes(self, n: int) -> int:
+        """steps per restart, plus the scoring pass of each restart that keeps the best point."""
+        scored = self.keep_best or self.restarts > 1
+        return self.restarts * (self.steps + int(scored))
+
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "step_size": self.step_size, "steps": self.steps,
                 "restarts": self.restarts, "random_start": self.random_start, "loss": self.loss,

@@ -104,6 +104,10 @@ class Square(Attack):
             x_best[todo[better]], loss[todo[better]] = x_new[better], l_new[better]
         return x_best
 
+    def passes(self, n: int) -> int:
+        """n_queries per restart (fewer when every image is fooled early)."""
+        return self.restarts * self.n_queries
+
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "n_queries": self.n_queries, "p_init": self.p_init,
                 "restarts": self.restarts, "targeted": self.targeted, "library": "igam"}

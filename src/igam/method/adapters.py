@@ -213,6 +213,31 @@ def auto_spec(target: Shape, teacher: Shape) -> str:
     return "+".join(parts) or "identity"
 
 
+def auto_reason(target: Shape, teacher: Shape) -> str:
+    """Why `auto` picks `auto_spec(target, teacher)`, in one sentence for the run's log, e.g. 'adapter=auto
+    chose gray+crop for the 3x32x32 target and the 1x28x28 teacher: gray averages the 3 channels into 1;
+    crop cuts the centre 28x28 (the target is larger, not by a whole factor; paper 4.3.2)'."""
+    spec = auto_spec(target, teacher)
+    why = []
+    for step in spec.split("+"):
+        if step == "gray":
+            why.append("gray averages the 3 channels into 1")
+        elif step == "rgb":
+            why.append("rgb repeats the single channel 3 times")
+        elif step == "crop":
+            why.append(f"crop cuts the centre {teacher[1]}x{teacher[2]} (the target is larger, not by a "
+                       "whole factor; paper 4.3.2)")
+        elif step == "resize":
+            bigger = target[1] >= teacher[1] and target[2] >= teacher[2]
+            why.append(f"resize scales to {teacher[1]}x{teacher[2]} (" + (
+                "an exact down-size: average pooling; paper 4.3.1" if bigger else
+                "a smaller target: the paper found resizing slightly better than padding, Table 2") + ")")
+        else:
+            why.append("the shapes already agree")
+    return (f"adapter=auto chose {spec} for the {_fmt(target)} target and the {_fmt(teacher)} teacher: "
+            + "; ".join(why) + ". Set adapter=... to choose another.")
+
+
 def _fmt(s: Shape) -> str:
     return "x".join(str(v) for v in s)
 

@@ -46,8 +46,8 @@ class Finetune(Objective):
 
 
 # keys that describe a foreign teacher (a weights file); a run or a shipped teacher records its own
-FILE_TEACHER_KEYS = ("teacher_model", "teacher_classes", "teacher_in_shape", "teacher_normalize",
-                     "teacher_dataset")
+FILE_TEACHER_KEYS = ("teacher_model", "teacher_classes", "teacher_in_shape", "teacher_width",
+                     "teacher_normalize", "teacher_dataset")
 
 
 def build_finetune_model(cfg: Any, spec: Any) -> AdaptedTeacher:
@@ -74,7 +74,7 @@ def build_finetune_model(cfg: Any, spec: Any) -> AdaptedTeacher:
                         f"dataset. Drop {' and '.join(given)}.")
     root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     body = load_teacher(cfg.teacher, cfg.teacher_model, cfg.teacher_classes, cfg.teacher_in_shape,
-                        normalize=cfg.teacher_normalize,
+                        normalize=cfg.teacher_normalize, width=cfg.teacher_width,
                         teacher_dir=cfg.teacher_dir or root / "robustbench")
     if str(cfg.teacher).startswith(shipped.PREFIX):
         check_shipped_teacher(cfg.teacher, root)
