@@ -218,8 +218,8 @@ def test_a_folder_spelled_relative_or_absolute_is_the_same_folder(tmp_path, monk
 def test_bad_experiment_files_give_clear_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        "stages:\n  - name: a\n    config: {method: standard, lr: 0.1}\n  - name: b\n"
-        "    config: {method: finetune, teacher: '{c}'}\n"
+        "defaults: {dataset: cifar10}\nstages:\n  - name: a\n    config: {method: standard, lr: 0.1}\n"
+        "  - name: b\n    config: {method: finetune, teacher: '{c}'}\n"
     )
     with pytest.raises(IgamError, match="refers to '\\{c\\}'"):
         load_experiment(bad)

@@ -295,8 +295,9 @@ def test_markdown_subset():
 
 
 def test_model_info_json_in_robustbench_format(tmp_path: Path) -> None:
-    """RobustBench's model-info record from eval.json: percentages with two decimals, eps as k/255, the
-    strongest attack as `reported`, and autoattack_acc only from the reference AutoAttack."""
+    """RobustBench's model-info record from eval.json: every key RobustBench's files carry, percentages with
+    two decimals, eps as k/255, `reported` the paper's figure (null here; igam's worst case apart),
+    autoattack_acc only from the reference AutoAttack, additional_data from the teacher chain."""
     from igam.files import read_json, write_json
     from igam.report.modelinfo import model_info, write_model_info
 
@@ -315,12 +316,35 @@ def test_model_info_json_in_robustbench_format(tmp_path: Path) -> None:
           "pgd20@eps=4/255": {"accuracy": 0.6, "n": 500, "eps": 4 / 255}}
     write_json(run / "eval.json", ev)
     info = model_info(run)
-    assert (info["clean_acc"], info["reported"], info["eps"], info["autoattack_acc"]) == ("91.23", "41.00",
+    assert (info["clean_acc"], info["reported"], info["eps"], info["autoattack_acc"]) == ("91.23", None,
                                                                                          "8/255", None)
+    assert info["igam"]["worst_case_acc"] == "41.00"  # (fgsm's bits are absent: the lowest accuracy)
     assert "pgd20" in info["footnote"] and "autoattack_acc is null" in info["footnote"]
+    robustbench_keys = {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset",
+                        "venue", "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote"}
+    assert robustbench_keys <= set(info)
     ev["autoattack"] = {"accuracy": 0.385, "n": 500, "eps": eps,
                         "attack": {"library": "pyautoattack", "version": "standard"}}
     write_json(run / "eval.json", ev)
     path = write_model_info(run, name="my-igam")
     info = read_json(path)
-    assert (info["name"], info["autoattack_acc"], info["reported"]) == ("my-igam", "38.50", "38.50")
+    assert (info["name"], info["autoattack_acc"], info["igam"]["worst_case_acc"]) == ("my-igam", "38.50",
+                                                                                     "38.50")
+    assert model_info(run, reported=40.1)["reported"] == "40.10"  # the paper's figure, when given
+    assert info["additional_data"] is False  # no teacher
+    # an IGAM student of a teacher fine-tuned from the shipped MNIST teacher: robustness from other data
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    write_json(ft / "meta.json", {"status": "finished", "method": "finetune",
+                                  "teacher": "igam:mnist-linf-0.3",
+                                  "model": {"name": "madry-mnist", "num_classes": 10, "in_chans": 1,
+                                            "input_size": [28, 28]},
+                                  "data": {"dataset": "cifar10", "shape": [3, 32, 32], "num_classes": 10}})
+    meta = read_json(run / "meta.json")
+    write_json(run / "meta.json", {**meta, "teacher": str(ft)})
+    info = model_info(run)
+    assert info["additional_data"] is True
+    assert info["igam"]["teacher_chain"] == [str(ft), "igam:mnist-linf-0.3"]
+    assert "from the teacher igam:mnist-linf-0.3" in info["footnote"]
+    assert "trained on mnist" in info["footnote"]
+    assert model_info(run, additional_data=False)["additional_data"] is False

@@ -82,10 +82,10 @@ class Config:
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
     # --- data ----------------------------------------------------------------------------------
     section("data")
-    dataset: str = opt("synthetic", "mnist | fashion-mnist | cifar10 | cifar100 | svhn | tiny-imagenet | "
-                       "imagefolder:PATH | npz:PATH | synthetic[:HxWxC:K]; add :CLASSES for some classes, "
-                       "relabelled 0..K-1 in the order given: cifar10:animals, cifar10:vehicles, "
-                       "cifar10:0,1,8,9, cifar10:cat,dog")
+    dataset: str = opt("", "required for training: mnist | fashion-mnist | cifar10 | cifar100 | svhn | "
+                       "tiny-imagenet | imagefolder:PATH | npz:PATH | synthetic[:HxWxC:K] (a synthetic "
+                       "stand-in, for smoke tests); add :CLASSES for some classes, relabelled 0..K-1 in the "
+                       "order given: cifar10:animals, cifar10:vehicles, cifar10:0,1,8,9, cifar10:cat,dog")
     data_dir: str = opt("", "data root (default: $IGAM_DATA, else ./data)")
     download: bool = opt(False, "download a named dataset into data_dir when its files are missing")
     train_subset: int = opt(0, "use only the first N training images (0: all)")

@@ -270,6 +270,16 @@ def finetune_model(body: ImageClassifier, target_shape: tuple[int, int, int], ta
 
 
 WEAK_TEACHER = 2.0  # a fine-tuned teacher below this multiple of chance accuracy is reported as weak
+_SAID: set[str] = set()
+
+
+def once(key: str) -> bool:
+    """True the first time `key` is asked about in this process: a warning about one teacher is given once,
+    not again for every stage of an experiment that uses it."""
+    if key in _SAID:
+        return False
+    _SAID.add(key)
+    return True
 
 
 def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str = "eval",
@@ -318,7 +328,8 @@ def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str 
         )
     metrics = Run(p).metrics_path
     clean = (read_json(metrics).get("final") or {}).get("clean_acc") if metrics.exists() else None
-    if isinstance(clean, int | float) and clean < WEAK_TEACHER / target_classes:
+    weak = isinstance(clean, int | float) and clean < WEAK_TEACHER / target_classes
+    if weak and once(f"weak:{p.resolve()}"):
         log(f"igam: WARNING: the fine-tuned teacher {p} reaches only {100 * clean:.1f}% clean accuracy on "
             f"the target task (chance: {100 / target_classes:.1f}%). IGAM matches its input gradients "
             "(kd-noise its outputs), which then say little about the task: fine-tune longer or at another "

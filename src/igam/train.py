@@ -145,6 +145,10 @@ def train(cfg: Config, log=print) -> Path:
     if cfg.amp_input_grad and cfg.amp != "bf16":
         raise IgamError("amp_input_grad=true runs the input-gradient path under amp=bf16; set amp=bf16 (fp16 "
                         "would need loss scaling inside the input gradient) or drop amp_input_grad.")
+    if not cfg.dataset.strip():
+        raise IgamError("dataset= is required: name the data to train on, e.g. dataset=mnist or "
+                        "dataset=cifar10 (dataset=synthetic for a synthetic stand-in, for smoke tests; `igam "
+                        "train --help` lists the datasets).")
     dist, device = setup_distributed(cfg.device)
     say = log if dist.main else (lambda *a, **k: None)
     run = Run(Path(cfg.out_dir) / run_name(cfg))

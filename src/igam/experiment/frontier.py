@@ -24,7 +24,7 @@ from typing import Any
 
 from igam.attacks.presets import column_name
 from igam.experiment.results import curve_points, matched_clean
-from igam.experiment.spec import Experiment
+from igam.experiment.spec import Experiment, mark_smoke_test
 
 DOUBLE_BACKWARD_PASSES = 2.0  # a double backward costs about two to three first-order passes
 FRONTIER_FILES = ("frontier-clean.png", "frontier-cost.png")
@@ -261,6 +261,7 @@ def plot_frontiers(exp: Experiment, results: dict[str, Any], out_dir: Path) -> l
         ax.set_ylabel(f"{column_name(metric)} accuracy (%)")
         what = "clean accuracy" if xkey == "clean" else "training cost"
         ax.set_title(f"{exp.name}: {column_name(metric)} accuracy vs {what}")
+        mark_smoke_test(ax, exp)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()

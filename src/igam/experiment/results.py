@@ -9,7 +9,7 @@ from typing import Any
 
 from igam.attacks.checks import summary
 from igam.experiment.costs import hms
-from igam.experiment.spec import Experiment, Stage, resolve_stage
+from igam.experiment.spec import Experiment, Stage, mark_smoke_test, resolve_stage
 from igam.files import read_json_object
 from igam.runs import Run
 
@@ -225,6 +225,7 @@ def plot_tradeoff(exp: Experiment, results: dict[str, Any], path: Path) -> Path 
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel(f"{metric} accuracy (%)")
     ax.set_title(f"{exp.name}: robustness vs clean accuracy")
+    mark_smoke_test(ax, exp)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()

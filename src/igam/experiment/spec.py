@@ -55,6 +55,7 @@ class Experiment:
     description: str = ""
     primary_metric: str = "pgd20"
     source: str = ""
+    miniature: bool = False  # `igam run --miniature`: a smoke test on synthetic stand-ins, not results
 
 
 def _expand_env(value: Any) -> Any:
@@ -105,7 +106,8 @@ def miniaturize(cfg: dict[str, Any]) -> dict[str, Any]:
     """The same stage on tiny synthetic stand-ins of its data (same shapes and classes), a width-4 model,
     two PGD steps and a few optimisation steps: a smoke test of a pipeline in seconds."""
     out = dict(cfg)
-    out["dataset"] = miniature_dataset(str(out.get("dataset", "synthetic")))
+    if str(out.get("dataset") or "").strip():  # (a stage without one is refused by load_experiment)
+        out["dataset"] = miniature_dataset(str(out["dataset"]))
     model = str(out.get("model", "small-cnn"))
     out["model"] = "madry-mnist" if model == "madry-mnist" else "small-cnn"
     out.update(
@@ -132,6 +134,16 @@ MINIATURE_NOTE = ("Miniature (`igam run --miniature`): every stage on a syntheti
                   "training images); the models trained here are small-cnn (or madry-mnist) at width 4, for "
                   "at most 0.25 epochs and 2 PGD steps; only the clean and FGSM evaluations, on 64 images. "
                   "A smoke test of the pipeline, not results.")
+
+
+def mark_smoke_test(ax: Any, exp: Experiment) -> None:
+    """A miniature's picture (matplotlib axes `ax`) says on its face that it is a smoke test of the
+    pipeline, not results (its tiny models sit at chance, so its points pile up)."""
+    if exp.miniature:
+        ax.set_title(ax.get_title() + MINIATURE_TAG)
+        ax.text(0.5, 0.5, "SMOKE TEST\nigam run --miniature: not results", transform=ax.transAxes,
+                ha="center", va="center", fontsize=20, color="#cf222e", alpha=0.3, rotation=18,
+                weight="bold")
 
 
 def miniature_evaluation(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -216,9 +228,13 @@ def load_experiment(
         (MINIATURE_NOTE + "\n\n" if miniature else "") + str(raw.get("description", "")),
         str(raw.get("primary_metric", "pgd20")),
         str(p),
+        miniature,
     )
     for st in exp.stages:
         resolve_stage(exp, st)  # validates keys, types and references
+        if not str(st.config.get("dataset") or "").strip():
+            raise IgamError(f"Stage '{st.name}' of '{path}' has no dataset: give it in the stage's config or "
+                            "in the file's defaults (e.g. `dataset: cifar10`).")
         for ref in references(st):
             if ref not in names[: names.index(st.name)]:
                 raise IgamError(

@@ -15,7 +15,6 @@ import base64
 import datetime as _dt
 import html
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,8 +23,10 @@ from typing import Any
 
 import markdown as markdown_lib
 
+from igam.attacks import column_name, default_eps
 from igam.config import Config
 from igam.errors import IgamError
+from igam.evaluate import eps_text, worst_case
 from igam.files import PACKAGE_VERSION, atomic_write_text, read_json_object
 from igam.report.common import png_bytes, run_labels
 from igam.report.curves import curves_figure
@@ -33,6 +34,7 @@ from igam.report.gradients import run_gradient_figure
 from igam.report.landscape import run_landscapes
 from igam.report.robustness import read_curve, robustness_figure
 from igam.runs import Run
+from igam.summary import order_attacks
 
 CSS = resources.files("igam.report").joinpath("report.css").read_text(encoding="utf-8")
 
@@ -134,35 +136,43 @@ def _is_num(v: Any) -> bool:
 
 def table(headers: list[str], rows: list[list[Any]], keys: list[str] | None = None,
           best: set[int] | None = None, raw: set[int] | None = None, checks: bool = False,
-          wide: set[int] | None = None) -> str:
+          wide: set[int] | None = None, groups: dict[int, list[Any]] | None = None) -> str:
     """An HTML table; numbers right-aligned and formatted by `fmt` with the column's key; the largest
-    value of each column in `best` is bold; columns in `raw` hold ready HTML; text in `wide` columns wraps."""
+    value of each column in `best` is bold, compared only among the rows whose `groups[j]` entries are
+    equal (comparable runs: same dataset and eps), and only where two or more compare; columns in `raw`
+    hold ready HTML; text in `wide` columns wraps."""
     keys = keys or headers
-    best_vals = {}
+    best_cells: set[tuple[int, int]] = set()
     for j in best or ():
-        vals = [r[j] for r in rows if j < len(r) and _is_num(r[j])]
-        if len(vals) > 1:
-            best_vals[j] = max(vals)
+        group = (groups or {}).get(j) or [None] * len(rows)
+        for g in set(map(repr, group)):
+            members = [i for i, r in enumerate(rows) if repr(group[i]) == g and j < len(r) and _is_num(r[j])]
+            if len(members) > 1:
+                top = max(rows[i][j] for i in members)
+                best_cells |= {(i, j) for i in members if rows[i][j] == top}
     numeric = {j for j in range(len(headers)) if any(j < len(r) and _is_num(r[j]) for r in rows)}
     head = "".join(f'<th class="num">{esc(h)}</th>' if j in numeric else f"<th>{esc(h)}</th>"
                    for j, h in enumerate(headers))
     body = []
-    for r in rows:
+    for i, r in enumerate(rows):
         cells = []
         for j, v in enumerate(r):
             cls = ["wide"] if wide and j in wide else []
             if _is_num(v) or (v is None and j in numeric):
                 cls.append("num")
-                if j in best_vals and v == best_vals[j]:
+                if (i, j) in best_cells:
                     cls.append("best")
             text = v if raw and j in raw else fmt(v, keys[j] if j < len(keys) else "", checks, pct=False)
             cells.append(f'<td class="{" ".join(cls)}">{text}</td>' if cls else f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return wrap_table(head, "".join(body))
+    return wrap_table(head, "".join(body), compact=len(headers) > 8)
 
 
-def wrap_table(head_cells: str, body_rows: str) -> str:
-    return (f'<div class="wrap"><table><thead><tr>{head_cells}</tr></thead><tbody>{body_rows}</tbody>'
+def wrap_table(head_cells: str, body_rows: str, compact: bool = False) -> str:
+    """A table in a horizontally scrolling wrapper; `compact` (many columns): smaller type and padding, so
+    that it fits a 1280 px window."""
+    cls = ' class="compact"' if compact else ""
+    return (f'<div class="wrap"><table{cls}><thead><tr>{head_cells}</tr></thead><tbody>{body_rows}</tbody>'
             "</table></div>")
 
 
@@ -233,32 +243,31 @@ def note(text: str) -> str:
 # sections
 def ordered_attacks(runs: list[RunInfo]) -> list[str]:
     """eval.json keys in reading order: clean, FGSM, then attacks by strength (steps), variants with
-    @eps=/@bn= after their base attack."""
-    names = list(dict.fromkeys(a for r in runs for a in r.attacks))
-
-    def key(a: str) -> tuple[int, str, int, str]:
-        base = a.split("@")[0]
-        m = re.search(r"(\d+)", base)
-        return (ATTACK_ORDER.index(base) if base in ATTACK_ORDER else len(ATTACK_ORDER),
-                re.sub(r"\d+", "", base), int(m.group(1)) if m else 0, a)
-
-    return sorted(names, key=key)
+    @eps=/@bn= after their base attack, radii in increasing order (igam.summary.order_attacks)."""
+    return order_attacks([a for r in runs for a in r.attacks])
 
 
 def attack_title(a: str) -> str:
-    """'pgd20@eps=0.0157' -> 'PGD20 (eps=0.0157)', 'square1000' -> 'SQUARE1000', 'clean' -> 'Clean'."""
+    """'pgd20@eps=4/255' -> 'PGD20 (eps 4/255)', 'square1000' -> 'Square1000', 'clean' -> 'Clean': the
+    terminal table's headers (igam.summary.column_title), radii written as `fmt_eps` writes them."""
     base, *variants = a.split("@")
-    name = base.capitalize() if base == "clean" else base.upper()
-    return name + (f" ({', '.join(variants)})" if variants else "")
+    shown = []
+    for v in variants:
+        if v.startswith("eps="):
+            num, _, den = v[4:].partition("/")
+            try:
+                shown.append(f"eps {fmt_eps(float(num) / (float(den) if den else 1.0))}")
+                continue
+            except ValueError:
+                pass
+        shown.append("train BN" if v == "bn=train" else v)
+    return column_name(base) + (f" ({', '.join(shown)})" if shown else "")
 
 
 def fmt_eps(eps: Any) -> Any:
-    """0.0313725 -> '8/255' (radii are usually k/255), other numbers (0.2, exact as 4 digits) unchanged."""
-    if _is_num(eps) and float(f"{eps:.4g}") == eps:
-        return eps
-    if _is_num(eps) and 0 < eps < 1 and abs(eps * 255 - round(eps * 255)) < 1e-4:
-        return f"{round(eps * 255)}/255"
-    return eps
+    """A radius written one way everywhere (igam.evaluate.eps_text): 0.0313725 -> '8/255', 0.3 -> '0.3',
+    0.0157 -> '4/255'; anything that is not a number unchanged."""
+    return eps_text(float(eps)) if _is_num(eps) else eps
 
 
 ATTACK_FIELDS = (("eps", "eps"), ("steps", "steps"), ("step_size", "step"), ("restarts", "restarts"),
@@ -462,20 +471,63 @@ def meta_table(run: RunInfo) -> str:
                     numbers=False)
 
 
+def run_eps(run: RunInfo) -> float | None:
+    """The run's eps: its dataset's usual radius (0.3 for 1x28x28 inputs, 8/255 otherwise), at which
+    `igam evaluate` attacks without --eps; without a recorded input shape, the masking checks' nominal eps.
+    None when neither is known."""
+    shape = (run.meta.get("data") or {}).get("shape")
+    if isinstance(shape, list) and len(shape) == 3:
+        return float(default_eps(tuple(shape))[0])
+    mc = run.eval.get("masking_checks")
+    return float(mc["eps"]) if isinstance(mc, dict) and _is_num(mc.get("eps")) else None
+
+
+def headline(run: RunInfo) -> dict[str, Any] | None:
+    """The field's headline of a run: per image, the worst case over the attacks of eval.json at the run's
+    eps (`run_eps`; eval-mode BatchNorm), on the images most of them ran on; records without per-image
+    results count with their accuracy (the lowest). Returns {accuracy in [0, 1], eps, n, attacks}, or None
+    when no attack ran at that eps."""
+    eps = run_eps(run)
+    if eps is None:
+        return None
+    at = {k: r for k, r in run.attacks.items() if "@bn=train" not in k and _is_num(r.get("eps"))
+          and abs(float(r["eps"]) - eps) < 1e-9}
+    if not at:
+        return None
+    sizes = [r.get("n") for r in at.values()]
+    n = max(set(sizes), key=lambda v: (sizes.count(v), v if isinstance(v, int) else 0))
+    at = {k: r for k, r in at.items() if r.get("n") == n}
+    bits = {k: r for k, r in at.items() if isinstance(r.get("correct"), str)}
+    acc = worst_case(bits)["accuracy"] if bits else None  # type: ignore[index]
+    rest = [float(r["accuracy"]) for k, r in at.items() if k not in bits]
+    acc = min([a for a in (acc, *rest) if a is not None])
+    return {"accuracy": acc, "eps": eps, "n": n, "attacks": order_attacks(list(at))}
+
+
 def cards(run: RunInfo) -> str:
-    items = []
-    final = run.metrics.get("final", {}) if isinstance(run.metrics.get("final"), dict) else {}
-    for k, v in final.items():
-        if is_acc_key(k) and _is_num(v):
-            items.append((f"{k.removesuffix('_acc')} (train-time eval)", f"{100 * v:.2f}", "% accuracy"))
-    for a in ordered_attacks([run])[:5]:
-        r = run.attacks[a]
-        items.append((attack_title(a), f"{100 * r['accuracy']:.2f}", f"% accuracy, n = {r.get('n', '?')}"))
+    """The summary at the top of a run's page: clean accuracy and the headline (the worst case over the
+    attacks run at the run's eps) from eval.json; without one, the last evaluation during training."""
+    items = []  # (data-key, title, value, unit)
+    clean = run.attacks.get("clean")
+    if clean is not None:
+        items.append(("clean", "Clean", f"{100 * clean['accuracy']:.2f}",
+                      f"% accuracy, n = {clean.get('n', '?')}"))
+    head = headline(run)
+    if head is not None:
+        over = ", ".join(attack_title(a) for a in head["attacks"])
+        items.append(("headline", f"Robust at eps {fmt_eps(head['eps'])}", f"{100 * head['accuracy']:.2f}",
+                      f"% accuracy, n = {head['n']}; worst case over {over}"))
+    if not items:
+        final = run.metrics.get("final", {}) if isinstance(run.metrics.get("final"), dict) else {}
+        for k, v in final.items():
+            if is_acc_key(k) and _is_num(v):
+                items.append((k, f"{k.removesuffix('_acc')} (train-time eval)", f"{100 * v:.2f}",
+                              "% accuracy; no eval.json yet"))
     if run.meta.get("steps"):
-        items.append(("steps", str(run.meta["steps"]), f"{run.meta.get('status', '')}"))
+        items.append(("steps", "steps", str(run.meta["steps"]), f"{run.meta.get('status', '')}"))
     return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="k">{esc(k)}</div><div class="v">{esc(v)}</div>'
-        f'<div class="u">{esc(u)}</div></div>' for k, v, u in items) + "</div>"
+        f'<div class="card" data-key="{esc(key)}"><div class="k">{esc(k)}</div><div class="v">{esc(v)}</div>'
+        f'<div class="u">{esc(u)}</div></div>' for key, k, v, u in items) + "</div>"
 
 
 def curves_html(runs: list[RunInfo], title: str) -> str:
@@ -582,12 +634,18 @@ def results_table(runs: list[RunInfo]) -> str:
                      *[(r.metrics.get("final") or {}).get(k) for k in finals],
                      *[r.attacks.get(a, {}).get("accuracy") for a in attacks], masking_summary(r)])
     first = 1 + len(varying)
+    # "best" compares comparable runs only: the same dataset, and for an attack the same eps
+    groups = {first + f: [(info["dataset"][i],) for i in range(len(runs))] for f in range(len(finals))}
+    for a_i, a in enumerate(attacks):
+        radii = [r.attacks.get(a, {}).get("eps") for r in runs]
+        groups[first + len(finals) + a_i] = [(info["dataset"][i], round(float(e), 9) if _is_num(e) else None)
+                                             for i, e in enumerate(radii)]
     out = ""
     if shared:
         out += ("<p>All runs: " + ", ".join(f"{esc(k)} <strong>{esc(v)}</strong>" for k, v in shared.items())
                 + ".</p>")
     out += table(headers, rows, keys, best=set(range(first, first + len(finals) + len(attacks))),
-                 raw={len(headers) - 1})
+                 raw={len(headers) - 1}, groups=groups, wide={0, len(headers) - 1})
     sizes = {a: "/".join(map(str, sorted({r.attacks[a].get("n") for r in runs if a in r.attacks}, key=str)))
              for a in attacks}
     if sizes:
@@ -595,7 +653,8 @@ def results_table(runs: list[RunInfo]) -> str:
               else "; ".join(f"{attack_title(a)} n = {v}" for a, v in sizes.items()))
         out += (f'<p class="sub">Test images per attack (eval.json): {esc(ns)}. '
                 "Train-time columns come from the last evaluation during training (eval_n images). "
-                "The best value of each accuracy column is bold.</p>")
+                "In each accuracy column the best value among comparable runs (same dataset and eps) is "
+                "bold.</p>")
     return out
 
 

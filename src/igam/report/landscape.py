@@ -157,16 +157,16 @@ def landscape_figure(results: list[tuple[str, Landscape]], class_names: list[str
         _surface_panel(ax3, results[0][1])
         _decision_panel(ax2, results[0][1], class_names)
     else:
-        col, left, right = 4.3, 0.9, 1.8
+        col, left, right = 5.6, 0.9, 0.3  # each column: a 3.3 in decision map and its own legend beside it
         W, H = left + col * k + right, 10.0
         fig = Figure(figsize=(W, H))
         for j, (name, land) in enumerate(results):
             ax2 = fig.add_axes(((left + j * col) / W, 0.55, 3.3 / W, 0.31))
-            _decision_panel(ax2, land, class_names, legend=j == k - 1)
+            _decision_panel(ax2, land, class_names)  # every panel its legend: their classes differ
             ax2.set_title(name, fontsize=10, weight="bold")
             if j:
                 ax2.set_ylabel("")
-            ax3 = fig.add_axes(((left - 0.15 + j * col) / W, 0.05, (col - 0.45) / W, 0.42), projection="3d")
+            ax3 = fig.add_axes(((left - 0.15 + j * col) / W, 0.05, (col - 1.6) / W, 0.42), projection="3d")
             _surface_panel(ax3, land)
     if title:
         fig.text(0.5, 1 - 0.1 / H, title, ha="center", va="top", fontsize=12, weight="bold")

@@ -1,14 +1,20 @@
 """Results in the field's format: RobustBench's model-info JSON (github.com/RobustBench/robustbench,
-model_info/DATASET/THREAT/NAME.json) from a run's meta.json and eval.json.
+model_info/DATASET/THREAT/NAME.json) from a run's meta.json and eval.json, with every key RobustBench's
+files carry:
 
-    {"name", "architecture", "dataset", "threat_model", "eps", "clean_acc", "reported", "autoattack_acc",
-     "additional_data", "number_forward_passes", "footnote", ...}
+    {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+     "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote"}
 
+plus igam's own (`n_test_images`, `igam`: method, teacher chain, the worst case over the attacks run, ...).
 Accuracies are percentages as strings with two decimals, as RobustBench writes them. `autoattack_acc` is
 the reference AutoAttack's standard version (eval.json key `autoattack`, library pyautoattack) at the
 nominal eps; without it the field is null and the footnote says so: a PGD number is never passed off as
-AutoAttack. `reported` is, per image, the worst case over the attacks run at that eps (records without
-per-image results: the lowest of their accuracies), and the footnote names the attacks.
+AutoAttack. `reported` means what RobustBench means, the figure of the model's paper: null unless given;
+igam's own figure (per image, the worst case over the attacks run at that eps) is `igam.worst_case_acc`.
+`additional_data` is true when the robustness came from a teacher trained on other data than the run's
+own (a fine-tuned teacher or an IGAM / kd-noise student of a teacher from another task; true when that
+cannot be told), and the footnote says where it came from. `link`, `authors` and `venue` are null unless
+given.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 from igam.errors import IgamError
 from igam.evaluate import worst_case
 from igam.files import read_json, write_json
+from igam.models import shipped
 from igam.runs import Run
 
 MODEL_INFO = "model_info.json"
@@ -36,8 +43,46 @@ def _eps_text(eps: float) -> str:
     return f"{frac.numerator * (255 // frac.denominator)}/255" if exact else f"{eps:g}"
 
 
-def model_info(run: str | Path, *, name: str = "", additional_data: bool = False) -> dict[str, Any]:
-    """RobustBench's model-info record of an evaluated run (see the module docstring).
+TRANSFER_METHODS = ("finetune", "igam", "kd-noise")  # whose robustness comes from the teacher
+
+
+def teacher_origin(meta: dict[str, Any],
+                   config: dict[str, Any] | None = None) -> tuple[list[str], str | None]:
+    """Where a run's teacher came from: (the chain of teachers from the run's own to the robust source,
+    the dataset that source was trained on or None when it cannot be told). A fine-tuned teacher run
+    points on to its own teacher; a shipped teacher's certificate and a robustbench: name say their
+    dataset; a weights file says it through the run's teacher_dataset."""
+    chain: list[str] = []
+    spec = meta.get("teacher")
+    cfg = config or {}
+    while isinstance(spec, str) and spec and spec not in chain and len(chain) < 8:
+        chain.append(spec)
+        if spec.startswith(shipped.PREFIX):
+            try:
+                return chain, str(shipped.certificate(spec)["dataset"])
+            except IgamError:
+                return chain, None
+        if spec.startswith("robustbench:"):
+            return chain, spec.partition(":")[2].split("/")[0] or None
+        path = Path(spec)
+        if not (path / Run.META).is_file():  # a weights file, or a run no longer at hand
+            return chain, (str(cfg.get("teacher_dataset")) or None) if path.is_file() else None
+        try:
+            run = Run(path)
+            m, cfg = run.meta, run.config
+        except IgamError:
+            return chain, None
+        if not m.get("teacher"):  # the robust source itself
+            return chain, (m.get("data") or {}).get("dataset")
+        spec = m.get("teacher")
+    return chain, None
+
+
+def model_info(run: str | Path, *, name: str = "", additional_data: bool | None = None,
+               reported: float | str | None = None, link: str | None = None, authors: str | None = None,
+               venue: str | None = None) -> dict[str, Any]:
+    """RobustBench's model-info record of an evaluated run (see the module docstring). `reported` is the
+    paper's figure (a percentage) when there is one; `additional_data` None: told from the teacher chain.
 
     Raises:
         IgamError: the run has no eval.json or no clean accuracy in it.
@@ -62,33 +107,46 @@ def model_info(run: str | Path, *, name: str = "", additional_data: bool = False
     aa = at_eps.get("autoattack")
     settings = (aa.get("attack") or {}) if isinstance(aa, dict) else {}
     aa_ok = settings.get("library") == "pyautoattack" and settings.get("version") == "standard"
+    data = meta.get("data") or {}
+    model = meta.get("model") or {}
+    own = data.get("dataset")
     notes = []
+    worst = (head["accuracy"] if head is not None else at_eps[strongest]["accuracy"] if strongest else None)
     if head is not None and len(head["attacks"]) > 1:
-        notes.append(f"reported: per image the worst case over {', '.join(head['attacks'])} on the first "
+        notes.append(f"igam's worst case: per image over {', '.join(head['attacks'])} on the first "
                      f"{head['n']} test images")
     elif strongest is not None:
-        notes.append(f"reported: {strongest} on the first {at_eps[strongest]['n']} test images")
+        notes.append(f"igam's worst case: {strongest} on the first {at_eps[strongest]['n']} test images")
     if not aa_ok:
         notes.append("no reference AutoAttack (pyautoattack, standard version) in eval.json: "
                      "autoattack_acc is null")
-    data = meta.get("data") or {}
-    model = meta.get("model") or {}
+    chain, source = teacher_origin(meta, r.config) if meta.get("method") in TRANSFER_METHODS else ([], None)
+    if chain:
+        via = f" through {', '.join(chain[:-1])}" if len(chain) > 1 else ""
+        notes.append(f"robustness transferred ({meta.get('method')}) from the teacher {chain[-1]}{via}, "
+                     + (f"trained on {source}" if source else "whose training data is not recorded"))
+        told = source is None or source != own
+    else:
+        told = False
     return {
+        "link": link,
         "name": name or r.name,
+        "authors": authors,
+        "additional_data": bool(told if additional_data is None else additional_data),
+        "number_forward_passes": 1,
+        "dataset": own,
+        "venue": venue,
         "architecture": model.get("name"),
-        "dataset": data.get("dataset"),
-        "threat_model": "Linf",
         "eps": _eps_text(eps) if eps is not None else None,
         "clean_acc": _pct(clean["accuracy"]),
-        "reported": (_pct(head["accuracy"]) if head is not None
-                     else _pct(at_eps[strongest]["accuracy"]) if strongest else None),
+        "reported": (f"{float(reported):.2f}" if isinstance(reported, int | float) else reported),
         "autoattack_acc": _pct(aa["accuracy"]) if aa_ok else None,
-        "additional_data": bool(additional_data),
-        "number_forward_passes": 1,
         "footnote": "; ".join(notes) or None,
         "n_test_images": clean.get("n"),
-        "igam": {"method": meta.get("method"), "teacher": meta.get("teacher"), "seed": meta.get("seed"),
-                 "version": meta.get("version"), "git_commit": meta.get("git_commit")},
+        "igam": {"worst_case_acc": _pct(worst) if worst is not None else None, "method": meta.get("method"),
+                 "teacher": meta.get("teacher"), "teacher_chain": chain, "teacher_dataset": source,
+                 "seed": meta.get("seed"), "version": meta.get("version"),
+                 "git_commit": meta.get("git_commit")},
     }
 
 
