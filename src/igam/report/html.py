@@ -409,7 +409,8 @@ def masking_html(mc: dict[str, Any]) -> str:
     if isinstance(obs, list) and obs and all(isinstance(o, dict) for o in obs):
         cols = list(dict.fromkeys(k for o in obs for k in o))
         out += ("<details><summary>Attack results the checks used</summary>"
-                + table(cols, [[fmt_eps(o.get(c)) if c == "eps" else o.get(c) for c in cols] for o in obs])
+                + table(cols, [[fmt_eps(o.get(c)) if c in ("eps", "step_size") else o.get(c) for c in cols]
+                              for o in obs])
                 + "</details>")
     return out
 
