@@ -2,7 +2,7 @@
 
 Three modes:
 
-  scripts/gpu-check --pack [--data-root /work/shared/data]
+  scripts/gpu-check --pack [--data-root $IGAM_DATA]
       On the CPU machine, beforehand: writes .gpu-data/mnist.npz (all of MNIST) and .gpu-data/cifar10.npz
       (the first 10000 training and 2000 test images, uint8, the same arrays as the source) and adds
       /.gpu-data/ to the repository's .git/info/exclude. The folder is then carried to the GPU machine with
@@ -92,7 +92,7 @@ def pack_dataset(src: Path, dst: Path, n_train: int, n_test: int) -> dict[str, A
     """dst: the first n_train / n_test images of src (0: all of them; then the file is copied as is)."""
     if not src.is_file():
         raise SystemExit(f"gpu-check --pack: {src} does not exist; give --data-root the folder with "
-                         "mnist.npz and cifar10.npz (e.g. /work/shared/data).")
+                         "mnist.npz and cifar10.npz (e.g. $IGAM_DATA).")
     dst.parent.mkdir(parents=True, exist_ok=True)
     with np.load(src, allow_pickle=False) as d:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in d.files]

@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(method=...).",
         config=True,
         epilog=EPILOG_OVERRIDES + "\n\nExamples:\n  igam train dataset=mnist model=madry-mnist "
-        "epochs=2 --data-dir ../shared/data\n  igam train --config experiments/cpu/teacher.yaml seed=1\n"
+        "epochs=2 --data-dir ../shared/data\n"
+        "  igam train --config experiments/configs/mnist-teacher.yaml seed=1\n"
         "  igam train method=igr lambda_diff=1 activation=gelu dataset=cifar10\n\n"
         + methods_help() + "\n\n" + config_help(),
     )
@@ -570,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Plot the loss surface and decision regions around one test image "
         "along the adversarial and a random direction (paper Fig. 7).",
         epilog="Example:\n  igam landscape runs/igam --index 53 --eps 16/255\n  igam landscape "
-        "runs/standard runs/igam --index 53 --out fig7.png   (one column per run)",
+        "runs/standard runs/igam --index 53 --out fig7.png   # one column per run",
     )
     ls.add_argument("runs", nargs="+", metavar="RUN", help="run directories (one column each)")
     ls.add_argument("--index", type=int, required=True, help="test image index")

@@ -66,10 +66,10 @@ METHOD_HELP = {
 
 @dataclass
 class Config:
-    """Every setting of a run, flat (`key=value`; key names are unique), each key in one group (GROUPS:
-    run, data, model, optim, attack, teacher, igam, finetune, eval, log) that `igam VERB --help` lists by
-    verb. Numbers typed as fractions (eps=8/255) are kept as typed in config.yaml and parsed by
-    igam.units where they are used."""
+    """Every setting of a run, flat (`key=value`; key names are unique), each key in one of the 11 groups
+    of GROUPS (run, data, model, optim, attack, teacher, igam, distill, finetune, eval, log) that `igam
+    VERB --help` lists by verb. Numbers typed as fractions (eps=8/255) are kept as typed in config.yaml and
+    parsed by igam.units where they are used."""
 
     # --- run -----------------------------------------------------------------------------------
     section("run")

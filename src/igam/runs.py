@@ -2,12 +2,18 @@
 
     RUN/
       config.yaml          the effective configuration
-      meta.json            architecture, dataset, classes, input shape, adapter, seed, version, git commit
+      meta.json            architecture, dataset, classes, input shape, adapter, seed, version, git commit,
+                           status, passes per training image
       model.safetensors    final weights (objective.safetensors: e.g. the discriminator, lambda_diff)
       checkpoints/         resumable training states: ckpt-STEP.pt + ckpt-STEP.json (sha256, step)
-      metrics.json         final metrics; eval.json holds attack results
-      robustness_curve.json, robustness_curve.png   the latest `igam evaluate --eps-sweep`
+      metrics.json         final metrics; eval.json holds attack results (`igam evaluate`)
       log.csv, eval_log.csv, tb/   per-step and per-evaluation logs (CSV and TensorBoard)
+      .lock                held by the process that trains in the folder
+    written by other verbs:
+      robustness_curve.json, robustness_curve.png   the latest `igam evaluate --eps-sweep`
+      autoattack-state-KEY/, autoattack-KEY.log     an unfinished AutoAttack's resume state, its log
+      model_info.json      `igam evaluate --model-info` (RobustBench's format)
+      report.html          `igam report`; gradients.png, landscape-INDEX.png: `igam gradients`, `landscape`
 
 `Run(path)` owns these names; nothing else spells them. Nothing here unpickles: weights are safetensors
 and training states load with weights_only=True.

@@ -343,8 +343,8 @@ PATH_KEYS = ("data_dir", "init_from", "teacher", "teacher_dir")  # compared as t
 
 
 def _where(value: Any) -> Any:
-    """A path-valued setting as the absolute path it names from here (`../shared/data` run from /work/main
-    and `/work/shared/data` are one folder); names such as igam:NAME or robustbench:... stay as they are."""
+    """A path-valued setting as the absolute path it names from here (`../shared/data` and its absolute
+    path are one folder); names such as igam:NAME or robustbench:... stay as they are."""
     if not isinstance(value, str) or not value or re.match(r"^[A-Za-z][\w+-]*:(?![\\/])", value):
         return value
     return str(Path(value).expanduser().resolve())
