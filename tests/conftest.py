@@ -2,6 +2,7 @@
 
 - One torch thread per process: the suite runs as `pytest -n 2` (pytest-xdist) on a 2-core machine, so each
   worker (and each `python -m igam` subprocess a test starts) gets one thread.
+- `SLOWER`: the factor every timeout allows for a busy machine.
 - `real_data_dir`: the folder with the real mnist.npz ($IGAM_DATA, else ../shared/data beside the repo);
   tests that need it skip with the reason when it is absent. Nothing is ever downloaded.
 """
@@ -19,6 +20,10 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# The suite passes on a machine this many times slower than a quiet 2-core one (a shared machine under
+# load): a subprocess's timeout is its quiet-machine bound times SLOWER, and the Makefile's --timeout is
+# about SLOWER times the slowest test's quiet time (every test is under 3 minutes on a quiet machine).
+SLOWER = 3
 
 
 def real_data_root(required: str = "mnist.npz") -> Path | None:

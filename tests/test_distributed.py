@@ -25,6 +25,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from conftest import SLOWER
 
 from igam.config import make_config
 from igam.distributed import ranks_in_sync as _ranks_in_sync
@@ -180,7 +181,7 @@ def _torchrun(args: list[str], run_dir: Path, steps: int) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     out = ""
     for attempt in range(2):
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240 * SLOWER)
         out += f"--- attempt {attempt + 1}, exit {p.returncode}\n{p.stdout}\n{p.stderr}"
         if _complete(run_dir, steps):
             return out

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import SLOWER
 from safetensors.torch import load_file, save_file
 
 from igam.cli import main
@@ -199,7 +200,7 @@ def test_a_run_folder_is_locked_and_a_dead_holders_lock_is_taken_over(tmp_path: 
         assert not (run / "meta.json").exists()
     finally:
         holder.kill()
-        holder.wait(timeout=30)
+        holder.wait(timeout=30 * SLOWER)
     messages: list[str] = []
     train(tiny(tmp_path, "c", epochs=0.25), log=messages.append)  # the OS released the dead one's lock
     assert any(f"took over the lock of {run} from pid {holder.pid}" in m for m in messages), messages

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_data_root
+from conftest import SLOWER, real_data_root
 
 from igam.data import load_data  # the one igam internal here: how igam reads a data root
 
@@ -38,7 +38,7 @@ def _env() -> dict[str, str]:
 def test_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path: Path, gpu_check) -> None:
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", str(out)], cwd=REPO, env=_env(),
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300 * SLOWER)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu-check.json", "gpu-check.log", "gpu-check.md"]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from conftest import SLOWER
 
 from igam.errors import IgamError
 from igam.models import ACTIVATIONS, Normalize, create_model, list_models, model_from_args
@@ -171,5 +172,5 @@ def test_igam_models_piped_into_head_ends_quietly() -> None:
     """`igam models | head -1`: the reader closes the pipe early; igam says nothing about disk space."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     out = subprocess.run(f"'{sys.executable}' -m igam models | head -1", shell=True, capture_output=True,
-                         text=True, env=env, timeout=120)
+                         text=True, env=env, timeout=120 * SLOWER)
     assert out.stdout.strip() and "error" not in out.stderr and "Broken pipe" not in out.stderr, out.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SLOWER
 from safetensors.torch import load_file
 
 from igam.cli import main
@@ -39,7 +40,7 @@ def igam_train(out: Path, name: str, *extra: str, kill_at: str | None = None,
         env["IGAM_TEST_KILL_AT"] = kill_at
     cmd = [sys.executable, "-m", "igam", "train", *(ARGS if args is None else args), f"out_dir={out}",
            f"name={name}", *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300 * SLOWER)
 
 
 def same_weights(a: Path, b: Path, file: str = "model.safetensors") -> list[str]:
@@ -124,14 +125,14 @@ def test_killed_at_a_random_moment_then_resumed_is_bit_identical(tmp_path: Path,
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log, t0 = tmp_path / "victim" / "log.csv", time.time()
     try:
-        while proc.poll() is None and time.time() - t0 < 120:
+        while proc.poll() is None and time.time() - t0 < 120 * SLOWER:
             if log.exists() and any(r.get("step", 0) >= target for r in read_log(tmp_path / "victim")):
                 time.sleep(delay)
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.002)
     finally:
-        proc.wait(timeout=60)
+        proc.wait(timeout=60 * SLOWER)
     assert proc.returncode in (0, KILLED), (seed, proc.stderr.read() if proc.stderr else "")
     r = igam_train(tmp_path, "victim", "resume=true")
     assert r.returncode == 0, (seed, r.stderr)

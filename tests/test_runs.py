@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SLOWER
 
 from igam.errors import IgamError
 from igam.files import (
@@ -197,7 +198,8 @@ def test_kill_point_hook_kills_only_at_the_named_point(monkeypatch: pytest.Monke
     code = ("from igam.runs import kill_point\n"
             "for i in range(5):\n    kill_point('other')\n    kill_point('here')\n    print(i, flush=True)\n")
     env = {**os.environ, "IGAM_TEST_KILL_AT": "here:3"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120 * SLOWER)
     assert r.returncode == -signal.SIGKILL and r.stdout.split() == ["0", "1"]
     # unset, or naming another point, it does nothing
     monkeypatch.delenv("IGAM_TEST_KILL_AT", raising=False)

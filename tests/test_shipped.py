@@ -79,9 +79,10 @@ def test_models_and_info_show_the_certificate(capsys: pytest.CaptureFixture) -> 
 
 
 def test_a_teacher_name_given_as_a_run_says_what_to_do(capsys: pytest.CaptureFixture) -> None:
-    """`igam evaluate igam:NAME` (or any verb that takes a run) explains that a shipped or RobustBench teacher
-    is not a run: where its certified figures are and how to use it; an unknown name lists those there are."""
-    assert main(["evaluate", MNIST, "--n", "5"]) == 2
+    """A verb that takes only runs (`igam gradients igam:NAME`) explains that a shipped or RobustBench teacher
+    is not a run: where its certified figures are and how to use it; an unknown name lists those there are.
+    (`igam evaluate igam:NAME` evaluates it: tests/test_ux.py.)"""
+    assert main(["gradients", MNIST, "--n", "5"]) == 2
     err = capsys.readouterr().err
     assert "is a teacher, not a run directory" in err and f"igam info {MNIST}" in err
     assert f"igam finetune teacher={MNIST} dataset=TARGET" in err and "Traceback" not in err

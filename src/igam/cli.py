@@ -110,8 +110,6 @@ def cmd_evaluate(args, extra) -> int:
     for key in ("n", "batch_size", "check_n", "check_queries"):
         if getattr(args, key) != "auto" and getattr(args, key) < 1:
             raise IgamError(f"--{key.replace('_', '-')}={getattr(args, key)} must be at least 1.")
-    if args.threads < 0:
-        raise IgamError(f"--threads={args.threads} must not be negative (0: torch's default).")
     if args.eps_sweep is not None and args.eps is not None:
         raise IgamError("Give --eps (one radius) or --eps-sweep (several), not both.")
     specs = [str(r) for r in args.runs if is_model_spec(str(r))]
@@ -564,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--data-dir", default=None, help="data root (default: the run's own, else $IGAM_DATA)")
     g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
 
     ls = verb(
         "landscape",
@@ -587,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--seed", type=int, default=0, help="seed of the random direction")
     ls.add_argument("--data-dir", default=None, help="data root (default: the run's own, else $IGAM_DATA)")
     ls.add_argument("--device", default="cpu")
+    ls.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
 
     rp = verb(
         "report",
@@ -611,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--data-dir", default=None, help="data root (default: the run's own, else $IGAM_DATA)")
     rp.add_argument("--device", default="cpu")
+    rp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     for name, sp in p.verbs.items():  # type: ignore[attr-defined]
         # the verbs with classic options read key=value too (_flag_tokens): say so where the help does not
         opts = [(o, a.nargs == 0) for a in sp._actions for o in a.option_strings
@@ -681,7 +682,13 @@ def main(argv: list[str] | None = None) -> int:
             from igam.utils import resolve_device
 
             resolve_device(args.device)
-        return int(args.fn(args, extra) or 0)
+        threads = getattr(args, "threads", 0) if args.verb not in CONFIG_VERBS else 0
+        if threads is not None and threads < 0:
+            raise IgamError(f"--threads={threads} must not be negative (0: torch's default).")
+        from igam.utils import torch_threads
+
+        with torch_threads(threads or 0):  # the verbs that compute outside a training run
+            return int(args.fn(args, extra) or 0)
     except IgamError as e:
         print(f"igam: error: {e}", file=sys.stderr)
         return 2

@@ -801,7 +801,7 @@ def check_teacher_robustness(run_dir: Path, n: int = 200, log: Callable[[str], N
     clean = run_attack(model, data.x_test, data.y_test, "clean", what=what)["accuracy"]
     robust = run_attack(model, data.x_test, data.y_test, "pgd10", what=what)["accuracy"]
     eps = default_eps(tuple(data.x_test.shape[1:]))[0]
-    if robust < 0.05 and once(f"not-robust:{Path(run_dir).resolve()}"):
+    if robust < 0.05 and once(f"not-robust:{Path(run_dir).resolve()}", log):
         log(
             f"igam: WARNING: the teacher {run_dir} is not robust on its own task: PGD-10 accuracy at eps "
             f"{eps:.3g} is {100 * robust:.1f}% on {len(data.x_test)} test images (clean {100 * clean:.1f}%). "

@@ -270,15 +270,15 @@ def finetune_model(body: ImageClassifier, target_shape: tuple[int, int, int], ta
 
 
 WEAK_TEACHER = 2.0  # a fine-tuned teacher below this multiple of chance accuracy is reported as weak
-_SAID: set[str] = set()
+_SAID: set[tuple[str, Any]] = set()
 
 
-def once(key: str) -> bool:
-    """True the first time `key` is asked about in this process: a warning about one teacher is given once,
-    not again for every stage of an experiment that uses it."""
-    if key in _SAID:
+def once(key: str, log: Any = None) -> bool:
+    """True the first time `key` is asked about in this process for the output `log`: a warning about one
+    teacher is given once, not again for every stage of an experiment that uses it."""
+    if (key, log) in _SAID:
         return False
-    _SAID.add(key)
+    _SAID.add((key, log))
     return True
 
 
@@ -329,7 +329,7 @@ def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str 
     metrics = Run(p).metrics_path
     clean = (read_json(metrics).get("final") or {}).get("clean_acc") if metrics.exists() else None
     weak = isinstance(clean, int | float) and clean < WEAK_TEACHER / target_classes
-    if weak and once(f"weak:{p.resolve()}"):
+    if weak and once(f"weak:{p.resolve()}", log):
         log(f"igam: WARNING: the fine-tuned teacher {p} reaches only {100 * clean:.1f}% clean accuracy on "
             f"the target task (chance: {100 / target_classes:.1f}%). IGAM matches its input gradients "
             "(kd-noise its outputs), which then say little about the task: fine-tune longer or at another "
