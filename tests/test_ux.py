@@ -293,3 +293,11 @@ def test_every_landscape_panel_has_its_legend() -> None:
     fig = landscape_figure(lands, ["a", "b", "c"])
     legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
     assert len(legends) == 3
+
+
+def test_evaluate_a_robustbench_name_without_its_weights_says_where_they_go(tmp_path, capsys) -> None:
+    rc = main(["evaluate", "robustbench:cifar10/Linf/Standard", "--out-dir", str(tmp_path / "out"),
+               "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and ("No weights for robustbench:cifar10/Linf/Standard" in err or "pip install" in err), err
+    assert not (tmp_path / "out").exists()  # nothing written for a model that did not load
