@@ -413,8 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb(
         "train",
         cmd_train,
-        "Train a model: standard, pgd-at, trades, fast-at, n-fgsm, free-at, finetune, igam, igr or kd-noise "
-        "(method=...).",
+        "Train a model with any registered method (method=...; the list below).",
         config=True,
         epilog=EPILOG_OVERRIDES + "\n\nExamples:\n  igam train dataset=mnist model=madry-mnist "
         "epochs=2 --data-dir ../shared/data\n  igam train --config experiments/cpu/teacher.yaml seed=1\n"
@@ -426,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         cmd_finetune,
         "Fine-tune a robust teacher on the target task (paper 4.1, eq. 6): freeze "
-        "it, train a new logit layer (and a learned adapter) on natural target images.",
+        "it, train a new logit layer (and a learned adapter) on natural target images; "
+        "finetune_layers=last-K|all trains more of it (transfer through weights).",
         config=True,
         epilog="method=finetune, epochs=10 and Adam at finetune_lr are defaults. With epochs=100 the result "
         "is the paper's FT-<source> baseline.\n\nExample:\n  igam finetune "

@@ -81,20 +81,37 @@ def lr_factor(cfg: Config, step: int, total: int, steps_per_epoch: int) -> float
     return 1.0
 
 
-def make_optimizer(kind: str, lr: float, cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum cfg.momentum) or Adam at `lr`, weight decay on conv/linear weights only (not biases,
-    BatchNorm or normalisation buffers).
+def make_optimizer(kind: str, lr: float, cfg: Config, model: nn.Module, extra: list[nn.Module] | None = None,
+                   scales: dict[int, float] | None = None) -> torch.optim.Optimizer:
+    """SGD (momentum cfg.momentum) or Adam at `lr` over the trainable parameters of `model` and of the
+    modules `extra` (an objective's co-trained parts), weight decay on conv/linear weights only (not biases,
+    BatchNorm or normalisation buffers). `scales` maps id(parameter) to a multiple of the learning rate
+    (e.g. a fine-tuned body's smaller rate): those parameters get groups of their own, whose `lr_scale`
+    the schedule keeps.
 
     Raises:
         IgamError: when the model has no trainable parameter.
     """
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    if not decay and not no_decay:
+    scales = scales or {}
+    by_scale: dict[float, tuple[list[nn.Parameter], list[nn.Parameter]]] = {}
+    seen: set[int] = set()
+    for m in [model, *(extra or [])]:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                decay, no_decay = by_scale.setdefault(scales.get(id(p), 1.0), ([], []))
+                (decay if p.ndim > 1 else no_decay).append(p)
+    if not seen:
         raise IgamError("This model has no trainable parameters.")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    by_scale.setdefault(1.0, ([], []))
+    groups = []
+    for scale in sorted(by_scale, key=lambda s: s != 1.0):  # the plain groups first, as they always were
+        decay, no_decay = by_scale[scale]
+        part = [{"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+        if scale != 1.0:
+            part = [{**g, "lr": lr * scale, "lr_scale": scale} for g in part if g["params"]]
+        groups += part
     if kind == "adam":
         return torch.optim.Adam(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False)
@@ -141,9 +158,6 @@ def train(cfg: Config, log=print) -> Path:
             checkpoint stays, and an earlier model.safetensors is not replaced).
     """
     check_method(cfg.method)
-    if cfg.amp_input_grad and cfg.amp != "bf16":
-        raise IgamError("amp_input_grad=true runs the input-gradient path under amp=bf16; set amp=bf16 (fp16 "
-                        "would need loss scaling inside the input gradient) or drop amp_input_grad.")
     dist, device = setup_distributed(cfg.device)
     say = log if dist.main else (lambda *a, **k: None)
     run = Run(Path(cfg.out_dir) / run_name(cfg))
@@ -191,7 +205,8 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
         cfg = cfg.replace(model=unwrap(model).igam_args["name"])
     objective = create_objective(cfg, model, spec, device)
     optimizer_kind, base_lr = objective.optimizer_settings(cfg)
-    optimizer = make_optimizer(optimizer_kind, base_lr, cfg, model)
+    optimizer = make_optimizer(optimizer_kind, base_lr, cfg, model, objective.co_trained(),
+                               objective.lr_scales(model))
     augment = resolve_augment(cfg.augment, spec.shape)
     loader = BatchLoader(arrays.x_train, arrays.y_train, cfg.batch_size, augment=augment,
                          crop_padding=cfg.crop_padding, noise=parse_fraction(cfg.noise), seed=cfg.seed,
@@ -308,7 +323,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
                 x = x.contiguous(memory_format=torch.channels_last)
             factor = lr_factor(cfg, step, total, steps_per_epoch)
             for g in optimizer.param_groups:
-                g["lr"] = base_lr * factor
+                g["lr"] = base_lr * factor * g.get("lr_scale", 1.0)
             objective.on_lr(factor)
             model.train()
             with amp_ctx:

@@ -75,3 +75,50 @@ def start_step(text: str | float | int, total: int, steps_per_epoch: int, key: s
         if math.isfinite(v) and v >= 0:
             return round(v * total) if 0 < v < 1 else int(v)
     raise IgamError(f"{key}={text!r}: write a step (1000), an epoch (5ep) or a fraction (0.875).")
+
+
+def non_negative(value: float | int, key: str) -> None:
+    """A configuration key's check: value >= 0.
+
+    Raises:
+        IgamError: naming the key and its value.
+    """
+    if value < 0:
+        raise IgamError(f"{key}={value} must not be negative.")
+
+
+def at_least(low: float, why: str = ""):
+    """A configuration key's check: value >= low (`why` says what the key counts)."""
+
+    def check(value: float | int, key: str) -> None:
+        if value < low:
+            raise IgamError(f"{key}={value} must be at least {low:g}{f' ({why})' if why else ''}.")
+
+    return check
+
+
+def in_range(low: float, high: float, why: str = ""):
+    """A configuration key's check: low <= value <= high (`why` says why the bound is there)."""
+
+    def check(value: float | int, key: str) -> None:
+        if not low <= value <= high:
+            raise IgamError(f"{key}={value} must lie in {low:g} .. {high:g}{f' ({why})' if why else ''}. "
+                            f"Choose a value in that range.")
+
+    return check
+
+
+def fraction_check(value: str, key: str) -> None:
+    """A configuration key's check: a number or fraction such as 8/255 (parse_fraction), not negative."""
+    if parse_fraction(value, key) < 0:
+        raise IgamError(f"{key}={value} must not be negative.")
+
+
+def positive(value: float | int, key: str) -> None:
+    """A configuration key's check: value > 0.
+
+    Raises:
+        IgamError: naming the key and its value.
+    """
+    if not value > 0:
+        raise IgamError(f"{key}={value} must be positive.")

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import igam.registry as registry
 from igam.attacks.checks import summary
 from igam.experiment.costs import hms
 from igam.experiment.spec import Experiment, Stage, resolve_stage
@@ -63,16 +64,10 @@ def _stage_summary(exp: Experiment, st: Stage) -> dict[str, Any]:
     """The keys that tell a stage apart; `model` is the network the run trained (meta.json: a fine-tuned
     teacher's is `adapted:BODY`, whatever cfg.model says), else cfg.model."""
     cfg = resolve_stage(exp, st)
-    keys = ["method", "model", "dataset", "epochs", "train_subset"]
-    if cfg.method in ("igam", "igr"):
-        keys += ["lambda_adv", "lambda_diff", "lambda_diff_auto", "preset", "grad_matching", "igam_start"]
-    if cfg.method in ("pgd-at", "trades"):
-        keys += ["eps", "steps"]
-    if cfg.method in ("fast-at", "n-fgsm", "free-at"):
-        knob = {"fast-at": "fast_alpha", "n-fgsm": "nfgsm_noise", "free-at": "free_replays"}[cfg.method]
-        keys += ["eps", knob]
-    if cfg.method == "kd-noise":
-        keys += ["kd_temperature", "kd_sigma", "kd_weight"]
+    info = registry.METHODS.get(cfg.method)
+    keys = ["method", "model", "dataset", "epochs", "train_subset", *(info.summary if info else ())]
+    if getattr(cfg, "teacher_term", "none") != "none":
+        keys += ["teacher_term"]
     out = {k: getattr(cfg, k) for k in keys}
     run = Run(exp.out_dir / st.name)
     if run.meta_path.exists():

@@ -23,6 +23,7 @@ from igam.experiment.spec import (
     stage_status,
 )
 from igam.files import atomic_write_text, read_json_object, write_json
+from igam.objectives import trained_model_name
 from igam.report import write_report
 from igam.runs import Run
 from igam.train import train
@@ -57,7 +58,7 @@ def format_plan(exp: Experiment, only: list[str] | None = None) -> str:
         if status in ("todo", "partial", "stale"):
             cpu, gpu = cpu + sec, gpu + gsec
         lines.append(
-            f"| {st.name} | {cfg.method} | {cfg.model} | "
+            f"| {st.name} | {cfg.method} | {trained_model_name(cfg) or cfg.model} | "
             f"{cfg.dataset} | {cfg.epochs:g} | {status} | {hms(sec)} | {hms(gsec)} |"
         )
     lines += [

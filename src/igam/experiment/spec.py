@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from igam.attacks.presets import parse_preset
-from igam.config import Config, group_keys, make_config
+from igam.config import Config, all_keys, make_config, reads, used_by
 from igam.data.subsets import split_subset, static_classes, subset_size
 from igam.errors import IgamError, suggest
 from igam.files import read_yaml
@@ -320,7 +320,6 @@ def resolve_stage(exp: Experiment, stage: Stage) -> Config:
     return out
 
 
-IGAM_KEYS = group_keys("igam")
 
 
 PATH_KEYS = ("data_dir", "init_from", "teacher", "teacher_dir")  # compared as the folders or files they name
@@ -335,9 +334,15 @@ def _where(value: Any) -> Any:
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The keys that decide what a stage computes (IGAM keys only matter to igam/igr stages), with
-    path-valued keys resolved, so that a relative and an absolute spelling of one folder agree."""
-    skip = set(IGNORED_KEYS) | (set() if cfg.get("method") in ("igam", "igr") else set(IGAM_KEYS))
+    """The keys that decide what a stage computes (a key some methods read matters only to the stages
+    whose method reads it: igam.config.reads), with path-valued keys resolved, so that a relative and an
+    absolute spelling of one folder agree."""
+    try:
+        used = reads(Config.from_dict({k: v for k, v in cfg.items() if k in all_keys()}))
+    except (IgamError, TypeError, ValueError):  # a config saved by another version: compare every key
+        used = set(cfg)
+    optional = set(used_by())
+    skip = set(IGNORED_KEYS) | {k for k in optional if k not in used}
     return {k: (_where(v) if k in PATH_KEYS else v) for k, v in cfg.items() if k not in skip}
 
 
