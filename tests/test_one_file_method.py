@@ -41,7 +41,8 @@ class Toy(Objective):
 
 @register_objective("toy-one-file", help="a toy: toy_scale x cross-entropy", reads=("toy_scale",),
                     summary=("toy_scale",), cost=1.0,
-                    keys=(Key("toy_scale", 1.0, "the toy's factor on the cross-entropy", "toy", check=positive),))
+                    keys=(Key("toy_scale", 1.0, "the toy's factor on the cross-entropy", "toy",
+                              check=positive),))
 def make_toy(cfg, model, spec, device):
     return Toy(cfg.toy_scale)
 '''
@@ -63,7 +64,7 @@ def toy(tmp_path_factory) -> str:
 
 def test_the_toy_method_is_in_train_help_with_its_key(toy: str) -> None:
     text = build_parser().verbs["train"].format_help()
-    methods = text[text.index("methods (method=..."): text.index("configuration keys")]
+    methods = text[text.index("methods (method=..."): text.index("configuration keys (key=value")]
     assert "toy-one-file" in methods and "toy_scale x cross-entropy" in methods
     assert " [toy]" in text and "  toy_scale " in text
 

@@ -189,6 +189,13 @@ def finetune_model_name(cfg: Any, planned: Mapping[str, str]) -> str:
     return f"adapted:{body}" if body else ""
 
 
+def _learning_rate(value: float, key: str) -> None:
+    if value == 0:
+        raise IgamError(f"{key}=0 makes every training step a no-op (the weights never change); give a "
+                        f"positive {key}.")
+    positive(value, key)
+
+
 def _check_layers(value: str, key: str) -> None:
     parse_layers(value)
 
@@ -202,7 +209,7 @@ def _check_layers(value: str, key: str) -> None:
     keys=(Key("finetune_lr", 3e-3, "Adam learning rate of the new logit layer (and learned adapter); past a "
               "point a higher one (or more epochs) buys the fine-tuned teacher clean accuracy with its "
               "robustness: 3e-3 balances them (measured: docs/RESULTS.md; the official code: 1e-3)",
-              "finetune", check=positive),
+              "finetune", check=_learning_rate),
           Key("finetune_layers", "head", "which layers of the teacher learn: head (the new logit layer only, "
               "paper eq. 6) | last-K (the last K weight layers of the body too) | all (every layer, Shafahi "
               "et al. 2020)", "finetune", check=_check_layers),

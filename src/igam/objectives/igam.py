@@ -248,10 +248,10 @@ def _lambda_diff(value: str, key: str) -> None:
 
 
 def _pixel_scale(value: float, key: str) -> None:
-    if not value > 0:
-        raise IgamError(f"pixel_scale={value} must be positive: input gradients are divided by it (0 would "
-                        "skip every IGAM step); use 1 (inputs in [0, 1]) or 255 (the official code's 0-255 "
-                        "pixels).")
+    if value == 0:
+        raise IgamError("pixel_scale=0 divides every input gradient by 0, so every IGAM step would be "
+                        "skipped; use 1 (inputs in [0, 1]) or 255 (the official code's 0-255 pixels).")
+    non_negative(value, key)
 
 
 def _fd_step(value: float, key: str) -> None:
