@@ -64,7 +64,7 @@ def toy(tmp_path_factory) -> str:
 
 def test_the_toy_method_is_in_train_help_with_its_key(toy: str) -> None:
     text = build_parser().verbs["train"].format_help()
-    methods = text[text.index("methods (method=..."): text.index("configuration keys (key=value")]
+    methods = text[text.index("methods (method=...") : text.index("configuration keys (key=value")]
     assert "toy-one-file" in methods and "toy_scale x cross-entropy" in methods
     assert " [toy]" in text and "  toy_scale " in text
 
@@ -88,7 +88,7 @@ def test_the_toy_method_trains_and_shows_in_a_results_table(toy: str, tmp_path: 
     exp = tmp_path / "toy.yaml"
     exp.write_text(f"""experiment: toy
 description: one-file method
-out_dir: {tmp_path / 'runs'}
+out_dir: {tmp_path / "runs"}
 primary_metric: fgsm
 defaults: {{dataset: "synthetic:8x8x1:2", model: small-cnn, width: 4, epochs: 1, train_subset: 64,
            test_subset: 32, batch_size: 32, progress: false, tensorboard: false}}

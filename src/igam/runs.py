@@ -538,7 +538,7 @@ def init_model_from(model: nn.Module, run: str | Path) -> None:
     for key, what in (("name", "architecture"), ("num_classes", "number of classes"),
                       ("in_chans", "number of input channels"), ("width", "width"),
                       ("activation", "activation")):
-        if theirs.get(key, ours[key]) != ours[key]:
+        if key in ours and theirs.get(key, ours[key]) != ours[key]:
             raise IgamError(f"init_from={run} cannot initialise this model: its {what} is "
                             f"{theirs.get(key)!r}, this run's is {ours[key]!r}. Start from a run with the "
                             "same model, dataset and width, or drop init_from.")
