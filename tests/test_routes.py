@@ -180,6 +180,7 @@ def test_a_robust_start_trains_the_teachers_network_from_its_weights(runs) -> No
     assert meta["model"]["name"] == "adapted:small-cnn" and meta["status"] == "finished"
     assert meta["passes_per_image"]["student"] == {"forward": 4.0, "backward": 4.0, "double_backward": 0.0}
     assert Run(run).config["model"] == "teacher"
+    assert meta["start"]["teacher_weights"] == str(runs["teacher"]) and meta["start"]["passes_counted"] == 0
 
 
 # ------------------------------------------------------------------------------------------ features

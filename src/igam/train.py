@@ -49,6 +49,7 @@ from igam.objectives import (
     check_method,
     count_passes,
     create_objective,
+    start_of,
     trained_model_name,
 )
 from igam.runs import CSVLogger, Run, git_commit, load_latest_state, load_state_checked, save_state
@@ -256,6 +257,9 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
             "eval_bn": cfg.eval_bn,
             # the machine-independent cost: forward/backward passes per training image, by network
             "passes_per_image": count_passes(objective, total, steps_per_epoch)}
+    start = start_of(cfg)
+    if start is not None:  # e.g. a robust start: what the weights come from, whose passes count as zero
+        meta["start"] = start
     if dist.main:
         save_yaml(cfg.to_dict(), run.config_path)
         write_json(run.meta_path, meta)

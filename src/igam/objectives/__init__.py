@@ -62,7 +62,8 @@ def _import_methods() -> None:
 _import_methods()
 
 __all__ = ["OBJECTIVES", "Metrics", "Objective", "Passes", "build_model", "builds_own_model", "check_method",
-           "count_passes", "create_objective", "register_keys", "register_objective", "trained_model_name"]
+           "count_passes", "create_objective", "register_keys", "register_objective", "start_of",
+           "trained_model_name"]
 
 
 def create_objective(cfg, model: nn.Module, spec, device: torch.device) -> Objective:
@@ -95,6 +96,18 @@ def build_model(cfg, spec) -> nn.Module:
     if cfg.init_from:
         init_model_from(model, cfg.init_from)
     return model
+
+
+def start_of(cfg) -> dict[str, object] | None:
+    """What a run's weights start from when not a fresh initialisation (model=teacher: the teacher's
+    network; init_from: an earlier run), for meta.json: the source and the passes counted for it, zero (the
+    premise: the robust model, or the run started from, exists already)."""
+    sources = {"teacher_weights": cfg.teacher if cfg.model == "teacher" else "", "init_from": cfg.init_from}
+    sources = {k: v for k, v in sources.items() if v}
+    if not sources:
+        return None
+    return {**sources, "passes_counted": 0, "note": "the passes of the run(s) the weights start from are not "
+            "counted in passes_per_image (a robust model one already has costs nothing to reuse)"}
 
 
 def builds_own_model(method: str) -> bool:
