@@ -1,5 +1,5 @@
-"""`igam run --jobs N` and `--executor slurm`: the schedule, the options, the status board, and end-to-end runs
-of a tiny experiment in local slots and on a real single-node SLURM cluster (scripts/slurm-local; skipped
+"""`igam run --jobs N` and `--executor slurm`: the schedule, the options, the status board, and end-to-end
+runs of a tiny experiment in local slots and on a real single-node SLURM cluster (scripts/slurm-local; skipped
 with the reason when no SLURM answers, except under IGAM_REQUIRE_SLURM=1, which .ci/run sets): the same
 weights as a serial run, a failing stage reported while its siblings finish, a stage killed (SIGKILL,
 scancel) or stopped (Ctrl-C) and then resumed by the rerun of the same command."""
@@ -43,7 +43,8 @@ evaluation:
   - {attacks: [clean], n: 32, rows: [a]}
 """)
 # one stage of 16 steps with checkpoints every 4: long enough to be stopped in the middle
-LONG = "experiment: long\n" + SETTINGS + "stages:\n  - {name: long, config: {method: standard, seed: 3, epochs: 2}}\n"
+LONG = ("experiment: long\n" + SETTINGS
+        + "stages:\n  - {name: long, config: {method: standard, seed: 3, epochs: 2}}\n")
 GOOD = ("a", "b", "c")
 
 
@@ -177,7 +178,8 @@ def test_slurm_needs_sbatch_but_its_dry_run_does_not(tmp_path, capsys, monkeypat
     assert main(["run", str(path), "--out-dir", str(out), "--executor", "slurm", "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "SLURM jobs: partition gpu, time limit 30 min" in text
-    assert "all ready stages at once (no --jobs cap)" in text and "plus the time jobs wait in the queue" in text
+    assert "all ready stages at once (no --jobs cap)" in text
+    assert "plus the time jobs wait in the queue" in text
     assert main(["run", str(path), "--out-dir", str(out), "--executor", "slurm"]) == 2
     assert "no SLURM here (sbatch and squeue are not on PATH)" in capsys.readouterr().err
     assert not out.exists()
@@ -373,8 +375,9 @@ def _slurm() -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"no SLURM here ({e}); scripts/slurm-local start sets up a single-node cluster (as root)"
     if r.returncode != 0 or "up" not in r.stdout:
-        return (f"no SLURM cluster answers (sinfo: {r.stderr.strip() or r.stdout.strip() or 'no partition up'}); "
-                "scripts/slurm-local start sets up a single-node cluster (as root)")
+        said = r.stderr.strip() or r.stdout.strip() or "no partition up"
+        return (f"no SLURM cluster answers (sinfo: {said}); scripts/slurm-local start sets up a single-node "
+                "cluster (as root)")
     return ""
 
 

@@ -153,6 +153,8 @@ def job_main(exp: Experiment, stage: str, kind: str, threads: int | None = None,
 class _SubmititExecutor(_Slots):
     """What local slots and SLURM jobs share: job folders, records, the end of a job."""
 
+    record_tries = 1  # how often to look for a job's final record (a cluster's shared file system may lag)
+
     def __init__(self, slots: int | None):
         super().__init__(slots)
         self.jobs: dict[Task, Any] = {}
@@ -182,13 +184,14 @@ class _SubmititExecutor(_Slots):
 
     def record_of(self, job: Any) -> dict[str, Any]:
         path = Path(job.paths.folder) / f"{job.job_id}_igam.json"
-        for _ in range(10):  # a shared file system may show the job's last write a little late
+        rec: dict[str, Any] = {}
+        for i in range(self.record_tries):
             try:
                 rec = read_json_object(path) if path.exists() else {}
             except IgamError:
                 rec = {}
-            if rec.get("outcome") or not isinstance(self, SlurmExecutor):
-                return rec
+            if rec.get("outcome") or i == self.record_tries - 1:
+                break
             time.sleep(0.5)
         return rec
 
@@ -253,6 +256,8 @@ class SlurmExecutor(_SubmititExecutor):
     """`--executor slurm`: one SLURM job per task (submitit's SlurmExecutor), submitted as soon as the task
     is ready (at most `slots` queued or running at once; None: no cap). Job states come from `squeue` (no
     accounting database needed); what a job did, from its record and its run folder."""
+
+    record_tries = 10
 
     def __init__(self, slots: int | None, options: ClusterOptions):
         super().__init__(slots)
