@@ -76,18 +76,36 @@ def cmd_transfer(args, extra) -> int:
 
 
 def cmd_run(args, extra) -> int:
-    from igam.experiment import run_experiment
+    from igam.experiment import StagesFailed, run_experiment
+    from igam.experiment.cluster import ClusterOptions, parse_gpus, parse_sbatch, parse_time
 
     overrides = parse_override_args(_override_tokens(args, extra))
-    run_experiment(
-        args.experiment,
-        dry_run=args.dry_run,
-        out_dir=args.out_dir,
-        overrides=overrides,
-        only=args.only.split(",") if args.only is not None else None,
-        miniature=args.miniature,
-        results_only=args.results_only,
+    cluster = ClusterOptions(
+        partition=args.partition,
+        time=parse_time(args.time) if args.time is not None else None,
+        gpus_per_job=parse_gpus(args.gpus_per_job) if args.gpus_per_job is not None else 0,
+        sbatch=parse_sbatch(args.sbatch or []),
     )
+    if args.executor != "slurm" and (args.partition or args.time or args.gpus_per_job or args.sbatch):
+        raise IgamError("--partition, --time, --gpus-per-job and --sbatch are SLURM settings; add "
+                        "--executor slurm (or drop them to run on this machine).")
+    try:
+        run_experiment(
+            args.experiment,
+            dry_run=args.dry_run,
+            out_dir=args.out_dir,
+            overrides=overrides,
+            only=args.only.split(",") if args.only is not None else None,
+            miniature=args.miniature,
+            results_only=args.results_only,
+            jobs=args.jobs,
+            executor=args.executor,
+            cluster=cluster,
+            live=sys.stdout.isatty(),
+        )
+    except StagesFailed as e:
+        print(f"igam run: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -452,7 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The file format is described in igam/experiment/__init__.py and docs/EXPERIMENTS.md.\n"
         "Ready files: experiments/paper/*.yaml (the paper's tables, GPU scale), experiments/cpu/*.yaml.\n\n"
         "Examples:\n  igam run experiments/cpu/mnist-to-cifar10.yaml --dry-run\n"
-        "  igam run experiments/paper/table1-mnist-to-cifar10.yaml data_dir=/data seed=1",
+        "  igam run experiments/paper/table1-mnist-to-cifar10.yaml data_dir=/data seed=1\n"
+        "  igam run experiments/cpu/animals-to-vehicles.yaml --jobs 2          # two stages at once\n"
+        "  igam run experiments/paper/table3-to-cifar100.yaml --executor slurm --partition gpu \\\n"
+        "      --time 8:00:00 --gpus-per-job 1 --sbatch cpus-per-task=8\n\n"
+        "A stage that fails does not stop the stages that do not need it; the exit status is 1 when any\n"
+        "failed (the summary names them and their logs), and rerunning the same command retries them.\n"
+        "Ctrl-C stops the local slots or cancels the SLURM jobs it submitted, and says which.\n"
+        "docs/DISTRIBUTED.md compares this with torchrun (one stage on many GPUs).",
     )
     r.add_argument("experiment", metavar="EXPERIMENT.yaml")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="keys applied to every stage")
@@ -467,6 +492,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="smoke-test the pipeline in seconds: tiny synthetic "
         "stand-ins of every dataset (same shapes), width-4 models, a few steps, cheap attacks",
     )
+    r.add_argument("--jobs", default=None, metavar="N|auto",
+                   help="run up to N stages (trainings and evaluations) at once as their inputs become "
+                   "ready; default 1: one after another in this process. Local slots get cores // N torch "
+                   "threads each (unless a stage sets threads), or one GPU each (CUDA_VISIBLE_DEVICES); "
+                   "auto: one per GPU (1 without GPUs). With --executor slurm: at most N jobs queued or "
+                   "running (default: every ready stage)")
+    r.add_argument("--executor", default="local", metavar="local|slurm",
+                   help="local (this machine, default) or slurm: one SLURM job per task through submitit, "
+                   "per-job logs in each stage's jobs/ folder")
+    r.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's, or the file's "
+                   "cluster: block)")
+    r.add_argument("--time", default=None, metavar="LIMIT",
+                   help="SLURM time limit per job: minutes, HOURS:MINUTES:SECONDS or "
+                   "DAYS-HOURS:MINUTES:SECONDS")
+    r.add_argument("--gpus-per-job", default=None, metavar="G", help="GPUs per SLURM job (default 0)")
+    r.add_argument("--sbatch", action="append", default=None, metavar="KEY=VALUE",
+                   help="another #SBATCH option, repeatable: --sbatch account=proj --sbatch cpus-per-task=8 "
+                   "--sbatch exclusive (a bare KEY is a flag)")
     r.add_argument(
         "--results-only",
         action="store_true",

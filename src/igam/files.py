@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ PACKAGE_VERSION = "0.1.0"
 
 # ---------------------------------------------------------------------------------------------
 # crash-test hook (docs/RELIABILITY.md): IGAM_TEST_KILL_AT=POINT:N makes the process SIGKILL itself the
-# N-th time it reaches kill_point(POINT). Unset (normal use), kill_point does nothing.
+# N-th time it reaches kill_point(POINT); POINT:N:hang makes it wait there until something else kills it
+# (tests of `igam run` that cancel a job in the middle of a stage). Unset (normal use), it does nothing.
 KILL_ENV = "IGAM_TEST_KILL_AT"
 KILL_POINTS = ("step", "after-step", "optimizer-step", "checkpoint-write", "checkpoint-sidecar",
                "weights-write")
@@ -36,12 +38,16 @@ _kill_hits: dict[str, int] = {}
 
 
 def kill_point(name: str) -> None:
-    """Crash tests only: SIGKILL this process at the N-th call with this name (see KILL_ENV above)."""
+    """Crash tests only: SIGKILL this process (or, with POINT:N:hang, wait until it is killed) at the N-th
+    call with this name (see KILL_ENV above)."""
     spec = os.environ.get(KILL_ENV)
     if not spec or spec.partition(":")[0] != name:
         return
     _kill_hits[name] = _kill_hits.get(name, 0) + 1
-    if _kill_hits[name] == int(spec.partition(":")[2] or 1):
+    count, _, action = spec.partition(":")[2].partition(":")
+    if _kill_hits[name] == int(count or 1):
+        while action == "hang":
+            time.sleep(1)
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 

@@ -8,6 +8,8 @@
       metrics.json         final metrics; eval.json holds attack results
       robustness_curve.json, robustness_curve.png   the latest `igam evaluate --eps-sweep`
       log.csv, eval_log.csv, tb/   per-step and per-evaluation logs (CSV and TensorBoard)
+      jobs/                the jobs `igam run --jobs N` / `--executor slurm` ran for this stage: per job its
+                           log (JOB_0_log.out, .err), its state (JOB_igam.json) and, on SLURM, its script
 
 `Run(path)` owns these names; nothing else spells them. Nothing here unpickles: weights are safetensors
 and training states load with weights_only=True.
@@ -356,6 +358,7 @@ class Run:
     CONFIG, META, METRICS, EVAL = "config.yaml", "meta.json", "metrics.json", "eval.json"
     WEIGHTS, OBJECTIVE = "model.safetensors", "objective.safetensors"
     LOG, EVAL_LOG, TB, CHECKPOINTS = "log.csv", "eval_log.csv", "tb", "checkpoints"
+    JOBS = "jobs"  # `igam run`'s job files for this stage (igam.experiment.executors)
     LOCK = ".lock"  # held (OS lock) by the one process that trains in this folder
     CURVE, CURVE_PNG = "robustness_curve.json", "robustness_curve.png"  # `igam evaluate --eps-sweep`
 

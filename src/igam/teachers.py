@@ -312,9 +312,9 @@ def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str 
     clean = (read_json(metrics).get("final") or {}).get("clean_acc") if metrics.exists() else None
     if isinstance(clean, int | float) and clean < WEAK_TEACHER / target_classes:
         log(f"igam: WARNING: the fine-tuned teacher {p} reaches only {100 * clean:.1f}% clean accuracy on "
-            f"the target task (chance: {100 / target_classes:.1f}%). The student matches its input gradients, "
-            "features or outputs, which then say little about the task: fine-tune longer or at another "
-            "finetune_lr (e.g. 0.01), or try another adapter.")
+            f"the target task (chance: {100 / target_classes:.1f}%). The student matches its input "
+            "gradients, features or outputs, which then say little about the task: fine-tune longer or at "
+            "another finetune_lr (e.g. 0.01), or try another adapter.")
     net.body_bn = bn
     for p_ in net.parameters():
         p_.requires_grad_(False)

@@ -15,6 +15,7 @@ from igam.attacks.presets import parse_preset
 from igam.config import Config, all_keys, make_config, reads, used_by
 from igam.data.subsets import split_subset, static_classes, subset_size
 from igam.errors import IgamError, suggest
+from igam.experiment.cluster import ClusterOptions, check_cluster
 from igam.files import read_yaml
 from igam.objectives import builds_own_model, check_method, trained_model_name
 from igam.runs import Run
@@ -31,6 +32,7 @@ EXPERIMENT_KEYS = (
     "evaluation",
     "notes",
     "primary_metric",
+    "cluster",
 )
 STAGE_KEYS = ("name", "title", "config", "row", "paper", "curve", "sweep")
 
@@ -55,6 +57,7 @@ class Experiment:
     description: str = ""
     primary_metric: str = "pgd20"
     source: str = ""
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)  # `cluster:` (igam run --executor slurm)
 
 
 def _expand_env(value: Any) -> Any:
@@ -216,6 +219,7 @@ def load_experiment(
         (MINIATURE_NOTE + "\n\n" if miniature else "") + str(raw.get("description", "")),
         str(raw.get("primary_metric", "pgd20")),
         str(p),
+        check_cluster(raw.get("cluster"), str(path)),
     )
     for st in exp.stages:
         resolve_stage(exp, st)  # validates keys, types and references
