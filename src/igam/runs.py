@@ -28,19 +28,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from igam.errors import IgamError
+from igam.errors import IgamError, WriteError
 from igam.files import (
     DirLock,
-    _atomic,
     _load_error,
+    append_text,
     atomic_write_text,
     kill_point,
     load_weights,
     lock_holder,
     read_json,
     read_yaml,
+    safe_write,
     sha256_file,
     write_json,
+    write_json_or_overwrite,
 )
 from igam.method.adapted import model_from_meta
 from igam.models import check_model_args, model_from_args, shipped
@@ -72,14 +74,16 @@ def save_state(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -
         f.write(data[len(data) // 2:])
 
     try:
-        _atomic(path, write)
+        safe_write(path, write)
         kill_point("checkpoint-sidecar")  # crash tests: die between the file and its sidecar
         write_json(path.with_suffix(".json"), {"step": step, "sha256": hashlib.sha256(data).hexdigest(),
                                                "size": len(data), "time": time.time()})
-    except OSError as e:
-        raise IgamError(f"Cannot write checkpoint '{path}' ({e.strerror or e}); the previous checkpoints are "
-                        "intact. Free disk space (or fix permissions), then continue with resume=true."
-                        ) from None
+    except (WriteError, OSError) as e:
+        reason = e.reason if isinstance(e, WriteError) else (e.strerror or str(e))
+        where = e.path if isinstance(e, WriteError) and e.path else path
+        raise WriteError(f"Cannot write checkpoint '{where}' ({reason}); the previous checkpoints are "
+                         "intact. Free disk space (or fix permissions), then continue with resume=true.",
+                         where, reason) from None
     for old in sorted(ckdir.glob("ckpt-*.pt"))[:-max(1, keep)]:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
@@ -208,8 +212,9 @@ class CSVLogger:
             self.keys += new
             self._rewrite(rows + [row])
         else:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.keys).writerow({k: row.get(k, "") for k in self.keys})
+            buf = io.StringIO()
+            csv.DictWriter(buf, fieldnames=self.keys).writerow({k: row.get(k, "") for k in self.keys})
+            append_text(self.path, buf.getvalue())
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, int | float):
@@ -357,6 +362,7 @@ class Run:
     WEIGHTS, OBJECTIVE = "model.safetensors", "objective.safetensors"
     LOG, EVAL_LOG, TB, CHECKPOINTS = "log.csv", "eval_log.csv", "tb", "checkpoints"
     LOCK = ".lock"  # held (OS lock) by the one process that trains in this folder
+    EVAL_LOCK = ".eval.lock"  # held while a process updates eval.json (evaluate.update_eval_json)
     CURVE, CURVE_PNG = "robustness_curve.json", "robustness_curve.png"  # `igam evaluate --eps-sweep`
 
     def __init__(self, path: str | Path):
@@ -488,6 +494,23 @@ class Run:
         """Who holds the folder's lock now ('pid N on HOST (...)'), or None when nobody does."""
         return lock_holder(self.dir / self.LOCK)
 
+    def mark_stopped(self, reason: str) -> bool | None:
+        """Record in meta.json that training stopped (status `stopped`, `stopped`: reason) when it still
+        says `running`, even on a full disk (`write_json_or_overwrite`). Returns True when recorded, False
+        when meta.json did not say `running` (nothing to correct), None when it could not be written; never
+        raises (it runs while another error is being reported)."""
+        try:
+            meta = read_json(self.meta_path) if self.meta_path.is_file() else None
+        except IgamError:
+            return False
+        if not isinstance(meta, dict) or meta.get("status") != "running":
+            return False
+        try:
+            write_json_or_overwrite(self.meta_path, {**meta, "status": "stopped", "stopped": reason})
+            return True
+        except IgamError:
+            return None
+
     @property
     def status(self) -> str | None:
         return self.meta.get("status") if self.meta_path.exists() else None
@@ -533,6 +556,7 @@ def init_model_from(model: nn.Module, run: str | Path) -> None:
         IgamError: when the runs' models differ, or `run` has not finished.
     """
     src = Run.open(run)
+    src.config  # noqa: B018  (read to check it: a hostile or damaged config.yaml refuses the run)
     theirs = src.meta.get("model") or {}
     ours = unwrap(model).igam_args
     for key, what in (("name", "architecture"), ("num_classes", "number of classes"),

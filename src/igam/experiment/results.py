@@ -10,7 +10,7 @@ from typing import Any
 from igam.attacks.checks import summary
 from igam.experiment.costs import hms
 from igam.experiment.spec import Experiment, Stage, resolve_stage
-from igam.files import read_json_object
+from igam.files import read_json_object, write_figure
 from igam.runs import Run
 
 
@@ -228,6 +228,6 @@ def plot_tradeoff(exp: Experiment, results: dict[str, Any], path: Path) -> Path 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120, format="png")
     plt.close(fig)
     return path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from igam.experiment.spec import (
     resolve_stage,
     stage_status,
 )
-from igam.files import atomic_write_text, read_json_object, write_json
+from igam.files import atomic_write_text, copy_file, read_json_object, write_json
 from igam.report import write_report
 from igam.runs import Run
 from igam.train import train
@@ -180,7 +179,7 @@ def run_experiment(
             log(f"igam run: WARNING: without --dry-run this plan would stop before training: {needs}")
         return exp.out_dir
     exp.out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(exp.source, exp.out_dir / "experiment.yaml")
+    copy_file(Path(exp.source), exp.out_dir / "experiment.yaml")
     for st in exp.stages:
         if only and st.name not in only:
             continue
