@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from igam.errors import IgamError, suggest
-from igam.files import atomic_write_text, read_yaml
+from igam.files import atomic_write_text, check_name, read_yaml
 from igam.registry import OBJECTIVES
 from igam.units import check_eps, check_start, parse_fraction
 
@@ -385,6 +385,8 @@ def validate(cfg: Config) -> None:
         raise IgamError(f"fd_step={cfg.fd_step:g} is below {FD_STEP_MIN:g}: the finite-difference step "
                         "vanishes in float32, so every finite-difference IGAM step would be skipped (0/0). "
                         "Use e.g. fd_step=1e-2 (the default) or 1e-3.")
+    if cfg.name:  # one folder directly inside out_dir, never a path (the default name: train.run_name)
+        check_name(cfg.name, "name")
     if not 0 <= cfg.seed < 2**63:
         raise IgamError(f"seed={cfg.seed} must lie in 0 .. 2**63-1.")
     if cfg.keep_checkpoints < 1:

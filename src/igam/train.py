@@ -9,6 +9,8 @@ final weights and metrics.
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,7 +34,14 @@ from igam.distributed import (
 )
 from igam.errors import IgamError, NonFiniteOutputs
 from igam.evaluate import accuracy, evaluate_attack
-from igam.files import PACKAGE_VERSION, install_kill_hooks, kill_point, save_weights, write_json
+from igam.files import (
+    PACKAGE_VERSION,
+    check_name,
+    install_kill_hooks,
+    kill_point,
+    save_weights,
+    write_json,
+)
 from igam.guard import (
     MAX_SKIP_SHARE,
     MAX_SKIPS_IN_A_ROW,
@@ -63,9 +72,12 @@ __all__ = ["MAX_SKIPS_IN_A_ROW", "MAX_SKIP_SHARE", "lr_factor", "make_optimizer"
 def run_name(cfg: Config) -> str:
     """cfg.name, or METHOD-MODEL-DATASET-sSEED (MODEL: the network trained, e.g. adapted-madry-mnist for a
     fine-tuned madry-mnist teacher)."""
-    ds = cfg.dataset.replace(":", "-").replace("/", "_")[:40]
-    model = (trained_model_name(cfg) or cfg.model).replace(":", "-").replace("/", "_")
-    return cfg.name or f"{cfg.method}-{model}-{ds}-s{cfg.seed}"
+    def part(text: str) -> str:
+        return re.sub(r"[/\\\x00-\x1f\x7f]", "_", text.replace(":", "-"))
+
+    ds = part(cfg.dataset)[:40]
+    model = part(trained_model_name(cfg) or cfg.model)
+    return check_name(cfg.name or f"{part(cfg.method)}-{model}-{ds}-s{cfg.seed}", "name")
 
 
 def lr_factor(cfg: Config, step: int, total: int, steps_per_epoch: int) -> float:
@@ -147,6 +159,10 @@ def train(cfg: Config, log=print) -> Path:
     dist, device = setup_distributed(cfg.device)
     say = log if dist.main else (lambda *a, **k: None)
     run = Run(Path(cfg.out_dir) / run_name(cfg))
+    if run.dir.is_symlink():  # a real folder inside out_dir: nothing is written elsewhere
+        raise IgamError(f"'{run.dir}' is a symbolic link (to '{os.readlink(run.dir)}'). igam writes a run "
+                        "only into a real folder inside out_dir; give out_dir=... the folder you want, or "
+                        "another name=....")
     fresh = not run.dir.exists()
     lock = run.lock(log=say) if dist.main else None  # a second process on this folder stops here
     try:

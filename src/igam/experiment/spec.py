@@ -15,7 +15,7 @@ from igam.attacks.presets import parse_preset
 from igam.config import Config, group_keys, make_config
 from igam.data.subsets import split_subset, static_classes, subset_size
 from igam.errors import IgamError, suggest
-from igam.files import read_yaml
+from igam.files import check_name, read_yaml
 from igam.objectives import builds_own_model, check_method, trained_model_name
 from igam.runs import Run
 from igam.units import check_eps
@@ -73,7 +73,8 @@ def _expand_env(value: Any) -> Any:
 
 
 def _fmt_value(v: Any) -> str:
-    return str(v).replace("/", "_")
+    """A swept value as part of a stage (folder) name: path separators become '_'."""
+    return str(v).replace("/", "_").replace("\\", "_")
 
 
 MINIATURE_DATA = {
@@ -171,6 +172,12 @@ def load_experiment(
     for i, s in enumerate(raw["stages"]):
         if not isinstance(s, dict) or "name" not in s:
             raise IgamError(f"Stage {i + 1} of '{path}' needs a `name:` and a `config:` mapping.")
+        try:  # the stage's run folder is out_dir/NAME: one folder name, never a path
+            if isinstance(s["name"], int) and not isinstance(s["name"], bool):
+                s["name"] = str(s["name"])  # `name: 2020` is the folder 2020
+            check_name(s["name"], "name")
+        except IgamError as e:
+            raise IgamError(f"'{path}', stage {i + 1}: {e}") from None
         for key in s:
             if key not in STAGE_KEYS:
                 raise IgamError(f"Unknown key '{key}' in stage '{s['name']}'.{suggest(key, STAGE_KEYS)}")
@@ -188,6 +195,11 @@ def load_experiment(
             if miniature:
                 cfg = miniaturize(cfg)
             suffix = "".join(f"-{k}={_fmt_value(v)}" for k, v in zip(keys, combo))
+            try:
+                check_name(f"{s['name']}{suffix}", "name")
+            except IgamError as e:
+                raise IgamError(f"'{path}', stage '{s['name']}': the stage name its sweep makes is refused: "
+                                f"{e}") from None
             row, curve, tag = s.get("row", ""), s.get("curve", ""), MINIATURE_TAG if miniature else ""
             stages.append(
                 Stage(
