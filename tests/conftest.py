@@ -56,8 +56,8 @@ def real_cifar_dir() -> Path:
 # one tiny real run (synthetic 16x16 grey images, 4 classes, width-4 small-cnn, 2 steps): made once per test
 # process by `tiny_run`; tests that change or damage it work on a copy (`copy_run`)
 TINY_RUN = {"dataset": "synthetic:16x16x1:4", "model": "small-cnn", "width": "4", "train_subset": "64",
-            "test_subset": "32", "batch_size": "32", "epochs": "1", "progress": "false", "tensorboard": "false",
-            "eval_n": "32", "threads": "1"}
+            "test_subset": "32", "batch_size": "32", "epochs": "1", "progress": "false",
+            "tensorboard": "false", "eval_n": "32", "threads": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +67,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from igam.train import train
 
     out = tmp_path_factory.mktemp("tiny")
-    return train(make_config(overrides={**TINY_RUN, "out_dir": str(out), "name": "tiny"}), log=lambda *a: None)
+    cfg = make_config(overrides={**TINY_RUN, "out_dir": str(out), "name": "tiny"})
+    return train(cfg, log=lambda *a: None)
 
 
 def copy_run(run: Path, where: Path, name: str = "r") -> Path:

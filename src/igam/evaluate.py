@@ -360,6 +360,93 @@ def sweep_observations(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     return [o for o in out if o is not None]
 
 
+def _num(v: Any, lo: float = -1e300, hi: float = 1e300) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi
+            and (not isinstance(v, float) or math.isfinite(v)))
+
+
+def record_problem(rec: Any) -> str:
+    """'' for an eval.json attack record whose fields have the types igam writes (accuracy in [0, 1], n,
+    seed, eps, bn, attack, per_class, correct, time_s); else what is wrong with it."""
+    if not isinstance(rec, dict):
+        return f"it is a {type(rec).__name__}, not an object"
+    if not _num(rec.get("accuracy"), 0, 1):
+        return "its accuracy is missing or not a number in [0, 1]"
+    if not isinstance(rec.get("n"), int) or isinstance(rec.get("n"), bool) or not 0 <= rec["n"] <= 10**9:
+        return "its n (number of images) is missing or not a whole number"
+    for key, ok in (("seed", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+                    ("eps", lambda v: _num(v, 0, 1)), ("bn", lambda v: isinstance(v, str)),
+                    ("attack", lambda v: isinstance(v, dict)), ("correct", lambda v: _bits_ok(v, rec["n"])),
+                    ("time_s", _num), ("batch_size", lambda v: isinstance(v, int)),
+                    ("run_status", lambda v: isinstance(v, str)),
+                    ("stale_weights", lambda v: isinstance(v, str)), ("per_class", _per_class_ok)):
+        if rec.get(key) is not None and not ok(rec[key]):
+            return f"its {key} is {str(rec[key])[:40]!r}"
+    return ""
+
+
+def _bits_ok(text: Any, n: int) -> bool:
+    """Whether `text` is the packed per-image results of n images (`pack_correct`)."""
+    if not isinstance(text, str) or len(text) > 4 * ((n + 7) // 8 + 3):
+        return False
+    try:
+        return len(base64.b64decode(text, validate=True)) == (n + 7) // 8
+    except ValueError:  # binascii.Error
+        return False
+
+
+def _per_class_ok(pc: Any) -> bool:
+    if not isinstance(pc, dict):
+        return False
+    acc, classes, worst = pc.get("accuracy"), pc.get("classes"), pc.get("worst_class")
+    return (all(pc.get(k) is None or _num(pc.get(k), 0, 1) for k in ("mean", "worst"))
+            and (acc is None or isinstance(acc, list) and all(a is None or _num(a, 0, 1) for a in acc))
+            and (pc.get("count") is None or isinstance(pc["count"], list))
+            and (classes is None or isinstance(classes, list) and all(isinstance(c, str) for c in classes))
+            and (worst is None or isinstance(worst, int) and not isinstance(worst, bool) and worst >= 0))
+
+
+def _masking_ok(mc: Any) -> bool:
+    if not isinstance(mc, dict):
+        return False
+    checks, failed = mc.get("checks"), mc.get("failed")
+    return (isinstance(checks, dict)
+            and all(isinstance(v, dict) and v.get("passed") in (True, False, None)
+                    and isinstance(v.get("detail", ""), str) for v in checks.values())
+            and (failed is None or isinstance(failed, list) and all(isinstance(f, str) for f in failed))
+            and mc.get("passed") in (True, False, None)
+            and (mc.get("eps") is None or _num(mc["eps"], 0, 1)))
+
+
+def read_eval(run: Run | Path | str, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """RUN/eval.json for the readers that show or summarise it (reports, experiment results, model info):
+    {} when absent; records and a masking_checks section that igam did not write as they are (a wrong
+    type, a missing accuracy, NaN, ...) are left out with one warning through `log` naming the file and
+    the keys. eval.json itself is left as it is.
+
+    Raises:
+        IgamError: when the file is not JSON or not an object (`read_json_object`).
+    """
+    path = (run if isinstance(run, Run) else Run(run)).eval_path
+    if not path.exists():
+        return {}
+    data = read_json_object(path)
+    out, bad = {}, []
+    for k, v in data.items():
+        if k == "masking_checks":
+            problem = "" if _masking_ok(v) else "it is not the section igam writes"
+        else:
+            problem = record_problem(v)
+        if problem:
+            bad.append(f"{k!r} ({problem})")
+        else:
+            out[k] = v
+    if bad and log is not None:
+        log(f"igam: WARNING: '{path}' holds damaged entries, left out: {'; '.join(bad)[:400]}. Delete them "
+            "and evaluate those attacks again.")
+    return out
+
+
 def update_eval_json(run: Run, update: Callable[[dict[str, Any]], dict[str, Any]],
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Read RUN/eval.json, apply `update` to its contents and write the result, all under the run's eval

@@ -252,7 +252,7 @@ def evaluate_experiment(exp: Experiment, log=print, only: list[str] | None = Non
 def write_results(exp: Experiment, log=print) -> dict[str, Any]:
     """results.json, results.md, tradeoff.png, the frontier pictures and report.html from the runs' eval.json
     files as they are."""
-    results = collect_results(exp)
+    results = collect_results(exp, log)
     try:
         frontier, frontier_md = frontier_results(exp, results), frontier_markdown(exp, results, column_name)
     except Exception as e:  # noqa: BLE001  (the ranking must never lose the results either)

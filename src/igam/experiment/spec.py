@@ -231,11 +231,23 @@ def load_experiment(
     )
     for st in exp.stages:
         resolve_stage(exp, st)  # validates keys, types and references
+        here = names.index(st.name)
         for ref in references(st):
-            if ref not in names[: names.index(st.name)]:
+            if ref == st.name:
+                raise IgamError(f"Stage '{st.name}' refers to itself ('{{{ref}}}'): a stage can use only the "
+                                "run of an earlier stage (e.g. its teacher). Name an earlier stage.")
+            if ref in names[here:]:
                 raise IgamError(
-                    f"Stage '{st.name}' refers to '{{{ref}}}', which is not an earlier stage."
-                    f"{suggest(ref, names)}"
+                    f"Stage '{st.name}' refers to '{{{ref}}}', which comes later in the file (stage "
+                    f"{names.index(ref) + 1}; '{st.name}' is stage {here + 1}). Stages run in order and each "
+                    f"may use only earlier ones: move '{ref}' above '{st.name}'"
+                    + (" (two stages that refer to each other cannot both run first: break the cycle)."
+                       if st.name in references(exp.stages[names.index(ref)]) else ".")
+                )
+            if ref not in names:
+                raise IgamError(
+                    f"Stage '{st.name}' refers to '{{{ref}}}', which is not a stage of '{path}'."
+                    f"{suggest(ref, names[:here])}"
                 )
     return exp
 
@@ -343,7 +355,10 @@ def _where(value: Any) -> Any:
     and `/work/shared/data` are one folder); names such as igam:NAME or robustbench:... stay as they are."""
     if not isinstance(value, str) or not value or re.match(r"^[A-Za-z][\w+-]*:(?![\\/])", value):
         return value
-    return str(Path(value).expanduser().resolve())
+    try:
+        return str(Path(value).expanduser().resolve())
+    except (OSError, ValueError, RuntimeError):  # e.g. a NUL byte (a damaged config.yaml): not a path
+        return value
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
