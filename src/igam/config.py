@@ -387,6 +387,18 @@ def validate(cfg: Config) -> None:
                         "Use e.g. fd_step=1e-2 (the default) or 1e-3.")
     if cfg.name:  # one folder directly inside out_dir, never a path (the default name: train.run_name)
         check_name(cfg.name, "name")
+    # adversarial training that makes no adversarial examples would be recorded under a name it is not
+    no_attack = ("eps=0" if check_eps(cfg.eps) == 0 else
+                 "steps=0" if cfg.method in ("pgd-at", "trades") and cfg.steps == 0 else
+                 "step_size=0" if cfg.method in ("pgd-at", "trades") and check_eps(cfg.step_size) == 0 else
+                 "trades_beta=0" if cfg.method == "trades" and cfg.trades_beta == 0 else "")
+    if cfg.method in ADVERSARIAL and no_attack:
+        key = no_attack.split("=")[0]
+        example = {"eps": " (e.g. eps=8/255, or 0.3 on MNIST)", "steps": " (e.g. steps=7)",
+                   "step_size": " (e.g. step_size=2/255)", "trades_beta": " (e.g. trades_beta=6)"}[key]
+        raise IgamError(f"method={cfg.method} with {no_attack} learns from clean images only: it would be "
+                        f"recorded as {cfg.method} but is standard training. Give a positive {key}{example}, "
+                        "or use method=standard.")
     if not 0 <= cfg.seed < 2**63:
         raise IgamError(f"seed={cfg.seed} must lie in 0 .. 2**63-1.")
     if cfg.keep_checkpoints < 1:

@@ -170,9 +170,12 @@ def safe_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
 
 
 def write_error(path: Path, e: BaseException) -> WriteError:
-    """The WriteError of a failed write of `path`: 'Cannot write PATH (REASON).' (callers add what to do)."""
+    """The WriteError of a failed write of `path`: 'Cannot write PATH (REASON); free disk space or fix the
+    folder's permissions, then run the command again.' (callers that know more say it from e.path and
+    e.reason)."""
     reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
-    return WriteError(f"Cannot write '{path}' ({reason}).", path, reason)
+    return WriteError(f"Cannot write '{path}' ({reason}); free disk space or fix the folder's permissions, "
+                      "then run the command again.", path, reason)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -425,23 +428,26 @@ def save_weights(module_or_state: torch.nn.Module | dict, path: Path,
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     path = Path(path)
     refuse_link(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _mkstemp(path)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _mkstemp(path)
+        os.close(fd)
         save_file(tensors, tmp, metadata=metadata or None)
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors recreates the file 0600; match the other files
         kill_point("weights-write")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except Exception as e:  # OSError, or safetensors' own SafetensorError on a full disk
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
         raise WriteError(f"Cannot write weights '{path}' ({reason}); the checkpoints are intact. Free disk "
                          "space (or fix permissions), then continue with resume=true.", path, reason
                          ) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
