@@ -153,3 +153,13 @@ def test_a_numeric_stage_name_is_its_folder(tmp_path: Path) -> None:
 def test_name_errors_say_what_to_do(capsys, tmp_path: Path) -> None:
     line = _error(capsys, ["train", *_tiny(out_dir=str(tmp_path), name="a/b")], "name=")
     assert "out_dir=" in line and "one folder name" in line
+
+
+@pytest.mark.parametrize("override,needle", [("out_dir=a\x00b", "NUL"), ("data_dir=d\x00", "NUL"),
+                                             ("out_dir=" + "d" * 5000, "too long")])
+def test_an_out_dir_no_file_system_takes_is_one_clear_error(tmp_path: Path, monkeypatch, capsys,
+                                                            override: str, needle: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    _error(capsys, ["train", *_tiny(), override], needle)
+    _error(capsys, ["evaluate", str(tmp_path / ("r" * 5000))], "too long")
+    assert _files(tmp_path) == []

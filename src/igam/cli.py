@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -710,8 +711,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush of stdout does not fail again
         return 1
     except OSError as e:  # the environment, not the input: a full disk, permissions, a vanished file
-        where = f" ('{e.filename}')" if e.filename else ""
+        where = f" ('{str(e.filename)[:300]}')" if e.filename else ""
         trains = args.verb in CONFIG_VERBS | {"run", "demo"}
+        if e.errno == errno.ENAMETOOLONG:
+            print(f"igam: error: {e.strerror}{where}: use a shorter path.", file=sys.stderr)
+            return 2
         print(
             f"igam: error: {e.strerror or e}{where}. Free disk space or fix permissions"
             + ("; an interrupted training run continues with resume=true." if trains else

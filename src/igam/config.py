@@ -387,6 +387,10 @@ def validate(cfg: Config) -> None:
                         "Use e.g. fd_step=1e-2 (the default) or 1e-3.")
     if cfg.name:  # one folder directly inside out_dir, never a path (the default name: train.run_name)
         check_name(cfg.name, "name")
+    for key, value in cfg.to_dict().items():  # paths and names reach the file system: no NUL there
+        if isinstance(value, str) and "\x00" in value:
+            raise IgamError(f"{key}={value[:60]!r} holds a NUL character, which no path or name can hold; "
+                            "remove it.")
     # adversarial training that makes no adversarial examples would be recorded under a name it is not
     no_attack = ("eps=0" if check_eps(cfg.eps) == 0 else
                  "steps=0" if cfg.method in ("pgd-at", "trades") and cfg.steps == 0 else

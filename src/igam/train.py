@@ -159,12 +159,16 @@ def train(cfg: Config, log=print) -> Path:
     dist, device = setup_distributed(cfg.device)
     say = log if dist.main else (lambda *a, **k: None)
     run = Run(Path(cfg.out_dir) / run_name(cfg))
-    if run.dir.is_symlink():  # a real folder inside out_dir: nothing is written elsewhere
-        raise IgamError(f"'{run.dir}' is a symbolic link (to '{os.readlink(run.dir)}'). igam writes a run "
-                        "only into a real folder inside out_dir; give out_dir=... the folder you want, or "
-                        "another name=....")
-    fresh = not run.dir.exists()
-    made = [p for p in run.dir.parents if not p.exists()]  # out_dir (and folders above) this run creates
+    try:
+        if run.dir.is_symlink():  # a real folder inside out_dir: nothing is written elsewhere
+            raise IgamError(f"'{run.dir}' is a symbolic link (to '{os.readlink(run.dir)}'). igam writes "
+                            "a run only into a real folder inside out_dir; give out_dir=... the folder you "
+                            "want, or another name=....")
+        fresh = not run.dir.exists()
+        made = [p for p in run.dir.parents if not p.exists()]  # out_dir (and folders above) made for it
+    except OSError as e:  # e.g. a name too long for the file system
+        raise IgamError(f"Cannot use the run directory '{str(run.dir)[:200]}' ({e.strerror or e}); choose "
+                        "another out_dir=... or name=....") from None
 
     def undo_if_empty() -> bool:
         """Refused before anything was written: leave no empty run folder, nor an out_dir made for it
