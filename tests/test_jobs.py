@@ -228,7 +228,8 @@ def test_dry_run_with_jobs_prints_each_slot_and_the_wall_time(tmp_path, capsys) 
     stages = re.findall(r"^\| (\S+) \| \S+ \| \S+ \| \S+ \| \S+ \| todo \|", out, re.M)
     from igam.experiment.spec import load_experiment
 
-    assert len(stages) == len(load_experiment(ANIMALS).stages) and sorted(n for n in slot1 + slot2 if "(eval)" not in n) == sorted(stages)
+    assert len(stages) == len(load_experiment(ANIMALS).stages)
+    assert sorted(n for n in slot1 + slot2 if "(eval)" not in n) == sorted(stages)
     m = re.search(r"estimated wall time: (\d+)h(\d+)m \(one after another: (\d+)h(\d+)m\); each stage", out)
     wall, serial = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
     assert serial / 2 <= wall < serial

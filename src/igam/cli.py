@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -276,11 +277,15 @@ def cmd_info(args, extra) -> int:
 
     if str(args.run).startswith(shipped.PREFIX):  # a shipped teacher: its certificate
         cert = shipped.certificate(args.run)
-        print(json.dumps(cert, indent=2) if args.json else
-              "\n".join([shipped.describe(cert)] + [f"{k:<14} {v}" for k, v in cert.items() if k != "name"]))
+        problem = shipped.weights_mismatch(args.run)  # the certificate holds only for the certified file
+        print(json.dumps({**cert, "weights_match_certificate": not problem}, indent=2) if args.json else
+              "\n".join([shipped.describe(cert)] + [f"{k:<14} {v}" for k, v in cert.items() if k != "name"]
+                        + [f"{'weights':<14} {'MISMATCH' if problem else 'sha256 matches the certificate'}"]))
+        if problem:
+            raise IgamError(f"{problem} The certificate above describes the certified file, not this one.")
         return 0
     run_dir = resolve_run(args.run)
-    out = {"run": str(run_dir), "meta": read_json(run_dir / Run.META)}
+    out = {"run": str(run_dir), "meta": Run(run_dir).meta}  # checked: a damaged field is one clear error
     for name in (Run.METRICS, Run.EVAL):
         if (run_dir / name).exists():
             out[name[:-5]] = read_json(run_dir / name)
@@ -289,7 +294,7 @@ def cmd_info(args, extra) -> int:
         print(
             f"run      {run_dir}\nstatus   {meta.get('status')}\nmethod   {meta.get('method')}\n"
             f"model    {meta['model']['name']} ({meta['model']['num_classes']} classes, input "
-            f"{meta['data']['shape']})\ndataset  {meta['data']['dataset']}\nseed     {meta.get('seed')}\n"
+            f"{meta['data'].get('shape')})\ndataset  {meta['data']['dataset']}\nseed     {meta.get('seed')}\n"
             f"version  {meta.get('version')} (git {str(meta.get('git_commit'))[:10]}, "
             f"torch {meta.get('torch')})"
         )
@@ -749,10 +754,15 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush of stdout does not fail again
         return 1
     except OSError as e:  # the environment, not the input: a full disk, permissions, a vanished file
-        where = f" ('{e.filename}')" if e.filename else ""
+        where = f" ('{str(e.filename)[:300]}')" if e.filename else ""
+        trains = args.verb in CONFIG_VERBS | {"run", "demo"}
+        if e.errno == errno.ENAMETOOLONG:
+            print(f"igam: error: {e.strerror}{where}: use a shorter path.", file=sys.stderr)
+            return 2
         print(
-            f"igam: error: {e.strerror or e}{where}. Free disk space or fix permissions; an interrupted "
-            "training run continues with resume=true.",
+            f"igam: error: {e.strerror or e}{where}. Free disk space or fix permissions"
+            + ("; an interrupted training run continues with resume=true." if trains else
+               ", then run the same command again."),
             file=sys.stderr,
         )
         return 2

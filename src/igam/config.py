@@ -17,7 +17,7 @@ import yaml
 
 import igam.registry as registry
 from igam.errors import IgamError, suggest
-from igam.files import atomic_write_text, read_yaml
+from igam.files import atomic_write_text, check_name, read_yaml
 from igam.registry import Key
 from igam.units import check_eps, parse_fraction
 
@@ -362,6 +362,24 @@ def validate(cfg: Config) -> None:
     if cfg.lr == 0:
         raise IgamError("lr=0 makes every training step a no-op (the weights never change); give a positive "
                         "lr.")
+    if cfg.name:  # one folder directly inside out_dir, never a path (the default name: train.run_name)
+        check_name(cfg.name, "name")
+    for key, value in cfg.to_dict().items():  # paths and names reach the file system: no NUL there
+        if isinstance(value, str) and "\x00" in value:
+            raise IgamError(f"{key}={value[:60]!r} holds a NUL character, which no path or name can hold; "
+                            "remove it.")
+    # adversarial training that makes no adversarial examples would be recorded under a name it is not
+    no_attack = ("eps=0" if check_eps(cfg.eps) == 0 else
+                 "steps=0" if cfg.method in ("pgd-at", "trades") and cfg.steps == 0 else
+                 "step_size=0" if cfg.method in ("pgd-at", "trades") and check_eps(cfg.step_size) == 0 else
+                 "trades_beta=0" if cfg.method == "trades" and cfg.trades_beta == 0 else "")
+    if info is not None and info.adversarial and no_attack:
+        key = no_attack.split("=")[0]
+        example = {"eps": " (e.g. eps=8/255, or 0.3 on MNIST)", "steps": " (e.g. steps=7)",
+                   "step_size": " (e.g. step_size=2/255)", "trades_beta": " (e.g. trades_beta=6)"}[key]
+        raise IgamError(f"method={cfg.method} with {no_attack} learns from clean images only: it would be "
+                        f"recorded as {cfg.method} but is standard training. Give a positive {key}{example}, "
+                        "or use method=standard.")
     if not 0 <= cfg.seed < 2**63:
         raise IgamError(f"seed={cfg.seed} must lie in 0 .. 2**63-1.")
     if cfg.keep_checkpoints < 1:

@@ -9,6 +9,8 @@ final weights and metrics.
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,9 +32,16 @@ from igam.distributed import (
     setup_distributed,
     shard,
 )
-from igam.errors import IgamError, NonFiniteOutputs
+from igam.errors import IgamError, NonFiniteOutputs, WriteError
 from igam.evaluate import accuracy, evaluate_attack
-from igam.files import PACKAGE_VERSION, install_kill_hooks, kill_point, save_weights, write_json
+from igam.files import (
+    PACKAGE_VERSION,
+    check_name,
+    install_kill_hooks,
+    kill_point,
+    save_weights,
+    write_json,
+)
 from igam.guard import (
     MAX_SKIP_SHARE,
     MAX_SKIPS_IN_A_ROW,
@@ -64,9 +73,12 @@ __all__ = ["MAX_SKIPS_IN_A_ROW", "MAX_SKIP_SHARE", "lr_factor", "make_optimizer"
 def run_name(cfg: Config) -> str:
     """cfg.name, or METHOD-MODEL-DATASET-sSEED (MODEL: the network trained, e.g. adapted-madry-mnist for a
     fine-tuned madry-mnist teacher)."""
-    ds = cfg.dataset.replace(":", "-").replace("/", "_")[:40]
-    model = (trained_model_name(cfg) or cfg.model).replace(":", "-").replace("/", "_")
-    return cfg.name or f"{cfg.method}-{model}-{ds}-s{cfg.seed}"
+    def part(text: str) -> str:
+        return re.sub(r"[/\\\x00-\x1f\x7f]", "_", text.replace(":", "-"))
+
+    ds = part(cfg.dataset)[:40]
+    model = part(trained_model_name(cfg) or cfg.model)
+    return check_name(cfg.name or f"{part(cfg.method)}-{model}-{ds}-s{cfg.seed}", "name")
 
 
 def lr_factor(cfg: Config, step: int, total: int, steps_per_epoch: int) -> float:
@@ -162,14 +174,45 @@ def train(cfg: Config, log=print) -> Path:
     dist, device = setup_distributed(cfg.device)
     say = log if dist.main else (lambda *a, **k: None)
     run = Run(Path(cfg.out_dir) / run_name(cfg))
-    fresh = not run.dir.exists()
+    try:
+        if run.dir.is_symlink():  # a real folder inside out_dir: nothing is written elsewhere
+            raise IgamError(f"'{run.dir}' is a symbolic link (to '{os.readlink(run.dir)}'). igam writes "
+                            "a run only into a real folder inside out_dir; give out_dir=... the folder you "
+                            "want, or another name=....")
+        fresh = not run.dir.exists()
+        made = [p for p in run.dir.parents if not p.exists()]  # out_dir (and folders above) made for it
+    except OSError as e:  # e.g. a name too long for the file system
+        raise IgamError(f"Cannot use the run directory '{str(run.dir)[:200]}' ({e.strerror or e}); choose "
+                        "another out_dir=... or name=....") from None
+
+    def undo_if_empty() -> bool:
+        """Refused before anything was written: leave no empty run folder, nor an out_dir made for it
+        (while the lock is still held, so no other process is inside)."""
+        if not (fresh and run.remove_if_empty()):
+            return False
+        for p in made:  # nearest first; a folder something else wrote into stays
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        return True
+
     lock = run.lock(log=say) if dist.main else None  # a second process on this folder stops here
     try:
         with process_settings():  # TF32, determinism, threads: as the caller had them after the run
             return _train(cfg, run, dist, device, say)
+    except WriteError as e:  # a full disk or a read-only folder: meta.json must not go on saying `running`
+        text = str(e) if "resume=true" in str(e) else (
+            f"Training stopped: cannot write '{e.path}' ({e.reason}). Free disk space (or fix permissions), "
+            "then continue with resume=true.")
+        if (lock is not None and not undo_if_empty()
+                and run.mark_stopped(f"cannot write '{e.path}' ({e.reason})") is None):
+            text += " meta.json could not be updated either, so it still says `running`; nothing trains it."
+        e.args = (text,)
+        raise
     except BaseException:
-        if lock is not None and fresh:  # refused before anything was written: leave no empty folder
-            run.remove_if_empty()  # while the lock is still held, so no other process is inside
+        if lock is not None:
+            undo_if_empty()
         raise
     finally:
         if lock is not None:
@@ -223,17 +266,26 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
     skipped, skipped_in_a_row, count, last = 0, 0, 0, {}
     sums: dict[str, torch.Tensor] = {}
     if state is not None:
-        load_state_checked(model, state["model"], f"The checkpoint in {run_dir}")
-        optimizer.load_state_dict(state["optimizer"])
-        objective.load_state_dict(state["objective"])
-        objective.load_extra_state(state["objective_extra"])
-        set_rng_state(state["rng"])
-        step = int(state["step"])
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        skipped, skipped_in_a_row = int(state.get("skipped", 0)), int(state.get("skipped_in_a_row", 0))
-        last = dict(state.get("last_log", {}))
-        count = int(state.get("log_count", 0))
-        sums = {k: torch.tensor(v, device=device) for k, v in state.get("log_sums", {}).items()}
+        try:  # a checkpoint whose checksum matches but whose contents do not fit: one clear error
+            load_state_checked(model, state["model"], f"The checkpoint in {run_dir}")
+            optimizer.load_state_dict(state["optimizer"])
+            objective.load_state_dict(state["objective"])
+            objective.load_extra_state(state["objective_extra"])
+            set_rng_state(state["rng"])
+            step = int(state["step"])
+            elapsed_before = float(state.get("elapsed_s", 0.0))
+            skipped, skipped_in_a_row = int(state.get("skipped", 0)), int(state.get("skipped_in_a_row", 0))
+            last = dict(state.get("last_log", {}))
+            count = int(state.get("log_count", 0))
+            sums = {k: torch.tensor(v, device=device) for k, v in state.get("log_sums", {}).items()}
+            if step < 0 or not 0 <= skipped_in_a_row <= skipped <= step:
+                raise ValueError(f"step {step}, {skipped} skipped")
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError,
+                OverflowError) as e:
+            raise IgamError(f"The newest checkpoint in {run_dir / 'checkpoints'} does not fit this run "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); it was not written by "
+                            "this run's settings or was tampered with. Delete it (and its .json) to resume "
+                            "from the one before, or resume with the settings it was written with.") from None
         say(f"igam: resumed {run_dir} at step {step}/{total}")
         changed = changed_settings(run, cfg)
         if changed:
@@ -265,8 +317,8 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
         write_json(run.meta_path, meta)
     resume_step = step if state else None
     logger = CSVLogger(run / Run.LOG, (run / Run.TB) if cfg.tensorboard else None,
-                       resume_step=resume_step) if dist.main else None
-    eval_logger = CSVLogger(run / Run.EVAL_LOG, None, resume_step=resume_step) if dist.main else None
+                       resume_step=resume_step, log=say) if dist.main else None
+    eval_logger = CSVLogger(run / Run.EVAL_LOG, None, resume_step=resume_step, log=say) if dist.main else None
 
     amp_ctx = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
                if cfg.amp != "none" and device.type == "cuda" else nullcontext())

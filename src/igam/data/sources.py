@@ -123,6 +123,26 @@ def check_labels(y_train: torch.Tensor, y_test: torch.Tensor, where: str, inferr
             "with extra outputs. Remap the labels to 0 .. K-1, or save class_names in the npz to confirm.")
 
 
+def check_test_labels(y_train: torch.Tensor, y_test: torch.Tensor, where: str) -> None:
+    """Every test label must occur among the training labels: a class with test images but no training
+    images is one no model can learn (it would count as an extra output and every test image of it as
+    an error), so a stray or shifted test label is refused, not turned into a class.
+
+    Raises:
+        IgamError: naming the labels (and how many test images carry them) and the fix.
+    """
+    if not len(y_train) or not len(y_test):
+        return
+    stray = ~torch.isin(y_test, torch.unique(y_train))
+    unseen = torch.unique(y_test[stray]).tolist()
+    if unseen:
+        shown = ", ".join(map(str, unseen[:8])) + (", ..." if len(unseen) > 8 else "")
+        raise IgamError(f"{where}: {int(stray.sum())} test image(s) carry label(s) {shown}, which no "
+                        "training image has: a class without training images cannot be learned, and every "
+                        "test image of it would count as an error. Fix or remap those test labels (or add "
+                        "training images of the class).")
+
+
 def _labels(y: np.ndarray, where: Path) -> torch.Tensor:
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
@@ -174,6 +194,7 @@ def load_npz(path: Path, name: str) -> Arrays:
         raise IgamError(f"'{path}': the number of images and labels differ.")
     if len(out.y_train) and len(out.y_test):  # empty splits: check_arrays names them
         check_labels(out.y_train, out.y_test, f"'{path}'", inferred=not out.class_names)
+        check_test_labels(out.y_train, out.y_test, f"'{path}'")
     if not out.class_names:
         out.class_names = [str(i) for i in range(out.num_classes)]
     return out
@@ -496,6 +517,7 @@ def load_imagefolder(path: Path) -> Arrays:
 
     xtr, ytr = read(path / "train")
     xte, yte = read(test_dir)
+    check_test_labels(ytr, yte, f"ImageFolder '{path}'")
     if xtr.shape[1:] != xte.shape[1:]:
         raise IgamError(f"Train images {tuple(xtr.shape[1:])} and test images {tuple(xte.shape[1:])} in "
                         f"'{path}' differ in shape.")

@@ -4,14 +4,16 @@ results.md table, matched-clean-accuracy comparisons and the robust-vs-clean tra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import igam.registry as registry
 from igam.attacks.checks import summary
+from igam.evaluate import read_eval
 from igam.experiment.costs import hms
 from igam.experiment.spec import Experiment, Stage, resolve_stage
-from igam.files import read_json_object
+from igam.files import write_figure
 from igam.runs import Run
 
 
@@ -22,14 +24,14 @@ def masking_summary(mc: Any) -> str | None:
     return summary(mc["checks"])
 
 
-def collect_results(exp: Experiment) -> dict[str, Any]:
+def collect_results(exp: Experiment, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"experiment": exp.name, "rows": []}
     for st in exp.stages:
         run_dir = exp.out_dir / st.name
         if not (run_dir / Run.META).exists():
             continue
         meta = Run(run_dir).meta
-        ev = read_json_object(run_dir / Run.EVAL) if (run_dir / Run.EVAL).exists() else {}
+        ev = read_eval(run_dir, log)  # damaged records left out, with a warning
         acc = {
             k: round(100 * v["accuracy"], 2) for k, v in ev.items() if isinstance(v, dict) and "accuracy" in v
         }
@@ -223,6 +225,6 @@ def plot_tradeoff(exp: Experiment, results: dict[str, Any], path: Path) -> Path 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120, format="png")
     plt.close(fig)
     return path

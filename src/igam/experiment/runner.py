@@ -26,7 +26,7 @@ from igam.experiment.spec import (
 )
 from igam.experiment.stages import evaluate_stage, pending_attacks, pending_checks, row_stages
 from igam.experiment.status import Board
-from igam.files import atomic_write_text, write_json
+from igam.files import atomic_write_text, copy_file, write_json
 from igam.objectives import trained_model_name
 from igam.report import write_report
 from igam.runs import Run
@@ -191,7 +191,7 @@ def run_experiment(
     if isinstance(runner, SlurmExecutor):
         runner.check()
     exp.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(exp.out_dir / "experiment.yaml", Path(exp.source).read_text())
+    copy_file(Path(exp.source), exp.out_dir / "experiment.yaml")
     tasks = build_tasks(exp, only, gpu=runner.gpu, log=log)
     reused = [st.name for st in exp.stages if (not only or st.name in only)
               and not any(t.name == st.name for t in tasks)]
@@ -253,7 +253,7 @@ def evaluate_experiment(exp: Experiment, log=print, only: list[str] | None = Non
 def write_results(exp: Experiment, log=print) -> dict[str, Any]:
     """results.json, results.md, tradeoff.png, the frontier pictures and report.html from the runs' eval.json
     files as they are."""
-    results = collect_results(exp)
+    results = collect_results(exp, log)
     try:
         frontier, frontier_md = frontier_results(exp, results), frontier_markdown(exp, results, column_name)
     except Exception as e:  # noqa: BLE001  (the ranking must never lose the results either)

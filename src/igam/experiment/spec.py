@@ -16,7 +16,7 @@ from igam.config import Config, all_keys, make_config, reads, used_by
 from igam.data.subsets import split_subset, static_classes, subset_size
 from igam.errors import IgamError, suggest
 from igam.experiment.cluster import ClusterOptions, check_cluster
-from igam.files import read_yaml
+from igam.files import check_name, read_yaml
 from igam.objectives import builds_own_model, check_method, trained_model_name
 from igam.runs import Run
 from igam.units import check_eps
@@ -76,7 +76,8 @@ def _expand_env(value: Any) -> Any:
 
 
 def _fmt_value(v: Any) -> str:
-    return str(v).replace("/", "_")
+    """A swept value as part of a stage (folder) name: path separators become '_'."""
+    return str(v).replace("/", "_").replace("\\", "_")
 
 
 MINIATURE_DATA = {
@@ -174,6 +175,12 @@ def load_experiment(
     for i, s in enumerate(raw["stages"]):
         if not isinstance(s, dict) or "name" not in s:
             raise IgamError(f"Stage {i + 1} of '{path}' needs a `name:` and a `config:` mapping.")
+        try:  # the stage's run folder is out_dir/NAME: one folder name, never a path
+            if isinstance(s["name"], int) and not isinstance(s["name"], bool):
+                s["name"] = str(s["name"])  # `name: 2020` is the folder 2020
+            check_name(s["name"], "name")
+        except IgamError as e:
+            raise IgamError(f"'{path}', stage {i + 1}: {e}") from None
         for key in s:
             if key not in STAGE_KEYS:
                 raise IgamError(f"Unknown key '{key}' in stage '{s['name']}'.{suggest(key, STAGE_KEYS)}")
@@ -191,6 +198,11 @@ def load_experiment(
             if miniature:
                 cfg = miniaturize(cfg)
             suffix = "".join(f"-{k}={_fmt_value(v)}" for k, v in zip(keys, combo))
+            try:
+                check_name(f"{s['name']}{suffix}", "name")
+            except IgamError as e:
+                raise IgamError(f"'{path}', stage '{s['name']}': the stage name its sweep makes is refused: "
+                                f"{e}") from None
             row, curve, tag = s.get("row", ""), s.get("curve", ""), MINIATURE_TAG if miniature else ""
             stages.append(
                 Stage(
@@ -223,11 +235,23 @@ def load_experiment(
     )
     for st in exp.stages:
         resolve_stage(exp, st)  # validates keys, types and references
+        here = names.index(st.name)
         for ref in references(st):
-            if ref not in names[: names.index(st.name)]:
+            if ref == st.name:
+                raise IgamError(f"Stage '{st.name}' refers to itself ('{{{ref}}}'): a stage can use only the "
+                                "run of an earlier stage (e.g. its teacher). Name an earlier stage.")
+            if ref in names[here:]:
                 raise IgamError(
-                    f"Stage '{st.name}' refers to '{{{ref}}}', which is not an earlier stage."
-                    f"{suggest(ref, names)}"
+                    f"Stage '{st.name}' refers to '{{{ref}}}', which comes later in the file (stage "
+                    f"{names.index(ref) + 1}; '{st.name}' is stage {here + 1}). Stages run in order and each "
+                    f"may use only earlier ones: move '{ref}' above '{st.name}'"
+                    + (" (two stages that refer to each other cannot both run first: break the cycle)."
+                       if st.name in references(exp.stages[names.index(ref)]) else ".")
+                )
+            if ref not in names:
+                raise IgamError(
+                    f"Stage '{st.name}' refers to '{{{ref}}}', which is not a stage of '{path}'."
+                    f"{suggest(ref, names[:here])}"
                 )
     return exp
 
@@ -334,7 +358,10 @@ def _where(value: Any) -> Any:
     and `/work/shared/data` are one folder); names such as igam:NAME or robustbench:... stay as they are."""
     if not isinstance(value, str) or not value or re.match(r"^[A-Za-z][\w+-]*:(?![\\/])", value):
         return value
-    return str(Path(value).expanduser().resolve())
+    try:
+        return str(Path(value).expanduser().resolve())
+    except (OSError, ValueError, RuntimeError):  # e.g. a NUL byte (a damaged config.yaml): not a path
+        return value
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from igam.data import load_data  # noqa: E402
 from igam.errors import IgamError  # noqa: E402
+from igam.files import refuse_link, write_figure  # noqa: E402
 from igam.runs import Run, resolve_run  # noqa: E402
 
 DPI = 150
@@ -28,16 +29,18 @@ DPI = 150
 
 def save_figure(fig: Figure, path: str | Path, pdf: bool = False, dpi: int = DPI) -> Path:
     """Write `fig` as PNG at `path`, plus a PDF beside it on request (or when `path` ends in .pdf).
-    The figure keeps its size: the PNG is exactly figsize * dpi pixels."""
+    The figure keeps its size: the PNG is exactly figsize * dpi pixels. Written with files.safe_write
+    (beside, then renamed; a symbolic link at either path is refused)."""
     path = Path(path)
     if path.suffix.lower() == ".pdf":
         path, pdf = path.with_suffix(".png"), True
     elif path.suffix.lower() != ".png":
         raise IgamError(f"Output '{path}' should end in .png (add --pdf for a PDF beside it).")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png", facecolor="white")
+    if pdf:  # both refused before either is written when one of them is a link
+        refuse_link(path.with_suffix(".pdf"))
+    write_figure(fig, path, dpi=dpi, format="png", facecolor="white")
     if pdf:
-        fig.savefig(path.with_suffix(".pdf"), format="pdf", facecolor="white")
+        write_figure(fig, path.with_suffix(".pdf"), format="pdf", facecolor="white")
     return path
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from igam.errors import IgamError
-from igam.evaluate import worst_case
-from igam.files import read_json, write_json
+from igam.evaluate import read_eval, worst_case
+from igam.files import write_json
 from igam.runs import Run
 
 MODEL_INFO = "model_info.json"
@@ -46,7 +46,7 @@ def model_info(run: str | Path, *, name: str = "", additional_data: bool = False
     if not r.eval_path.exists():
         raise IgamError(f"Run '{r.dir}' has no eval.json; evaluate it first (igam evaluate {r.dir} "
                         "--attacks clean,autoattack).")
-    ev = read_json(r.eval_path)
+    ev = read_eval(r)  # damaged records left out
     meta = r.meta
     clean = ev.get("clean")
     if not isinstance(clean, dict) or "accuracy" not in clean:
