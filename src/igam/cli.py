@@ -92,6 +92,7 @@ def cmd_run(args, extra) -> int:
 
 
 def cmd_evaluate(args, extra) -> int:
+    from igam.attacks.checks import older_notes
     from igam.attacks.checks import summary as check_summary
     from igam.evaluate import (
         evaluate_run,
@@ -152,6 +153,7 @@ def cmd_evaluate(args, extra) -> int:
                 per_class_text(a, rows[-1][1][a]) for a in attacks))
         mc = res["masking_checks"]
         notes.append(f"{label}: masking checks: {check_summary(mc['checks'])}")
+        notes += [f"{label}: {line}" for line in older_notes(mc["checks"])]
         if mc["failed"]:
             warnings.append(warning_block(str(run), mc["checks"]))
     used = sorted({rec["n"] for _, res in rows for rec in res.values()} | {c["n"] for _, c in curves})

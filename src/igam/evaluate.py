@@ -331,17 +331,21 @@ def observation(key: str, rec: dict[str, Any]) -> Observation | None:
         kind = "square"  # AutoAttack's Square alone is a black-box attack
     return Observation(key, kind, float(rec["eps"]), float(rec["accuracy"]), int(rec["n"]),
                        str(rec.get("bn", "eval")), int(s.get("steps", 0)), int(s.get("restarts", 1)),
-                       str(s.get("loss", "ce")), float(s.get("step_size", 0.0) or 0.0))
+                       str(s.get("loss", "ce")), float(s.get("step_size", 0.0) or 0.0),
+                       str(s.get("schedule", "constant")))
 
 
 def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | str | None = None,
                    observations: list[Observation] = (), sweeps: bool = True, queries: int = 1000,  # type: ignore[assignment]
                    batch_size: int = 500, seed: int = 0, bn: str = "eval",
-                   log: Callable[[str], None] | None = None, what: str = "The model") -> dict[str, Any]:
+                   log: Callable[[str], None] | None = None, what: str = "The model",
+                   current: set[str] | None = None) -> dict[str, Any]:
     """Gradient-masking checks of `model` on images x (uint8 or float [0,1]): input-gradient statistics and
     RobustBench's admission checks (`attacks.admission`: deterministic forward, no optimisation at
     inference; on the first ADMISSION_N images), plus the sweeps of `check_attacks` (sweeps=True), judged
-    together with earlier `observations`.
+    together with earlier `observations`. `current`: the names of the observations the calling command
+    made (None: all); failures among the others only are listed as older (`checks.run_checks`), and the
+    sweeps run here are current.
 
     Raises:
         NonFiniteOutputs: when the model's logits are NaN/Inf (a diverged model is not judged for masking).
@@ -361,7 +365,9 @@ def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
             say(f"check {label} on {len(x)} images ...")
             rec = run_attack(model, x, y, atk, batch_size=batch_size, seed=seed, bn=bn, what=what)
             obs.append(observation(f"check:{label}", rec))  # type: ignore[arg-type]
-    verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads, admission)
+            if current is not None:
+                current = current | {f"check:{label}"}
+    verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads, admission, current)
     failed = [k for k, v in verdicts.items() if v["passed"] is False]
     return {"passed": not failed, "failed": failed, "eps": nominal, "check_n": len(x), "checks": verdicts,
             "observations": [o.to_dict() for o in obs]}
@@ -626,7 +632,8 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     nc = min(len(x), check_n)
     results["masking_checks"] = masking_report(
         model, x[:nc], y[:nc], eps=eps, observations=obs, sweeps=checks, queries=check_queries,
-        batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"), what=what)
+        batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"), what=what,
+        current=set(results))  # the verdict is about what this command ran; older records are named
     merged["masking_checks"] = results["masking_checks"]
     write_json(path, merged)
     if sweep is not None:
