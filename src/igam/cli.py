@@ -94,6 +94,7 @@ def cmd_run(args, extra) -> int:
 def cmd_evaluate(args, extra) -> int:
     from igam.attacks.checks import older_notes
     from igam.attacks.checks import summary as check_summary
+    from igam.attacks.presets import check_queries
     from igam.evaluate import (
         evaluate_run,
         record_notes,
@@ -113,6 +114,7 @@ def cmd_evaluate(args, extra) -> int:
     for key in ("n", "batch_size", "check_n", "check_queries"):
         if getattr(args, key) != "auto" and getattr(args, key) < 1:
             raise IgamError(f"--{key.replace('_', '-')}={getattr(args, key)} must be at least 1.")
+    check_queries(args.check_queries, "--check-queries")
     if args.eps_sweep is not None and args.eps is not None:
         raise IgamError("Give --eps (one radius) or --eps-sweep (several), not both.")
     rows, warnings, notes, curves = [], [], [], []

@@ -350,8 +350,8 @@ class Range(NamedTuple):
 # does and why values outside make no sense (typical values in brackets).
 RANGES: dict[str, Range] = {
     "seed": Range(0, 2**63 - 1, "a seed for torch, NumPy and Python's generators"),
-    "threads": Range(0, 4096, "CPU threads for torch; 0 keeps torch's default (the machine's own limit, a "
-                     "multiple of its CPUs, is checked when the run starts)"),
+    # (the machine's own limit, a multiple of its CPUs, is checked where the run starts: utils.check_threads)
+    "threads": Range(0, BIG, "CPU threads for torch; 0 keeps torch's default"),
     "train_subset": Range(0, BIG, "the first N training images (0: all)"),
     "test_subset": Range(0, BIG, "the first N test images (0: all)"),
     "crop_padding": Range(0, 64, "pixels of zero padding around each image"),

@@ -67,6 +67,7 @@ __all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "check_foreign_teacher",
 
 CHECK_STEPS = (10, 20, 50)  # PGD step counts of the --checks step sweep
 EPS_SWEEP = (0.25, 0.5, 1.0, 1.5)  # multiples of eps of the --checks eps sweep (PGD-20)
+MAX_SWEEP = 64  # radii of one --eps-sweep
 
 
 def _batch_seed(seed: int, index: int) -> int:
@@ -288,6 +289,9 @@ def parse_eps_sweep(sweep: str | list[str | float] | tuple[str | float, ...], sh
     if not all(items):
         raise IgamError(f"--eps-sweep {','.join(items)!r} has an empty entry (two commas in a row, or one at "
                         "an end); give one radius between each pair of commas, e.g. 1/255,2/255,4/255.")
+    if len(items) > MAX_SWEEP:
+        raise IgamError(f"--eps-sweep has {len(items)} radii; a curve takes up to {MAX_SWEEP} (each radius "
+                        f"runs every attack again): give {MAX_SWEEP} or fewer, e.g. 1/255,2/255,4/255,8/255.")
     nominal = default_eps(shape)[0] if nominal is None else nominal
     out: dict[float, tuple[str, float]] = {}
     for t in items:

@@ -55,7 +55,7 @@ from igam.objectives import (
 from igam.runs import CSVLogger, Run, git_commit, load_latest_state, load_state_checked, save_state
 from igam.speed import float32_arithmetic, process_settings, speed_setup
 from igam.units import parse_fraction
-from igam.utils import bn_mode, rng_state, seed_everything, set_rng_state, to_unit, unwrap
+from igam.utils import bn_mode, check_threads, rng_state, seed_everything, set_rng_state, to_unit, unwrap
 
 __all__ = ["MAX_SKIPS_IN_A_ROW", "MAX_SKIP_SHARE", "lr_factor", "make_optimizer", "nonfinite_grads",
            "nonfinite_terms", "run_name", "train"]
@@ -142,6 +142,7 @@ def train(cfg: Config, log=print) -> Path:
             checkpoint stays, and an earlier model.safetensors is not replaced).
     """
     check_method(cfg.method)
+    check_threads(cfg.threads)  # machine-dependent, so checked here rather than with the config
     if cfg.amp_input_grad and cfg.amp != "bf16":
         raise IgamError("amp_input_grad=true runs the input-gradient path under amp=bf16; set amp=bf16 (fp16 "
                         "would need loss scaling inside the input gradient) or drop amp_input_grad.")

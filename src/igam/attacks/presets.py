@@ -77,6 +77,19 @@ class AttackSpec:
     schedule: str = "constant"  # PGD: constant or cosine (`-cos`)
 
 
+MAX_STEPS, MAX_RESTARTS = 10_000, 100  # PGD presets: more is time without measurable strength
+MAX_QUERIES = 1_000_000  # Square's queries per image (AutoAttack's Square: 5000)
+
+
+def check_queries(queries: int, what: str = "Attack 'square'") -> None:
+    """Refuse a Square query budget below 1 or above MAX_QUERIES (IgamError naming a value that fits)."""
+    if queries < 1:
+        raise IgamError(f"{what} needs at least 1 query.")
+    if queries > MAX_QUERIES:
+        raise IgamError(f"{what} asks for {queries} queries per image; igam runs Square with up to "
+                        f"{MAX_QUERIES:,} (AutoAttack's Square uses 5000).")
+
+
 def parse_preset(name: str) -> AttackSpec:
     """'pgd20x5-cw' -> AttackSpec('pgd', 20, 5, 'cw'). Raises IgamError naming the valid forms."""
     s = name.strip().lower()
@@ -88,13 +101,17 @@ def parse_preset(name: str) -> AttackSpec:
         steps, restarts = int(m.group(1)), int(m.group(2) or 1)
         if steps < 1 or restarts < 1:
             raise IgamError(f"Attack '{name}' needs at least 1 step and 1 restart.")
+        if steps > MAX_STEPS or restarts > MAX_RESTARTS:
+            raise IgamError(f"Attack '{name}' asks for {steps} steps x {restarts} restarts; igam runs PGD "
+                            f"with up to {MAX_STEPS} steps and {MAX_RESTARTS} restarts (the field's "
+                            "strongest PGD evaluations use 100-1000 steps and a few restarts), e.g. "
+                            f"pgd{min(steps, MAX_STEPS)}x{min(restarts, MAX_RESTARTS)}.")
         return AttackSpec("pgd", steps, restarts, m.group(3) or "ce",
                           step_rule="fixed" if m.group(5) else "reach",
                           schedule="cosine" if m.group(4) else "constant")
     if (m := _SQUARE.fullmatch(s)) is not None:
         queries = int(m.group(1) or 5000)
-        if queries < 1:
-            raise IgamError(f"Attack '{name}' needs at least 1 query.")
+        check_queries(queries, f"Attack '{name}'")
         return AttackSpec("square", queries=queries)
     raise IgamError(f"Unknown attack '{name}'.{suggest(s, PRESET_EXAMPLES)} Valid forms: clean, fgsm, pgdK "
                     "(K steps, e.g. pgd20), pgdKxR (R restarts, e.g. pgd20x5), pgdK-cw (margin loss), "
