@@ -368,10 +368,14 @@ def cmd_landscape(args, extra) -> int:
 
 
 def cmd_report(args, extra) -> int:
+    from igam.report.common import MAX_FIGURE_IMAGES
     from igam.report.html import write_report
 
     if args.n < 1:
         raise IgamError(f"--n={args.n}: show at least 1 test image in the gradient grid.")
+    if args.n > MAX_FIGURE_IMAGES:
+        raise IgamError(f"--n={args.n}: the gradient grid shows one image per row, and more than "
+                        f"{MAX_FIGURE_IMAGES} rows cannot be read; give --n {MAX_FIGURE_IMAGES} or fewer.")
     print(
         write_report(
             args.path,
