@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from igam.cli import main
-from igam.config import RANGES, Config, make_config
+from igam.config import Config, make_config
 from igam.errors import IgamError
-from igam.evaluate import MAX_SWEEP, parse_eps_sweep
-from igam.experiment.spec import MAX_STAGES, load_experiment
+from igam.evaluate import parse_eps_sweep
+from igam.experiment.spec import load_experiment
 from igam.files import read_yaml
 
 TINY = ["dataset=synthetic:8x8x3:4", "model=small-cnn", "width=4", "train_subset=64", "test_subset=32",
@@ -56,7 +56,8 @@ def test_non_finite_values_in_a_config_file_name_the_key(tmp_path: Path, capsys:
     assert not any(tmp_path.glob("*/meta.json"))  # refused before any run folder
 
 
-@pytest.mark.parametrize("key,value", [("epochs", "inf"), ("lr", "nan"), ("lr", "1e999"), ("momentum", "-inf"),
+@pytest.mark.parametrize("key,value", [("epochs", "inf"), ("lr", "nan"), ("lr", "1e999"),
+                                       ("momentum", "-inf"),
                                        ("lr", float("nan")), ("epochs", float("inf")), ("lr", 10**400)])
 def test_non_finite_values_from_the_command_line_and_the_api_name_the_key(key: str, value: object) -> None:
     with pytest.raises(IgamError, match=f"{key}=.*not a finite number"):
@@ -125,6 +126,8 @@ def test_out_of_range_values_are_refused_with_the_range_and_why(key: str, value:
 
 
 def test_every_default_lies_in_its_range_and_off_values_pass() -> None:
+    from igam.config import RANGES
+
     cfg = Config()
     for key, r in RANGES.items():
         v = getattr(cfg, key)
@@ -196,6 +199,9 @@ def test_sizes_of_figures_and_attacks_are_refused_before_any_work(
 
 
 def test_an_eps_sweep_and_an_experiment_sweep_have_bounded_lengths(tmp_path: Path) -> None:
+    from igam.evaluate import MAX_SWEEP
+    from igam.experiment.spec import MAX_STAGES
+
     radii = ",".join(f"{i}/1000" for i in range(1, MAX_SWEEP + 2))
     with pytest.raises(IgamError, match=f"{MAX_SWEEP + 1} radii"):
         parse_eps_sweep(radii, (3, 32, 32))

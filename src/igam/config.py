@@ -422,7 +422,7 @@ def check_range(key: str, value: float) -> None:
     high = value >= r.hi if r.hi_open else value > r.hi
     if not (low or high):
         return
-    shown = f"{key}={value}"
+    shown = f"{key}={value}" if len(str(value)) <= 24 else f"{key}={float(value):.4g}"  # (a 300-digit int)
     span = (f"{'(' if r.lo_open else '['}{_num(r.lo)}, {_num(r.hi)}{')' if r.hi_open else ']'}"
             + (f" or {_num(r.off)}" if r.off is not None else ""))
     if low and value < 0 <= r.lo:
