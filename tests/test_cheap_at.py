@@ -181,7 +181,7 @@ def test_bad_keys_are_clear_errors(kw: dict[str, Any], match: str) -> None:
 
 @pytest.mark.parametrize("method", ["fast-at", "n-fgsm", "free-at"])
 def test_zero_eps_is_a_clear_error(method: str) -> None:
-    with pytest.raises(IgamError, match=f"method={method} needs eps > 0"):
+    with pytest.raises(IgamError, match=f"method={method} with eps=0 learns from clean images only"):
         create_objective(_cfg(method=method, eps="0"), Net(), None, CPU)
 
 

@@ -305,7 +305,7 @@ ALLOWED = {  # (file, call) -> how many; why each cannot write through a link or
     ("runs.py", "SummaryWriter"): 1,  # TensorBoard's own writer, into RUN/tb/ (refuse_symlinks: no links)
     ("runs.py", "add_scalar"): 1,  # (its events, into that writer's file)
     ("config.py", "yaml.safe_dump"): 1,  # to a string, written with atomic_write_text
-    ("experiment/runner.py", "rename"): 1,  # a stale stage's folder renamed beside itself in out_dir
+    ("experiment/stages.py", "rename"): 1,  # a stale stage's folder renamed beside itself in out_dir
     ("cli.py", "os.open"): 1,  # /dev/null, to silence a broken pipe
     ("attacks/autoattack.py", "save"): 1,  # safetensors' save() to bytes, written with atomic_write_bytes
 }

@@ -111,7 +111,9 @@ def cmd_run(args, extra) -> int:
 
 
 def cmd_evaluate(args, extra) -> int:
+    from igam.attacks.checks import older_notes
     from igam.attacks.checks import summary as check_summary
+    from igam.attacks.presets import check_queries
     from igam.evaluate import (
         evaluate_run,
         record_notes,
@@ -131,6 +133,7 @@ def cmd_evaluate(args, extra) -> int:
     for key in ("n", "batch_size", "check_n", "check_queries"):
         if getattr(args, key) != "auto" and getattr(args, key) < 1:
             raise IgamError(f"--{key.replace('_', '-')}={getattr(args, key)} must be at least 1.")
+    check_queries(args.check_queries, "--check-queries")
     if args.eps_sweep is not None and args.eps is not None:
         raise IgamError("Give --eps (one radius) or --eps-sweep (several), not both.")
     rows, warnings, notes, curves = [], [], [], []
@@ -171,6 +174,7 @@ def cmd_evaluate(args, extra) -> int:
                 per_class_text(a, rows[-1][1][a]) for a in attacks))
         mc = res["masking_checks"]
         notes.append(f"{label}: masking checks: {check_summary(mc['checks'])}")
+        notes += [f"{label}: {line}" for line in older_notes(mc["checks"])]
         if mc["failed"]:
             warnings.append(warning_block(str(run), mc["checks"]))
     used = sorted({rec["n"] for _, res in rows for rec in res.values()} | {c["n"] for _, c in curves})
@@ -387,10 +391,14 @@ def cmd_landscape(args, extra) -> int:
 
 
 def cmd_report(args, extra) -> int:
+    from igam.report.common import MAX_FIGURE_IMAGES
     from igam.report.html import write_report
 
     if args.n < 1:
         raise IgamError(f"--n={args.n}: show at least 1 test image in the gradient grid.")
+    if args.n > MAX_FIGURE_IMAGES:
+        raise IgamError(f"--n={args.n}: the gradient grid shows one image per row, and more than "
+                        f"{MAX_FIGURE_IMAGES} rows cannot be read; give --n {MAX_FIGURE_IMAGES} or fewer.")
     print(
         write_report(
             args.path,

@@ -9,17 +9,18 @@ everywhere: help, overrides, YAML, validation, config.yaml. The resolved config 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, NamedTuple, get_type_hints
 
 import yaml
 
 import igam.registry as registry
-from igam.errors import IgamError, suggest
+from igam.errors import IgamError, NonFiniteValue, suggest
 from igam.files import atomic_write_text, check_name, read_yaml
 from igam.registry import Key
-from igam.units import check_eps, parse_fraction
+from igam.units import check_eps, non_finite, parse_fraction
 
 __all__ = ["ALIASES", "GROUPS", "Config", "all_keys", "apply_overrides", "check_eps", "config_help",
            "config_notes", "core_keys", "group_keys", "groups", "load_yaml", "make_config", "method_names",
@@ -266,6 +267,8 @@ def _coerce(key: str, value: Any) -> Any:
         if typ is int:
             if isinstance(value, bool):
                 raise ValueError
+            if isinstance(value, float) and not math.isfinite(value):
+                raise NonFiniteValue(non_finite(key, value))
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             return int(str(value).strip())
@@ -282,6 +285,8 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, dict | list):
             raise ValueError
         return str(value)
+    except NonFiniteValue:
+        raise
     except (ValueError, TypeError, IgamError):
         want = {bool: "true/false", int: "an integer", float: "a number", list: "a comma-separated list",
                 str: "a string"}[typ]
@@ -323,6 +328,102 @@ def _method(cfg: Config) -> registry.MethodInfo | None:
     return registry.METHODS.get(cfg.method)
 
 
+GRAD_CLIP_MIN = 1e-3  # a smaller clip moves the weights by at most lr x grad_clip per step: no training
+BIG = 2**31 - 1  # counts of images, steps and the like
+
+
+class Range(NamedTuple):
+    """The values a numeric key accepts: lo .. hi (inclusive unless *_open), or exactly `off` (a value that
+    switches the feature off, e.g. grad_clip=0), and why, said in the error."""
+
+    lo: float
+    hi: float
+    why: str
+    lo_open: bool = False
+    hi_open: bool = False
+    off: float | None = None
+
+
+# Every numeric core key's range, in one place (a method's keys declare theirs in its file). The reason
+# is part of the error message: it says what the key
+# does and why values outside make no sense (typical values in brackets).
+RANGES: dict[str, Range] = {
+    "seed": Range(0, 2**63 - 1, "a seed for torch, NumPy and Python's generators"),
+    # (the machine's own limit, a multiple of its CPUs, is checked where the run starts: utils.check_threads)
+    "threads": Range(0, BIG, "CPU threads for torch; 0 keeps torch's default"),
+    "train_subset": Range(0, BIG, "the first N training images (0: all)"),
+    "test_subset": Range(0, BIG, "the first N test images (0: all)"),
+    "crop_padding": Range(0, 64, "pixels of zero padding around each image"),
+    "batch_size": Range(1, 2**20, "images per training step; a batch of more than about a million images "
+                        "cannot be held in memory"),
+    "eval_batch_size": Range(1, 2**20, "images per evaluation batch; more than about a million cannot be "
+                             "held in memory"),
+    "width": Range(0, 1024, "base channels / widening of a zoo model"),
+    "epochs": Range(0, 1e6, "passes over the training data (fractions allowed)", lo_open=True),
+    # no floor on learning rates: the scale of a gradient depends on the objective; a rate too small to
+    # move any weight is caught by the guard's never-moved rule at the end of the run
+    "lr": Range(0, math.inf, "the learning rate (typical: 0.01 to 0.1 for SGD, 1e-3 for Adam)", lo_open=True),
+    "momentum": Range(0, 1, "SGD momentum m weighs past gradients by m, m^2, ...: at m >= 1 they never fade "
+                      "and the updates grow without bound (typical: 0.9)", hi_open=True),
+    "weight_decay": Range(0, 1, "L2 weight decay: each step shrinks the weights by lr x weight_decay; "
+                          "above 1 that overwhelms the loss (typical: 5e-4)"),
+    "lr_gamma": Range(0, 1, "the step schedule multiplies lr by lr_gamma at each milestone: 0 would stop "
+                      "training there and more than 1 would raise lr (typical: 0.1)", lo_open=True),
+    "warmup_epochs": Range(0, 1e6, "epochs of linear learning-rate warm-up"),
+    "grad_clip": Range(GRAD_CLIP_MIN, math.inf, "the clip bounds the gradient's norm, so each step moves the "
+                       "weights by at most about lr x grad_clip; below 1e-3 the run would hardly train "
+                       "(typical: 1 to 10; 0 turns clipping off)", off=0.0),
+    "steps": Range(0, 1000, "PGD steps per training batch (Madry et al.: 7 on CIFAR, 40 on MNIST)"),
+    "eps_warmup_epochs": Range(0, 1e6, "epochs over which the training eps grows from 0"),
+    "teacher_classes": Range(0, 100_000, "classes of a foreign teacher's head (0: read from the file)"),
+    "eval_every": Range(0, 1e6, "epochs between evaluations during training (0: only at the end)"),
+    "eval_n": Range(0, BIG, "test images of the evaluations during training (0: all)"),
+    "log_every": Range(1, BIG, "steps per logged row"),
+    "checkpoint_every": Range(1, BIG, "steps between checkpoints"),
+    "keep_checkpoints": Range(1, 10_000, "checkpoints kept on disk (2 or more lets a corrupted newest one "
+                              "fall back to the previous one)"),
+}
+
+
+def _num(v: float) -> str:
+    return "inf" if v == math.inf else f"{v:g}" if isinstance(v, float) else f"{v}"
+
+
+def check_range(key: str, value: float) -> None:
+    """Refuse a value of a numeric key outside its `RANGES` entry, with the reason and the range.
+
+    Raises:
+        IgamError: naming key, value, the allowed range and why (NonFiniteValue for NaN/Inf).
+    """
+    r = RANGES[key]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise NonFiniteValue(non_finite(key, value))
+    if r.off is not None and value == r.off:
+        return
+    low = value <= r.lo if r.lo_open else value < r.lo
+    high = value >= r.hi if r.hi_open else value > r.hi
+    if not (low or high):
+        return
+    shown = f"{key}={value}" if len(str(value)) <= 24 else f"{key}={float(value):.4g}"  # (a 300-digit int)
+    span = (f"{'(' if r.lo_open else '['}{_num(r.lo)}, {_num(r.hi)}{')' if r.hi_open else ']'}"
+            + (f" or {_num(r.off)}" if r.off is not None else ""))
+    if low and value < 0 <= r.lo:
+        what = f"{shown} must not be negative"
+    elif low and r.lo_open:
+        what = f"{shown} must be positive" if r.lo == 0 else f"{shown} must be above {_num(r.lo)}"
+    elif low:
+        what = f"{shown} must be at least {_num(r.lo)}"
+    else:
+        what = f"{shown} must be below {_num(r.hi)}" if r.hi_open else f"{shown} is more than {_num(r.hi)}"
+    raise IgamError(f"{what}: {r.why}. Choose a value in {span}.")
+
+
+def check_ranges(cfg: Config) -> None:
+    """`check_range` on every numeric key of cfg (and each lr milestone)."""
+    for key in RANGES:
+        check_range(key, getattr(cfg, key))
+
+
 def validate(cfg: Config) -> None:
     """Checks that a type cannot express: the method is registered; the core keys' ranges; every key's own
     check (igam.registry.Key.check); the cross-key checks the method files registered
@@ -337,31 +438,18 @@ def validate(cfg: Config) -> None:
                         f"Choose one of: {', '.join(known)}.")
     for key in ("eps", "step_size"):
         check_eps(getattr(cfg, key), key)
-    parse_fraction(cfg.noise, "noise")
-    for key in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every"):
-        if getattr(cfg, key) < 1:
-            raise IgamError(f"{key}={getattr(cfg, key)} must be at least 1.")
-    for key, hi, why in (("crop_padding", 64, "pixels of zero padding around each image"),
-                         ("width", 1024, "base channels / widening of a zoo model")):
-        if getattr(cfg, key) > hi:
-            raise IgamError(f"{key}={getattr(cfg, key)} is more than {hi} ({why}); that cannot be built or "
-                            f"used sensibly. Choose a value up to {hi}.")
-    if cfg.epochs <= 0:
-        raise IgamError(f"epochs={cfg.epochs} must be positive (fractions such as 0.5 are fine).")
-    for key in ("epochs", "lr", "steps", "momentum", "weight_decay", "warmup_epochs", "eps_warmup_epochs",
-                "grad_clip", "threads", "train_subset", "test_subset", "crop_padding", "width", "eval_every",
-                "eval_n", "teacher_classes", "lr_gamma"):
-        if getattr(cfg, key) < 0:
-            raise IgamError(f"{key}={getattr(cfg, key)} must not be negative.")
+    check_eps(cfg.noise, "noise")  # a radius of uniform noise in [0, 1] pixel units
+    # the settings that would make every step a no-op get their own words before the range table's
+    if cfg.lr == 0:
+        raise IgamError("lr=0 makes every training step a no-op (the weights never change); give a positive "
+                        "lr.")
+    check_ranges(cfg)
     info = _method(cfg)
     if info is not None and info.adversarial and 0 < cfg.epochs <= cfg.eps_warmup_epochs:
         raise IgamError(f"eps_warmup_epochs={cfg.eps_warmup_epochs:g} is not shorter than "
                         f"epochs={cfg.epochs:g}: the eps ramp would never reach eps={cfg.eps}, yet the run "
                         "would be recorded as trained at it. Give eps_warmup_epochs below epochs (e.g. "
                         f"{cfg.epochs * 0.2:g}), or 0 for no ramp.")
-    if cfg.lr == 0:
-        raise IgamError("lr=0 makes every training step a no-op (the weights never change); give a positive "
-                        "lr.")
     if cfg.name:  # one folder directly inside out_dir, never a path (the default name: train.run_name)
         check_name(cfg.name, "name")
     for key, value in cfg.to_dict().items():  # paths and names reach the file system: no NUL there
@@ -380,16 +468,9 @@ def validate(cfg: Config) -> None:
         raise IgamError(f"method={cfg.method} with {no_attack} learns from clean images only: it would be "
                         f"recorded as {cfg.method} but is standard training. Give a positive {key}{example}, "
                         "or use method=standard.")
-    if not 0 <= cfg.seed < 2**63:
-        raise IgamError(f"seed={cfg.seed} must lie in 0 .. 2**63-1.")
-    if cfg.keep_checkpoints < 1:
-        raise IgamError(f"keep_checkpoints={cfg.keep_checkpoints} must be at least 1 (2 or more lets a "
-                        "corrupted newest checkpoint fall back to the previous one).")
     if any(not 0 <= m <= 1 for m in cfg.lr_milestones):
         raise IgamError(f"lr_milestones={cfg.lr_milestones} must be fractions of training in [0, 1], "
                         "e.g. 0.5,0.75.")
-    if parse_fraction(cfg.noise, "noise") < 0:
-        raise IgamError(f"noise={cfg.noise} must not be negative.")
     for key in registry.KEYS.values():
         if key.check is not None:
             key.check(getattr(cfg, key.name), key.name)

@@ -37,3 +37,8 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> IgamError:
 
 class NonFiniteOutputs(IgamError):
     """A model gave NaN/Inf logits: a diverged model, never to be scored as a prediction."""
+
+
+class NonFiniteValue(IgamError):
+    """A number a user gave (command line, config file, experiment file) is NaN, Inf or beyond a float's
+    range (1e999, YAML's .inf / .nan)."""

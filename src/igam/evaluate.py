@@ -68,6 +68,7 @@ __all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "check_foreign_teacher",
 
 CHECK_STEPS = (10, 20, 50)  # PGD step counts of the --checks step sweep
 EPS_SWEEP = (0.25, 0.5, 1.0, 1.5)  # multiples of eps of the --checks eps sweep (PGD-20)
+MAX_SWEEP = 64  # radii of one --eps-sweep
 
 
 def _batch_seed(seed: int, index: int) -> int:
@@ -289,6 +290,9 @@ def parse_eps_sweep(sweep: str | list[str | float] | tuple[str | float, ...], sh
     if not all(items):
         raise IgamError(f"--eps-sweep {','.join(items)!r} has an empty entry (two commas in a row, or one at "
                         "an end); give one radius between each pair of commas, e.g. 1/255,2/255,4/255.")
+    if len(items) > MAX_SWEEP:
+        raise IgamError(f"--eps-sweep has {len(items)} radii; a curve takes up to {MAX_SWEEP} (each radius "
+                        f"runs every attack again): give {MAX_SWEEP} or fewer, e.g. 1/255,2/255,4/255,8/255.")
     nominal = default_eps(shape)[0] if nominal is None else nominal
     out: dict[float, tuple[str, float]] = {}
     for t in items:
@@ -337,7 +341,8 @@ def observation(key: str, rec: dict[str, Any]) -> Observation | None:
         kind = "square"  # AutoAttack's Square alone is a black-box attack
     out = Observation(key, kind, float(rec["eps"]), float(rec["accuracy"]), int(rec["n"]),
                       str(rec.get("bn", "eval")), int(s.get("steps", 0)), int(s.get("restarts", 1)),
-                      str(s.get("loss", "ce")), float(s.get("step_size", 0.0) or 0.0))
+                      str(s.get("loss", "ce")), float(s.get("step_size", 0.0) or 0.0),
+                      str(s.get("schedule", "constant")))
     if not all(math.isfinite(v) for v in (out.eps, out.accuracy, out.step_size)):
         raise ValueError(f"record {key!r} holds a non-finite number")
     return out
@@ -498,7 +503,8 @@ def stored_check_observations(merged: dict[str, Any], path: Path | str = "eval.j
         try:
             ob = Observation(**o)
             ob = Observation(str(ob.name), str(ob.kind), float(ob.eps), float(ob.accuracy), int(ob.n),
-                             str(ob.bn), int(ob.steps), int(ob.restarts), str(ob.loss), float(ob.step_size))
+                             str(ob.bn), int(ob.steps), int(ob.restarts), str(ob.loss), float(ob.step_size),
+                             str(ob.schedule))
             if not all(math.isfinite(v) for v in (ob.eps, ob.accuracy, ob.step_size)):
                 raise ValueError("non-finite")
             out.append(ob)
@@ -515,11 +521,14 @@ def stored_check_observations(merged: dict[str, Any], path: Path | str = "eval.j
 def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | str | None = None,
                    observations: list[Observation] = (), sweeps: bool = True, queries: int = 1000,  # type: ignore[assignment]
                    batch_size: int = 500, seed: int = 0, bn: str = "eval",
-                   log: Callable[[str], None] | None = None, what: str = "The model") -> dict[str, Any]:
+                   log: Callable[[str], None] | None = None, what: str = "The model",
+                   current: set[str] | None = None) -> dict[str, Any]:
     """Gradient-masking checks of `model` on images x (uint8 or float [0,1]): input-gradient statistics and
     RobustBench's admission checks (`attacks.admission`: deterministic forward, no optimisation at
     inference; on the first ADMISSION_N images), plus the sweeps of `check_attacks` (sweeps=True), judged
-    together with earlier `observations`.
+    together with earlier `observations`. `current`: the names of the observations the calling command
+    made (None: all); failures among the others only are listed as older (`checks.run_checks`), and the
+    sweeps run here are current.
 
     Raises:
         NonFiniteOutputs: when the model's logits are NaN/Inf (a diverged model is not judged for masking).
@@ -535,9 +544,12 @@ def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     say(f"admission checks (determinism, no optimisation at inference) on {min(len(x), ADMISSION_N)} images")
     admission = admission_checks(model, _as_float(x[:ADMISSION_N], device), bn)
     if sweeps:
-        obs += sweep_observations(model, x, y, eps=nominal, queries=queries, batch_size=batch_size, seed=seed,
-                                  bn=bn, log=say, what=what)
-    verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads, admission)
+        swept = sweep_observations(model, x, y, eps=nominal, queries=queries, batch_size=batch_size,
+                                   seed=seed, bn=bn, log=say, what=what)
+        obs += swept
+        if current is not None:
+            current = current | {o.name for o in swept}
+    verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads, admission, current)
     failed = [k for k, v in verdicts.items() if v["passed"] is False]
     return {"passed": not failed, "failed": failed, "eps": nominal, "check_n": len(x), "checks": verdicts,
             "observations": [o.to_dict() for o in obs]}
@@ -829,7 +841,8 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
         obs += swept or stored_check_observations(merged, path, say)
         results["masking_checks"] = masking_report(
             model, x[:nc], y[:nc], eps=eps, observations=obs, sweeps=False, queries=check_queries,
-            batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"), what=what)
+            batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"), what=what,
+            current=set(results) | {o.name for o in swept})  # the verdict is about what this command ran
         return {**merged, "masking_checks": results["masking_checks"]}
 
     try:

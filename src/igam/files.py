@@ -347,10 +347,32 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
+class _DuplicateKey(Exception):
+    """A mapping of a YAML file names one key twice (raised while constructing, turned into IgamError)."""
+
+
 class _BoundedLoader(yaml.SafeLoader):
     """yaml.SafeLoader (no tags that build Python objects) that refuses documents whose aliases would
     expand to more than MAX_YAML_NODES nodes (a 'billion laughs' alias bomb) or that nest deeper than
-    MAX_NESTING: checked on the composed node graph, before anything is constructed or expanded."""
+    MAX_NESTING: checked on the composed node graph, before anything is constructed or expanded; and
+    mappings that give a key twice (plain YAML loaders keep the last silently). Keys brought in by a merge
+    (`<<: *base`) may be overridden, as YAML's merge means."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the constructor refuses it below with its own message
+                continue
+            if first is not None:
+                raise _DuplicateKey(f"gives the key {key!r} twice (line {first} and line {line}); YAML would "
+                                    "silently keep the last one. Delete one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 MAX_YAML_NODES = 100_000
@@ -391,7 +413,10 @@ def load_yaml_text(text: str, where: str) -> Any:
             if size > MAX_YAML_NODES:
                 raise IgamError(f"{where} is refused: its anchors and aliases expand to more than "
                                 f"{MAX_YAML_NODES} entries (an 'alias bomb'); write the values out instead.")
-            return loader.construct_document(node)
+            try:
+                return loader.construct_document(node)
+            except _DuplicateKey as e:
+                raise IgamError(f"{where} {e}.") from None
         finally:
             loader.dispose()
     except yaml.YAMLError as e:

@@ -46,6 +46,7 @@ from igam.guard import (
     MAX_SKIP_SHARE,
     MAX_SKIPS_IN_A_ROW,
     StateGuard,
+    Stop,
     nonfinite_grads,
     nonfinite_terms,
     skip_limit,
@@ -64,7 +65,7 @@ from igam.objectives import (
 from igam.runs import CSVLogger, Run, git_commit, load_latest_state, load_state_checked, save_state
 from igam.speed import float32_arithmetic, process_settings, speed_setup
 from igam.units import parse_fraction
-from igam.utils import bn_mode, rng_state, seed_everything, set_rng_state, to_unit, unwrap
+from igam.utils import bn_mode, check_threads, rng_state, seed_everything, set_rng_state, to_unit, unwrap
 
 __all__ = ["MAX_SKIPS_IN_A_ROW", "MAX_SKIP_SHARE", "lr_factor", "make_optimizer", "nonfinite_grads",
            "nonfinite_terms", "run_name", "train"]
@@ -171,6 +172,7 @@ def train(cfg: Config, log=print) -> Path:
             checkpoint stays, and an earlier model.safetensors is not replaced).
     """
     check_method(cfg.method)
+    check_threads(cfg.threads)  # machine-dependent, so checked here rather than with the config
     dist, device = setup_distributed(cfg.device)
     say = log if dist.main else (lambda *a, **k: None)
     run = Run(Path(cfg.out_dir) / run_name(cfg))
@@ -300,6 +302,8 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
         train_model = ddp(train_model, device)
         objective.wrap_for_ddp(lambda m: ddp(m, device))  # e.g. IGAM's discriminator update
     guard = StateGuard(unwrap(model), objective)
+    if state is not None:  # the run's early values and open loss window (docs/RELIABILITY.md, section 3)
+        guard.load_state_dict(state.get("guard"))
 
     meta = {"status": "running", "method": cfg.method, "model": unwrap(model).igam_args,
             "data": spec.to_dict(), "augment": augment, "seed": cfg.seed, "version": PACKAGE_VERSION,
@@ -326,22 +330,33 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
     if state is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
 
-    def stop(msg: str) -> NoReturn:
-        """End the run as `stopped`: meta.json says why, model.safetensors is left as it was."""
+    def stop(msg: str, rule: str) -> NoReturn:
+        """End the run as `stopped`: meta.json says why and which guard rule fired (guard.RULES),
+        model.safetensors is left as it was."""
         if dist.main:
-            write_json(run.meta_path, {**meta, "status": "stopped", "stopped": msg})
+            write_json(run.meta_path, {**meta, "status": "stopped", "stopped": msg, "stop_rule": rule})
             logger.close()
         where = (f"No good state is checkpointed yet in {run_dir} (resume=true starts over)"
                  if last_good is None else
                  f"The last good state (step {last_good}) is checkpointed in {run_dir}")
-        raise IgamError(f"Training stopped: {msg}. {where}; lower lr or the lambdas, or set grad_clip, "
-                        "then resume=true.")
+        fix = ("raise lr (or grad_clip), then resume=true" if rule == "never-moved" else
+               "lower lr or the lambdas, or set grad_clip, then resume=true")
+        raise IgamError(f"Training stopped: {msg}. {where}; {fix}. (Guard rule: {rule}; docs/RELIABILITY.md, "
+                        "section 3.)")
+
+    def stop_if(why: Stop | None) -> None:
+        """Stop when a guard rule fired on this rank or on any other (all ranks agree)."""
+        if not all_ranks(why is None, dist):
+            why = why or Stop("other-rank", "another rank's guard stopped the run")
+            stop(why.message, why.rule)
 
     def checkpoint() -> None:
         """Save a resumable state, only from a state that passes the finite check."""
         nonlocal last_good
         if not guard.finite():
-            stop(f"non-finite weights or buffers (e.g. BatchNorm statistics) at step {step}")
+            stop(f"non-finite weights or buffers (e.g. BatchNorm statistics) at step {step}",
+                 "non-finite-state")
+        stop_if(guard.loss_drift())  # a checkpoint is only written from a state that has not drifted
         window = mean_over_ranks(sums, dist, device)  # the open log window, the same on every rank
         if dist.main:
             save_state(run_dir, step, {
@@ -350,7 +365,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
                 "rng": rng_state(), "scaler": scaler.state_dict(),
                 "elapsed_s": elapsed_before + time.time() - t_start,
                 "skipped": skipped, "skipped_in_a_row": skipped_in_a_row, "last_log": last,
-                "log_count": count, "log_sums": window},
+                "log_count": count, "log_sums": window, "guard": guard.state_dict()},
                 keep=cfg.keep_checkpoints)
         last_good = step
 
@@ -359,7 +374,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
             res = evaluate_during_training(cfg, eval_model, model, objective, eval_x, eval_y,
                                            step / steps_per_epoch, dist, device)
         except NonFiniteOutputs as e:
-            stop(f"the model's outputs are non-finite at step {step} ({e})")
+            stop(f"the model's outputs are non-finite at step {step} ({e})", "non-finite-outputs")
         if dist.main:
             eval_logger.log(step, res, replace=final)  # a resumed final evaluation replaces its row
         return res
@@ -406,23 +421,29 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
                 if cfg.nan_policy == "stop":
                     if skipped_in_a_row == 1 and guard.finite():  # the state before this step is good
                         checkpoint()
-                    stop(msg)
+                    stop(msg, "non-finite-step")
                 if skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
-                    stop(f"{msg} ({MAX_SKIPS_IN_A_ROW} steps in a row)")
+                    stop(f"{msg} ({MAX_SKIPS_IN_A_ROW} steps in a row)", "skips-in-a-row")
                 if skipped > skip_limit(total):
                     stop(f"{msg} ({skipped} of {total} steps skipped: more than "
-                         f"{MAX_SKIP_SHARE:.0%} of the run)")
+                         f"{MAX_SKIP_SHARE:.0%} of the run)", "skip-share")
                 say(f"igam: {msg}; step skipped (nan_policy=skip)")
                 optimizer.zero_grad(set_to_none=True)
             else:
                 skipped_in_a_row = 0
                 scaler.step(optimizer)
                 scaler.update()
-                # a finite loss and gradient can still make an update that explodes the weights: reject
-                # it (the run rolls back to its last good checkpoint; no per-step copy is kept)
+                # a finite loss and gradient can still make an update that explodes the weights (or lets
+                # them drift far from the run's start): reject it (the run rolls back to its last good
+                # checkpoint; no per-step copy is kept)
                 rejected = guard.after_update()
-                if not all_ranks(not rejected, dist):
-                    stop(f"{rejected or 'another rank rejected its update'} at step {step} (update rejected)")
+                if rejected is not None:
+                    rejected = rejected._replace(
+                        message=f"{rejected.message} at step {step} (update rejected)")
+                stop_if(rejected)
+                # the drift rule watches the training cross-entropy (a scale every objective shares), or
+                # the total loss of an objective that reports no `ce`
+                guard.add_loss(metrics.get("ce", loss))
                 metrics.update(objective.after_step(train_model, x, y, step, aux))
                 kill_point("after-step")  # crash tests: die after the updates, before the step is counted
             step += 1
@@ -440,6 +461,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
                 if dist.main:
                     logger.log(step, last)
                 sums, count, t0, timed_from = {}, 0, time.time(), 0
+                stop_if(guard.loss_drift(reset=True))
                 if bar is not None:
                     bar.set_postfix({k: f"{last[k]:.3g}" for k in ("ce", "acc") if k in last})
             if bar is not None:
@@ -458,7 +480,8 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
     if bar is not None:
         bar.close()
 
-    # the end: the final model must give finite outputs before it replaces anything -----------------
+    # the end: the final model must have trained and give finite outputs before it replaces anything -----
+    stop_if(guard.never_moved())
     final = evaluate_now(final=True)
     if dist.enabled:  # every rank must hold the same networks (student and e.g. the discriminator)
         meta["ranks_in_sync"] = ranks_in_sync([*model.parameters(), *objective.parameters()], device)

@@ -9,28 +9,40 @@ from __future__ import annotations
 import math
 import re
 
-from igam.errors import IgamError
+from igam.errors import IgamError, NonFiniteValue
 
 
 def parse_fraction(value: str | float | int, key: str = "value") -> float:
     """'8/255' -> 0.0313..., '0.3' -> 0.3, 2 -> 2.0.
 
     Raises:
-        IgamError: for text that is not a number or a ratio, a bool, or a non-finite result.
+        IgamError: for text that is not a number or a ratio, a bool, or a non-finite result (NaN, Inf,
+            or a number too large for a float such as 1e999 or YAML's .inf), wherever it comes from.
     """
     if isinstance(value, bool):
         raise IgamError(f"{key}={value!r} is not a number.")
-    if isinstance(value, int | float):
-        return float(value)
-    s = str(value).strip()
-    m = re.fullmatch(r"([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)", s)
     try:
-        out = float(m.group(1)) / float(m.group(2)) if m else float(s)
+        if isinstance(value, int | float):
+            out = float(value)
+        else:
+            s = str(value).strip()
+            m = re.fullmatch(r"([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)", s)
+            out = float(m.group(1)) / float(m.group(2)) if m else float(s)
+    except OverflowError:
+        out = math.inf
     except (ValueError, ZeroDivisionError):
         raise IgamError(f"{key}={value!r} is not a number; write e.g. 0.3 or 8/255.") from None
     if not math.isfinite(out):
-        raise IgamError(f"{key}={value!r} is not a finite number.")
+        raise NonFiniteValue(non_finite(key, value))
     return out
+
+
+def non_finite(key: str, value: object) -> str:
+    """The one message for a non-finite number (NaN, Inf, 1e999, YAML's .inf / .nan) given for `key`."""
+    shown = value if isinstance(value, str) else repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return (f"{key}={shown} is not a finite number (NaN, Inf and values beyond a float's range, such as "
+            f"1e999 or YAML's .inf / .nan, are refused); give {key} a finite value.")
 
 
 def check_eps(value: str | float, key: str = "eps") -> float:
@@ -102,8 +114,9 @@ def in_range(low: float, high: float, why: str = ""):
 
     def check(value: float | int, key: str) -> None:
         if not low <= value <= high:
-            raise IgamError(f"{key}={value} must lie in {low:g} .. {high:g}{f' ({why})' if why else ''}. "
-                            f"Choose a value in that range.")
+            what = f"is more than {high:g}" if value > high else f"must be at least {low:g}"
+            raise IgamError(f"{key}={value} {what}{f' ({why})' if why else ''}. Choose a value in "
+                            f"[{low:g}, {high:g}].")
 
     return check
 

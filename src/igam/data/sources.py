@@ -543,10 +543,50 @@ def parse_synthetic(name: str) -> tuple[int, int, int, int]:
     return h, w, c, k
 
 
+SYNTHETIC_MAX_BYTES = 4 << 30  # the memory a synthetic dataset may take while it is made
+SYNTHETIC_CHUNK = 256  # images transformed at a time (the noise is drawn at once, as it always was)
+
+
+def synthetic_bytes(h: int, w: int, c: int, n_train: int = 4000, n_test: int = 1000) -> int:
+    """Peak bytes `make_synthetic` needs: while a split is made, its float32 noise (4 bytes a value) and its
+    uint8 images (1 byte), beside the uint8 images of the training split once the test split is made."""
+    d = h * w * c
+    return max(5 * n_train * d, n_train * d + 5 * n_test * d)
+
+
+def check_synthetic_size(name: str, n_train: int = 4000, n_test: int = 1000) -> None:
+    """Refuse a synthetic dataset too large to make (e.g. synthetic:512x512x16:10, 21 GB), before anything
+    is allocated, naming the size asked for and the largest square images that fit.
+
+    Raises:
+        IgamError: over SYNTHETIC_MAX_BYTES.
+    """
+    h, w, c, k = parse_synthetic(name)
+    need = synthetic_bytes(h, w, c, n_train, n_test)
+    if need <= SYNTHETIC_MAX_BYTES:
+        return
+    side = int((SYNTHETIC_MAX_BYTES / synthetic_bytes(1, 1, c, n_train, n_test)) ** 0.5)
+    while synthetic_bytes(side, side, c, n_train, n_test) > SYNTHETIC_MAX_BYTES:
+        side -= 1
+    raise IgamError(f"Dataset '{name}' would take {need / 1e9:.1f} GB to make: all {n_train} training and "
+                    f"{n_test} test images of {h}x{w}x{c} are made before train_subset / test_subset pick "
+                    "from them, and igam makes synthetic datasets of up to "
+                    f"{SYNTHETIC_MAX_BYTES / 1e9:.1f} GB. "
+                    f"With {c} channel(s) the largest square images that fit are {side}x{side} "
+                    f"(synthetic:{side}x{side}x{c}:{k}); or use fewer channels.")
+
+
 def make_synthetic(name: str = "synthetic", n_train: int = 4000, n_test: int = 1000,
                    seed: int = 1234) -> Arrays:
     """A learnable image task made on the fly: each class is a smooth random colour pattern; samples are
-    shifted, contrast-jittered, noisy copies of their class pattern plus a distractor from another class."""
+    shifted, contrast-jittered, noisy copies of their class pattern plus a distractor from another class.
+    The same name always gives the same images (the random draws are made in one fixed order; the images
+    are put together SYNTHETIC_CHUNK at a time, which changes no value).
+
+    Raises:
+        IgamError: for a malformed name, or one too large to make (`check_synthetic_size`).
+    """
+    check_synthetic_size(name, n_train, n_test)
     h, w, c, k = parse_synthetic(name)
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(k, c, max(2, h // 8), max(2, w // 8), generator=g)
@@ -558,11 +598,17 @@ def make_synthetic(name: str = "synthetic", n_train: int = 4000, n_test: int = 1
         y = torch.randint(0, k, (n,), generator=g)
         other = torch.randint(0, k, (n,), generator=g)
         contrast = 0.5 + 0.5 * torch.rand(n, 1, 1, 1, generator=g)
-        x = contrast * templates[y] + 0.35 * templates[other] * torch.rand(n, 1, 1, 1, generator=g)
+        mix = torch.rand(n, 1, 1, 1, generator=g)
         shifts = torch.randint(-max(1, h // 8), max(1, h // 8) + 1, (n, 2), generator=g)
-        x = torch.stack([torch.roll(xi, (int(s[0]), int(s[1])), dims=(1, 2)) for xi, s in zip(x, shifts)])
-        x = x / 1.35 + 0.12 * torch.randn(x.shape, generator=g)
-        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+        noise = torch.randn((n, c, h, w), generator=g)
+        out = torch.empty((n, c, h, w), dtype=torch.uint8)
+        for i in range(0, n, SYNTHETIC_CHUNK):
+            j = slice(i, i + SYNTHETIC_CHUNK)
+            x = contrast[j] * templates[y[j]] + 0.35 * templates[other[j]] * mix[j]
+            x = torch.stack([torch.roll(xi, (int(s[0]), int(s[1])), dims=(1, 2))
+                             for xi, s in zip(x, shifts[j])])
+            out[j] = ((x / 1.35 + 0.12 * noise[j]).clamp(0, 1) * 255).round().to(torch.uint8)
+        return out, y
 
     xtr, ytr = sample(n_train)
     xte, yte = sample(n_test)

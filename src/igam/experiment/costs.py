@@ -113,8 +113,8 @@ def attack_steps(attack: str, num_classes: int = 10) -> float:
         return 1.0
     if spec.kind == "fgsm":
         return 1 + 1 / 3
-    if spec.kind == "pgd":
-        return spec.steps * spec.restarts + 1 / 3
+    if spec.kind == "pgd":  # (mix: the restarts run once with each of its two losses)
+        return spec.steps * spec.restarts * (2 if spec.loss == "mix" else 1) + 1 / 3
     if spec.kind == "square":
         return ROBUST_SHARE * spec.queries / 3
     targets = max(1, min(9, num_classes - 1))

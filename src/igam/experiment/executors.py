@@ -27,7 +27,7 @@ from igam.errors import IgamError
 from igam.experiment.cluster import ClusterOptions
 from igam.experiment.scheduler import QUEUED, RUNNING, Task, run_task
 from igam.experiment.spec import Experiment
-from igam.files import read_json_object, write_json
+from igam.files import append_text, read_json_object, write_json
 from igam.runs import Run
 
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # submitit's local executor stops a job after timeout_min: never, in effect
@@ -72,14 +72,11 @@ class InlineExecutor(_Slots):
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"here-{time.strftime('%Y%m%d-%H%M%S')}-{task.kind}_log.out"
         task.log_path = str(path)
-        with open(path, "a") as f:
+        def tee(text: str) -> None:
+            self.log(text)
+            append_text(path, f"{text}\n")  # (refuses a link planted at the log's path)
 
-            def tee(text: str) -> None:
-                self.log(text)
-                f.write(f"{text}\n")
-                f.flush()
-
-            self.outcomes[task] = run_task(exp, task, log=tee)
+        self.outcomes[task] = run_task(exp, task, log=tee)
 
     def poll(self, tasks: list[Task]) -> dict[Task, str]:
         return {t: "ended" for t in tasks if t in self.outcomes}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ EXPERIMENT_KEYS = (
     "primary_metric",
     "cluster",
 )
+MAX_STAGES = 1000  # stages of one experiment, sweeps expanded (each stage is a training run)
 STAGE_KEYS = ("name", "title", "config", "row", "paper", "curve", "sweep")
 
 # Rough CPU throughput (images/s, standard training, 2 cores, batch 128) and method cost factors, for
@@ -192,6 +194,13 @@ def load_experiment(
                 raise IgamError(f"'{path}', stage '{s['name']}': sweep {k}: {v!r} must be a non-empty "
                                 f"list of values, e.g. `sweep: {{{k}: [{v!r}, ...]}}`.")
         keys = list(sweep)
+        count = math.prod(len(sweep[k]) for k in keys)
+        if len(stages) + count > MAX_STAGES:
+            made = (f"its sweep makes {count:,} stages ({' x '.join(str(len(sweep[k])) for k in keys)} "
+                    "values)" if keys else "it is one stage more")
+            raise IgamError(f"'{path}', stage '{s['name']}': {made}, and an experiment holds up to "
+                            f"{MAX_STAGES} stages in all ({len(stages)} before this one); sweep fewer values "
+                            "or split the experiment.")
         combos = list(itertools.product(*[sweep[k] for k in keys])) if keys else [()]
         for combo in combos:
             cfg = {**defaults, **dict(s.get("config") or {}), **dict(zip(keys, combo))}

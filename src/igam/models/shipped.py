@@ -6,9 +6,10 @@ Public teacher checkpoints keep disappearing behind dead links; these cannot. A 
 
     name, dataset, threat ("Linf"), eps (input units in [0, 1]), model (the architecture as igam_args:
     name, num_classes, in_chans, input_size, width, activation, normalize), sha256 of the weights file,
-    accuracy {clean, pgd100x3, autoattack, ...} in [0, 1] on the first n test images, n, attacks
-    (the attack versions and settings), command (that trained it), train_minutes, machine, date,
-    igam_version, torch.
+    accuracy {clean, pgd100x3-mix-cos (igam's strongest PGD), autoattack, ...} in [0, 1] on the first n
+    test images, n, attacks (the attack versions and settings), command (that trained it), train_minutes,
+    machine, date, igam_version, torch; recertified (when a figure was re-measured: date, command, commit,
+    the figures it replaced; `scripts/recertify-teacher`).
 
 `load_shipped` refuses weights whose sha256 differs from the certificate's (a damaged or replaced file);
 `scripts/ship-teacher` writes both files from a finished, evaluated run.

@@ -27,7 +27,7 @@ from igam.objectives.base import Metrics, Passes, count, register_objective
 from igam.objectives.pgd_at import PGDAT, AttackTraining, adversarial_reads, with_teacher_term
 from igam.objectives.terms import term_cost
 from igam.registry import Key
-from igam.units import at_least, check_eps, non_negative
+from igam.units import check_eps, in_range, non_negative
 from igam.utils import bn_mode, unwrap
 
 
@@ -189,7 +189,7 @@ def make_n_fgsm(cfg: Any, model: nn.Module, spec: Any, device: torch.device) -> 
     cost=lambda cfg: 1.0 + term_cost(cfg), notes=_free_notes,
     keys=(Key("free_replays", 4, "free-at: steps on each minibatch in a row, m (Shafahi et al.: 8 CIFAR, 4 "
               "ImageNet); epochs still count gradient steps", "attack",
-              check=at_least(1, "Shafahi et al. use 4-10")),))
+              check=in_range(1, 1000, "Shafahi et al. use 4-10")),))
 def make_free_at(cfg: Any, model: nn.Module, spec: Any, device: torch.device) -> FreeAT:
     return with_teacher_term(FreeAT(_eps(cfg, "free-at"), int(cfg.free_replays), int(cfg.seed),
                                     float(cfg.eps_warmup_epochs)), cfg, model, spec, device)

@@ -243,8 +243,9 @@ FD_STEP_MIN = 1e-6  # below this the finite-difference step is lost in float32 r
 
 
 def _lambda_diff(value: str, key: str) -> None:
-    if str(value).strip() != "auto":
-        non_negative(parse_fraction(value, key), key)
+    if str(value).strip() != "auto" and parse_fraction(value, key) < 0:
+        raise IgamError(f"{key}={value} must not be negative (a negative weight would reward gradients "
+                        "unlike the teacher's); give a number >= 0 or auto.")
 
 
 def _pixel_scale(value: float, key: str) -> None:
@@ -259,6 +260,10 @@ def _fd_step(value: float, key: str) -> None:
         raise IgamError(f"fd_step={value:g} is below {FD_STEP_MIN:g}: the finite-difference step vanishes in "
                         "float32, so every finite-difference IGAM step would be skipped (0/0). Use e.g. "
                         "fd_step=1e-2 (the default) or 1e-3.")
+    if value > 1:
+        raise IgamError(f"fd_step={value:g} is more than 1: the step is relative to ||x|| / ||v||, so the "
+                        "difference would probe images far from x. Choose a value in [1e-06, 1] (typical: "
+                        "1e-2 central, 1e-3 forward).")
 
 
 def _preset(value: str, key: str) -> None:

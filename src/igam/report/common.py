@@ -92,9 +92,21 @@ def run_meta(run: str | Path) -> tuple[Path, dict]:
     return run_dir, Run(run_dir).meta
 
 
+MAX_FIGURE_IMAGES = 64  # rows of a gradient grid
+
+
 def load_test_images(run: str | Path, *, n: int | None = None, indices: list[int] | None = None,
                      seed: int = 0, data_dir: str | None = None) -> ImageSample:
-    """n test images of a run's dataset drawn at random with `seed` (or the given test-set indices)."""
+    """n test images of a run's dataset drawn at random with `seed` (or the given test-set indices).
+
+    Raises:
+        IgamError: for n below 1 or above MAX_FIGURE_IMAGES (before the data are read), or an index outside
+            the test set.
+    """
+    if indices is None and n is not None and n > MAX_FIGURE_IMAGES:
+        raise IgamError(f"Asked for n={n} test images; a gradient grid shows one image per row, and more "
+                        f"than {MAX_FIGURE_IMAGES} rows cannot be read (nor drawn in reasonable time and "
+                        f"memory). Give --n {MAX_FIGURE_IMAGES} or fewer.")
     run_dir, meta = run_meta(run)
     dataset = meta["data"]["dataset"]
     arrays = load_data(dataset, data_dir or Run(run_dir).data_dir, False, 0, 0)
@@ -102,6 +114,7 @@ def load_test_images(run: str | Path, *, n: int | None = None, indices: list[int
     if indices is None:
         if n is None or n < 1:
             raise IgamError(f"Asked for n={n} test images; give at least 1.")
+
         g = torch.Generator().manual_seed(int(seed))
         indices = torch.randperm(total, generator=g)[: min(n, total)].tolist()
     for i in indices:
