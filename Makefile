@@ -26,7 +26,7 @@ demo: $(BIN)/igam
 # no test takes more than about 3 minutes on a quiet one
 test: $(BIN)/igam
 	$(BIN)/python -m ruff check src tests benchmarks scripts
-	$(BIN)/python -m pytest -q -n 2 --timeout 1200
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --timeout 1200
 
 bench: $(BIN)/igam
 	$(BIN)/python benchmarks/step_cost.py --model small-cnn

@@ -23,6 +23,14 @@ uncached.
 train-mode BatchNorm (double_backward=torch, "igam-exact-torchdb") beside igam's lean one, which every other
 exact IGAM method here uses (igam.method.double_backward); printed with it: lean / torch.
 
+--routes adds the other routes from a robust teacher (issue 22) on the same student, teacher and batch:
+fast AT, RRM (cached and uncached teacher features), IGAM with the cosine matching term and no
+discriminator, ARD and RSLAD at fast AT's price (one attack step), and fast AT with each teacher term
+(feature, soft labels, input gradient); printed with them: each step / standard against the target of
+issue 22 (RRM with cached teacher features <= 1.3) and every method's passes per image of the timed
+step (what `igam train` records in meta.json for the same objective) with their total (a double backward
+counted as two) against standard's.
+
 --fd-accuracy prints, instead of timings, how close the finite-difference gradient is to the exact one.
 
 Ratios printed: IGAM-FD / PGD-7, IGAM-FD / standard and IGAM-exact / PGD-7, with the targets of issue 7
@@ -61,11 +69,16 @@ from igam.method.discriminator import GradientDiscriminator
 from igam.method.matching import InputGradientMatching
 from igam.models import create_model
 from igam.objectives.base import Objective
+from igam.objectives.cheap_at import FastAT
+from igam.objectives.distill import ARD, RSLAD
 from igam.objectives.igam import IGAMObjective
 from igam.objectives.pgd_at import PGDAT
+from igam.objectives.rrm import RRM
+from igam.objectives.terms import FeatureMatching, GradientMatching, SoftLabels
 from igam.train import nonfinite_terms
 
 TARGETS = {"igam-fd / pgd7": 0.30, "igam-fd / standard": 2.3, "igam-exact / pgd7": 0.45}
+ROUTE_TARGETS = {"rrm+cache / standard": 1.3}  # issue 22
 # issue 15: a cached IGAM step against a standard step (resnet20 / wrn-16-4, 1 thread, quiet machine)
 CACHE_TARGETS = {"igam-fd-forward+cache / standard": 2.2, "igam-fd+cache / standard": 2.2,
                  "igam-exact+cache / standard": 2.9}
@@ -148,7 +161,8 @@ def build_methods(args: argparse.Namespace, device: torch.device) -> list[Method
 
     def add(name: str, objective: Objective) -> None:
         model = copy.deepcopy(student)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        params = [*model.parameters(), *(q for m in objective.co_trained() for q in m.parameters())]
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
         methods.append(Method(name, model, objective.to(device), opt,
                               tf32=tf32_for(name, getattr(args, "tf32", "auto"), device)))
 
@@ -176,7 +190,52 @@ def build_methods(args: argparse.Namespace, device: torch.device) -> list[Method
         objective = IGAMObjective("igam", matching)
         objective.begin(10**6, 10**6)
         add(name, objective)
+    if getattr(args, "routes", False):
+        for name, objective in route_objectives(student, teacher, device):
+            add(name, objective)
     return methods
+
+
+def route_objectives(student: nn.Module, teacher: AdaptedTeacher,
+                     device: torch.device) -> list[tuple[str, Objective]]:
+    """The other routes as `igam train` builds them (the same classes and settings as the frontier files),
+    their caches warm from the first (warm-up) repetition: begin(total, steps_per_epoch=1) makes every later
+    step one of a second epoch, as in a cached run."""
+    eps = 8 / 255
+    out: list[tuple[str, Objective]] = []
+
+    def feature(cache: bool) -> FeatureMatching:
+        return FeatureMatching(teacher, student, (3, 32, 32), 1.0, cache=cache).to(device)
+
+    def soft() -> SoftLabels:
+        return SoftLabels(teacher, 1.0, 1.0, cache=True)
+
+    matching = InputGradientMatching(teacher, None, lambda_adv=0.0, lambda_diff="auto", teacher_cache=True,
+                                     include_ce=False)
+    cosine = InputGradientMatching(teacher, None, lambda_adv=0.0, lambda_diff="auto", teacher_cache=True,
+                                   diff_loss="cos")
+    out += [("fast-at", FastAT(eps, 1.25 * eps)),
+            ("rrm", RRM(feature(False))), ("rrm+cache", RRM(feature(True))),
+            ("igam-cos+cache", IGAMObjective("igam", cosine)),
+            ("ard-fgsm-rs+cache", ARD(SoftLabels(teacher, 1.0, 30.0, cache=True), 1.0, eps, 1.25 * eps, 1)),
+            ("rslad-1step+cache", RSLAD(soft(), 5 / 6, eps, 1.25 * eps, 1)),
+            ("fast-at+feature+cache", FastAT(eps, 1.25 * eps).with_term(feature(True))),
+            ("fast-at+distill+cache", FastAT(eps, 1.25 * eps).with_term(soft())),
+            ("fast-at+gradient+cache", FastAT(eps, 1.25 * eps).with_term(GradientMatching(matching)))]
+    for _, objective in out:
+        objective.begin(10**6, 1)
+    return out
+
+
+def step_passes(objective: Objective) -> dict[str, dict[str, float]]:
+    """The passes per image of a step in the second epoch (what the timed, warm steps cost)."""
+    return {net: dict(kinds) for net, kinds in objective.passes(10).items() if any(kinds.values())}
+
+
+def total_passes(passes: dict[str, dict[str, float]]) -> float:
+    """forward + backward + 2 x double backward, over every network (the frontier's cost)."""
+    return sum(k.get("forward", 0) + k.get("backward", 0) + 2 * k.get("double_backward", 0)
+               for k in passes.values())
 
 
 def _sync(device: torch.device) -> None:
@@ -262,7 +321,12 @@ def extra_ratios(results: dict[str, float]) -> dict[str, float]:
         out[f"{lean} / {name}"] = results[lean] / results[name]
     for name in (k for k in results if k.endswith("+cache")):
         out[f"{name} / standard"] = results[name] / results["standard"]
-        out[f"{name} / {name.removesuffix('+cache')}"] = results[name] / results[name.removesuffix("+cache")]
+        plain = name.removesuffix("+cache")
+        if plain in results:
+            out[f"{name} / {plain}"] = results[name] / results[plain]
+    for name in ("fast-at", "rrm"):
+        if name in results:
+            out[f"{name} / standard"] = results[name] / results["standard"]
     return out
 
 
@@ -274,6 +338,8 @@ def device_name(device: torch.device) -> str:
 
 
 def target_of(key: str) -> float | None:
+    if key in ROUTE_TARGETS:
+        return ROUTE_TARGETS[key]
     if "+cache" in key:
         return CACHE_TARGETS.get(key)
     for pattern, bound in TARGETS.items():
@@ -351,13 +417,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-double-backward", action="store_true",
                    help="also time exact IGAM with PyTorch's own double backward through convolutions and "
                         "BatchNorm (double_backward=torch; the other IGAM methods use igam's lean one)")
+    p.add_argument("--routes", action="store_true",
+                   help="also time the other routes from a robust teacher (fast AT, RRM, IGAM cos, ARD, "
+                        "RSLAD, fast AT + each teacher term), warm caches, with each step's passes per image")
     p.add_argument("--tiny", action="store_true", help="width-4 networks, batch 8, 2 steps: a smoke test")
     p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("--quiet", action="store_true", help="no per-repetition lines")
     args = p.parse_args(argv)
     if args.tiny:
         args.batch, args.steps, args.warmup = min(args.batch, 8), min(args.steps, 2), min(args.warmup, 1)
-    if args.teacher_cache:
+    if args.teacher_cache or args.routes:
         args.warmup = max(args.warmup, 1)  # the first repetition fills the cache: time a second epoch
     return args
 
@@ -403,11 +472,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     med = {m.name: statistics.median(m.times) for m in methods}
     mem_label = "CUDA max allocated" if device.type == "cuda" else "peak RSS rise"
     w = max(18, *(len(m.name) + 2 for m in methods))
-    print(f"{'method':<{w}}{'s/step':>10}{'images/s':>11}{'x standard':>12}  peak memory ({mem_label})")
+    passes = {m.name: step_passes(m.objective) for m in methods}
+    print(f"{'method':<{w}}{'s/step':>10}{'images/s':>11}{'x standard':>12}{'passes':>8}{'x std':>7}"
+          f"  peak memory ({mem_label})")
     for m in methods:
         mem = f"{m.peak_mib:.0f} MiB" if m.peak_mib is not None else "not measured"
+        tp = total_passes(passes[m.name])
         print(f"{m.name:<{w}}{med[m.name]:>10.4f}{args.batch / med[m.name]:>11.1f}"
-              f"{med[m.name] / med['standard']:>12.2f}  {mem}")
+              f"{med[m.name] / med['standard']:>12.2f}{tp:>8.3g}{tp / total_passes(passes['standard']):>7.2f}"
+              f"  {mem}")
     r = ratios(med)
     extra = extra_ratios(med)
     for key, value in {**r, **extra}.items():
@@ -427,6 +500,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "seconds_per_step": med, "images_per_s": {k: args.batch / v for k, v in med.items()},
            "all_times": {m.name: m.times for m in methods},
            "peak_memory_mib": {m.name: m.peak_mib for m in methods}, "ratios": r, "extra_ratios": extra,
+           "passes_per_image": passes, "routes": args.routes,
            "paper_igam_over_pgd7": PAPER_IGAM_OVER_PGD7, "tf32": {m.name: m.tf32 for m in methods},
            "cuda": torch.version.cuda if device.type == "cuda" else None,
            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}

@@ -56,3 +56,30 @@ def real_cifar_dir() -> Path:
     if root is None:
         pytest.skip(_skip_reason("cifar10.npz"))
     return root
+
+
+# one tiny real run (synthetic 16x16 grey images, 4 classes, width-4 small-cnn, 2 steps): made once per test
+# process by `tiny_run`; tests that change or damage it work on a copy (`copy_run`)
+TINY_RUN = {"dataset": "synthetic:16x16x1:4", "model": "small-cnn", "width": "4", "train_subset": "64",
+            "test_subset": "32", "batch_size": "32", "epochs": "1", "progress": "false",
+            "tensorboard": "false", "eval_n": "32", "threads": "1"}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run of `TINY_RUN` (seconds); do not change it: copy it with `copy_run`."""
+    from igam.config import make_config
+    from igam.train import train
+
+    out = tmp_path_factory.mktemp("tiny")
+    cfg = make_config(overrides={**TINY_RUN, "out_dir": str(out), "name": "tiny"})
+    return train(cfg, log=lambda *a: None)
+
+
+def copy_run(run: Path, where: Path, name: str = "r") -> Path:
+    """A copy of run folder `run` at where/name."""
+    import shutil
+
+    dst = Path(where) / name
+    shutil.copytree(run, dst)
+    return dst

@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from igam.cli import main  # noqa: E402
-from igam.config import FIELDS, Config, make_config, parse_override_args  # noqa: E402
+from igam.config import Config, all_keys, make_config, parse_override_args  # noqa: E402
 from igam.errors import IgamError  # noqa: E402
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-KEYS = sorted(FIELDS)
+KEYS = sorted(all_keys())
 
 scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
            | st.text(max_size=20) | st.sampled_from(["8/255", "1/0", "0.3", "-1", "1e999", "nan", "true", "",

@@ -105,19 +105,30 @@ def test_eps_and_bn_overrides_are_labelled(run_dir, capsys):
 
 
 def test_strict_fails_on_contradicting_results(run_dir, capsys):
-    """Accuracy that rises with PGD steps is a masking sign: a WARNING block, and exit 1 under --strict."""
+    """Accuracy that rises with PGD steps is a masking sign: a WARNING block, and exit 1 under --strict, when
+    the command ran one of the contradicting attacks; contradictions only among older records of eval.json
+    are named as older records and do not count against a command that ran none of them (issue 24)."""
     ev = _eval_json(run_dir) if (run_dir / "eval.json").exists() else {}
     pgd = {"attack": "pgd", "eps": 0.3, "step_size": 0.01, "restarts": 1, "loss": "ce"}
     ev["pgd7"] = {"accuracy": 0.1, "n": 32, "bn": "eval", "eps": 0.3, "attack": {**pgd, "steps": 7}}
     ev["pgd40"] = {"accuracy": 0.9, "n": 32, "bn": "eval", "eps": 0.3, "attack": {**pgd, "steps": 40}}
     (run_dir / "eval.json").write_text(json.dumps(ev))
     rc = main(["evaluate", str(run_dir), "--attacks", "clean", "--n", "32", "--strict"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "WARNING" not in err
+    assert "an older record, not from this command, fails: pgd40" in out
+    mc = _eval_json(run_dir)["masking_checks"]
+    assert mc["passed"] is True and mc["checks"]["steps_monotone"]["older"]
+    # the command itself runs pgd7 (same settings as the planted one): its result against pgd40 counts
+    acc7 = evaluate_run(run_dir, ["pgd7-fixed"], n=32, batch_size=32)["pgd7-fixed"]["accuracy"]
+    assert acc7 < 0.6  # (the run is far from robust at eps 0.3: pgd40's planted 90% contradicts it)
+    rc = main(["evaluate", str(run_dir), "--attacks", "pgd7-fixed", "--n", "32", "--strict"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "WARNING" in err and "steps_monotone" in err and "pgd40" in err
     mc = _eval_json(run_dir)["masking_checks"]
     assert mc["passed"] is False and "steps_monotone" in mc["failed"]
-    assert main(["evaluate", str(run_dir), "--attacks", "clean", "--n", "32"]) == 0  # loud, not fatal
+    assert main(["evaluate", str(run_dir), "--attacks", "pgd7-fixed", "--n", "32"]) == 0  # loud, not fatal
 
 
 def test_checks_flag_runs_the_sweeps(run_dir):

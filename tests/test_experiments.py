@@ -262,7 +262,7 @@ def test_evaluation_runs_on_the_device_of_the_stage(tmp_path, monkeypatch):
     """`igam run ... device=cuda` evaluates its rows on the GPU too, not on evaluate_run's default CPU."""
     import torch
 
-    import igam.experiment.runner as runner
+    import igam.experiment.stages as runner
 
     stage = ("stages:\n  - name: s\n    row: S\n    config: {method: standard, dataset: 'synthetic:8x8x3:4', "
              "model: small-cnn, width: 4, epochs: 1, train_subset: 64, batch_size: 32, progress: false, "

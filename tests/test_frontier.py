@@ -132,7 +132,21 @@ def test_the_frontier_files_sweep_every_method_on_both_activations_with_a_second
                 assert len({str(cfgs[s].to_dict()) for s in stages}) == points
     assert any(st.curve.startswith("FT") for st in exp.stages)
     seeds = [st for st in exp.stages if cfgs[st.name].seed == 1]
-    assert len(seeds) == 16 and all(st.row and not st.curve for st in seeds)
+    assert len(seeds) == 16 + 9 and all(st.row and not st.curve for st in seeds)
+    # the other routes from the robust teacher (issue 22): each swept along its own knob, with a second seed
+    routes = {"FT all layers": (3, "finetune"), "robust start + fast-AT": (3, "fast-at"), "RRM": (4, "rrm"),
+              "IGAM cos, lambda_adv=0": (3, "igam"), "ARD (FGSM-RS)": (3, "ard"),
+              "RSLAD (one step)": (3, "rslad"),
+              "fast-AT + feature term": (3, "fast-at"), "fast-AT + soft labels": (2, "fast-at"),
+              "fast-AT + input-gradient term": (1, "fast-at")}
+    for curve, (points, method) in routes.items():
+        stages = curves[curve]
+        assert len(stages) == points and {cfgs[s].method for s in stages} == {method}, curve
+        assert len({str(cfgs[s].to_dict()) for s in stages}) == points
+        assert any(st.row.startswith(curve) for st in seeds), curve
+    assert {cfgs[s].model for s in curves["robust start + fast-AT"]} == {"teacher"}
+    assert {cfgs[s].teacher_term for s in curves["fast-AT + feature term"]} == {"feature"}
+    assert {cfgs[s].diff_loss for s in curves["IGAM cos, lambda_adv=0"]} == {"cos"}
     strong = [ev for ev in exp.evaluation if "autoattack" in ev["attacks"]]
     assert any(not ev.get("rows") and ev["n"] >= 500 for ev in strong)  # every point, n >= 500
     if name == "animals-to-vehicles":

@@ -109,8 +109,9 @@ def test_amp_input_grad_opts_the_path_into_bf16() -> None:
 def test_amp_input_grad_needs_bf16(tmp_path) -> None:
     from igam.train import train
 
-    cfg = make_config(overrides={"amp_input_grad": True, "out_dir": str(tmp_path), "progress": False})
+    # refused when the configuration is made, before any training (registry check of the igam method)
     with pytest.raises(IgamError, match="amp=bf16"):
+        cfg = make_config(overrides={"amp_input_grad": True, "out_dir": str(tmp_path), "progress": False})
         train(cfg, log=lambda *a: None)
 
 

@@ -17,12 +17,12 @@ from conftest import SLOWER
 from igam.errors import IgamError
 from igam.files import (
     KILL_POINTS,
-    _atomic,
     atomic_write_text,
     kill_point,
     load_torch_file,
     load_weights,
     read_json,
+    safe_write,
     save_weights,
     sha256_file,
     write_json,
@@ -188,7 +188,7 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path: Path) -> 
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        _atomic(path, half_then_fail)
+        safe_write(path, half_then_fail)
     assert read_json(path) == {"v": 1} and sorted(os.listdir(tmp_path)) == ["a.json"]
     atomic_write_text(path, "{}")
     assert read_json(path) == {}

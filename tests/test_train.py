@@ -330,14 +330,14 @@ def test_unwritable_places_are_clear_errors(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(IgamError, match="Cannot create the run directory .*afile/r"):
         train(tiny(tmp_path / "afile", "r"), log=quiet)
 
-    real_atomic = igam.runs._atomic
+    real_atomic = igam.runs.safe_write
 
     def disk_full_for_checkpoints(path: Path, write: Any) -> None:
         if path.name.startswith("ckpt-"):
             raise OSError(28, "No space left on device")
         real_atomic(path, write)
 
-    monkeypatch.setattr("igam.runs._atomic", disk_full_for_checkpoints)
+    monkeypatch.setattr("igam.runs.safe_write", disk_full_for_checkpoints)
     with pytest.raises(IgamError, match=r"Cannot write checkpoint .*No space left on device.*resume=true"):
         train(tiny(tmp_path, "full-disk"), log=quiet)
 

@@ -299,5 +299,6 @@ def test_evaluate_a_robustbench_name_without_its_weights_says_where_they_go(tmp_
     rc = main(["evaluate", "robustbench:cifar10/Linf/Standard", "--out-dir", str(tmp_path / "out"),
                "--data-dir", str(tmp_path)])
     err = capsys.readouterr().err
-    assert rc == 2 and ("No weights for robustbench:cifar10/Linf/Standard" in err or "pip install" in err), err
+    assert rc == 2 and (
+        "No weights for robustbench:cifar10/Linf/Standard" in err or "pip install" in err), err
     assert not (tmp_path / "out").exists()  # nothing written for a model that did not load

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -76,25 +77,45 @@ def cmd_transfer(args, extra) -> int:
 
 
 def cmd_run(args, extra) -> int:
-    from igam.experiment import run_experiment
+    from igam.experiment import StagesFailed, run_experiment
+    from igam.experiment.cluster import ClusterOptions, parse_gpus, parse_sbatch, parse_time
 
     overrides = parse_override_args(_override_tokens(args, extra))
-    run_experiment(
-        args.experiment,
-        dry_run=args.dry_run,
-        out_dir=args.out_dir,
-        overrides=overrides,
-        only=args.only.split(",") if args.only is not None else None,
-        miniature=args.miniature,
-        results_only=args.results_only,
+    cluster = ClusterOptions(
+        partition=args.partition,
+        time=parse_time(args.time) if args.time is not None else None,
+        gpus_per_job=parse_gpus(args.gpus_per_job) if args.gpus_per_job is not None else 0,
+        sbatch=parse_sbatch(args.sbatch or []),
     )
+    if args.executor != "slurm" and (args.partition or args.time or args.gpus_per_job or args.sbatch):
+        raise IgamError("--partition, --time, --gpus-per-job and --sbatch are SLURM settings; add "
+                        "--executor slurm (or drop them to run on this machine).")
+    try:
+        run_experiment(
+            args.experiment,
+            dry_run=args.dry_run,
+            out_dir=args.out_dir,
+            overrides=overrides,
+            only=args.only.split(",") if args.only is not None else None,
+            miniature=args.miniature,
+            results_only=args.results_only,
+            jobs=args.jobs,
+            executor=args.executor,
+            cluster=cluster,
+            live=sys.stdout.isatty(),
+        )
+    except StagesFailed as e:
+        print(f"igam run: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_evaluate(args, extra) -> int:
     import igam.progress as progress
     from igam.api import benchmark, spec_folder
+    from igam.attacks.checks import older_notes
     from igam.attacks.checks import summary as check_summary
+    from igam.attacks.presets import check_queries
     from igam.evaluate import eps_text, evaluate_run, record_notes, validate_attacks, warning_block
     from igam.models import shipped
     from igam.summary import format_sweep_table, format_table, headline_lines, per_class_text, sweep_notes
@@ -110,6 +131,7 @@ def cmd_evaluate(args, extra) -> int:
     for key in ("n", "batch_size", "check_n", "check_queries"):
         if getattr(args, key) != "auto" and getattr(args, key) < 1:
             raise IgamError(f"--{key.replace('_', '-')}={getattr(args, key)} must be at least 1.")
+    check_queries(args.check_queries, "--check-queries")
     if args.eps_sweep is not None and args.eps is not None:
         raise IgamError("Give --eps (one radius) or --eps-sweep (several), not both.")
     specs = [str(r) for r in args.runs if is_model_spec(str(r))]
@@ -160,6 +182,7 @@ def cmd_evaluate(args, extra) -> int:
                 per_class_text(a, r) for a, r in records.items()))
         mc = res["masking_checks"]
         notes.append(f"{label}: masking checks: {check_summary(mc['checks'])}")
+        notes += [f"{label}: {line}" for line in older_notes(mc["checks"])]
         if mc["failed"]:
             warnings.append(warning_block(str(run), mc["checks"]))
     used = sorted({rec["n"] for _, res in rows for rec in res.values()} | {c["n"] for _, c in curves})
@@ -206,8 +229,12 @@ def cmd_info(args, extra) -> int:
 
     if str(args.run).startswith(shipped.PREFIX):  # a shipped teacher: its certificate
         cert = shipped.certificate(args.run)
-        print(json.dumps(cert, indent=2) if args.json else
-              shipped.describe(cert) + "\n\n" + certificate_text(cert))
+        problem = shipped.weights_mismatch(args.run)  # the certificate holds only for the certified file
+        print(json.dumps({**cert, "weights_match_certificate": not problem}, indent=2) if args.json else
+              shipped.describe(cert) + "\n\n" + certificate_text(cert)
+              + f"\n\nweights: {'MISMATCH' if problem else 'sha256 matches the certificate'}")
+        if problem:
+            raise IgamError(f"{problem} The certificate above describes the certified file, not this one.")
         return 0
     folder = Path(args.run)
     if folder.is_dir() and not (folder / Run.META).exists() and (folder / Run.EVAL).exists():
@@ -217,7 +244,7 @@ def cmd_info(args, extra) -> int:
               + eval_text(ev, folder.name))
         return 0
     run_dir = resolve_run(args.run)
-    out = {"run": str(run_dir), "meta": read_json(run_dir / Run.META)}
+    out = {"run": str(run_dir), "meta": Run(run_dir).meta}  # checked: a damaged field is one clear error
     for name in (Run.METRICS, Run.EVAL, Run.CURVE):
         if (run_dir / name).exists():
             out[name[:-5]] = read_json(run_dir / name)
@@ -228,7 +255,7 @@ def cmd_info(args, extra) -> int:
     print(
         f"run      {run_dir}\nstatus   {meta.get('status')}\nmethod   {meta.get('method')}\n"
         f"model    {meta['model']['name']} ({meta['model']['num_classes']} classes, input "
-        f"{meta['data']['shape']})\ndataset  {meta['data']['dataset']}\nseed     {meta.get('seed')}\n"
+        f"{meta['data'].get('shape')})\ndataset  {meta['data']['dataset']}\nseed     {meta.get('seed')}\n"
         f"version  {meta.get('version')} (git {str(meta.get('git_commit'))[:10]}, "
         f"torch {meta.get('torch')})"
     )
@@ -329,10 +356,14 @@ def cmd_landscape(args, extra) -> int:
 
 
 def cmd_report(args, extra) -> int:
+    from igam.report.common import MAX_FIGURE_IMAGES
     from igam.report.html import write_report
 
     if args.n < 1:
         raise IgamError(f"--n={args.n}: show at least 1 test image in the gradient grid.")
+    if args.n > MAX_FIGURE_IMAGES:
+        raise IgamError(f"--n={args.n}: the gradient grid shows one image per row, and more than "
+                        f"{MAX_FIGURE_IMAGES} rows cannot be read; give --n {MAX_FIGURE_IMAGES} or fewer.")
     print(
         write_report(
             args.path,
@@ -378,8 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb(
         "train",
         cmd_train,
-        "Train a model: standard, pgd-at, trades, fast-at, n-fgsm, free-at, finetune, igam, igr or kd-noise "
-        "(method=...).",
+        "Train a model with any registered method (method=...; the list below).",
         config=True,
         epilog=EPILOG_OVERRIDES + "\n\nExamples:\n  igam train dataset=mnist model=madry-mnist "
         "epochs=2 --data-dir ../shared/data\n"
@@ -392,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         cmd_finetune,
         "Fine-tune a robust teacher on the target task (paper 4.1, eq. 6): freeze "
-        "it, train a new logit layer (and a learned adapter) on natural target images.",
+        "it, train a new logit layer (and a learned adapter) on natural target images; "
+        "finetune_layers=last-K|all trains more of it (transfer through weights).",
         config=True,
         epilog="method=finetune, epochs=10 and Adam at finetune_lr are defaults. With epochs=100 the result "
         "is the paper's FT-<source> baseline.\n\nExample:\n  igam finetune "
@@ -418,7 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The file format is described in igam/experiment/__init__.py and docs/EXPERIMENTS.md.\n"
         "Ready files: experiments/paper/*.yaml (the paper's tables, GPU scale), experiments/cpu/*.yaml.\n\n"
         "Examples:\n  igam run experiments/cpu/mnist-to-cifar10.yaml --dry-run\n"
-        "  igam run experiments/paper/table1-mnist-to-cifar10.yaml data_dir=/data seed=1",
+        "  igam run experiments/paper/table1-mnist-to-cifar10.yaml data_dir=/data seed=1\n"
+        "  igam run experiments/cpu/animals-to-vehicles.yaml --jobs 2          # two stages at once\n"
+        "  igam run experiments/paper/table3-to-cifar100.yaml --executor slurm --partition gpu \\\n"
+        "      --time 8:00:00 --gpus-per-job 1 --sbatch cpus-per-task=8\n\n"
+        "A stage that fails does not stop the stages that do not need it; the exit status is 1 when any\n"
+        "failed (the summary names them and their logs), and rerunning the same command retries them.\n"
+        "Ctrl-C stops the local slots or cancels the SLURM jobs it submitted, and says which.\n"
+        "docs/DISTRIBUTED.md compares this with torchrun (one stage on many GPUs).",
     )
     r.add_argument("experiment", metavar="EXPERIMENT.yaml")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="keys applied to every stage")
@@ -433,6 +471,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="smoke-test the pipeline in seconds: tiny synthetic "
         "stand-ins of every dataset (same shapes), width-4 models, a few steps, cheap attacks",
     )
+    r.add_argument("--jobs", default=None, metavar="N|auto",
+                   help="run up to N stages (trainings and evaluations) at once as their inputs become "
+                   "ready; default 1: one after another in this process. Local slots get cores // N torch "
+                   "threads each (unless a stage sets threads), or one GPU each (CUDA_VISIBLE_DEVICES); "
+                   "auto: one per GPU (1 without GPUs). With --executor slurm: at most N jobs queued or "
+                   "running (default: every ready stage)")
+    r.add_argument("--executor", default="local", metavar="local|slurm",
+                   help="local (this machine, default) or slurm: one SLURM job per task through submitit, "
+                   "per-job logs in each stage's jobs/ folder")
+    r.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's, or the file's "
+                   "cluster: block)")
+    r.add_argument("--time", default=None, metavar="LIMIT",
+                   help="SLURM time limit per job: minutes, HOURS:MINUTES:SECONDS or "
+                   "DAYS-HOURS:MINUTES:SECONDS")
+    r.add_argument("--gpus-per-job", default=None, metavar="G", help="GPUs per SLURM job (default 0)")
+    r.add_argument("--sbatch", action="append", default=None, metavar="KEY=VALUE",
+                   help="another #SBATCH option, repeatable: --sbatch account=proj --sbatch cpus-per-task=8 "
+                   "--sbatch exclusive (a bare KEY is a flag)")
     r.add_argument(
         "--results-only",
         action="store_true",
@@ -697,10 +753,15 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush of stdout does not fail again
         return 1
     except OSError as e:  # the environment, not the input: a full disk, permissions, a vanished file
-        where = f" ('{e.filename}')" if e.filename else ""
+        where = f" ('{str(e.filename)[:300]}')" if e.filename else ""
+        trains = args.verb in CONFIG_VERBS | {"run", "demo"}
+        if e.errno == errno.ENAMETOOLONG:
+            print(f"igam: error: {e.strerror}{where}: use a shorter path.", file=sys.stderr)
+            return 2
         print(
-            f"igam: error: {e.strerror or e}{where}. Free disk space or fix permissions; an interrupted "
-            "training run continues with resume=true.",
+            f"igam: error: {e.strerror or e}{where}. Free disk space or fix permissions"
+            + ("; an interrupted training run continues with resume=true." if trains else
+               ", then run the same command again."),
             file=sys.stderr,
         )
         return 2

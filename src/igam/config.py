@@ -1,29 +1,33 @@
-"""Typed configuration: dataclass defaults, then a YAML file, then `key=value` / `--key value` overrides.
+"""Typed configuration: defaults, then a YAML file, then `key=value` / `--key value` overrides.
 
-Every key is a field of :class:`Config` with a help string; unknown keys and values of the wrong
-type are errors that name the closest valid key. The resolved config is saved with every run.
+Every key has a help string and a group; unknown keys and values of the wrong type are errors that name
+the closest valid key. The core keys are the fields of :class:`Config`; a method brings its own keys from
+its file (igam.registry.KEYS, registered by igam.objectives.register_objective), and they behave the same
+everywhere: help, overrides, YAML, validation, config.yaml. The resolved config is saved with every run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, NamedTuple, get_type_hints
 
 import yaml
 
-from igam.errors import IgamError, suggest
-from igam.files import atomic_write_text, read_yaml
-from igam.registry import OBJECTIVES
-from igam.units import check_eps, check_start, parse_fraction
+import igam.registry as registry
+from igam.errors import IgamError, NonFiniteValue, suggest
+from igam.files import atomic_write_text, check_name, read_yaml
+from igam.registry import Key
+from igam.units import check_eps, non_finite, parse_fraction
 
-__all__ = ["ALIASES", "FIELDS", "GROUPS", "METHOD_HELP", "METHODS", "PRESETS", "Config", "apply_overrides",
-           "check_eps", "config_help", "config_notes", "group_keys", "load_yaml", "make_config",
-           "methods_help", "parse_fraction", "parse_override_args", "save_yaml", "validate"]
+__all__ = ["ALIASES", "GROUPS", "Config", "all_keys", "apply_overrides", "check_eps", "config_help",
+           "config_notes", "core_keys", "group_keys", "groups", "load_yaml", "make_config", "method_names",
+           "methods_help", "parse_fraction", "parse_override_args", "save_yaml", "used_by", "validate"]
 
 
-GROUPS = ("run", "data", "model", "optim", "attack", "teacher", "igam", "distill", "finetune", "eval", "log")
+GROUPS = ("run", "data", "model", "optim", "attack", "teacher", "eval", "log")  # the core keys' groups
 _section = ["run"]
 
 
@@ -40,36 +44,13 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata=meta)
 
 
-# The built-in methods (for the help text). What `method` accepts is the objective registry
-# (igam.objectives.OBJECTIVES, checked where a run starts), so registered plug-ins are methods too.
-METHODS = ("standard", "pgd-at", "trades", "fast-at", "n-fgsm", "free-at", "finetune", "igam", "igr",
-           "kd-noise")
-# one line per built-in method for `igam train --help` (docs/METHODS.md has the equations and costs)
-METHOD_HELP = {
-    "standard": "cross-entropy on clean images",
-    "pgd-at": "PGD adversarial training (Madry et al. 2018): PGD-`steps` of `step_size` within `eps`",
-    "trades": "TRADES (Zhang et al. 2019): CE + trades_beta KL(f(x) || f(x')), x' by PGD on the KL",
-    "fast-at": "fast AT (Wong et al. 2020): FGSM from a random start, step fast_alpha (1.25 eps), projected",
-    "n-fgsm": "N-FGSM (de Jorge et al. 2022): FGSM of step eps from x + U(-k eps, k eps), k = nfgsm_noise, "
-              "no projection",
-    "free-at": "free AT (Shafahi et al. 2019): each batch free_replays times, the perturbation carried over; "
-               "epochs count gradient steps (epochs / free_replays passes over the data)",
-    "finetune": "a robust teacher's new logit layer on the target task (paper eq. 6; `igam finetune`)",
-    "igam": "IGAM (paper eqs. 7-14): CE + lambda_adv L_adv + lambda_diff ||J_s - J_t||^2 from a fine-tuned "
-            "teacher",
-    "igr": "input-gradient regularisation, IGAM's J_t = 0 control: CE + lambda_diff ||J_s||^2 (smooth "
-           "students: activation=gelu)",
-    "kd-noise": "distillation from the fine-tuned teacher on x + N(0, kd_sigma^2) at kd_temperature "
-                "(Srinivas & Fleuret 2018: Jacobian matching's first-order equivalent)",
-}
-
-
 @dataclass
 class Config:
-    """Every setting of a run, flat (`key=value`; key names are unique), each key in one of the 11 groups
-    of GROUPS (run, data, model, optim, attack, teacher, igam, distill, finetune, eval, log) that `igam
-    VERB --help` lists by verb. Numbers typed as fractions (eps=8/255) are kept as typed in config.yaml and
-    parsed by igam.units where they are used."""
+    """Every setting of a run, flat (`key=value`; key names are unique), each key in one group that `igam
+    VERB --help` lists by verb. The fields below are the core keys (groups GROUPS); a method brings its
+    own keys from its file (igam.registry.KEYS, e.g. the igam, distill and finetune groups), read as
+    attributes like the core ones (`cfg.lambda_adv`). Numbers typed as fractions (eps=8/255) are kept as
+    typed in config.yaml and parsed by igam.units where they are used."""
 
     # --- run -----------------------------------------------------------------------------------
     section("run")
@@ -121,25 +102,20 @@ class Config:
     grad_clip: float = opt(0.0, "clip the student's gradient norm (0: off)")
     # --- method --------------------------------------------------------------------------------
     section("run")
-    method: str = opt("standard", "training objective: " + " | ".join(METHODS) + " (see methods above)")
-    # --- attacks used for training (pgd-at, trades, fast-at, n-fgsm, free-at) ----------------------
+    method: str = opt("standard", "training objective, a registered method (the list above; `igam train "
+                      "--help`)")
+    # --- attacks used for training (the adversarial methods) -----------------------------------
     section("attack")
     eps: str = opt("8/255", "L-inf radius in [0,1] pixel units; fractions like 8/255 allowed")
     step_size: str = opt("2/255", "PGD step size")
     steps: int = opt(7, "PGD steps for adversarial training (Madry: 7 CIFAR, 40 MNIST)")
     random_start: bool = opt(True, "PGD starts from a uniform random point of the eps-ball")
-    eps_warmup_epochs: float = opt(0.0, "adversarial training (pgd-at, trades, fast-at, n-fgsm, free-at): "
+    eps_warmup_epochs: float = opt(0.0, "adversarial training methods: "
                                         "grow the training eps and step size linearly from 0 over these "
                                         "epochs (steadies MNIST PGD-AT at eps 0.3)")
     attack_bn: str = opt("eval", "BatchNorm mode while crafting training attacks: eval | train",
                          ("eval", "train"))
-    trades_beta: float = opt(6.0, "TRADES robustness weight")
-    fast_alpha: str = opt("0", "fast-at: FGSM step size (0: 1.25 eps, Wong et al.)")
-    nfgsm_noise: float = opt(2.0, "n-fgsm: noise U(-k eps, k eps) before the FGSM step of eps; this is k "
-                             "(de Jorge et al.: 2)")
-    free_replays: int = opt(4, "free-at: steps on each minibatch in a row, m (Shafahi et al.: 8 CIFAR, 4 "
-                            "ImageNet); epochs still count gradient steps")
-    # --- teacher and adapter (finetune, igam) -----------------------------------------------------
+    # --- teacher and adapter (the methods that learn from a robust model) -------------------------
     section("teacher")
     teacher: str = opt("", "teacher: a run directory, igam:NAME (shipped, e.g. igam:mnist-linf-0.3; "
                        "`igam models`), robustbench:DATASET/THREAT/NAME (e.g. "
@@ -172,58 +148,6 @@ class Config:
                        "then crop or resize")
     teacher_bn: str = opt("eval", "teacher BatchNorm mode: eval (paper) | train (official code)",
                           ("eval", "train"))
-    # --- IGAM (paper eqs. 7-14) ------------------------------------------------------------------
-    section("igam")
-    preset: str = opt("", "paper | official: sets the gradient target, scaling, discriminator input and "
-                      "schedule of IGAM (see docs/IGAM.md)")
-    lambda_adv: float = opt(1.0, "weight of the adversarial discriminator loss L_adv (eq. 14)")
-    lambda_diff: str = opt("auto", "weight of L_diff = ||J_s - J_t||^2 (eq. 13); 'auto' scales it to "
-                           "lambda_diff_auto / E||J_t||^2 on the first batches")
-    lambda_diff_auto: float = opt(2.3, "target of lambda_diff=auto: lambda_diff * E||J_t||^2")
-    gradient_target: str = opt("ce", "differentiate the cross-entropy (paper eq. 8) or the true-class "
-                               "probability p_y (official code)", ("ce", "true-prob"))
-    pixel_scale: float = opt(1.0, "gradients taken w.r.t. x * pixel_scale (official code: 255)")
-    diff_reduction: str = opt("mean", "L_diff over the batch: mean (paper) | sum (official)", ("mean", "sum"))
-    disc_input_norm: str = opt("none", "gradient normalisation before the discriminator: none | "
-                               "zero-mean-l2 (official)", ("none", "zero-mean-l2"))
-    adv_loss: str = opt("saturating", "student's adversarial loss: saturating (minimax, eq. 14; the default, "
-                        "measured better in docs/RESULTS.md) | non-saturating (GAN trick)",
-                        ("saturating", "non-saturating"))
-    disc_layers: int = opt(4, "discriminator conv layers (Appendix A: 4 or 5)")
-    disc_channels: int = opt(8, "discriminator channels of the first layer, doubled per layer (8 or 16)")
-    disc_every: int = opt(5, "discriminator update every k student steps")
-    disc_lr: float = opt(0.0, "discriminator learning rate (0: the student's lr and schedule)")
-    disc_optimizer: str = opt("sgd", "sgd | adam", ("sgd", "adam"))
-    igam_start: str = opt("0", "when the IGAM terms switch on: a step (1000), an epoch (5ep) or a "
-                          "fraction of training (0.875 = official); plain cross-entropy before")
-    grad_matching: str = opt("exact", "student gradient of the matching terms: exact (double backprop) | "
-                             "finite-difference (Hessian-vector product from first-order passes)",
-                             ("exact", "finite-difference"))
-    fd_step: float = opt(1e-2, "finite-difference step h relative to ||x|| / ||v||")
-    fd_scheme: str = opt("central", "finite-difference scheme: central (two extra passes, error O(h^2)) | "
-                         "forward (one extra pass reusing the pass at x, error O(h); use fd_step=1e-3)",
-                         ("central", "forward"))
-    amp_input_grad: bool = opt(False, "run the IGAM input-gradient path under amp too (exact mode; default: "
-                               "it stays float32)")
-    double_backward: str = opt("lean", "exact mode's double backward through the student's convolutions and "
-                               "train-mode BatchNorm: lean (the same derivatives from leaner kernels; "
-                               "docs/IGAM.md) | torch (PyTorch's own formulas); equal up to float rounding",
-                               ("lean", "torch"))
-    teacher_cache: str = opt("auto", "compute the teacher's input gradient of each training image once and "
-                             "reuse it: auto (on exactly when exact: augment none, noise 0, teacher_bn eval, "
-                             "no random adapter) | on (refused where it would be wrong) | off",
-                             ("auto", "on", "off"))
-    # --- distillation from the fine-tuned teacher (kd-noise) ----------------------------------------
-    section("distill")
-    kd_temperature: float = opt(4.0, "kd-noise: softmax temperature T (the KL is scaled by T^2)")
-    kd_sigma: float = opt(0.1, "kd-noise: standard deviation of the Gaussian input noise, pixels in [0, 1]")
-    kd_weight: float = opt(1.0, "kd-noise: weight of T^2 KL(teacher || student) on noisy inputs")
-    # --- finetune --------------------------------------------------------------------------------
-    section("finetune")
-    finetune_lr: float = opt(3e-3, "Adam learning rate of the new logit layer (and learned adapter); past a "
-                             "point a higher one (or more epochs) buys the fine-tuned teacher clean accuracy "
-                             "with its robustness: 3e-3 balances them (measured: docs/RESULTS.md; the "
-                             "official code: 1e-3)")
     # --- evaluation during training --------------------------------------------------------------
     section("eval")
     eval_every: float = opt(1.0, "evaluate every N epochs (0: only at the end)")
@@ -246,14 +170,75 @@ class Config:
     channels_last: bool = opt(False, "channels-last memory format on GPU")
 
     # ------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_extra", {})
+
+    def __getattr__(self, name: str) -> Any:
+        """A method's key (igam.registry.KEYS): its value in this config, else its default."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = registry.KEYS.get(name)
+        if key is None:
+            raise AttributeError(f"Config has no key '{name}'")
+        extra = self.__dict__.get("_extra", {})
+        return extra[name] if name in extra else _default(key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        """A Config of already-coerced values: core keys as fields, method keys kept beside them."""
+        cfg = cls(**{k: v for k, v in values.items() if k in _CORE})
+        cfg._extra.update({k: v for k, v in values.items() if k not in _CORE})
+        return cfg
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key, core and registered, with its value (a method key left at its default included)."""
+        out = dataclasses.asdict(self)
+        out.update({k: getattr(self, k) for k in registry.KEYS})
+        return out
 
     def replace(self, **kw: Any) -> Config:
         return apply_overrides(self, kw)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+def _default(key: Key) -> Any:
+    return list(key.default) if isinstance(key.default, list | tuple) else key.default
+
+
+_CORE: dict[str, Key] = {
+    f.name: Key(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(),  # type: ignore[misc]
+                f.metadata["help"], f.metadata["group"], f.metadata.get("choices"))
+    for f in dataclasses.fields(Config)
+}
+_CORE_TYPES = get_type_hints(Config)
+
+
+def core_keys() -> dict[str, Key]:
+    """The core keys (Config's fields) by name."""
+    return dict(_CORE)
+
+
+def all_keys() -> dict[str, Key]:
+    """Every configuration key by name: the core keys (Config's fields), then those the registered methods
+    brought (igam.registry.KEYS), each with its default, help, group and choices."""
+    return {**_CORE, **registry.KEYS}
+
+
+def groups() -> tuple[str, ...]:
+    """The key groups in help order: the core GROUPS, then the groups the methods' keys brought."""
+    extra = [k.group for k in registry.KEYS.values()]
+    return GROUPS + tuple(dict.fromkeys(g for g in extra if g not in GROUPS))
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods (`method=`), in registration order."""
+    return tuple(registry.METHODS)
+
+
 # names other tools use for our keys: only suggested in the error, never silently accepted
 ALIASES = {"learning_rate": "lr", "learningrate": "lr", "bs": "batch_size", "wd": "weight_decay",
            "max_epochs": "epochs", "n_epochs": "epochs", "num_epochs": "epochs", "arch": "model",
@@ -261,11 +246,14 @@ ALIASES = {"learning_rate": "lr", "learningrate": "lr", "bs": "batch_size", "wd"
            "output_dir": "out_dir", "epsilon": "eps", "alpha": "step_size", "pgd_steps": "steps",
            "num_steps": "steps", "beta": "trades_beta", "gpu": "device", "clip": "grad_clip",
            "max_grad_norm": "grad_clip", "resume_from": "resume", "objective": "method", "run_name": "name"}
-_TYPES = get_type_hints(Config)
+
+
+def _type(key: str) -> type:
+    return _CORE_TYPES[key] if key in _CORE else registry.KEYS[key].type
 
 
 def _coerce(key: str, value: Any) -> Any:
-    typ = _TYPES[key]
+    typ = _type(key)
     if value is None:
         raise IgamError(f"Config key '{key}' has no value; write {key}=VALUE.")
     try:
@@ -281,6 +269,8 @@ def _coerce(key: str, value: Any) -> Any:
         if typ is int:
             if isinstance(value, bool):
                 raise ValueError
+            if isinstance(value, float) and not math.isfinite(value):
+                raise NonFiniteValue(non_finite(key, value))
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             return int(str(value).strip())
@@ -297,161 +287,249 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, dict | list):
             raise ValueError
         return str(value)
+    except NonFiniteValue:
+        raise
     except (ValueError, TypeError, IgamError):
         want = {bool: "true/false", int: "an integer", float: "a number", list: "a comma-separated list",
                 str: "a string"}[typ]
         raise IgamError(f"Config key '{key}' needs {want}, got {value!r}.") from None
 
 
+
+
 def _check_choice(key: str, value: Any) -> None:
-    choices = FIELDS[key].metadata.get("choices")
+    choices = all_keys()[key].choices
     if choices and value not in choices:
         raise IgamError(f"{key}={value!r} is not allowed.{suggest(str(value), choices)} "
                         f"Choose one of: {', '.join(choices)}.")
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Return a copy of cfg with overrides applied (keys may use - or _)."""
+    """Return a copy of cfg with overrides applied (keys may use - or _).
+
+    Raises:
+        IgamError: an unknown key (naming the closest one), a value of the wrong type or outside its
+            choices, or a config that fails `validate`.
+    """
     values = cfg.to_dict()
+    known = all_keys()
     for raw_key, value in overrides.items():
         key = str(raw_key).replace("-", "_")
-        if key not in FIELDS:
-            hint = f" Did you mean '{ALIASES[key]}'?" if key in ALIASES else suggest(key, FIELDS)
+        if key not in known:
+            hint = f" Did you mean '{ALIASES[key]}'?" if key in ALIASES else suggest(key, known)
             raise IgamError(f"Unknown config key '{raw_key}'.{hint} Run `igam train --help` for the list of "
                             "keys.")
         values[key] = _coerce(key, value)
         _check_choice(key, values[key])
-    out = Config(**values)
+    out = Config.from_dict(values)
     validate(out)
     return out
 
 
-FD_STEP_MIN = 1e-6  # below this the finite-difference step is lost in float32 rounding
+def _method(cfg: Config) -> registry.MethodInfo | None:
+    return registry.METHODS.get(cfg.method)
+
+
+GRAD_CLIP_MIN = 1e-3  # a smaller clip moves the weights by at most lr x grad_clip per step: no training
+BIG = 2**31 - 1  # counts of images, steps and the like
+
+
+class Range(NamedTuple):
+    """The values a numeric key accepts: lo .. hi (inclusive unless *_open), or exactly `off` (a value that
+    switches the feature off, e.g. grad_clip=0), and why, said in the error."""
+
+    lo: float
+    hi: float
+    why: str
+    lo_open: bool = False
+    hi_open: bool = False
+    off: float | None = None
+
+
+# Every numeric core key's range, in one place (a method's keys declare theirs in its file). The reason
+# is part of the error message: it says what the key
+# does and why values outside make no sense (typical values in brackets).
+RANGES: dict[str, Range] = {
+    "seed": Range(0, 2**63 - 1, "a seed for torch, NumPy and Python's generators"),
+    # (the machine's own limit, a multiple of its CPUs, is checked where the run starts: utils.check_threads)
+    "threads": Range(0, BIG, "CPU threads for torch; 0 keeps torch's default"),
+    "train_subset": Range(0, BIG, "the first N training images (0: all)"),
+    "test_subset": Range(0, BIG, "the first N test images (0: all)"),
+    "crop_padding": Range(0, 64, "pixels of zero padding around each image"),
+    "batch_size": Range(1, 2**20, "images per training step; a batch of more than about a million images "
+                        "cannot be held in memory"),
+    "eval_batch_size": Range(1, 2**20, "images per evaluation batch; more than about a million cannot be "
+                             "held in memory"),
+    "width": Range(0, 1024, "base channels / widening of a zoo model"),
+    "epochs": Range(0, 1e6, "passes over the training data (fractions allowed)", lo_open=True),
+    # no floor on learning rates: the scale of a gradient depends on the objective; a rate too small to
+    # move any weight is caught by the guard's never-moved rule at the end of the run
+    "lr": Range(0, math.inf, "the learning rate (typical: 0.01 to 0.1 for SGD, 1e-3 for Adam)", lo_open=True),
+    "momentum": Range(0, 1, "SGD momentum m weighs past gradients by m, m^2, ...: at m >= 1 they never fade "
+                      "and the updates grow without bound (typical: 0.9)", hi_open=True),
+    "weight_decay": Range(0, 1, "L2 weight decay: each step shrinks the weights by lr x weight_decay; "
+                          "above 1 that overwhelms the loss (typical: 5e-4)"),
+    "lr_gamma": Range(0, 1, "the step schedule multiplies lr by lr_gamma at each milestone: 0 would stop "
+                      "training there and more than 1 would raise lr (typical: 0.1)", lo_open=True),
+    "warmup_epochs": Range(0, 1e6, "epochs of linear learning-rate warm-up"),
+    "grad_clip": Range(GRAD_CLIP_MIN, math.inf, "the clip bounds the gradient's norm, so each step moves the "
+                       "weights by at most about lr x grad_clip; below 1e-3 the run would hardly train "
+                       "(typical: 1 to 10; 0 turns clipping off)", off=0.0),
+    "steps": Range(0, 1000, "PGD steps per training batch (Madry et al.: 7 on CIFAR, 40 on MNIST)"),
+    "eps_warmup_epochs": Range(0, 1e6, "epochs over which the training eps grows from 0"),
+    "teacher_classes": Range(0, 100_000, "classes of a foreign teacher's head (0: read from the file)"),
+    "teacher_width": Range(0, 1024, "width= of a foreign teacher's zoo architecture (0: its default)"),
+    "eval_every": Range(0, 1e6, "epochs between evaluations during training (0: only at the end)"),
+    "eval_n": Range(0, BIG, "test images of the evaluations during training (0: all)"),
+    "log_every": Range(1, BIG, "steps per logged row"),
+    "checkpoint_every": Range(1, BIG, "steps between checkpoints"),
+    "keep_checkpoints": Range(1, 10_000, "checkpoints kept on disk (2 or more lets a corrupted newest one "
+                              "fall back to the previous one)"),
+}
+
+
+def _num(v: float) -> str:
+    return "inf" if v == math.inf else f"{v:g}" if isinstance(v, float) else f"{v}"
+
+
+def check_range(key: str, value: float) -> None:
+    """Refuse a value of a numeric key outside its `RANGES` entry, with the reason and the range.
+
+    Raises:
+        IgamError: naming key, value, the allowed range and why (NonFiniteValue for NaN/Inf).
+    """
+    r = RANGES[key]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise NonFiniteValue(non_finite(key, value))
+    if r.off is not None and value == r.off:
+        return
+    low = value <= r.lo if r.lo_open else value < r.lo
+    high = value >= r.hi if r.hi_open else value > r.hi
+    if not (low or high):
+        return
+    shown = f"{key}={value}" if len(str(value)) <= 24 else f"{key}={float(value):.4g}"  # (a 300-digit int)
+    span = (f"{'(' if r.lo_open else '['}{_num(r.lo)}, {_num(r.hi)}{')' if r.hi_open else ']'}"
+            + (f" or {_num(r.off)}" if r.off is not None else ""))
+    if low and value < 0 <= r.lo:
+        what = f"{shown} must not be negative"
+    elif low and r.lo_open:
+        what = f"{shown} must be positive" if r.lo == 0 else f"{shown} must be above {_num(r.lo)}"
+    elif low:
+        what = f"{shown} must be at least {_num(r.lo)}"
+    else:
+        what = f"{shown} must be below {_num(r.hi)}" if r.hi_open else f"{shown} is more than {_num(r.hi)}"
+    raise IgamError(f"{what}: {r.why}. Choose a value in {span}.")
+
+
+def check_ranges(cfg: Config) -> None:
+    """`check_range` on every numeric key of cfg (and each lr milestone)."""
+    for key in RANGES:
+        check_range(key, getattr(cfg, key))
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type cannot express."""
-    if cfg.method not in METHODS and cfg.method not in OBJECTIVES:
-        known = sorted({*METHODS, *OBJECTIVES})
+    """Checks that a type cannot express: the method is registered; the core keys' ranges; every key's own
+    check (igam.registry.Key.check); the cross-key checks the method files registered
+    (igam.registry.CHECKS); and the chosen method's own check (igam.registry.MethodInfo.check).
+
+    Raises:
+        IgamError: naming the key, the value and the fix.
+    """
+    if cfg.method not in registry.METHODS:
+        known = sorted(registry.METHODS)
         raise IgamError(f"method={cfg.method!r} is not a training objective.{suggest(cfg.method, known)} "
                         f"Choose one of: {', '.join(known)}.")
     for key in ("eps", "step_size"):
         check_eps(getattr(cfg, key), key)
-    parse_fraction(cfg.noise, "noise")
-    if cfg.lambda_diff != "auto":
-        parse_fraction(cfg.lambda_diff, "lambda_diff")
-    check_start(cfg.igam_start, "igam_start")
-    for key in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every", "disc_every",
-                "disc_layers", "disc_channels"):
-        if getattr(cfg, key) < 1:
-            raise IgamError(f"{key}={getattr(cfg, key)} must be at least 1.")
-    for key, hi, why in (("disc_layers", 8, "each layer halves the gradient map and doubles the channels"),
-                         ("disc_channels", 1024, "channels of the discriminator's first layer"),
-                         ("crop_padding", 64, "pixels of zero padding around each image"),
-                         ("width", 1024, "base channels / widening of a zoo model")):
-        if getattr(cfg, key) > hi:
-            raise IgamError(f"{key}={getattr(cfg, key)} is more than {hi} ({why}); that cannot be built or "
-                            f"used sensibly. Choose a value up to {hi}.")
-    if cfg.disc_channels * 2 ** (cfg.disc_layers - 1) > 8192:
-        raise IgamError(f"disc_channels={cfg.disc_channels} doubled over disc_layers={cfg.disc_layers} gives "
-                        f"{cfg.disc_channels * 2 ** (cfg.disc_layers - 1)} channels in the last layer (at "
-                        "most 8192); lower one of them (Appendix A: 5 layers of 16 channels).")
-    if cfg.epochs <= 0:
-        raise IgamError(f"epochs={cfg.epochs} must be positive (fractions such as 0.5 are fine).")
-    for key in ("epochs", "lr", "steps", "momentum", "weight_decay", "warmup_epochs", "eps_warmup_epochs",
-                "grad_clip", "threads", "train_subset", "test_subset", "crop_padding", "width", "eval_every",
-                "eval_n", "trades_beta", "nfgsm_noise", "kd_sigma", "kd_weight",
-                "lambda_adv", "lambda_diff_auto", "disc_lr", "finetune_lr", "teacher_classes", "lr_gamma",
-                "fd_step", "pixel_scale", "teacher_width"):
-        if getattr(cfg, key) < 0:
-            raise IgamError(f"{key}={getattr(cfg, key)} must not be negative.")
-    check_eps(cfg.fast_alpha, "fast_alpha")
-    if cfg.method in ADVERSARIAL and 0 < cfg.epochs <= cfg.eps_warmup_epochs:
+    check_eps(cfg.noise, "noise")  # a radius of uniform noise in [0, 1] pixel units
+    # the settings that would make every step a no-op get their own words before the range table's
+    if cfg.lr == 0:
+        raise IgamError("lr=0 makes every training step a no-op (the weights never change); give a positive "
+                        "lr.")
+    check_ranges(cfg)
+    info = _method(cfg)
+    if info is not None and info.adversarial and 0 < cfg.epochs <= cfg.eps_warmup_epochs:
         raise IgamError(f"eps_warmup_epochs={cfg.eps_warmup_epochs:g} is not shorter than "
                         f"epochs={cfg.epochs:g}: the eps ramp would never reach eps={cfg.eps}, yet the run "
                         "would be recorded as trained at it. Give eps_warmup_epochs below epochs (e.g. "
                         f"{cfg.epochs * 0.2:g}), or 0 for no ramp.")
-    if cfg.free_replays < 1:
-        raise IgamError(f"free_replays={cfg.free_replays} must be at least 1 (Shafahi et al. use 4-10).")
-    if cfg.kd_temperature <= 0:
-        raise IgamError(f"kd_temperature={cfg.kd_temperature} must be positive (e.g. 4).")
-    # settings that make every step a no-op or a skipped step would "finish" a run that never trained
-    for key in ("lr", "finetune_lr"):
-        if getattr(cfg, key) == 0:
-            raise IgamError(f"{key}=0 makes every training step a no-op (the weights never change); give a "
-                            f"positive {key}.")
-    if cfg.pixel_scale == 0:
-        raise IgamError("pixel_scale=0 divides every input gradient by 0, so every IGAM step would be "
-                        "skipped; use 1 (inputs in [0, 1]) or 255 (the official code's 0-255 pixels).")
-    if cfg.fd_step < FD_STEP_MIN:
-        raise IgamError(f"fd_step={cfg.fd_step:g} is below {FD_STEP_MIN:g}: the finite-difference step "
-                        "vanishes in float32, so every finite-difference IGAM step would be skipped (0/0). "
-                        "Use e.g. fd_step=1e-2 (the default) or 1e-3.")
-    if not 0 <= cfg.seed < 2**63:
-        raise IgamError(f"seed={cfg.seed} must lie in 0 .. 2**63-1.")
-    if cfg.keep_checkpoints < 1:
-        raise IgamError(f"keep_checkpoints={cfg.keep_checkpoints} must be at least 1 (2 or more lets a "
-                        "corrupted newest checkpoint fall back to the previous one).")
+    if cfg.name:  # one folder directly inside out_dir, never a path (the default name: train.run_name)
+        check_name(cfg.name, "name")
+    for key, value in cfg.to_dict().items():  # paths and names reach the file system: no NUL there
+        if isinstance(value, str) and "\x00" in value:
+            raise IgamError(f"{key}={value[:60]!r} holds a NUL character, which no path or name can hold; "
+                            "remove it.")
+    # adversarial training that makes no adversarial examples would be recorded under a name it is not
+    no_attack = ("eps=0" if check_eps(cfg.eps) == 0 else
+                 "steps=0" if cfg.method in ("pgd-at", "trades") and cfg.steps == 0 else
+                 "step_size=0" if cfg.method in ("pgd-at", "trades") and check_eps(cfg.step_size) == 0 else
+                 "trades_beta=0" if cfg.method == "trades" and cfg.trades_beta == 0 else "")
+    if info is not None and info.adversarial and no_attack:
+        key = no_attack.split("=")[0]
+        example = {"eps": " (e.g. eps=8/255, or 0.3 on MNIST)", "steps": " (e.g. steps=7)",
+                   "step_size": " (e.g. step_size=2/255)", "trades_beta": " (e.g. trades_beta=6)"}[key]
+        raise IgamError(f"method={cfg.method} with {no_attack} learns from clean images only: it would be "
+                        f"recorded as {cfg.method} but is standard training. Give a positive {key}{example}, "
+                        "or use method=standard.")
     if any(not 0 <= m <= 1 for m in cfg.lr_milestones):
         raise IgamError(f"lr_milestones={cfg.lr_milestones} must be fractions of training in [0, 1], "
                         "e.g. 0.5,0.75.")
-    if parse_fraction(cfg.noise, "noise") < 0:
-        raise IgamError(f"noise={cfg.noise} must not be negative.")
-    if cfg.method in ("igam", "igr") and cfg.lambda_diff == "auto" and cfg.gradient_target == "true-prob":
-        raise IgamError(
-            "lambda_diff=auto does not work with gradient_target=true-prob (set by preset=official): "
-            "true-class-probability gradients vanish on confidently classified images, so a weight fixed "
-            "on the first batch blows up later (measured: the student collapsed to chance, docs/RESULTS.md). "
-            "Give lambda_diff a number, e.g. Appendix A's lambda_diff=100 for MNIST -> CIFAR-10, "
-            "or use gradient_target=ce.")
-    if cfg.preset not in ("", "paper", "official"):
-        raise IgamError(f"preset={cfg.preset!r} is not allowed.{suggest(cfg.preset, ['paper', 'official'])} "
-                        "Choose paper or official (or leave it empty).")
+    for key in registry.KEYS.values():
+        if key.check is not None:
+            key.check(getattr(cfg, key.name), key.name)
+    for check in registry.CHECKS:
+        check(cfg)
+    if info is not None and info.check is not None:
+        info.check(cfg)
 
 
-# which built-in methods read which keys beyond the common ones (run, data, model, optim, eval, log);
-# eps is left out: the evaluation during training attacks at eps whatever the method
-ADVERSARIAL = ("pgd-at", "trades", "fast-at", "n-fgsm", "free-at")
+def reads(cfg: Config) -> set[str]:
+    """The keys outside the common groups that cfg's run reads: what its method declares (keys or group
+    names, igam.registry.MethodInfo.reads, which may depend on cfg), plus the teacher's keys when the
+    network trained is the teacher's (model=teacher)."""
+    info = _method(cfg)
+    declared = info.reads(cfg) if info is not None and callable(info.reads) else (info.reads if info else ())
+    names = set(declared) | ({"teacher"} if cfg.model == "teacher" else set())
+    keys = all_keys()
+    return {k for k, spec in keys.items() if k in names or spec.group in names}
 
 
 def used_by() -> dict[str, tuple[str, ...]]:
-    """{key: the built-in methods that read it} for the keys only some methods read."""
-    return {
-        **{k: ("pgd-at", "trades") for k in ("step_size", "steps", "random_start")},
-        "eps_warmup_epochs": ADVERSARIAL,
-        "attack_bn": ("pgd-at", "trades", "fast-at", "n-fgsm"),
-        "trades_beta": ("trades",),
-        "fast_alpha": ("fast-at",),
-        "nfgsm_noise": ("n-fgsm",),
-        "free_replays": ("free-at",),
-        **{k: ("finetune", "igam", "igr", "kd-noise") for k in group_keys("teacher")},
-        **{k: ("igam", "igr") for k in group_keys("igam")},
-        **{k: ("kd-noise",) for k in group_keys("distill")},
-        **{k: ("finetune",) for k in group_keys("finetune")},
-    }
+    """{key: the registered methods that can read it} for the keys some methods read and others do not
+    (every method key, the attack keys of the adversarial methods, the teacher's keys); a method whose
+    reads depend on its settings counts every key it can read."""
+    out: dict[str, list[str]] = {}
+    keys = all_keys()
+    for name, info in registry.METHODS.items():
+        declared = info.reads(None) if callable(info.reads) else info.reads
+        for k, spec in keys.items():
+            if k in declared or spec.group in declared:
+                out.setdefault(k, []).append(name)
+    attack = ("step_size", "steps", "random_start", "eps_warmup_epochs", "attack_bn")
+    for k in (*registry.KEYS, *group_keys("teacher"), *attack):
+        out.setdefault(k, [])
+    return {k: tuple(out[k]) for k in keys if k in out}  # in declaration order
 
 
 def config_notes(cfg: Config) -> list[str]:
-    """What a run of a built-in method would silently ignore or half-do: keys set away from their default
-    that the method does not read (kept in config.yaml, no effect), and a free-at run too short to see
-    every training image once. Text lines for `igam train` to print before it starts."""
-    if cfg.method not in METHODS:
+    """What a run would silently ignore or half-do: keys set away from their default that its method does
+    not read (kept in config.yaml, no effect), and the method's own notes (e.g. a free-at run too short to
+    see every training image once). Text lines for `igam train` to print before it starts."""
+    info = _method(cfg)
+    if info is None:
         return []
-    default = Config()
-    unused = [f"{k}={getattr(cfg, k)}" for k, users in used_by().items()
-              if cfg.method not in users and getattr(cfg, k) != getattr(default, k)]
+    default, used = Config(), reads(cfg)
+    unused = [f"{k}={getattr(cfg, k)}" for k in used_by()
+              if k not in used and getattr(cfg, k) != getattr(default, k)]
     notes = []
     if unused:
         one = len(unused) == 1
         notes.append(f"method={cfg.method} does not use {', '.join(unused)}: config.yaml records "
                      f"{'it' if one else 'them'}, but {'it has' if one else 'they have'} no effect on this "
                      "run.")
-    if cfg.method == "free-at" and cfg.epochs < cfg.free_replays:
-        notes.append(f"free-at counts epochs in gradient steps and replays each batch free_replays="
-                     f"{cfg.free_replays} times, so epochs={cfg.epochs:g} passes over only "
-                     f"{100 * cfg.epochs / cfg.free_replays:.0f}% of the training images; give epochs >= "
-                     f"{cfg.free_replays} to see each image at least once (Shafahi et al. train m times "
-                     "fewer passes for the same steps).")
+    note = info.extra.get("notes")
+    if callable(note):
+        notes += list(note(cfg))
     return notes
 
 
@@ -499,60 +577,52 @@ def parse_override_args(args: list[str]) -> dict[str, Any]:
     return out
 
 
-# IGAM presets (docs/IGAM.md): what each sets unless the key is given explicitly.
-PRESETS: dict[str, dict[str, Any]] = {
-    # the paper's equations 8-14: CE input gradients on [0,1] pixels, per-example mean L_diff, raw gradients
-    # to the discriminator, minimax L_adv, eval-mode teacher, IGAM from the first step
-    "paper": {"gradient_target": "ce", "pixel_scale": 1.0, "diff_reduction": "mean",
-              "disc_input_norm": "none", "adv_loss": "saturating", "teacher_bn": "eval", "igam_start": "0"},
-    # the released TF1 code: true-class-probability gradients on 0-255 pixels, batch-summed L_diff,
-    # zero-mean unit-L2 maps to the discriminator, minimax L_adv at weight lambda_adv/2, train-mode
-    # BatchNorm in the teacher, IGAM only for the last 12.5% of training, +-2 px crops
-    "official": {"gradient_target": "true-prob", "pixel_scale": 255.0, "diff_reduction": "sum",
-                 "disc_input_norm": "zero-mean-l2", "adv_loss": "saturating", "teacher_bn": "train",
-                 "igam_start": "0.875", "crop_padding": 2},
-}
-
-
 def make_config(config_file: str | None = None, overrides: dict[str, Any] | None = None,
                 base: Config | None = None) -> Config:
-    """Defaults (or base), then a YAML file, then overrides; a preset fills the keys not given explicitly."""
+    """Defaults (or base), then a YAML file, then overrides; a preset (igam.registry.PRESETS, e.g. IGAM's
+    paper | official) fills the keys not given explicitly."""
     cfg = base or Config()
     given: dict[str, Any] = {}
     if config_file:
         given.update(load_yaml(config_file))
     given.update({str(k).replace("-", "_"): v for k, v in (overrides or {}).items()})
     cfg = apply_overrides(cfg, given)
-    if cfg.preset:
-        preset = {k: v for k, v in PRESETS[cfg.preset].items() if k not in given}
+    preset_name = getattr(cfg, "preset", "") if "preset" in registry.KEYS else ""
+    if preset_name:
+        preset = {k: v for k, v in registry.PRESETS[preset_name].items() if k not in given}
         cfg = apply_overrides(cfg, preset)
     validate(cfg)
     return cfg
 
 
-def group_keys(*groups: str) -> tuple[str, ...]:
-    """The configuration keys of the given groups (GROUPS), in declaration order."""
-    unknown_groups = set(groups) - set(GROUPS)
+def group_keys(*names: str) -> tuple[str, ...]:
+    """The configuration keys of the given groups (`groups()`), in declaration order.
+
+    Raises:
+        ValueError: a group no key belongs to.
+    """
+    unknown_groups = set(names) - set(groups())
     if unknown_groups:
-        raise ValueError(f"unknown config groups {sorted(unknown_groups)}; groups are {GROUPS}")
-    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["group"] in groups)
+        raise ValueError(f"unknown config groups {sorted(unknown_groups)}; groups are {groups()}")
+    return tuple(k for k, spec in all_keys().items() if spec.group in names)
 
 
 def methods_help() -> str:
-    """The method list of `igam train --help`: every built-in method with a line on what it trains."""
+    """The method list of `igam train --help`: every registered method with a line on what it trains."""
+    width = max((len(m) for m in registry.METHODS), default=8)
     return "\n".join(["methods (method=...; docs/METHODS.md has papers, equations and passes per image):"]
-                     + [f"  {m:<10} {METHOD_HELP[m]}" for m in METHODS])
+                     + [f"  {m:<{width}} {info.help}" for m, info in registry.METHODS.items()])
 
 
-def config_help(groups: tuple[str, ...] = GROUPS) -> str:
-    """The key reference of `igam VERB --help`: the keys of `groups` (all by default), group by group."""
+def config_help(only: tuple[str, ...] | None = None) -> str:
+    """The key reference of `igam VERB --help`: the keys of the groups `only` (all by default), group by
+    group."""
     lines = ["configuration keys (key=value or --key value; defaults in brackets):"]
-    fields = dataclasses.fields(Config)
-    for group in (g for g in GROUPS if g in groups):
+    keys = all_keys()
+    for group in (g for g in groups() if only is None or g in only):
         lines.append(f" [{group}]")
-        for f in (f for f in fields if f.metadata["group"] == group):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {f.name:<18} {f.metadata['help']} [{default}]")
+        for spec in (s for s in keys.values() if s.group == group):
+            lines.append(f"  {spec.name:<18} {spec.help} [{_default(spec)}]")
     return "\n".join(lines)
 
 

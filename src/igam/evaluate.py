@@ -54,8 +54,8 @@ from igam.attacks.presets import default_eps, is_mnist_like
 from igam.data import NAMED, load_data
 from igam.data.sources import PREFIXED
 from igam.data.subsets import select_classes, split_subset
-from igam.errors import IgamError, NonFiniteOutputs, suggest
-from igam.files import read_json_object, write_json
+from igam.errors import IgamError, NonFiniteOutputs, WriteError, suggest
+from igam.files import check_writable, read_json_object, waiting_lock, write_json
 from igam.models import shipped
 from igam.runs import Run, refuse_symlinks
 from igam.teachers import NAMED_NORMALIZATION, once
@@ -70,6 +70,7 @@ __all__ = ["CHECK_STEPS", "EPS_SWEEP", "check_attacks", "check_foreign_teacher",
 
 CHECK_STEPS = (10, 20, 50)  # PGD step counts of the --checks step sweep
 EPS_SWEEP = (0.25, 0.5, 1.0, 1.5)  # multiples of eps of the --checks eps sweep (PGD-20)
+MAX_SWEEP = 64  # radii of one --eps-sweep
 
 
 def _batch_seed(seed: int, index: int) -> int:
@@ -300,6 +301,9 @@ def parse_eps_sweep(sweep: str | list[str | float] | tuple[str | float, ...], sh
     if not all(items):
         raise IgamError(f"--eps-sweep {','.join(items)!r} has an empty entry (two commas in a row, or one at "
                         "an end); give one radius between each pair of commas, e.g. 1/255,2/255,4/255.")
+    if len(items) > MAX_SWEEP:
+        raise IgamError(f"--eps-sweep has {len(items)} radii; a curve takes up to {MAX_SWEEP} (each radius "
+                        f"runs every attack again): give {MAX_SWEEP} or fewer, e.g. 1/255,2/255,4/255,8/255.")
     nominal = default_eps(shape)[0] if nominal is None else nominal
     out: dict[float, tuple[str, float]] = {}
     for t in items:
@@ -335,16 +339,205 @@ def check_attacks(model: nn.Module, shape: tuple[int, ...], eps: float, *, queri
 
 
 def observation(key: str, rec: dict[str, Any]) -> Observation | None:
-    """An eval.json record as an input of the masking checks (None for clean or unreadable records)."""
+    """An eval.json record as an input of the masking checks (None for clean records and records without
+    attack settings).
+
+    Raises:
+        KeyError, TypeError, ValueError, OverflowError: for a damaged record (`record_observations` skips
+            those with a warning)."""
     s = rec.get("attack")
     if not isinstance(s, dict) or s.get("attack") in (None, "clean") or rec.get("eps") is None:
         return None
     kind = str(s["attack"])
     if kind == "autoattack" and s.get("components") == ["square"]:
         kind = "square"  # AutoAttack's Square alone is a black-box attack
-    return Observation(key, kind, float(rec["eps"]), float(rec["accuracy"]), int(rec["n"]),
-                       str(rec.get("bn", "eval")), int(s.get("steps", 0)), int(s.get("restarts", 1)),
-                       str(s.get("loss", "ce")), float(s.get("step_size", 0.0) or 0.0))
+    out = Observation(key, kind, float(rec["eps"]), float(rec["accuracy"]), int(rec["n"]),
+                      str(rec.get("bn", "eval")), int(s.get("steps", 0)), int(s.get("restarts", 1)),
+                      str(s.get("loss", "ce")), float(s.get("step_size", 0.0) or 0.0),
+                      str(s.get("schedule", "constant")))
+    if not all(math.isfinite(v) for v in (out.eps, out.accuracy, out.step_size)):
+        raise ValueError(f"record {key!r} holds a non-finite number")
+    return out
+
+
+def sweep_observations(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                       eps: float | str | None = None, queries: int = 1000, batch_size: int = 500,
+                       seed: int = 0, bn: str = "eval", log: Callable[[str], None] | None = None,
+                       what: str = "The model", records: dict[str, Any] | None = None,
+                       name: str = "") -> list[Observation]:
+    """The --checks sweeps (`check_attacks`) run on images x, as masking-check observations named
+    'check:LABEL'. A sweep attack whose result is already among `records` (eval.json's, made on the same
+    first images: `reusable_record`) is taken from there, and `log` says so."""
+    say = log or (lambda s: None)
+    shape = tuple(x.shape[1:])
+    nominal = check_eps(eps) if eps is not None else default_eps(shape)[0]
+    out = []
+    planned = check_attacks(model, shape, nominal, queries=queries, bn=bn, seed=seed)
+    for i, (label, atk) in enumerate(planned):
+        found = reusable_record(records or {}, atk, len(x), batch_size, seed, bn)
+        if found is not None:
+            say(f"check {label}: reused eval.json's {found[0]} (the same first {len(x)} images, eps and "
+                "settings)")
+            rec = found[1]
+        else:
+            say(f"check {label} on {len(x)} images ...")
+            rec = run_attack(model, x, y, atk, batch_size=batch_size, seed=seed, bn=bn, what=what,
+                             label=f"{name + ': ' if name else ''}check {label} [{i + 1}/{len(planned)}]")
+        out.append(observation(f"check:{label}", rec))
+    return [o for o in out if o is not None]
+
+
+def _num(v: Any, lo: float = -1e300, hi: float = 1e300) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi
+            and (not isinstance(v, float) or math.isfinite(v)))
+
+
+def record_problem(rec: Any) -> str:
+    """'' for an eval.json attack record whose fields have the types igam writes (accuracy in [0, 1], n,
+    seed, eps, bn, attack, per_class, correct, time_s); else what is wrong with it."""
+    if not isinstance(rec, dict):
+        return f"it is a {type(rec).__name__}, not an object"
+    if not _num(rec.get("accuracy"), 0, 1):
+        return "its accuracy is missing or not a number in [0, 1]"
+    if not isinstance(rec.get("n"), int) or isinstance(rec.get("n"), bool) or not 0 <= rec["n"] <= 10**9:
+        return "its n (number of images) is missing or not a whole number"
+    for key, ok in (("seed", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+                    ("eps", lambda v: _num(v, 0, 1)), ("bn", lambda v: isinstance(v, str)),
+                    ("attack", lambda v: isinstance(v, dict)), ("correct", lambda v: _bits_ok(v, rec["n"])),
+                    ("time_s", _num), ("batch_size", lambda v: isinstance(v, int)),
+                    ("run_status", lambda v: isinstance(v, str)),
+                    ("stale_weights", lambda v: isinstance(v, str)), ("per_class", _per_class_ok)):
+        if rec.get(key) is not None and not ok(rec[key]):
+            return f"its {key} is {str(rec[key])[:40]!r}"
+    return ""
+
+
+def _bits_ok(text: Any, n: int) -> bool:
+    """Whether `text` is the packed per-image results of n images (`pack_correct`)."""
+    if not isinstance(text, str) or len(text) > 4 * ((n + 7) // 8 + 3):
+        return False
+    try:
+        return len(base64.b64decode(text, validate=True)) == (n + 7) // 8
+    except ValueError:  # binascii.Error
+        return False
+
+
+def _per_class_ok(pc: Any) -> bool:
+    if not isinstance(pc, dict):
+        return False
+    acc, classes, worst = pc.get("accuracy"), pc.get("classes"), pc.get("worst_class")
+    return (all(pc.get(k) is None or _num(pc.get(k), 0, 1) for k in ("mean", "worst"))
+            and (acc is None or isinstance(acc, list) and all(a is None or _num(a, 0, 1) for a in acc))
+            and (pc.get("count") is None or isinstance(pc["count"], list))
+            and (classes is None or isinstance(classes, list) and all(isinstance(c, str) for c in classes))
+            and (worst is None or isinstance(worst, int) and not isinstance(worst, bool) and worst >= 0))
+
+
+def _masking_ok(mc: Any) -> bool:
+    if not isinstance(mc, dict):
+        return False
+    checks, failed = mc.get("checks"), mc.get("failed")
+    return (isinstance(checks, dict)
+            and all(isinstance(v, dict) and v.get("passed") in (True, False, None)
+                    and isinstance(v.get("detail", ""), str) for v in checks.values())
+            and (failed is None or isinstance(failed, list) and all(isinstance(f, str) for f in failed))
+            and mc.get("passed") in (True, False, None)
+            and (mc.get("eps") is None or _num(mc["eps"], 0, 1)))
+
+
+def read_eval(run: Run | Path | str, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """RUN/eval.json for the readers that show or summarise it (reports, experiment results, model info):
+    {} when absent; records and a masking_checks section that igam did not write as they are (a wrong
+    type, a missing accuracy, NaN, ...) are left out with one warning through `log` naming the file and
+    the keys. eval.json itself is left as it is.
+
+    Raises:
+        IgamError: when the file is not JSON or not an object (`read_json_object`).
+    """
+    path = (run if isinstance(run, Run) else Run(run)).eval_path
+    if not path.exists():
+        return {}
+    data = read_json_object(path)
+    out, bad = {}, []
+    for k, v in data.items():
+        if k == "masking_checks":
+            problem = "" if _masking_ok(v) else "it is not the section igam writes"
+        else:
+            problem = record_problem(v)
+        if problem:
+            bad.append(f"{k!r} ({problem})")
+        else:
+            out[k] = v
+    if bad and log is not None:
+        log(f"igam: WARNING: '{path}' holds damaged entries, left out: {'; '.join(bad)[:400]}. Delete them "
+            "and evaluate those attacks again.")
+    return out
+
+
+def update_eval_json(run: Run, update: Callable[[dict[str, Any]], dict[str, Any]],
+                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Read RUN/eval.json, apply `update` to its contents and write the result, all under the run's eval
+    lock (RUN/.eval.lock; another `igam evaluate` of the run waits for it), so that concurrent evaluations
+    never drop each other's records. A damaged eval.json is an IgamError naming it (restore or delete it)
+    rather than overwritten. Returns what was written.
+
+    Raises:
+        IgamError: a damaged eval.json, or the lock held too long; WriteError when the write fails.
+    """
+    path = run.eval_path
+    with waiting_lock(run / Run.EVAL_LOCK, f"'{path}'", log=log):
+        merged = read_json_object(path) if path.exists() else {}
+        out = update(merged)
+        write_json(path, out)
+    return out
+
+
+def record_observations(merged: dict[str, Any], path: Path | str = "eval.json",
+                        log: Callable[[str], None] | None = None) -> list[Observation]:
+    """The masking-check inputs of eval.json's attack records; a damaged record is skipped with a warning
+    through `log` (named, with its key)."""
+    out = []
+    for k, r in merged.items():
+        if k == "masking_checks" or not isinstance(r, dict):
+            continue
+        try:
+            o = observation(k, r)
+        except (KeyError, TypeError, ValueError, OverflowError):
+            if log is not None:
+                log(f"igam: WARNING: '{path}': the record {k!r} is damaged (a missing or wrong-typed field); "
+                    "it is left out of the masking checks. Delete it and evaluate that attack again.")
+            continue
+        if o is not None:
+            out.append(o)
+    return out
+
+
+def stored_check_observations(merged: dict[str, Any], path: Path | str = "eval.json",
+                              log: Callable[[str], None] | None = None) -> list[Observation]:
+    """The sweeps of an earlier --checks call ('check:...' observations in eval.json's masking_checks);
+    damaged entries (unknown or missing fields, wrong types) are skipped with one warning through `log`."""
+    section = merged.get("masking_checks")
+    stored = section.get("observations") if isinstance(section, dict) else None
+    out, bad = [], 0
+    for o in stored if isinstance(stored, list) else []:
+        if not (isinstance(o, dict) and str(o.get("name", "")).startswith("check:")):
+            continue
+        try:
+            ob = Observation(**o)
+            ob = Observation(str(ob.name), str(ob.kind), float(ob.eps), float(ob.accuracy), int(ob.n),
+                             str(ob.bn), int(ob.steps), int(ob.restarts), str(ob.loss), float(ob.step_size),
+                             str(ob.schedule))
+            if not all(math.isfinite(v) for v in (ob.eps, ob.accuracy, ob.step_size)):
+                raise ValueError("non-finite")
+            out.append(ob)
+        except (TypeError, ValueError, OverflowError):
+            bad += 1
+    if bad and log is not None:
+        log(f"igam: WARNING: '{path}': {bad} stored masking-check observation(s) are damaged (unknown or "
+            "missing fields, wrong types); they are left out. Run --checks again to measure them anew.")
+    if not isinstance(section, dict | None) and log is not None:
+        log(f"igam: WARNING: '{path}': its masking_checks section is not an object; it is replaced.")
+    return out
 
 
 def same_settings(a: Any, b: Any) -> bool:
@@ -387,12 +580,15 @@ def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
                    observations: list[Observation] = (), sweeps: bool = True, queries: int = 1000,  # type: ignore[assignment]
                    batch_size: int = 500, seed: int = 0, bn: str = "eval",
                    log: Callable[[str], None] | None = None, what: str = "The model",
-                   records: dict[str, Any] | None = None, name: str = "") -> dict[str, Any]:
+                   records: dict[str, Any] | None = None, name: str = "",
+                   current: set[str] | None = None) -> dict[str, Any]:
     """Gradient-masking checks of `model` on images x (uint8 or float [0,1]): input-gradient statistics and
     RobustBench's admission checks (`attacks.admission`: deterministic forward, no optimisation at
     inference; on the first ADMISSION_N images), plus the sweeps of `check_attacks` (sweeps=True), judged
     together with earlier `observations`. A sweep attack whose result is already among `records`
     (eval.json's, made on the same first images: `reusable_record`) is taken from there, and `log` says so.
+    `current`: the names of the observations the calling command made (None: all); failures among the
+    others only are listed as older (`checks.run_checks`), and the sweeps run here are current.
 
     Raises:
         NonFiniteOutputs: when the model's logits are NaN/Inf (a diverged model is not judged for masking).
@@ -408,19 +604,12 @@ def masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     say(f"admission checks (determinism, no optimisation at inference) on {min(len(x), ADMISSION_N)} images")
     admission = admission_checks(model, _as_float(x[:ADMISSION_N], device), bn)
     if sweeps:
-        planned = check_attacks(model, shape, nominal, queries=queries, bn=bn, seed=seed)
-        for i, (label, atk) in enumerate(planned):
-            found = reusable_record(records or {}, atk, len(x), batch_size, seed, bn)
-            if found is not None:
-                say(f"check {label}: reused eval.json's {found[0]} (the same first {len(x)} images, eps and "
-                    "settings)")
-                rec = found[1]
-            else:
-                say(f"check {label} on {len(x)} images ...")
-                rec = run_attack(model, x, y, atk, batch_size=batch_size, seed=seed, bn=bn, what=what,
-                                 label=f"{name + ': ' if name else ''}check {label} [{i + 1}/{len(planned)}]")
-            obs.append(observation(f"check:{label}", rec))  # type: ignore[arg-type]
-    verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads, admission)
+        swept = sweep_observations(model, x, y, eps=nominal, queries=queries, batch_size=batch_size,
+                                   seed=seed, bn=bn, log=say, what=what, records=records, name=name)
+        obs += swept
+        if current is not None:
+            current = current | {o.name for o in swept}
+    verdicts = run_checks(obs, nominal, large_eps(shape, nominal), grads, admission, current)
     failed = [k for k, v in verdicts.items() if v["passed"] is False]
     return {"passed": not failed, "failed": failed, "eps": nominal, "check_n": len(x), "checks": verdicts,
             "observations": [o.to_dict() for o in obs]}
@@ -564,15 +753,21 @@ def robustness_curve(records: dict[str, dict[str, Any]], attacks: list[str], swe
 
 
 def check_evaluation_arguments(attacks: list[str], eps: float | str | None,
-                               eps_sweep: str | list[str | float] | None) -> None:
+                               eps_sweep: str | list[str | float] | None, seed: int = 0) -> None:
     """The checks every evaluation makes before loading anything.
 
     Raises:
-        IgamError: no or unknown attacks, AutoAttack without pyautoattack, a bad eps, eps together with an
-            eps sweep, or a sweep without an attack to sweep."""
+        IgamError: no or unknown attacks, AutoAttack without pyautoattack, a bad eps, a seed that is not a
+            whole number in 0 .. 2**63-1, eps together with an eps sweep, or a sweep without an attack to
+            sweep."""
     validate_attacks(attacks)
-    if eps is not None:
-        check_eps(eps)
+    if eps is not None and check_eps(eps, "--eps") == 0:
+        raise IgamError(f"--eps {eps}: a radius of 0 is no attack (every attack would report the clean "
+                        "accuracy under its own name). Give a radius above 0, e.g. --eps 8/255, or use "
+                        "--attacks clean.")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise IgamError(f"--seed {seed}: the seed of the attacks' random starts must be a whole number in "
+                        "0 .. 2**63-1.")
     if eps_sweep is not None and eps is not None:
         raise IgamError("Give --eps (one radius) or --eps-sweep (several), not both.")
     if eps_sweep is not None and all(a == "clean" for a in attacks):
@@ -595,7 +790,7 @@ def evaluate_run(run: str | Path, attacks: list[str], n: int = 10000, batch_size
     progress=False hides the progress bars (igam.progress).
 
     Raises: as `evaluate_model`; IgamError for a path that is not a finished-enough run."""
-    check_evaluation_arguments(attacks, eps, eps_sweep)
+    check_evaluation_arguments(attacks, eps, eps_sweep, seed)
     the_run = Run.open(run)
     run_dir = the_run.dir
     refuse_symlinks(run_dir)  # eval.json and AutoAttack states are written inside the run folder only
@@ -653,7 +848,14 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: 
     results already saved and the attacks left (the original exception is chained). NonFiniteOutputs
     (an IgamError naming `what`) when the model's outputs are NaN/Inf."""
     say = log or (lambda s: None)
-    check_evaluation_arguments(attacks, eps, eps_sweep)
+    check_evaluation_arguments(attacks, eps, eps_sweep, seed)
+    if out is not None:
+        try:  # before any attack runs: a read-only folder or a full disk is said now, not after hours
+            check_writable(Run(out).eval_path)
+        except WriteError as e:
+            raise IgamError(f"Cannot write the results file '{e.path}' ({e.reason}); nothing was evaluated. "
+                            "Free disk space or make the folder writable, then run the same command again."
+                            ) from None
     x, y = (x, y) if n is None else (x[:n], y[:n])
     x, y = check_inputs(x, y, allow_uint8=True)
     shape = tuple(x.shape[1:])
@@ -686,13 +888,24 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: 
             progress=lambda s: say(f"{prefix} {s}"))
         built.append((attack, key, atk))
 
-    path = out / Run.EVAL if out is not None else None
+    the_run = Run(out) if out is not None else None
+    path = the_run.eval_path if the_run is not None else None
     results: dict[str, Any] = {}
 
-    def saved() -> dict[str, Any]:  # eval.json as it is now (this call's records without a folder)
-        if path is None:
+    def save_records(records: dict[str, Any]) -> dict[str, Any]:
+        """Merge `records` into eval.json as it is on disk now (re-read under its lock, so a record
+        another `igam evaluate` wrote meanwhile is kept); returns the merged contents. Without a folder:
+        this call's records."""
+        if the_run is None:
             return {k: v for k, v in results.items() if k != "masking_checks"}
-        return read_json_object(path) if path.exists() else {}
+        try:
+            return update_eval_json(the_run, lambda merged: {**merged, **records}, log=say)
+        except WriteError as e:
+            done = ", ".join(k for k in results if k not in records) or "none"
+            raise IgamError(f"Cannot write the results file '{e.path}' ({e.reason}): the results of "
+                            f"{', '.join(records)} are lost; those saved before: {done}. Free disk space or "
+                            "make the run folder writable, then run the same command again (saved "
+                            "results are reused by reading eval.json).") from None
 
     for i, (_, key, atk) in enumerate(built):
         say(f"{prefix} {key} on {len(x)} images ...")
@@ -718,37 +931,54 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: 
             say(msg)
             raise
         results[key] = rec
-        if path is not None:
-            merged = read_json_object(path) if path.exists() else {}
-            merged[key] = rec
-            write_json(path, merged)
+        save_records({key: rec})
         if isinstance(atk, AutoAttack):
             atk.clear_state()
             for line in record_notes(key, rec):
                 say(f"{prefix} {line}")
         say(f"{prefix} {key}: {100 * rec['accuracy']:.2f}% ({rec['time_s']} s)")
 
-    merged = saved()
-    obs = [o for k, r in merged.items() if isinstance(r, dict) and (o := observation(k, r)) is not None]
-    if not checks:  # keep the sweeps of an earlier --checks call: same run, same weights
-        previous = merged.get("masking_checks", {}).get("observations", [])
-        obs += [Observation(**o) for o in previous if str(o.get("name", "")).startswith("check:")]
     nc = min(len(x), check_n)
-    results["masking_checks"] = masking_report(
-        model, x[:nc], y[:nc], eps=eps, observations=obs, sweeps=checks, queries=check_queries,
-        batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"), what=what,
-        records=merged, name=name)
-    if path is not None:
-        merged["masking_checks"] = results["masking_checks"]
-        write_json(path, merged)
+    # the --checks sweeps run outside the lock (they take long), reusing eval.json's records made with the
+    # same settings on the same first images; the verdicts are then judged, under the lock, from eval.json
+    # as it is at that moment, so a record another process wrote meanwhile counts too
+    swept = sweep_observations(model, x[:nc], y[:nc], eps=eps, queries=check_queries,
+                               batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"),
+                               what=what, records=save_records({}) if the_run is None else read_eval(the_run),
+                               name=name) if checks else []
+
+    def judge(merged: dict[str, Any]) -> dict[str, Any]:
+        obs = record_observations(merged, path or "eval.json", say)
+        # without --checks, keep the sweeps of an earlier --checks call: same run, same weights
+        obs += swept or stored_check_observations(merged, path or "eval.json", say)
+        results["masking_checks"] = masking_report(
+            model, x[:nc], y[:nc], eps=eps, observations=obs, sweeps=False, queries=check_queries,
+            batch_size=batch_size, seed=seed, bn=bn, log=lambda s: say(f"{prefix} {s}"), what=what,
+            current=set(results) | {o.name for o in swept})  # the verdict is about what this command ran
+        return {**merged, "masking_checks": results["masking_checks"]}
+
+    if the_run is None:
+        judge(save_records({}))
+    else:
+        try:
+            update_eval_json(the_run, judge, log=say)
+        except WriteError as e:
+            raise IgamError(f"Cannot write the results file '{e.path}' ({e.reason}): the masking checks are "
+                            f"lost; the attack results ({', '.join(results) or 'none'}) were saved. Free "
+                            "disk space or make the run folder writable, then run the same command again."
+                            ) from None
     if sweep is not None:
         curve = robustness_curve(results, attacks, sweep, y, bn=bn, num_classes=num_classes,
                                  class_names=class_names)
         mc = results["masking_checks"]
         curve.update(run=name, dataset=dataset, nominal_eps=mc["eps"], large_eps=large_eps(shape, mc["eps"]),
                      checks={k: mc["checks"][k] for k in ("eps_monotone", "large_eps_zero")})
-        if out is not None:
-            write_json(out / Run.CURVE, curve)
+        if the_run is not None:
+            try:
+                write_json(the_run.curve_path, curve)
+            except WriteError as e:
+                raise IgamError(f"Cannot write '{e.path}' ({e.reason}); the sweep's records were saved in "
+                                f"'{path}'. Free disk space, then run the same command again.") from None
         results["eps_sweep"] = curve
     return results
 

@@ -14,21 +14,24 @@ import os
 import re
 import signal
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from igam.errors import IgamError
+from igam.errors import IgamError, WriteError
 
 PACKAGE_VERSION = "0.1.0"
 
 # ---------------------------------------------------------------------------------------------
 # crash-test hook (docs/RELIABILITY.md): IGAM_TEST_KILL_AT=POINT:N makes the process SIGKILL itself the
-# N-th time it reaches kill_point(POINT). Unset (normal use), kill_point does nothing.
+# N-th time it reaches kill_point(POINT); POINT:N:hang makes it wait there until something else kills it
+# (tests of `igam run` that cancel a job in the middle of a stage). Unset (normal use), it does nothing.
 KILL_ENV = "IGAM_TEST_KILL_AT"
 KILL_POINTS = ("step", "after-step", "optimizer-step", "checkpoint-write", "checkpoint-sidecar",
                "weights-write")
@@ -36,12 +39,16 @@ _kill_hits: dict[str, int] = {}
 
 
 def kill_point(name: str) -> None:
-    """Crash tests only: SIGKILL this process at the N-th call with this name (see KILL_ENV above)."""
+    """Crash tests only: SIGKILL this process (or, with POINT:N:hang, wait until it is killed) at the N-th
+    call with this name (see KILL_ENV above)."""
     spec = os.environ.get(KILL_ENV)
     if not spec or spec.partition(":")[0] != name:
         return
     _kill_hits[name] = _kill_hits.get(name, 0) + 1
-    if _kill_hits[name] == int(spec.partition(":")[2] or 1):
+    count, _, action = spec.partition(":")[2].partition(":")
+    if _kill_hits[name] == int(count or 1):
+        while action == "hang":
+            time.sleep(1)
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
@@ -83,9 +90,75 @@ def _mkstemp(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _mkstemp(path)
+MAX_NAME = 200  # characters of a run or stage name (file systems allow 255 bytes per path component)
+
+
+def check_name(name: Any, what: str = "name") -> str:
+    """A run or stage name as the single path component it must be: a non-empty string of at most MAX_NAME
+    characters, not '.' or '..', without '/', '\\', NUL or other control characters, so that
+    out_dir/NAME is a folder directly inside out_dir and nothing is written outside it. Returns `name`.
+
+    Raises:
+        IgamError: naming `what`, the value and what to write instead.
+    """
+    text = name if isinstance(name, str) else ""
+    problem = None
+    if not isinstance(name, str):
+        problem = f"is a {type(name).__name__}, not text"
+    elif not text.strip():
+        problem = "is empty" if not text else "is blank"
+    elif text in (".", ".."):
+        where = "out_dir itself" if text == "." else "the folder above out_dir"
+        problem = f"is '{text}', which names {where}"
+    elif "/" in text or "\\" in text:
+        problem = "holds a path separator ('/' or '\\'): it would make a folder outside or below out_dir"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in text):
+        problem = "holds a control character (NUL, newline, ...)"
+    elif len(text) > MAX_NAME or len(text.encode("utf-8", "surrogatepass")) > 240:
+        problem = f"is {len(text)} characters long (at most {MAX_NAME})"
+    if problem is not None:
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise IgamError(f"{what}={shown} {problem}. A {what} is one folder name inside out_dir: letters, "
+                        "digits and e.g. '-_.=' (e.g. igam-resnet20-s0); put folders in out_dir=... instead.")
+    return text
+
+
+def refuse_link(path: Path) -> None:
+    """Refuse to write `path` when it is a symbolic link: igam never writes through a link to a file
+    elsewhere (and never silently replaces one the user made).
+
+    Raises:
+        IgamError: naming the link and where it points.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise IgamError(f"'{path}' is a symbolic link (to '{target}'). igam writes its files only as real "
+                        "files, never through links; remove the link (or write elsewhere) and run again.")
+
+
+def safe_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """THE way igam writes a file (every writer goes through it or the helpers below; a test scans src/
+    for any other): `write(f)` fills a temp file beside `path` (binary), which is fsynced and renamed
+    over `path`, then the directory is fsynced. A reader sees the old file or the new one, never a part;
+    a crash leaves at most a `.NAME.*.tmp` file. A `path` that is a symbolic link is refused
+    (`refuse_link`): nothing is ever written through a link; and the rename would replace a link made
+    between the check and the write, never follow it.
+
+    Raises:
+        IgamError: when `path` is a symbolic link; WriteError (an IgamError naming `path`) when the write
+            fails (a full disk, a read-only folder, permissions).
+    """
+    path = Path(path)
+    refuse_link(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _mkstemp(path)
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -93,21 +166,128 @@ def _atomic(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_error(path: Path, e: BaseException) -> WriteError:
+    """The WriteError of a failed write of `path`: 'Cannot write PATH (REASON); free disk space or fix the
+    folder's permissions, then run the command again.' (callers that know more say it from e.path and
+    e.reason)."""
+    reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
+    return WriteError(f"Cannot write '{path}' ({reason}); free disk space or fix the folder's permissions, "
+                      "then run the command again.", path, reason)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(Path(path), lambda f: f.write(data))
+    safe_write(Path(path), lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def check_writable(path: Path, size: int = 1 << 16) -> None:
+    """Check, before long work, that `path` can be written: not a link, and a temp file beside it of
+    `size` bytes (at least twice the file's current size) can be written, fsynced and removed.
+
+    Raises:
+        IgamError: when `path` is a symbolic link; WriteError (naming `path`) on a read-only folder, missing
+            permissions or a full disk.
+    """
+    path = Path(path)
+    refuse_link(path)
+    with contextlib.suppress(OSError):
+        size = max(size, 2 * path.stat().st_size) if path.is_file() else size
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _mkstemp(path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy a small file's bytes to `dst` with `safe_write` (never through a link at `dst`)."""
+    atomic_write_bytes(Path(dst), Path(src).read_bytes())
+
+
+def write_figure(fig: Any, path: Path, **savefig: Any) -> Path:
+    """A matplotlib figure written with `safe_write` (`fig.savefig(file, **savefig)`: give `format=`, e.g.
+    'png' or 'pdf', and dpi). Returns `path`."""
+    safe_write(Path(path), lambda f: fig.savefig(f, **savefig))
+    return Path(path)
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append `text` to a log file (created when missing), refusing a symbolic link: the file is opened
+    with O_NOFOLLOW and O_APPEND, so a link planted at `path` makes this an IgamError, never a write
+    elsewhere. (Appends are not atomic; logs whose rows are read back cut a torn last row, runs.CSVLogger.)
+
+    Raises:
+        IgamError: when `path` is a symbolic link; WriteError when the write fails.
+    """
+    path = Path(path)
+    refuse_link(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if path.is_symlink():  # a link made between the check and the open: O_NOFOLLOW refused it
+            refuse_link(path)
+        raise write_error(path, e) from None
+    try:
+        with os.fdopen(fd, "ab") as f:
+            f.write(text.encode())
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
 def write_json(path: Path, data: Any) -> None:
     atomic_write_text(Path(path), json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_json_or_overwrite(path: Path, data: Any) -> None:
+    """`write_json`, and when that fails for want of space (a full disk or quota), the same text written
+    over the existing file in place (no new file is needed, so it usually fits in the blocks the file
+    already has). Used only to record that a run stopped (meta.json) when the disk is full: a torn file is
+    then possible only if the process dies during that one small write, where a lie ('running') was
+    certain. A link at `path` is refused either way.
+
+    Raises:
+        WriteError: when neither write succeeds.
+    """
+    path = Path(path)
+    try:
+        write_json(path, data)
+        return
+    except WriteError as first:
+        if not path.is_file():
+            raise
+        err = first
+    text = (json.dumps(data, indent=2, default=str) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.write(fd, text)
+            os.ftruncate(fd, len(text))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        raise err from None
 
 
 MAX_TEXT_BYTES = 16 << 20  # run files (meta.json, config.yaml, eval.json) and config files are small
@@ -167,10 +347,32 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
+class _DuplicateKey(Exception):
+    """A mapping of a YAML file names one key twice (raised while constructing, turned into IgamError)."""
+
+
 class _BoundedLoader(yaml.SafeLoader):
     """yaml.SafeLoader (no tags that build Python objects) that refuses documents whose aliases would
     expand to more than MAX_YAML_NODES nodes (a 'billion laughs' alias bomb) or that nest deeper than
-    MAX_NESTING: checked on the composed node graph, before anything is constructed or expanded."""
+    MAX_NESTING: checked on the composed node graph, before anything is constructed or expanded; and
+    mappings that give a key twice (plain YAML loaders keep the last silently). Keys brought in by a merge
+    (`<<: *base`) may be overridden, as YAML's merge means."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the constructor refuses it below with its own message
+                continue
+            if first is not None:
+                raise _DuplicateKey(f"gives the key {key!r} twice (line {first} and line {line}); YAML would "
+                                    "silently keep the last one. Delete one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 MAX_YAML_NODES = 100_000
@@ -211,7 +413,10 @@ def load_yaml_text(text: str, where: str) -> Any:
             if size > MAX_YAML_NODES:
                 raise IgamError(f"{where} is refused: its anchors and aliases expand to more than "
                                 f"{MAX_YAML_NODES} entries (an 'alias bomb'); write the values out instead.")
-            return loader.construct_document(node)
+            try:
+                return loader.construct_document(node)
+            except _DuplicateKey as e:
+                raise IgamError(f"{where} {e}.") from None
         finally:
             loader.dispose()
     except yaml.YAMLError as e:
@@ -252,22 +457,27 @@ def save_weights(module_or_state: torch.nn.Module | dict, path: Path,
     state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _mkstemp(path)
-    os.close(fd)
+    refuse_link(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _mkstemp(path)
+        os.close(fd)
         save_file(tensors, tmp, metadata=metadata or None)
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors recreates the file 0600; match the other files
         kill_point("weights-write")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except Exception as e:  # OSError, or safetensors' own SafetensorError on a full disk
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
-        raise IgamError(f"Cannot write weights '{path}' ({reason}); the checkpoints are intact. Free disk "
-                        "space (or fix permissions), then continue with resume=true.") from None
+        raise WriteError(f"Cannot write weights '{path}' ({reason}); the checkpoints are intact. Free disk "
+                         "space (or fix permissions), then continue with resume=true.", path, reason
+                         ) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -334,6 +544,37 @@ class DirLock:
             os.ftruncate(self.fd, 0)
         os.close(self.fd)  # closing the descriptor drops the OS lock
         self.fd = None
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path, what: str, timeout_s: float = 600.0,
+                 log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the `DirLock` on `path` for the body, waiting for another holder to release it (polling; what
+    is waited for is said once through `log`). For short read-merge-write sections such as a run's
+    eval.json, which several processes may update.
+
+    Raises:
+        LockHeld: when another live process still holds it after `timeout_s` seconds.
+        IgamError: when the lock file cannot be created (e.g. a read-only folder).
+    """
+    lock = DirLock(path)
+    deadline, said = time.monotonic() + timeout_s, False
+    while True:
+        try:
+            lock.acquire(what)
+            break
+        except LockHeld as e:
+            if time.monotonic() > deadline:
+                raise LockHeld(f"{what} has been held by {e.holder} for more than {timeout_s:.0f} s. If that "
+                               "process hangs, stop it and run this command again.", e.holder) from None
+            if not said and log is not None:
+                log(f"igam: waiting for {e.holder}, which is writing {what} ...")
+                said = True
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def lock_holder(path: Path) -> str | None:

@@ -14,6 +14,8 @@
       autoattack-state-KEY/, autoattack-KEY.log     an unfinished AutoAttack's resume state, its log
       model_info.json      `igam evaluate --model-info` (RobustBench's format)
       report.html          `igam report`; gradients.png, landscape-INDEX.png: `igam gradients`, `landscape`
+      jobs/                the jobs `igam run --jobs N` / `--executor slurm` ran for this stage: per job its
+                           log (JOB_0_log.out, .err), its state (JOB_igam.json) and, on SLURM, its script
 
 `Run(path)` owns these names; nothing else spells them. Nothing here unpickles: weights are safetensors
 and training states load with weights_only=True.
@@ -25,28 +27,33 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from igam.errors import IgamError
+from igam.errors import IgamError, WriteError
 from igam.files import (
     DirLock,
-    _atomic,
     _load_error,
+    append_text,
     atomic_write_text,
     kill_point,
     load_weights,
     lock_holder,
     read_json,
+    read_json_object,
     read_yaml,
+    safe_write,
     sha256_file,
     write_json,
+    write_json_or_overwrite,
 )
 from igam.method.adapted import model_from_meta
 from igam.models import check_model_args, model_from_args, shipped
@@ -78,14 +85,16 @@ def save_state(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -
         f.write(data[len(data) // 2:])
 
     try:
-        _atomic(path, write)
+        safe_write(path, write)
         kill_point("checkpoint-sidecar")  # crash tests: die between the file and its sidecar
         write_json(path.with_suffix(".json"), {"step": step, "sha256": hashlib.sha256(data).hexdigest(),
                                                "size": len(data), "time": time.time()})
-    except OSError as e:
-        raise IgamError(f"Cannot write checkpoint '{path}' ({e.strerror or e}); the previous checkpoints are "
-                        "intact. Free disk space (or fix permissions), then continue with resume=true."
-                        ) from None
+    except (WriteError, OSError) as e:
+        reason = e.reason if isinstance(e, WriteError) else (e.strerror or str(e))
+        where = e.path if isinstance(e, WriteError) and e.path else path
+        raise WriteError(f"Cannot write checkpoint '{where}' ({reason}); the previous checkpoints are "
+                         "intact. Free disk space (or fix permissions), then continue with resume=true.",
+                         where, reason) from None
     for old in sorted(ckdir.glob("ckpt-*.pt"))[:-max(1, keep)]:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
@@ -170,16 +179,23 @@ def git_commit() -> str:
 class CSVLogger:
     """Appends metric rows to a CSV file (rewritten only when a new column appears) and to TensorBoard."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, resume_step: int | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, resume_step: int | None = None,
+                 log: Callable[[str], None] | None = None):
         self.path = Path(path)
         self.keys: list[str] = []
         if self.path.exists() and resume_step is not None:
             # a resumed run re-logs the steps after its checkpoint: drop those rows (and a row cut short
             # by a crash in the middle of an append)
-            with open(self.path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.keys = [k for k in (reader.fieldnames or []) if k]
-                rows = [r for r in reader if _complete(r) and float(r["step"]) <= resume_step]
+            try:
+                with open(self.path, newline="", encoding="utf-8") as f:
+                    reader = csv.DictReader(f)
+                    self.keys = [k for k in (reader.fieldnames or []) if k]
+                    rows = [r for r in reader if _complete(r) and float(r["step"]) <= resume_step]
+            except (csv.Error, UnicodeDecodeError, ValueError) as e:
+                self.keys, rows = [], []
+                if log is not None:
+                    log(f"igam: WARNING: '{self.path}' is damaged ({' '.join(str(e).split())[:120]}); it is "
+                        f"started anew from step {resume_step} (the rows before are lost).")
             self._rewrite(rows)
         elif self.path.exists():
             self.path.unlink()
@@ -214,8 +230,9 @@ class CSVLogger:
             self.keys += new
             self._rewrite(rows + [row])
         else:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.keys).writerow({k: row.get(k, "") for k in self.keys})
+            buf = io.StringIO()
+            csv.DictWriter(buf, fieldnames=self.keys).writerow({k: row.get(k, "") for k in self.keys})
+            append_text(self.path, buf.getvalue())
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, int | float):
@@ -227,14 +244,14 @@ class CSVLogger:
 
 
 def _complete(row: dict[Any, Any]) -> bool:
-    """A CSV row with every column present (a crash mid-append leaves a short one) and a numeric step."""
+    """A CSV row with every column present (a crash mid-append leaves a short one) and a finite numeric
+    step."""
     if None in row or any(v is None for v in row.values()):
         return False
     try:
-        float(row.get("step", ""))
+        return math.isfinite(float(row.get("step", "")))
     except ValueError:
         return False
-    return True
 
 
 def _same_step(row: dict[str, Any], step: int) -> bool:
@@ -245,12 +262,17 @@ def _same_step(row: dict[str, Any], step: int) -> bool:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
 def read_log(run_dir: Path, name: str = "log.csv") -> list[dict[str, Any]]:
-    """Rows of a run's CSV log with numbers converted to floats and empty cells dropped."""
+    """Rows of a run's CSV log with numbers converted to floats; empty cells, cells that are not finite
+    numbers, and rows without a step (damage: igam logs numbers only) are left out.
+
+    Raises:
+        IgamError: when the file is not a readable CSV file (not UTF-8 text, a field too large, ...).
+    """
     path = Path(run_dir) / name
     if not path.exists():
         return []
@@ -261,16 +283,19 @@ def read_log(run_dir: Path, name: str = "log.csv") -> list[dict[str, Any]]:
         raise IgamError(f"'{path}' is not a readable CSV log ({' '.join(str(e).split())[:160]}); it was not "
                         "written by igam or is damaged. Delete it (training rewrites it on resume)."
                         ) from None
-    for r in rows:
+    for r in rows:  # igam's logs hold numbers only: a cell that is none (damage) is left out
         conv: dict[str, Any] = {}
         for k, v in r.items():
-            if v in ("", None):
+            if not isinstance(k, str) or not isinstance(v, str) or not k:
                 continue
             try:
-                conv[k] = float(v)
+                x = float(v)
             except ValueError:
-                conv[k] = v
-        out.append(conv)
+                continue
+            if math.isfinite(x) and abs(x) < 1e300:
+                conv[k] = x
+        if "step" in conv:
+            out.append(conv)
     return out
 
 
@@ -308,6 +333,13 @@ def load_state_checked(model: nn.Module, state: dict[str, Any], what: str) -> No
         first = "; ".join([t.strip() for t in str(e).splitlines() if t.strip()][1:3])[:300].rstrip(".")
         raise IgamError(f"{what} does not fit this model ({first}). It was written for another architecture, "
                         "input shape or number of classes.") from None
+
+
+def _number(v: Any) -> bool:
+    """A finite int or float (not a bool) of a size a float holds with room to compute (|v| < 1e300)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    return abs(v) < 1e300 if isinstance(v, int) else math.isfinite(v) and abs(v) < 1e300
 
 
 def check_meta(meta: Any, path: Path | str = "meta.json") -> dict[str, Any]:
@@ -349,6 +381,25 @@ def check_meta(meta: Any, path: Path | str = "meta.json") -> dict[str, Any]:
             raise bad(f"'data.shape' {str(v)[:80]} is not [channels, height, width]")
         if key == "num_classes" and v is not None and (not isinstance(v, int) or not 0 < v <= 100_000):
             raise bad(f"'data.num_classes' {str(v)[:80]} is not a whole number in 1 .. 100000")
+    names = data.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(c, str | int) for c in names)):
+        raise bad("'data.class_names' is not a list of names")
+    # the fields that reports and `igam info` show: absent is fine, the wrong type is damage
+    for key, types in (("method", str), ("seed", int), ("version", str), ("git_commit", str), ("torch", str),
+                       ("device", str), ("augment", str), ("stopped", str), ("teacher", str),
+                       ("adapter", str | dict), ("steps", int), ("steps_per_epoch", int),
+                       ("world_size", int), ("epochs", float), ("train_time_s", float),
+                       ("finished", float), ("eval_bn", str), ("ranks_in_sync", bool)):
+        v = meta.get(key)
+        ok = (_number(v) if types is float else isinstance(v, types)
+              and (types is bool or not isinstance(v, bool)))
+        if v is not None and not ok:
+            what = "number" if types is float else getattr(types, "__name__", "value")
+            raise bad(f"'{key}' is {str(v)[:60]!r}, not a {what} as igam writes it")
+    passes = meta.get("passes_per_image")
+    if passes is not None and not (isinstance(passes, dict) and all(
+            isinstance(c, dict) and all(_number(v) for v in c.values()) for c in passes.values())):
+        raise bad("'passes_per_image' is not a mapping of network -> {pass: count}")
     return meta
 
 
@@ -362,7 +413,9 @@ class Run:
     CONFIG, META, METRICS, EVAL = "config.yaml", "meta.json", "metrics.json", "eval.json"
     WEIGHTS, OBJECTIVE = "model.safetensors", "objective.safetensors"
     LOG, EVAL_LOG, TB, CHECKPOINTS = "log.csv", "eval_log.csv", "tb", "checkpoints"
+    JOBS = "jobs"  # `igam run`'s job files for this stage (igam.experiment.executors)
     LOCK = ".lock"  # held (OS lock) by the one process that trains in this folder
+    EVAL_LOCK = ".eval.lock"  # held while a process updates eval.json (evaluate.update_eval_json)
     CURVE, CURVE_PNG = "robustness_curve.json", "robustness_curve.png"  # `igam evaluate --eps-sweep`
 
     def __init__(self, path: str | Path):
@@ -449,6 +502,42 @@ class Run:
                             "it was not written by igam or is damaged. Restore or delete it.")
         return cfg
 
+    def read_metrics(self, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """metrics.json for the readers that show it ({} when absent): `final` and `train` keep only their
+        finite numbers, `steps` and `skipped_steps` only whole numbers, `passes_per_image` only the shape
+        igam writes; what does not fit is left out with one warning through `log` naming the file.
+
+        Raises:
+            IgamError: when the file is not JSON or not an object.
+        """
+        if not self.metrics_path.exists():
+            return {}
+        data = read_json_object(self.metrics_path)
+        out: dict[str, Any] = {}
+        bad: list[str] = []
+        for k, v in data.items():
+            if k in ("final", "train"):
+                if not isinstance(v, dict):
+                    bad.append(k)
+                    continue
+                out[k] = {m: x for m, x in v.items() if _number(x)}
+                bad += [f"{k}.{m}" for m in v if m not in out[k]]
+            elif k in ("steps", "skipped_steps"):
+                ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**15
+                out.update({k: v} if ok else {})
+                bad += [] if ok else [k]
+            elif k == "passes_per_image":
+                ok = isinstance(v, dict) and all(isinstance(c, dict) and all(_number(x) for x in c.values())
+                                                 for c in v.values())
+                out.update({k: v} if ok else {})
+                bad += [] if ok else [k]
+            else:
+                out[k] = v
+        if bad and log is not None:
+            log(f"igam: WARNING: '{self.metrics_path}' holds damaged entries, left out: "
+                f"{', '.join(map(str, bad))[:300]}.")
+        return out
+
     @property
     def data_dir(self) -> str | None:
         """The data root the run was trained from (its config.yaml), or None."""
@@ -493,6 +582,23 @@ class Run:
     def holder(self) -> str | None:
         """Who holds the folder's lock now ('pid N on HOST (...)'), or None when nobody does."""
         return lock_holder(self.dir / self.LOCK)
+
+    def mark_stopped(self, reason: str) -> bool | None:
+        """Record in meta.json that training stopped (status `stopped`, `stopped`: reason) when it still
+        says `running`, even on a full disk (`write_json_or_overwrite`). Returns True when recorded, False
+        when meta.json did not say `running` (nothing to correct), None when it could not be written; never
+        raises (it runs while another error is being reported)."""
+        try:
+            meta = read_json(self.meta_path) if self.meta_path.is_file() else None
+        except IgamError:
+            return False
+        if not isinstance(meta, dict) or meta.get("status") != "running":
+            return False
+        try:
+            write_json_or_overwrite(self.meta_path, {**meta, "status": "stopped", "stopped": reason})
+            return True
+        except IgamError:
+            return None
 
     @property
     def status(self) -> str | None:
@@ -539,12 +645,13 @@ def init_model_from(model: nn.Module, run: str | Path) -> None:
         IgamError: when the runs' models differ, or `run` has not finished.
     """
     src = Run.open(run)
+    src.config  # noqa: B018  (read to check it: a hostile or damaged config.yaml refuses the run)
     theirs = src.meta.get("model") or {}
     ours = unwrap(model).igam_args
     for key, what in (("name", "architecture"), ("num_classes", "number of classes"),
                       ("in_chans", "number of input channels"), ("width", "width"),
                       ("activation", "activation")):
-        if theirs.get(key, ours[key]) != ours[key]:
+        if key in ours and theirs.get(key, ours[key]) != ours[key]:
             raise IgamError(f"init_from={run} cannot initialise this model: its {what} is "
                             f"{theirs.get(key)!r}, this run's is {ours[key]!r}. Start from a run with the "
                             "same model, dataset and width, or drop init_from.")

@@ -16,7 +16,7 @@ import torch
 
 from igam.data import default_data_dir
 from igam.errors import IgamError
-from igam.files import check_tensor_dict, load_torch_file, load_weights, read_json, weights_metadata
+from igam.files import check_tensor_dict, load_torch_file, load_weights, weights_metadata
 from igam.method.adapted import AdaptedTeacher
 from igam.method.adapters import auto_reason, build_adapter
 from igam.models import ImageClassifier, apply_normalization_metadata, create_model, robustbench_zoo, shipped
@@ -139,11 +139,12 @@ def load_teacher(path: str | Path, model: str = "", classes: int = 0, in_shape: 
                         "file, igam:NAME (a shipped teacher, see `igam models`) or "
                         "robustbench:DATASET/THREAT/NAME.")
     if p.is_dir():
-        run = Run(p)
+        run = Run.open(p)
+        run.config  # noqa: B018  (read to check it: a hostile or damaged config.yaml refuses the run)
         status = run.status
         if status not in (None, "finished"):
             raise IgamError(f"Teacher run '{p}' has status '{status}'; finish it (resume=true) first.")
-        net = Run.open(p).load_model()
+        net = run.load_model()
         if isinstance(net, AdaptedTeacher):  # a fine-tuned teacher used again: keep its body
             return net.body
         return net
@@ -295,7 +296,16 @@ def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str 
             other classes or class order (e.g. cifar10:vehicles for a cifar10:truck,ship,... student).
     """
     p = Path(path)
-    net = Run.open(p).load_model() if p.is_dir() else None
+    if not p.exists() and not str(path).startswith((shipped.PREFIX, "robustbench:")):
+        raise IgamError(f"Teacher '{path}' does not exist. A student's teacher (igam, igr, kd-noise) is a "
+                        "fine-tuned teacher run: the folder `igam finetune teacher=ROBUST_RUN "
+                        f"dataset={dataset or 'TARGET'}` wrote (e.g. runs/finetune-...).")
+    if p.is_dir():
+        run = Run.open(p)
+        run.config  # noqa: B018  (read to check it: a hostile or damaged config.yaml refuses the run)
+        net = run.load_model()
+    else:
+        net = None
     if not isinstance(net, AdaptedTeacher):
         robust = str(path) if str(path).startswith((shipped.PREFIX, "robustbench:")) else "ROBUST_RUN"
         raise IgamError(
@@ -326,14 +336,13 @@ def frozen_teacher(path: str | Path, target_shape, target_classes: int, bn: str 
             f"its robust teacher on this dataset (`igam finetune teacher={source} dataset="
             f"{dataset or 'TARGET'}`) and pass that run as teacher=."
         )
-    metrics = Run(p).metrics_path
-    clean = (read_json(metrics).get("final") or {}).get("clean_acc") if metrics.exists() else None
+    clean = (Run(p).read_metrics(log).get("final") or {}).get("clean_acc")
     weak = isinstance(clean, int | float) and clean < WEAK_TEACHER / target_classes
     if weak and once(f"weak:{p.resolve()}", log):
         log(f"igam: WARNING: the fine-tuned teacher {p} reaches only {100 * clean:.1f}% clean accuracy on "
-            f"the target task (chance: {100 / target_classes:.1f}%). IGAM matches its input gradients "
-            "(kd-noise its outputs), which then say little about the task: fine-tune longer or at another "
-            "finetune_lr (e.g. 0.01), or try another adapter.")
+            f"the target task (chance: {100 / target_classes:.1f}%). The student matches its input "
+            "gradients, features or outputs, which then say little about the task: fine-tune longer or at "
+            "another finetune_lr (e.g. 0.01), or try another adapter.")
     net.body_bn = bn
     for p_ in net.parameters():
         p_.requires_grad_(False)

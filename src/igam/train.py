@@ -9,6 +9,8 @@ final weights and metrics.
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,13 +33,21 @@ from igam.distributed import (
     setup_distributed,
     shard,
 )
-from igam.errors import IgamError, NonFiniteOutputs
+from igam.errors import IgamError, NonFiniteOutputs, WriteError
 from igam.evaluate import accuracy, evaluate_attack
-from igam.files import PACKAGE_VERSION, install_kill_hooks, kill_point, save_weights, write_json
+from igam.files import (
+    PACKAGE_VERSION,
+    check_name,
+    install_kill_hooks,
+    kill_point,
+    save_weights,
+    write_json,
+)
 from igam.guard import (
     MAX_SKIP_SHARE,
     MAX_SKIPS_IN_A_ROW,
     StateGuard,
+    Stop,
     nonfinite_grads,
     nonfinite_terms,
     skip_limit,
@@ -50,12 +60,13 @@ from igam.objectives import (
     check_method,
     count_passes,
     create_objective,
+    start_of,
     trained_model_name,
 )
 from igam.runs import CSVLogger, Run, git_commit, load_latest_state, load_state_checked, save_state
 from igam.speed import float32_arithmetic, process_settings, speed_setup
 from igam.units import parse_fraction
-from igam.utils import bn_mode, rng_state, seed_everything, set_rng_state, to_unit, unwrap
+from igam.utils import bn_mode, check_threads, rng_state, seed_everything, set_rng_state, to_unit, unwrap
 
 __all__ = ["MAX_SKIPS_IN_A_ROW", "MAX_SKIP_SHARE", "lr_factor", "make_optimizer", "nonfinite_grads",
            "nonfinite_terms", "run_name", "train"]
@@ -64,9 +75,12 @@ __all__ = ["MAX_SKIPS_IN_A_ROW", "MAX_SKIP_SHARE", "lr_factor", "make_optimizer"
 def run_name(cfg: Config) -> str:
     """cfg.name, or METHOD-MODEL-DATASET-sSEED (MODEL: the network trained, e.g. adapted-madry-mnist for a
     fine-tuned madry-mnist teacher)."""
-    ds = cfg.dataset.replace(":", "-").replace("/", "_")[:40]
-    model = (trained_model_name(cfg) or cfg.model).replace(":", "-").replace("/", "_")
-    return cfg.name or f"{cfg.method}-{model}-{ds}-s{cfg.seed}"
+    def part(text: str) -> str:
+        return re.sub(r"[/\\\x00-\x1f\x7f]", "_", text.replace(":", "-"))
+
+    ds = part(cfg.dataset)[:40]
+    model = part(trained_model_name(cfg) or cfg.model)
+    return check_name(cfg.name or f"{part(cfg.method)}-{model}-{ds}-s{cfg.seed}", "name")
 
 
 def lr_factor(cfg: Config, step: int, total: int, steps_per_epoch: int) -> float:
@@ -82,20 +96,37 @@ def lr_factor(cfg: Config, step: int, total: int, steps_per_epoch: int) -> float
     return 1.0
 
 
-def make_optimizer(kind: str, lr: float, cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum cfg.momentum) or Adam at `lr`, weight decay on conv/linear weights only (not biases,
-    BatchNorm or normalisation buffers).
+def make_optimizer(kind: str, lr: float, cfg: Config, model: nn.Module, extra: list[nn.Module] | None = None,
+                   scales: dict[int, float] | None = None) -> torch.optim.Optimizer:
+    """SGD (momentum cfg.momentum) or Adam at `lr` over the trainable parameters of `model` and of the
+    modules `extra` (an objective's co-trained parts), weight decay on conv/linear weights only (not biases,
+    BatchNorm or normalisation buffers). `scales` maps id(parameter) to a multiple of the learning rate
+    (e.g. a fine-tuned body's smaller rate): those parameters get groups of their own, whose `lr_scale`
+    the schedule keeps.
 
     Raises:
         IgamError: when the model has no trainable parameter.
     """
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    if not decay and not no_decay:
+    scales = scales or {}
+    by_scale: dict[float, tuple[list[nn.Parameter], list[nn.Parameter]]] = {}
+    seen: set[int] = set()
+    for m in [model, *(extra or [])]:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                decay, no_decay = by_scale.setdefault(scales.get(id(p), 1.0), ([], []))
+                (decay if p.ndim > 1 else no_decay).append(p)
+    if not seen:
         raise IgamError("This model has no trainable parameters.")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    by_scale.setdefault(1.0, ([], []))
+    groups = []
+    for scale in sorted(by_scale, key=lambda s: s != 1.0):  # the plain groups first, as they always were
+        decay, no_decay = by_scale[scale]
+        part = [{"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+        if scale != 1.0:
+            part = [{**g, "lr": lr * scale, "lr_scale": scale} for g in part if g["params"]]
+        groups += part
     if kind == "adam":
         return torch.optim.Adam(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False)
@@ -142,26 +173,55 @@ def train(cfg: Config, log=print) -> Path:
             checkpoint stays, and an earlier model.safetensors is not replaced).
     """
     check_method(cfg.method)
-    if cfg.amp_input_grad and cfg.amp != "bf16":
-        raise IgamError("amp_input_grad=true runs the input-gradient path under amp=bf16; set amp=bf16 (fp16 "
-                        "would need loss scaling inside the input gradient) or drop amp_input_grad.")
     if not cfg.dataset.strip():
         raise IgamError("dataset= is required: name the data to train on, e.g. dataset=mnist or "
                         "dataset=cifar10 (dataset=synthetic for a synthetic stand-in, for smoke tests; `igam "
                         "train --help` lists the datasets).")
+    check_threads(cfg.threads)  # machine-dependent, so checked here rather than with the config
     dist, device = setup_distributed(cfg.device)
     say = log if dist.main else (lambda *a, **k: None)
     run = Run(Path(cfg.out_dir) / run_name(cfg))
-    fresh = not run.dir.exists()
+    try:
+        if run.dir.is_symlink():  # a real folder inside out_dir: nothing is written elsewhere
+            raise IgamError(f"'{run.dir}' is a symbolic link (to '{os.readlink(run.dir)}'). igam writes "
+                            "a run only into a real folder inside out_dir; give out_dir=... the folder you "
+                            "want, or another name=....")
+        fresh = not run.dir.exists()
+        made = [p for p in run.dir.parents if not p.exists()]  # out_dir (and folders above) made for it
+    except OSError as e:  # e.g. a name too long for the file system
+        raise IgamError(f"Cannot use the run directory '{str(run.dir)[:200]}' ({e.strerror or e}); choose "
+                        "another out_dir=... or name=....") from None
+
+    def undo_if_empty() -> bool:
+        """Refused before anything was written: leave no empty run folder, nor an out_dir made for it
+        (while the lock is still held, so no other process is inside)."""
+        if not (fresh and run.remove_if_empty()):
+            return False
+        for p in made:  # nearest first; a folder something else wrote into stays
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        return True
+
     lock = run.lock(log=say) if dist.main else None  # a second process on this folder stops here
     try:
         # TF32, determinism, threads: as the caller had them after the run; the evaluations' progress bars
         # only where the training bar is shown
         with process_settings(), bars.enabled(cfg.progress and dist.main):
             return _train(cfg, run, dist, device, say)
+    except WriteError as e:  # a full disk or a read-only folder: meta.json must not go on saying `running`
+        text = str(e) if "resume=true" in str(e) else (
+            f"Training stopped: cannot write '{e.path}' ({e.reason}). Free disk space (or fix permissions), "
+            "then continue with resume=true.")
+        if (lock is not None and not undo_if_empty()
+                and run.mark_stopped(f"cannot write '{e.path}' ({e.reason})") is None):
+            text += " meta.json could not be updated either, so it still says `running`; nothing trains it."
+        e.args = (text,)
+        raise
     except BaseException:
-        if lock is not None and fresh:  # refused before anything was written: leave no empty folder
-            run.remove_if_empty()  # while the lock is still held, so no other process is inside
+        if lock is not None:
+            undo_if_empty()
         raise
     finally:
         if lock is not None:
@@ -198,7 +258,8 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
         cfg = cfg.replace(model=unwrap(model).igam_args["name"])
     objective = create_objective(cfg, model, spec, device)
     optimizer_kind, base_lr = objective.optimizer_settings(cfg)
-    optimizer = make_optimizer(optimizer_kind, base_lr, cfg, model)
+    optimizer = make_optimizer(optimizer_kind, base_lr, cfg, model, objective.co_trained(),
+                               objective.lr_scales(model))
     augment = resolve_augment(cfg.augment, spec.shape)
     loader = BatchLoader(arrays.x_train, arrays.y_train, cfg.batch_size, augment=augment,
                          crop_padding=cfg.crop_padding, noise=parse_fraction(cfg.noise), seed=cfg.seed,
@@ -214,17 +275,26 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
     skipped, skipped_in_a_row, count, last = 0, 0, 0, {}
     sums: dict[str, torch.Tensor] = {}
     if state is not None:
-        load_state_checked(model, state["model"], f"The checkpoint in {run_dir}")
-        optimizer.load_state_dict(state["optimizer"])
-        objective.load_state_dict(state["objective"])
-        objective.load_extra_state(state["objective_extra"])
-        set_rng_state(state["rng"])
-        step = int(state["step"])
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        skipped, skipped_in_a_row = int(state.get("skipped", 0)), int(state.get("skipped_in_a_row", 0))
-        last = dict(state.get("last_log", {}))
-        count = int(state.get("log_count", 0))
-        sums = {k: torch.tensor(v, device=device) for k, v in state.get("log_sums", {}).items()}
+        try:  # a checkpoint whose checksum matches but whose contents do not fit: one clear error
+            load_state_checked(model, state["model"], f"The checkpoint in {run_dir}")
+            optimizer.load_state_dict(state["optimizer"])
+            objective.load_state_dict(state["objective"])
+            objective.load_extra_state(state["objective_extra"])
+            set_rng_state(state["rng"])
+            step = int(state["step"])
+            elapsed_before = float(state.get("elapsed_s", 0.0))
+            skipped, skipped_in_a_row = int(state.get("skipped", 0)), int(state.get("skipped_in_a_row", 0))
+            last = dict(state.get("last_log", {}))
+            count = int(state.get("log_count", 0))
+            sums = {k: torch.tensor(v, device=device) for k, v in state.get("log_sums", {}).items()}
+            if step < 0 or not 0 <= skipped_in_a_row <= skipped <= step:
+                raise ValueError(f"step {step}, {skipped} skipped")
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError,
+                OverflowError) as e:
+            raise IgamError(f"The newest checkpoint in {run_dir / 'checkpoints'} does not fit this run "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); it was not written by "
+                            "this run's settings or was tampered with. Delete it (and its .json) to resume "
+                            "from the one before, or resume with the settings it was written with.") from None
         say(f"igam: resumed {run_dir} at step {step}/{total}")
         changed = changed_settings(run, cfg)
         if changed:
@@ -239,6 +309,8 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
         train_model = ddp(train_model, device)
         objective.wrap_for_ddp(lambda m: ddp(m, device))  # e.g. IGAM's discriminator update
     guard = StateGuard(unwrap(model), objective)
+    if state is not None:  # the run's early values and open loss window (docs/RELIABILITY.md, section 3)
+        guard.load_state_dict(state.get("guard"))
 
     meta = {"status": "running", "method": cfg.method, "model": unwrap(model).igam_args,
             "data": spec.to_dict(), "augment": augment, "seed": cfg.seed, "version": PACKAGE_VERSION,
@@ -248,13 +320,16 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
             "eval_bn": cfg.eval_bn,
             # the machine-independent cost: forward/backward passes per training image, by network
             "passes_per_image": count_passes(objective, total, steps_per_epoch)}
+    start = start_of(cfg)
+    if start is not None:  # e.g. a robust start: what the weights come from, whose passes count as zero
+        meta["start"] = start
     if dist.main:
         save_yaml(cfg.to_dict(), run.config_path)
         write_json(run.meta_path, meta)
     resume_step = step if state else None
     logger = CSVLogger(run / Run.LOG, (run / Run.TB) if cfg.tensorboard else None,
-                       resume_step=resume_step) if dist.main else None
-    eval_logger = CSVLogger(run / Run.EVAL_LOG, None, resume_step=resume_step) if dist.main else None
+                       resume_step=resume_step, log=say) if dist.main else None
+    eval_logger = CSVLogger(run / Run.EVAL_LOG, None, resume_step=resume_step, log=say) if dist.main else None
 
     amp_ctx = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
                if cfg.amp != "none" and device.type == "cuda" else nullcontext())
@@ -262,22 +337,33 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
     if state is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
 
-    def stop(msg: str) -> NoReturn:
-        """End the run as `stopped`: meta.json says why, model.safetensors is left as it was."""
+    def stop(msg: str, rule: str) -> NoReturn:
+        """End the run as `stopped`: meta.json says why and which guard rule fired (guard.RULES),
+        model.safetensors is left as it was."""
         if dist.main:
-            write_json(run.meta_path, {**meta, "status": "stopped", "stopped": msg})
+            write_json(run.meta_path, {**meta, "status": "stopped", "stopped": msg, "stop_rule": rule})
             logger.close()
         where = (f"No good state is checkpointed yet in {run_dir} (resume=true starts over)"
                  if last_good is None else
                  f"The last good state (step {last_good}) is checkpointed in {run_dir}")
-        raise IgamError(f"Training stopped: {msg}. {where}; lower lr or the lambdas, or set grad_clip, "
-                        "then resume=true.")
+        fix = ("raise lr (or grad_clip), then resume=true" if rule == "never-moved" else
+               "lower lr or the lambdas, or set grad_clip, then resume=true")
+        raise IgamError(f"Training stopped: {msg}. {where}; {fix}. (Guard rule: {rule}; docs/RELIABILITY.md, "
+                        "section 3.)")
+
+    def stop_if(why: Stop | None) -> None:
+        """Stop when a guard rule fired on this rank or on any other (all ranks agree)."""
+        if not all_ranks(why is None, dist):
+            why = why or Stop("other-rank", "another rank's guard stopped the run")
+            stop(why.message, why.rule)
 
     def checkpoint() -> None:
         """Save a resumable state, only from a state that passes the finite check."""
         nonlocal last_good
         if not guard.finite():
-            stop(f"non-finite weights or buffers (e.g. BatchNorm statistics) at step {step}")
+            stop(f"non-finite weights or buffers (e.g. BatchNorm statistics) at step {step}",
+                 "non-finite-state")
+        stop_if(guard.loss_drift())  # a checkpoint is only written from a state that has not drifted
         window = mean_over_ranks(sums, dist, device)  # the open log window, the same on every rank
         if dist.main:
             save_state(run_dir, step, {
@@ -286,7 +372,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
                 "rng": rng_state(), "scaler": scaler.state_dict(),
                 "elapsed_s": elapsed_before + time.time() - t_start,
                 "skipped": skipped, "skipped_in_a_row": skipped_in_a_row, "last_log": last,
-                "log_count": count, "log_sums": window},
+                "log_count": count, "log_sums": window, "guard": guard.state_dict()},
                 keep=cfg.keep_checkpoints)
         last_good = step
 
@@ -295,7 +381,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
             res = evaluate_during_training(cfg, eval_model, model, objective, eval_x, eval_y,
                                            step / steps_per_epoch, dist, device)
         except NonFiniteOutputs as e:
-            stop(f"the model's outputs are non-finite at step {step} ({e})")
+            stop(f"the model's outputs are non-finite at step {step} ({e})", "non-finite-outputs")
         if dist.main:
             eval_logger.log(step, res, replace=final)  # a resumed final evaluation replaces its row
         return res
@@ -315,7 +401,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
                 x = x.contiguous(memory_format=torch.channels_last)
             factor = lr_factor(cfg, step, total, steps_per_epoch)
             for g in optimizer.param_groups:
-                g["lr"] = base_lr * factor
+                g["lr"] = base_lr * factor * g.get("lr_scale", 1.0)
             objective.on_lr(factor)
             model.train()
             with amp_ctx:
@@ -342,23 +428,29 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
                 if cfg.nan_policy == "stop":
                     if skipped_in_a_row == 1 and guard.finite():  # the state before this step is good
                         checkpoint()
-                    stop(msg)
+                    stop(msg, "non-finite-step")
                 if skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
-                    stop(f"{msg} ({MAX_SKIPS_IN_A_ROW} steps in a row)")
+                    stop(f"{msg} ({MAX_SKIPS_IN_A_ROW} steps in a row)", "skips-in-a-row")
                 if skipped > skip_limit(total):
                     stop(f"{msg} ({skipped} of {total} steps skipped: more than "
-                         f"{MAX_SKIP_SHARE:.0%} of the run)")
+                         f"{MAX_SKIP_SHARE:.0%} of the run)", "skip-share")
                 say(f"igam: {msg}; step skipped (nan_policy=skip)")
                 optimizer.zero_grad(set_to_none=True)
             else:
                 skipped_in_a_row = 0
                 scaler.step(optimizer)
                 scaler.update()
-                # a finite loss and gradient can still make an update that explodes the weights: reject
-                # it (the run rolls back to its last good checkpoint; no per-step copy is kept)
+                # a finite loss and gradient can still make an update that explodes the weights (or lets
+                # them drift far from the run's start): reject it (the run rolls back to its last good
+                # checkpoint; no per-step copy is kept)
                 rejected = guard.after_update()
-                if not all_ranks(not rejected, dist):
-                    stop(f"{rejected or 'another rank rejected its update'} at step {step} (update rejected)")
+                if rejected is not None:
+                    rejected = rejected._replace(
+                        message=f"{rejected.message} at step {step} (update rejected)")
+                stop_if(rejected)
+                # the drift rule watches the training cross-entropy (a scale every objective shares), or
+                # the total loss of an objective that reports no `ce`
+                guard.add_loss(metrics.get("ce", loss))
                 metrics.update(objective.after_step(train_model, x, y, step, aux))
                 kill_point("after-step")  # crash tests: die after the updates, before the step is counted
             step += 1
@@ -376,6 +468,7 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
                 if dist.main:
                     logger.log(step, last)
                 sums, count, t0, timed_from = {}, 0, time.time(), 0
+                stop_if(guard.loss_drift(reset=True))
                 if bar is not None:
                     bar.set_postfix({k: f"{last[k]:.3g}" for k in ("ce", "acc") if k in last})
             if bar is not None:
@@ -394,7 +487,8 @@ def _train(cfg: Config, run: Run, dist: Dist, device: torch.device, say) -> Path
     if bar is not None:
         bar.close()
 
-    # the end: the final model must give finite outputs before it replaces anything -----------------
+    # the end: the final model must have trained and give finite outputs before it replaces anything -----
+    stop_if(guard.never_moved())
     final = evaluate_now(final=True)
     if dist.enabled:  # every rank must hold the same networks (student and e.g. the discriminator)
         meta["ranks_in_sync"] = ranks_in_sync([*model.parameters(), *objective.parameters()], device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sys
 from collections.abc import Iterator
@@ -28,6 +29,24 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise IgamError(f"device={name!r} is not a device; write auto, cpu, cuda or cuda:N.") from None
+
+
+THREADS_PER_CPU = 4  # threads=N beyond this multiple of the machine's CPUs is refused
+
+
+def check_threads(threads: int) -> None:
+    """Refuse a torch thread count far beyond this machine's CPUs (threads=100000 makes OpenMP allocate
+    per-thread stacks until it runs out of memory or crashes in libgomp), before anything is allocated.
+
+    Raises:
+        IgamError: naming the value asked, the machine's CPUs and the largest count that fits.
+    """
+    cpus = os.cpu_count() or 1
+    if threads > THREADS_PER_CPU * cpus:
+        raise IgamError(f"threads={threads} is more than {THREADS_PER_CPU} x the {cpus} CPU(s) of this "
+                        "machine; each thread would only wait for a CPU, and very many crash OpenMP. Use "
+                        f"threads={cpus} (one per CPU), at most {THREADS_PER_CPU * cpus}, or 0 for torch's "
+                        "default.")
 
 
 def seed_everything(seed: int) -> None:

@@ -39,7 +39,7 @@ import torch.nn as nn
 import igam.progress as progress
 from igam.attacks.base import Attack, project
 from igam.errors import IgamError
-from igam.files import atomic_write_bytes, write_json
+from igam.files import append_text, atomic_write_bytes, write_json
 from igam.utils import bn_mode
 
 LIBRARY = "pyautoattack"
@@ -404,11 +404,9 @@ class AutoAttack(Attack):
                     self._say(f"{self.name}: AutoAttack flag: {msg}")
                 self._flag(msg)
         if self.log_path is not None and records:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            with open(self.log_path, "a") as f:
-                for r in records:
-                    f.write(f"{stamp} {context} {r.levelname}: {r.getMessage()}\n")
+            append_text(self.log_path, "".join(f"{stamp} {context} {r.levelname}: {r.getMessage()}\n"
+                                               for r in records))
 
     def _batch_key(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> str:
         h = hashlib.sha256(x.detach().cpu().numpy().tobytes())

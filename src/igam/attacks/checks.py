@@ -6,9 +6,10 @@ gradients do. Each check compares accuracies measured on the same first-n test i
 BatchNorm mode, allowing binomial noise (`noise_margin`):
 
 - steps_monotone: more PGD steps must not raise accuracy.
-- converged: PGD must have converged: K * step >= eps (it can reach the ball's boundary), and more steps
-  (same eps, loss, restarts) must not lower accuracy by more than noise (the fewer-step attack
-  under-attacks: its number is an overestimate).
+- converged: PGD must have converged: its steps can travel at least eps (it can reach the ball's
+  boundary), and more steps (same eps, loss, restarts, schedule) must not lower accuracy by more than
+  noise (the fewer-step attack under-attacks: its number is an overestimate). A failure here is the
+  attack's, not the model's: it says to run more steps or a larger step, never "gradient masking".
 - eps_monotone: a larger eps must not raise accuracy: PGD with the same steps, loss and restarts, and
   any attack against itself across eps (the points of an `--eps-sweep` curve, eval.json keys NAME@eps=...).
 - large_eps_zero: at a large eps (0.5 MNIST, 64/255 colour) PGD and AutoAttack must reach about 0%
@@ -18,6 +19,10 @@ BatchNorm mode, allowing binomial noise (`noise_margin`):
 - gradients: inputs whose loss gradient is exactly zero or not finite (also RobustBench's admission
   check "input gradients are non-zero and finite").
 - deterministic, no_inference_optimisation: RobustBench's other admission checks (`admission.py`).
+
+`run_checks(..., current=NAMES)` judges what one command ran: a failure that involves none of the
+observations named in `current` (only older records of eval.json) is not counted; it is listed under
+`older` in the check's verdict, named as such.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 
 from igam.attacks.admission import ADMISSION_CHECKS
 from igam.attacks.base import margin
+from igam.attacks.pgd import STRONG_PGD, path_length
 from igam.utils import bn_mode
 
 CHECKS = ("steps_monotone", "converged", "eps_monotone", "large_eps_zero", "blackbox_vs_whitebox",
@@ -60,7 +66,8 @@ class Observation:
     steps: int = 0
     restarts: int = 1
     loss: str = "ce"
-    step_size: float = 0.0  # PGD's step (0: unknown)
+    step_size: float = 0.0  # PGD's (first) step (0: unknown)
+    schedule: str = "constant"  # PGD's step schedule (constant or cosine)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,55 +88,67 @@ def base_name(name: str) -> str:
 
 def run_checks(obs: list[Observation], eps: float, large_eps: float,
                grads: dict[str, Any] | None = None,
-               admission: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+               admission: dict[str, dict[str, Any]] | None = None,
+               current: set[str] | None = None) -> dict[str, dict[str, Any]]:
     """Pass/fail (or None: not enough measurements) and a one-line reason for every check of `CHECKS`.
     `grads` are `gradient_stats`; `admission` the verdicts of `admission.admission_checks` (not run when
-    None)."""
+    None). `current`: the names of the observations the calling command made (None: all); a failure among
+    other observations only is listed under the verdict's `older`, not counted."""
     out: dict[str, dict[str, Any]] = {}
     groups: dict[tuple[int, str], list[Observation]] = {}
     for o in obs:
         groups.setdefault((o.n, o.bn), []).append(o)
 
-    def verdict(name: str, fails: list[str], compared: int, what: str, how: str = "use --checks") -> None:
+    def now(*names: Observation) -> bool:
+        return current is None or any(o.name in current for o in names)
+
+    def verdict(name: str, fails: list[tuple[str, bool]], compared: int, what: str,
+                how: str = "use --checks") -> None:
+        mine, older = [f for f, cur in fails if cur], [f for f, cur in fails if not cur]
         if compared == 0:
             out[name] = {"passed": None, "detail": f"not run: needs {what} ({how})"}
-        elif fails:
-            out[name] = {"passed": False, "detail": "; ".join(fails)}
+        elif mine:
+            out[name] = {"passed": False, "detail": "; ".join(mine)}
         else:
-            out[name] = {"passed": True, "detail": f"{compared} comparison(s) within noise"}
+            out[name] = {"passed": True, "detail": f"{compared} comparison(s) within noise"
+                         + (f" ({len(older)} older record(s) fail: see older)" if older else "")}
+        if older:
+            out[name]["older"] = older
 
     # more steps -> not higher accuracy; larger eps -> not higher accuracy
     fails_s, fails_e, fails_c, n_s, n_e, n_c = [], [], [], 0, 0, 0
     drops: list[str] = []
     for o in (o for o in obs if o.kind == "pgd" and o.step_size > 0 and o.steps > 0):
         n_c += 1
-        if o.steps * o.step_size < o.eps * (1 - 1e-6):
-            fails_c.append(f"{o.name}: {o.steps} steps of {o.step_size:.4g} move at most "
-                           f"{o.steps * o.step_size:.4g} < eps {o.eps:.4g}, so it cannot reach the ball's "
-                           "boundary (use the default step rule, or more steps)")
+        path = path_length(o.step_size, o.steps, o.schedule)
+        if path < o.eps * (1 - 1e-6):
+            how = (f"{o.steps} steps of {o.step_size:.4g}" if o.schedule == "constant" else
+                   f"{o.steps} {o.schedule}-decaying steps from {o.step_size:.4g}")
+            fails_c.append((f"{o.name}: {how} move at most {path:.4g} < eps {o.eps:.4g}, so it cannot "
+                            "reach the ball's boundary (use the default step rule, or more steps)", now(o)))
     for (n, _), g in groups.items():
         pgd = [o for o in g if o.kind == "pgd"]
         for a in pgd:
             for b in pgd:
                 m = noise_margin((a.accuracy + b.accuracy) / 2, n)
-                if (_same_eps(a.eps, b.eps) and a.loss == b.loss and a.restarts == b.restarts
-                        and a.steps < b.steps):
+                same_kind = a.loss == b.loss and a.restarts == b.restarts and a.schedule == b.schedule
+                if _same_eps(a.eps, b.eps) and same_kind and a.steps < b.steps:
                     n_s += 1
                     n_c += 1
                     if b.accuracy > a.accuracy + m:
-                        fails_s.append(f"{b.name} {_pct(b.accuracy)} > {a.name} {_pct(a.accuracy)} "
-                                       f"(+{_pct(m)} noise) at eps {a.eps:.4g}, n={n}")
+                        fails_s.append((f"{b.name} {_pct(b.accuracy)} > {a.name} {_pct(a.accuracy)} "
+                                        f"(+{_pct(m)} noise) at eps {a.eps:.4g}, n={n}", now(a, b)))
                     if b.accuracy < a.accuracy - m:
                         drops.append(f"{a.name} {_pct(a.accuracy)} -> {b.name} {_pct(b.accuracy)}")
-                        fails_c.append(f"{a.name} has not converged: {b.name} gives {_pct(b.accuracy)}, "
-                                       f"{_pct(a.accuracy - b.accuracy)} lower (noise {_pct(m)}) at eps "
-                                       f"{a.eps:.4g}, n={n}; report the stronger attack")
-                same_attack = a.steps == b.steps and a.loss == b.loss and a.restarts == b.restarts
-                if same_attack and a.eps < b.eps - 1e-9:
+                        fails_c.append((f"{a.name} has not converged: {b.name} gives {_pct(b.accuracy)}, "
+                                        f"{_pct(a.accuracy - b.accuracy)} lower (noise {_pct(m)}) at eps "
+                                        f"{a.eps:.4g}, n={n}; report the stronger attack", now(a, b)))
+                if same_kind and a.steps == b.steps and a.eps < b.eps - 1e-9:
                     n_e += 1
                     if b.accuracy > a.accuracy + m:
-                        fails_e.append(f"eps {b.eps:.4g}: {_pct(b.accuracy)} > eps {a.eps:.4g}: "
-                                       f"{_pct(a.accuracy)} (+{_pct(m)} noise), {a.steps} steps, n={n}")
+                        fails_e.append((f"eps {b.eps:.4g}: {_pct(b.accuracy)} > eps {a.eps:.4g}: "
+                                        f"{_pct(a.accuracy)} (+{_pct(m)} noise), {a.steps} steps, n={n}",
+                                        now(a, b)))
         others = [o for o in g if o.kind != "pgd"]  # one attack across eps: the points of a sweep
         for a in others:
             for b in others:
@@ -137,8 +156,9 @@ def run_checks(obs: list[Observation], eps: float, large_eps: float,
                     m = noise_margin((a.accuracy + b.accuracy) / 2, n)
                     n_e += 1
                     if b.accuracy > a.accuracy + m:
-                        fails_e.append(f"{base_name(a.name)} at eps {b.eps:.4g}: {_pct(b.accuracy)} > at eps "
-                                       f"{a.eps:.4g}: {_pct(a.accuracy)} (+{_pct(m)} noise), n={n}")
+                        fails_e.append((f"{base_name(a.name)} at eps {b.eps:.4g}: {_pct(b.accuracy)} > at "
+                                        f"eps {a.eps:.4g}: {_pct(a.accuracy)} (+{_pct(m)} noise), n={n}",
+                                        now(a, b)))
     verdict("steps_monotone", fails_s, n_s, "PGD with two step counts")
     if out["steps_monotone"]["passed"] and drops:
         out["steps_monotone"]["detail"] = (f"{n_s} comparison(s): more steps never raised accuracy, but "
@@ -149,7 +169,7 @@ def run_checks(obs: list[Observation], eps: float, large_eps: float,
     # large eps -> about 0%
     big = [o for g in groups.values() for o in g
            if o.kind in ("pgd", "autoattack") and o.eps >= large_eps - 1e-9]
-    fails = [f"{o.name} at eps {o.eps:.4g}: {_pct(o.accuracy)} > {_pct(LARGE_EPS_MAX_ACC)}, n={o.n}"
+    fails = [(f"{o.name} at eps {o.eps:.4g}: {_pct(o.accuracy)} > {_pct(LARGE_EPS_MAX_ACC)}, n={o.n}", now(o))
              for o in big if o.accuracy > LARGE_EPS_MAX_ACC + noise_margin(LARGE_EPS_MAX_ACC, o.n)]
     verdict("large_eps_zero", fails, len(big), f"PGD or AutoAttack at eps >= {large_eps:.4g}",
             "use --checks, or add `large` to --eps-sweep")
@@ -157,7 +177,8 @@ def run_checks(obs: list[Observation], eps: float, large_eps: float,
     # black-box and single-step must not beat the best white-box PGD at the same eps
     for name, kinds, what in (("blackbox_vs_whitebox", ("square",), "Square and PGD at the same eps"),
                               ("fgsm_vs_pgd", ("fgsm",), "FGSM and PGD at the same eps")):
-        fails, compared = [], 0
+        fails: list[tuple[str, bool]] = []
+        compared = 0
         for (n, _), g in groups.items():
             for weak in (o for o in g if o.kind in kinds):
                 pgd = [o for o in g if o.kind == "pgd" and _same_eps(o.eps, weak.eps)]
@@ -167,8 +188,8 @@ def run_checks(obs: list[Observation], eps: float, large_eps: float,
                 compared += 1
                 m = noise_margin((weak.accuracy + best.accuracy) / 2, n)
                 if weak.accuracy < best.accuracy - m:
-                    fails.append(f"{weak.name} {_pct(weak.accuracy)} < {best.name} {_pct(best.accuracy)} "
-                                 f"(-{_pct(m)} noise) at eps {weak.eps:.4g}, n={n}")
+                    fails.append((f"{weak.name} {_pct(weak.accuracy)} < {best.name} {_pct(best.accuracy)} "
+                                  f"(-{_pct(m)} noise) at eps {weak.eps:.4g}, n={n}", now(weak, best)))
         verdict(name, fails, compared, what)
 
     if grads is not None:
@@ -221,16 +242,30 @@ def gradient_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return {"n": len(x), "zero_ce": zero_ce / n, "zero_margin": zero_margin / n, "nonfinite": nonfinite / n}
 
 
+ATTACK_CHECKS = ("converged",)  # failures of the attack itself (too few or too small steps), not the model's
+
+
 def warning_block(run: str, checks: dict[str, dict[str, Any]]) -> str:
-    """The loud text printed when a check fails ('' when none does)."""
+    """The loud text printed when a check fails ('' when none does), each failure explained by its own
+    cause: an attack that did not converge (run more or larger steps), gradient masking (the model's
+    gradients mislead the attacks), or a RobustBench admission rule (a random model, or one that optimises
+    at inference)."""
     failed = {k: v for k, v in checks.items() if v.get("passed") is False}
     if not failed:
         return ""
     bar = "=" * 100
     admission = [k for k in failed if k in ADMISSION_CHECKS]
-    masking = [k for k in failed if k not in ADMISSION_CHECKS]
-    lines = [bar, f"WARNING: {run}: {len(failed)} check(s) FAILED "
-             f"({len(masking)} gradient-masking, {len(admission)} RobustBench admission)."]
+    attack = [k for k in failed if k in ATTACK_CHECKS]
+    masking = [k for k in failed if k not in ADMISSION_CHECKS and k not in ATTACK_CHECKS]
+    parts = [f"{len(attack)} attack convergence"] if attack else []
+    parts += [f"{len(masking)} gradient-masking", f"{len(admission)} RobustBench admission"]
+    lines = [bar, f"WARNING: {run}: {len(failed)} check(s) FAILED ({', '.join(parts)})."]
+    if attack:
+        lines += ["An attack did not converge (its steps cannot reach the eps-ball's boundary, or more steps "
+                  "still lower the accuracy): its number is an overestimate because of the attack, not the "
+                  "model.",
+                  "Run more steps or a larger step (the default step rule; igam's strongest PGD is "
+                  f"{STRONG_PGD}) and report the stronger attack's number."]
     if masking:
         lines += ["Its robust accuracies are probably overestimates: the gradients mislead the attacks "
                   "(Athalye et al. 2018).",
@@ -244,3 +279,10 @@ def warning_block(run: str, checks: dict[str, dict[str, Any]]) -> str:
     lines += [f"  FAIL {k}: {v['detail']}" for k, v in failed.items()]
     lines.append(bar)
     return "\n".join(lines)
+
+
+def older_notes(checks: dict[str, dict[str, Any]]) -> list[str]:
+    """Failures found only among older records of eval.json (not made by the command that judged them),
+    one line each, named as such: they do not count against the command's verdict."""
+    return [f"{k}: an older record, not from this command, fails: {line}" for k, v in checks.items()
+            if isinstance(v, dict) for line in v.get("older") or []]

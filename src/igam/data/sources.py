@@ -123,6 +123,26 @@ def check_labels(y_train: torch.Tensor, y_test: torch.Tensor, where: str, inferr
             "with extra outputs. Remap the labels to 0 .. K-1, or save class_names in the npz to confirm.")
 
 
+def check_test_labels(y_train: torch.Tensor, y_test: torch.Tensor, where: str) -> None:
+    """Every test label must occur among the training labels: a class with test images but no training
+    images is one no model can learn (it would count as an extra output and every test image of it as
+    an error), so a stray or shifted test label is refused, not turned into a class.
+
+    Raises:
+        IgamError: naming the labels (and how many test images carry them) and the fix.
+    """
+    if not len(y_train) or not len(y_test):
+        return
+    stray = ~torch.isin(y_test, torch.unique(y_train))
+    unseen = torch.unique(y_test[stray]).tolist()
+    if unseen:
+        shown = ", ".join(map(str, unseen[:8])) + (", ..." if len(unseen) > 8 else "")
+        raise IgamError(f"{where}: {int(stray.sum())} test image(s) carry label(s) {shown}, which no "
+                        "training image has: a class without training images cannot be learned, and every "
+                        "test image of it would count as an error. Fix or remap those test labels (or add "
+                        "training images of the class).")
+
+
 def _labels(y: np.ndarray, where: Path) -> torch.Tensor:
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
@@ -174,6 +194,7 @@ def load_npz(path: Path, name: str) -> Arrays:
         raise IgamError(f"'{path}': the number of images and labels differ.")
     if len(out.y_train) and len(out.y_test):  # empty splits: check_arrays names them
         check_labels(out.y_train, out.y_test, f"'{path}'", inferred=not out.class_names)
+        check_test_labels(out.y_train, out.y_test, f"'{path}'")
     if not out.class_names:
         out.class_names = [str(i) for i in range(out.num_classes)]
     return out
@@ -496,6 +517,7 @@ def load_imagefolder(path: Path) -> Arrays:
 
     xtr, ytr = read(path / "train")
     xte, yte = read(test_dir)
+    check_test_labels(ytr, yte, f"ImageFolder '{path}'")
     if xtr.shape[1:] != xte.shape[1:]:
         raise IgamError(f"Train images {tuple(xtr.shape[1:])} and test images {tuple(xte.shape[1:])} in "
                         f"'{path}' differ in shape.")
@@ -521,10 +543,50 @@ def parse_synthetic(name: str) -> tuple[int, int, int, int]:
     return h, w, c, k
 
 
+SYNTHETIC_MAX_BYTES = 4 << 30  # the memory a synthetic dataset may take while it is made
+SYNTHETIC_CHUNK = 256  # images transformed at a time (the noise is drawn at once, as it always was)
+
+
+def synthetic_bytes(h: int, w: int, c: int, n_train: int = 4000, n_test: int = 1000) -> int:
+    """Peak bytes `make_synthetic` needs: while a split is made, its float32 noise (4 bytes a value) and its
+    uint8 images (1 byte), beside the uint8 images of the training split once the test split is made."""
+    d = h * w * c
+    return max(5 * n_train * d, n_train * d + 5 * n_test * d)
+
+
+def check_synthetic_size(name: str, n_train: int = 4000, n_test: int = 1000) -> None:
+    """Refuse a synthetic dataset too large to make (e.g. synthetic:512x512x16:10, 21 GB), before anything
+    is allocated, naming the size asked for and the largest square images that fit.
+
+    Raises:
+        IgamError: over SYNTHETIC_MAX_BYTES.
+    """
+    h, w, c, k = parse_synthetic(name)
+    need = synthetic_bytes(h, w, c, n_train, n_test)
+    if need <= SYNTHETIC_MAX_BYTES:
+        return
+    side = int((SYNTHETIC_MAX_BYTES / synthetic_bytes(1, 1, c, n_train, n_test)) ** 0.5)
+    while synthetic_bytes(side, side, c, n_train, n_test) > SYNTHETIC_MAX_BYTES:
+        side -= 1
+    raise IgamError(f"Dataset '{name}' would take {need / 1e9:.1f} GB to make: all {n_train} training and "
+                    f"{n_test} test images of {h}x{w}x{c} are made before train_subset / test_subset pick "
+                    "from them, and igam makes synthetic datasets of up to "
+                    f"{SYNTHETIC_MAX_BYTES / 1e9:.1f} GB. "
+                    f"With {c} channel(s) the largest square images that fit are {side}x{side} "
+                    f"(synthetic:{side}x{side}x{c}:{k}); or use fewer channels.")
+
+
 def make_synthetic(name: str = "synthetic", n_train: int = 4000, n_test: int = 1000,
                    seed: int = 1234) -> Arrays:
     """A learnable image task made on the fly: each class is a smooth random colour pattern; samples are
-    shifted, contrast-jittered, noisy copies of their class pattern plus a distractor from another class."""
+    shifted, contrast-jittered, noisy copies of their class pattern plus a distractor from another class.
+    The same name always gives the same images (the random draws are made in one fixed order; the images
+    are put together SYNTHETIC_CHUNK at a time, which changes no value).
+
+    Raises:
+        IgamError: for a malformed name, or one too large to make (`check_synthetic_size`).
+    """
+    check_synthetic_size(name, n_train, n_test)
     h, w, c, k = parse_synthetic(name)
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(k, c, max(2, h // 8), max(2, w // 8), generator=g)
@@ -536,11 +598,17 @@ def make_synthetic(name: str = "synthetic", n_train: int = 4000, n_test: int = 1
         y = torch.randint(0, k, (n,), generator=g)
         other = torch.randint(0, k, (n,), generator=g)
         contrast = 0.5 + 0.5 * torch.rand(n, 1, 1, 1, generator=g)
-        x = contrast * templates[y] + 0.35 * templates[other] * torch.rand(n, 1, 1, 1, generator=g)
+        mix = torch.rand(n, 1, 1, 1, generator=g)
         shifts = torch.randint(-max(1, h // 8), max(1, h // 8) + 1, (n, 2), generator=g)
-        x = torch.stack([torch.roll(xi, (int(s[0]), int(s[1])), dims=(1, 2)) for xi, s in zip(x, shifts)])
-        x = x / 1.35 + 0.12 * torch.randn(x.shape, generator=g)
-        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+        noise = torch.randn((n, c, h, w), generator=g)
+        out = torch.empty((n, c, h, w), dtype=torch.uint8)
+        for i in range(0, n, SYNTHETIC_CHUNK):
+            j = slice(i, i + SYNTHETIC_CHUNK)
+            x = contrast[j] * templates[y[j]] + 0.35 * templates[other[j]] * mix[j]
+            x = torch.stack([torch.roll(xi, (int(s[0]), int(s[1])), dims=(1, 2))
+                             for xi, s in zip(x, shifts[j])])
+            out[j] = ((x / 1.35 + 0.12 * noise[j]).clamp(0, 1) * 255).round().to(torch.uint8)
+        return out, y
 
     xtr, ytr = sample(n_train)
     xte, yte = sample(n_test)

@@ -19,21 +19,31 @@ An experiment file:
     evaluation:
       - {attacks: [clean, fgsm, pgd5, pgd10, pgd20], n: 1000}
       - {attacks: [pgd100x5, autoattack], n: 500, rows: [igam], checks: true}
+    cluster:                                # optional: `igam run --executor slurm` (the command line wins)
+      partition: gpu
+      time: "8:00:00"                       # per job: minutes, H:M:S or D-H:M:S
+      gpus_per_job: 1
+      sbatch: {account: myproject, cpus-per-task: 8}   # further #SBATCH options
 
 "{stage}" is replaced by that stage's run directory, ${VAR} by an environment variable. A stage whose run
 finished with the same configuration is reused, so a rerun after a crash or an edit does only what is
 left. results.md / results.json / tradeoff.png and the frontier pictures (frontier-clean.png,
 frontier-cost.png: robust accuracy against clean accuracy and against passes per training image, Pareto
 fronts marked; experiment/frontier.py) are written into out_dir.
+
+`igam run --jobs N` runs up to N tasks (a stage's training, a stage's evaluation) at once as their inputs
+become ready (experiment/scheduler.py), in local slots or, with `--executor slurm`, as SLURM jobs through
+submitit (experiment/executors.py); experiment/stages.py holds the work of one stage, the same everywhere.
 """
 
 from igam.experiment.costs import estimate_seconds
 from igam.experiment.frontier import frontier_results, pareto_front, plot_frontiers, total_passes
 from igam.experiment.results import collect_results, curve_points, matched_clean, results_markdown
 from igam.experiment.runner import evaluate_experiment, format_plan, plan, run_experiment, write_results
+from igam.experiment.scheduler import StagesFailed
 from igam.experiment.spec import Experiment, Stage, load_experiment, resolve_stage, stage_status
 
-__all__ = ["Experiment", "Stage", "collect_results", "curve_points", "estimate_seconds",
+__all__ = ["Experiment", "Stage", "StagesFailed", "collect_results", "curve_points", "estimate_seconds",
            "evaluate_experiment", "format_plan", "frontier_results", "load_experiment",
            "matched_clean", "pareto_front", "plan", "plot_frontiers", "resolve_stage", "results_markdown",
            "run_experiment", "stage_status", "total_passes", "write_results"]

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import re
-
+import igam.registry as registry
 from igam.attacks.presets import parse_preset
 from igam.config import Config
 from igam.data.subsets import split_subset, subset_size
@@ -65,30 +64,19 @@ def images_per_s(model: str, width: int = 0, gpu: bool = False) -> float:
 
 
 def estimate_seconds(cfg: Config, gpu: bool = False) -> float:
-    """A rough estimate of a stage's training time on a 2-core CPU (or one GPU), for --dry-run."""
+    """A rough estimate of a stage's training time on a 2-core CPU (or one GPU), for --dry-run: the
+    model's standard-training throughput times the method's declared step cost
+    (igam.registry.MethodInfo.cost). A network that is a teacher's (adapted:BODY, model=teacher) runs at
+    its body's speed."""
     table = GPU_IMAGES_PER_S if gpu else CPU_IMAGES_PER_S
     n = train_images(cfg.dataset, cfg.train_subset)
     ips = images_per_s(cfg.model, cfg.width, gpu)
-    factor = {
-        "standard": 1.0,
-        "finetune": 0.6,
-        "pgd-at": cfg.steps + 1.0,
-        "trades": cfg.steps + 2.0,
-        "fast-at": 2.0,
-        "n-fgsm": 2.0,
-        "free-at": 1.0,
-        "kd-noise": 2.5,
-        "igam": 3.5,
-        "igr": 3.0,
-    }.get(cfg.method, 1.0)
-    if cfg.method == "finetune":
-        # the teacher's body (cfg.model is adapted:BODY once the experiment knows the teacher)
-        body = cfg.model.removeprefix("adapted:") if cfg.model.startswith("adapted:") else cfg.teacher_model
+    info = registry.METHODS.get(cfg.method)
+    factor = info.step_cost(cfg) if info is not None else 1.0
+    body = (cfg.model.removeprefix("adapted:") if cfg.model.startswith("adapted:")
+            else cfg.teacher_model if cfg.method == "finetune" or cfg.model == "teacher" else "")
+    if body or cfg.method == "finetune" or cfg.model == "teacher":
         ips = table.get(body or "madry-mnist", table["madry-mnist"])
-    if cfg.method in ("igam", "igr"):
-        start = cfg.igam_start.strip()
-        frac = float(start) if re.fullmatch(r"0?\.\d+", start) else 0.0
-        factor = frac + (1 - frac) * factor
     return cfg.epochs * n * factor / ips
 
 
@@ -125,8 +113,8 @@ def attack_steps(attack: str, num_classes: int = 10) -> float:
         return 1.0
     if spec.kind == "fgsm":
         return 1 + 1 / 3
-    if spec.kind == "pgd":
-        return spec.steps * spec.restarts + 1 / 3
+    if spec.kind == "pgd":  # (mix: the restarts run once with each of its two losses)
+        return spec.steps * spec.restarts * (2 if spec.loss == "mix" else 1) + 1 / 3
     if spec.kind == "square":
         return ROBUST_SHARE * spec.queries / 3
     targets = max(1, min(9, num_classes - 1))

@@ -25,6 +25,7 @@ from typing import Any
 from igam.attacks.presets import column_name
 from igam.experiment.results import curve_points, matched_clean
 from igam.experiment.spec import Experiment, mark_smoke_test
+from igam.files import write_figure
 
 DOUBLE_BACKWARD_PASSES = 2.0  # a double backward costs about two to three first-order passes
 FRONTIER_FILES = ("frontier-clean.png", "frontier-cost.png")
@@ -266,7 +267,7 @@ def plot_frontiers(exp: Experiment, results: dict[str, Any], out_dir: Path) -> l
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()
         path = Path(out_dir) / fname
-        fig.savefig(path, dpi=120)
+        write_figure(fig, path, dpi=120, format="png")
         plt.close(fig)
         written.append(path)
     return written

@@ -4,13 +4,16 @@ results.md table, matched-clean-accuracy comparisons and the robust-vs-clean tra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import igam.registry as registry
 from igam.attacks.checks import summary
+from igam.evaluate import read_eval
 from igam.experiment.costs import hms
 from igam.experiment.spec import Experiment, Stage, mark_smoke_test, resolve_stage
-from igam.files import read_json_object
+from igam.files import write_figure
 from igam.runs import Run
 
 
@@ -21,14 +24,14 @@ def masking_summary(mc: Any) -> str | None:
     return summary(mc["checks"])
 
 
-def collect_results(exp: Experiment) -> dict[str, Any]:
+def collect_results(exp: Experiment, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"experiment": exp.name, "rows": []}
     for st in exp.stages:
         run_dir = exp.out_dir / st.name
         if not (run_dir / Run.META).exists():
             continue
         meta = Run(run_dir).meta
-        ev = read_json_object(run_dir / Run.EVAL) if (run_dir / Run.EVAL).exists() else {}
+        ev = read_eval(run_dir, log)  # damaged records left out, with a warning
         acc = {
             k: round(100 * v["accuracy"], 2) for k, v in ev.items() if isinstance(v, dict) and "accuracy" in v
         }
@@ -63,16 +66,10 @@ def _stage_summary(exp: Experiment, st: Stage) -> dict[str, Any]:
     """The keys that tell a stage apart; `model` is the network the run trained (meta.json: a fine-tuned
     teacher's is `adapted:BODY`, whatever cfg.model says), else cfg.model."""
     cfg = resolve_stage(exp, st)
-    keys = ["method", "model", "dataset", "epochs", "train_subset"]
-    if cfg.method in ("igam", "igr"):
-        keys += ["lambda_adv", "lambda_diff", "lambda_diff_auto", "preset", "grad_matching", "igam_start"]
-    if cfg.method in ("pgd-at", "trades"):
-        keys += ["eps", "steps"]
-    if cfg.method in ("fast-at", "n-fgsm", "free-at"):
-        knob = {"fast-at": "fast_alpha", "n-fgsm": "nfgsm_noise", "free-at": "free_replays"}[cfg.method]
-        keys += ["eps", knob]
-    if cfg.method == "kd-noise":
-        keys += ["kd_temperature", "kd_sigma", "kd_weight"]
+    info = registry.METHODS.get(cfg.method)
+    keys = ["method", "model", "dataset", "epochs", "train_subset", *(info.summary if info else ())]
+    if getattr(cfg, "teacher_term", "none") != "none":
+        keys += ["teacher_term"]
     out = {k: getattr(cfg, k) for k in keys}
     run = Run(exp.out_dir / st.name)
     if run.meta_path.exists():
@@ -229,6 +226,6 @@ def plot_tradeoff(exp: Experiment, results: dict[str, Any], path: Path) -> Path 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120, format="png")
     plt.close(fig)
     return path

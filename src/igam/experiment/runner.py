@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
+import contextlib
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 from igam.attacks.presets import column_name
 from igam.errors import IgamError, suggest
-from igam.evaluate import evaluate_run, result_key
+from igam.experiment.cluster import ClusterOptions, check_executor, parse_jobs, usable_cores, visible_gpus
 from igam.experiment.costs import estimate_eval_seconds, estimate_seconds, hms
+from igam.experiment.executors import InlineExecutor, LocalExecutor, SlurmExecutor
 from igam.experiment.frontier import frontier_markdown, frontier_results, plot_frontiers
 from igam.experiment.results import collect_results, plot_tradeoff, results_markdown
+from igam.experiment.scheduler import StagesFailed, build_tasks, format_schedule, run_tasks, summary
 from igam.experiment.spec import (
     Experiment,
     Stage,
@@ -22,11 +24,12 @@ from igam.experiment.spec import (
     resolve_stage,
     stage_status,
 )
-from igam.files import atomic_write_text, read_json_object, write_json
+from igam.experiment.stages import evaluate_stage, pending_attacks, pending_checks, row_stages
+from igam.experiment.status import Board
+from igam.files import atomic_write_text, copy_file, write_json
+from igam.objectives import trained_model_name
 from igam.report import write_report
 from igam.runs import Run
-from igam.train import train
-from igam.utils import resolve_device
 
 
 def plan(exp: Experiment) -> list[tuple[Stage, str, float, float]]:
@@ -57,7 +60,7 @@ def format_plan(exp: Experiment, only: list[str] | None = None) -> str:
         if status in ("todo", "partial", "stale"):
             cpu, gpu = cpu + sec, gpu + gsec
         lines.append(
-            f"| {st.name} | {cfg.method} | {cfg.model} | "
+            f"| {st.name} | {cfg.method} | {trained_model_name(cfg) or cfg.model} | "
             f"{cfg.dataset} | {cfg.epochs:g} | {status} | {hms(sec)} | {hms(gsec)} |"
         )
     lines += [
@@ -69,16 +72,16 @@ def format_plan(exp: Experiment, only: list[str] | None = None) -> str:
     ]
     ecpu = egpu = 0.0
     for ev in exp.evaluation:
-        stages = [st for st in _row_stages(exp, ev) if not only or st.name in only]
+        stages = [st for st in row_stages(exp, ev) if not only or st.name in only]
         n = int(ev.get("n", 1000))
         pending = []
         for st in stages:
-            todo = list(ev["attacks"]) if st.name in stale else _pending_attacks(exp, st, ev)
+            todo = list(ev["attacks"]) if st.name in stale else pending_attacks(exp, st, ev)
             if todo:
                 cfg = resolve_stage(exp, st)
                 ecpu += estimate_eval_seconds(cfg, todo, n)
                 egpu += estimate_eval_seconds(cfg, todo, n, gpu=True)
-            if todo or _pending_checks(exp, st, ev):
+            if todo or pending_checks(exp, st, ev):
                 pending.append(st.name)
         lines.append(
             f"evaluation: {', '.join(ev['attacks'])} on {n} test images, still to do for {len(pending)} of "
@@ -88,24 +91,6 @@ def format_plan(exp: Experiment, only: list[str] | None = None) -> str:
         lines.append(f"estimated evaluation time left: {hms(ecpu)} on a 2-core CPU, {hms(egpu)} on one GPU "
                      "(rougher still: AutoAttack's time depends on how robust each model turns out)")
     return "\n".join(lines)
-
-
-def _pending_attacks(exp: Experiment, st: Stage, ev: dict[str, Any]) -> list[str]:
-    """The attacks of an evaluation block that the stage's eval.json does not hold yet (same n and seed)."""
-    path = exp.out_dir / st.name / Run.EVAL
-    have = read_json_object(path) if path.exists() else {}
-    n, seed = int(ev.get("n", 1000)), int(ev.get("seed", 0))
-    return [a for a in ev["attacks"] if not (isinstance(have.get(result_key(a)), dict)
-                                             and have[result_key(a)].get("n") == n
-                                             and have[result_key(a)].get("seed") == seed)]
-
-
-def _pending_checks(exp: Experiment, st: Stage, ev: dict[str, Any]) -> bool:
-    """Whether an evaluation block with `checks: true` has yet to run the masking checks on the stage (its
-    eval.json holds no check sweeps yet)."""
-    path = exp.out_dir / st.name / Run.EVAL
-    have = read_json_object(path) if path.exists() else {}
-    return bool(ev.get("checks")) and "check:fgsm" not in json.dumps(have.get("masking_checks", {}))
 
 
 def check_only(exp: Experiment, only: list[str]) -> list[str]:
@@ -156,10 +141,28 @@ def run_experiment(
     only: list[str] | None = None,
     miniature: bool = False,
     results_only: bool = False,
+    jobs: int | str | None = 1,
+    executor: str = "local",
+    cluster: ClusterOptions | None = None,
+    live: bool = False,
     log=print,
 ) -> Path:
     """Run every stage that is not done, evaluate the rows, write results.md/json and the report
-    (results_only: only rebuild those from the evaluations already made)."""
+    (results_only: only rebuild those from the evaluations already made).
+
+    `jobs`: how many tasks (a stage's training, a stage's evaluation) run at once: 1 (default) in this
+    process one after another; N or 'auto' (one per GPU, else 1) in local slots; with `executor='slurm'`
+    each task is a SLURM job (`jobs` then caps how many are queued or running at once; None or 'auto': no
+    cap), with `cluster` (the command line's settings) over the file's `cluster:` block. `live`: redraw a
+    status table in place (a terminal). A stage that fails does not stop the stages that do not need it.
+
+    Raises:
+        IgamError: for bad input, before anything runs.
+        StagesFailed: after the results are written, when stages failed or could not run (the message is
+            the summary: which, why, and their logs).
+    """
+    executor = check_executor(executor)
+    slots = parse_jobs(jobs, executor)
     exp = load_experiment(path, out_dir, overrides, miniature)
     needs = ""
     if only is not None:
@@ -174,86 +177,83 @@ def run_experiment(
                             "--out-dir) first.")
         write_results(exp, log=log)
         return exp.out_dir
+    runner = _executor(exp, executor, slots, cluster, log)
     log(format_plan(exp, only))
     if dry_run:
+        if not isinstance(runner, InlineExecutor):
+            note = "; plus the time jobs wait in the queue" if executor == "slurm" else (
+                "" if runner.gpu else "; each stage counted as long as it takes alone on the machine, the "
+                "best case: stages that share a CPU's cores each take longer")
+            log(format_schedule(build_tasks(exp, only, gpu=runner.gpu), slots, runner.describe(), note))
         if needs:  # an estimate of chosen stages is still useful; that the run would stop is said loudly
             log(f"igam run: WARNING: without --dry-run this plan would stop before training: {needs}")
         return exp.out_dir
+    if isinstance(runner, SlurmExecutor):
+        runner.check()
     exp.out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(exp.source, exp.out_dir / "experiment.yaml")
-    for st in exp.stages:
-        if only and st.name not in only:
-            continue
-        status = stage_status(exp, st)
-        if status == "done":
-            log(f"igam run: {st.name}: done, reused")
-            continue
-        run_dir = exp.out_dir / st.name
-        if status == "stale":
-            moved = run_dir.with_name(f"{st.name}.stale-{int(time.time())}")
-            run_dir.rename(moved)
-            log(f"igam run: {st.name}: its config changed; the old run is kept as {moved.name}")
-        cfg = resolve_stage(exp, st).replace(resume=status == "partial")
-        log(f"igam run: {st.name}: training ({cfg.method}, {cfg.model}, {cfg.dataset})")
-        train(cfg, log=log)
-    evaluate_experiment(exp, log=log, only=only)
+    copy_file(Path(exp.source), exp.out_dir / "experiment.yaml")
+    tasks = build_tasks(exp, only, gpu=runner.gpu, log=log)
+    reused = [st.name for st in exp.stages if (not only or st.name in only)
+              and not any(t.name == st.name for t in tasks)]
+    if tasks and not isinstance(runner, InlineExecutor):
+        log(f"igam run: {len(tasks)} tasks on {runner.describe()}"
+            + (f", {slots} at once" if slots else "") + "; each job's log is in its stage's jobs/ folder")
+    board = Board(log, live=live and not isinstance(runner, InlineExecutor), slots=slots)
+    with _sigterm_as_interrupt(not isinstance(runner, InlineExecutor)):
+        run_tasks(exp, tasks, runner, board, log=log)
+    board.close()
+    write_results(exp, log=log)
+    text, failed, blocked = summary(exp, tasks, reused)
+    if tasks:
+        log(text)
+    if failed or blocked:
+        raise StagesFailed(f"{failed} stage{'s' * (failed != 1)} failed and {blocked} could not run (see the "
+                           "summary above); rerun the same command to retry them: finished stages and "
+                           "evaluations are reused, interrupted ones resume from their last checkpoint.")
     return exp.out_dir
 
 
-def _row_stages(exp: Experiment, ev: dict[str, Any]) -> list[Stage]:
-    rows = ev.get("rows")
-    return [s for s in exp.stages if (s.name in rows if rows else (s.row or s.curve))]
+@contextlib.contextmanager
+def _sigterm_as_interrupt(on: bool):
+    """While `on`: SIGTERM to this process (`kill PID`) stops like Ctrl-C, so that the local slots are stopped
+    and the SLURM jobs cancelled, not left running."""
+    if not on or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _executor(exp: Experiment, executor: str, slots: int | None, cluster: ClusterOptions | None, log):
+    """The executor of `--executor` / `--jobs` (igam.experiment.executors)."""
+    if executor == "slurm":
+        return SlurmExecutor(slots, exp.cluster.merged(cluster or ClusterOptions()))
+    if slots == 1:
+        return InlineExecutor(log)
+    gpus = visible_gpus()
+    return LocalExecutor(slots or 1, max(1, usable_cores() // (slots or 1)), gpus)
 
 
 def evaluate_experiment(exp: Experiment, log=print, only: list[str] | None = None) -> dict[str, Any]:
     """Evaluate each row stage (of `only`, when given as `--only`) under each evaluation block (results
     already in eval.json are reused); results.md/json cover every stage evaluated so far."""
-    for ev in exp.evaluation:
-        n, seed = int(ev.get("n", 1000)), int(ev.get("seed", 0))
-        for st in _row_stages(exp, ev):
-            if only and st.name not in only:
-                continue
-            run_dir = exp.out_dir / st.name
-            if not (run_dir / Run.WEIGHTS).exists():
-                continue
-            # on the stage's device (device=cuda, or auto with a GPU), not on evaluate_run's default CPU
-            device = str(resolve_device(resolve_stage(exp, st).device))
-            have = read_json_object(run_dir / Run.EVAL) if (run_dir / Run.EVAL).exists() else {}
-            todo = [
-                a
-                for a in ev["attacks"]
-                if not (
-                    isinstance(have.get(result_key(a)), dict)
-                    and have[result_key(a)].get("n") == n
-                    and have[result_key(a)].get("seed") == seed
-                )
-            ]
-            checks = _pending_checks(exp, st, ev)
-            # 'pgd10@eps=4/255' is pgd10 at another radius: evaluate each radius as one call
-            groups: dict[str | None, list[str]] = {}
-            for a in todo or (["clean"] if checks else []):
-                base, _, eps = a.partition("@eps=")
-                groups.setdefault(eps or None, []).append(base)
-            for eps, attacks in groups.items():
-                evaluate_run(
-                    run_dir,
-                    attacks,
-                    n=n,
-                    seed=seed,
-                    eps=eps,
-                    batch_size=ev.get("batch_size", 500),
-                    checks=checks and eps is None,
-                    check_n=int(ev.get("check_n", min(n, 500))),
-                    device=device,
-                    log=log,
-                )
+    for st in exp.stages:
+        if not only or st.name in only:
+            evaluate_stage(exp, st, log=log)
     return write_results(exp, log=log)
 
 
 def write_results(exp: Experiment, log=print) -> dict[str, Any]:
     """results.json, results.md, tradeoff.png, the frontier pictures and report.html from the runs' eval.json
     files as they are."""
-    results = collect_results(exp)
+    results = collect_results(exp, log)
     try:
         frontier, frontier_md = frontier_results(exp, results), frontier_markdown(exp, results, column_name)
     except Exception as e:  # noqa: BLE001  (the ranking must never lose the results either)

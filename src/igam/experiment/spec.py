@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -12,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from igam.attacks.presets import parse_preset
-from igam.config import Config, group_keys, make_config
+from igam.config import Config, all_keys, make_config, reads, used_by
 from igam.data.subsets import split_subset, static_classes, subset_size
 from igam.errors import IgamError, suggest
-from igam.files import read_yaml
+from igam.experiment.cluster import ClusterOptions, check_cluster
+from igam.files import check_name, read_yaml
 from igam.objectives import builds_own_model, check_method, trained_model_name
 from igam.runs import Run
 from igam.units import check_eps
@@ -31,7 +33,9 @@ EXPERIMENT_KEYS = (
     "evaluation",
     "notes",
     "primary_metric",
+    "cluster",
 )
+MAX_STAGES = 1000  # stages of one experiment, sweeps expanded (each stage is a training run)
 STAGE_KEYS = ("name", "title", "config", "row", "paper", "curve", "sweep")
 
 # Rough CPU throughput (images/s, standard training, 2 cores, batch 128) and method cost factors, for
@@ -56,6 +60,7 @@ class Experiment:
     primary_metric: str = "pgd20"
     source: str = ""
     miniature: bool = False  # `igam run --miniature`: a smoke test on synthetic stand-ins, not results
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)  # `cluster:` (igam run --executor slurm)
 
 
 def _expand_env(value: Any) -> Any:
@@ -74,7 +79,8 @@ def _expand_env(value: Any) -> Any:
 
 
 def _fmt_value(v: Any) -> str:
-    return str(v).replace("/", "_")
+    """A swept value as part of a stage (folder) name: path separators become '_'."""
+    return str(v).replace("/", "_").replace("\\", "_")
 
 
 MINIATURE_DATA = {
@@ -183,6 +189,12 @@ def load_experiment(
     for i, s in enumerate(raw["stages"]):
         if not isinstance(s, dict) or "name" not in s:
             raise IgamError(f"Stage {i + 1} of '{path}' needs a `name:` and a `config:` mapping.")
+        try:  # the stage's run folder is out_dir/NAME: one folder name, never a path
+            if isinstance(s["name"], int) and not isinstance(s["name"], bool):
+                s["name"] = str(s["name"])  # `name: 2020` is the folder 2020
+            check_name(s["name"], "name")
+        except IgamError as e:
+            raise IgamError(f"'{path}', stage {i + 1}: {e}") from None
         for key in s:
             if key not in STAGE_KEYS:
                 raise IgamError(f"Unknown key '{key}' in stage '{s['name']}'.{suggest(key, STAGE_KEYS)}")
@@ -194,12 +206,24 @@ def load_experiment(
                 raise IgamError(f"'{path}', stage '{s['name']}': sweep {k}: {v!r} must be a non-empty "
                                 f"list of values, e.g. `sweep: {{{k}: [{v!r}, ...]}}`.")
         keys = list(sweep)
+        count = math.prod(len(sweep[k]) for k in keys)
+        if len(stages) + count > MAX_STAGES:
+            made = (f"its sweep makes {count:,} stages ({' x '.join(str(len(sweep[k])) for k in keys)} "
+                    "values)" if keys else "it is one stage more")
+            raise IgamError(f"'{path}', stage '{s['name']}': {made}, and an experiment holds up to "
+                            f"{MAX_STAGES} stages in all ({len(stages)} before this one); sweep fewer values "
+                            "or split the experiment.")
         combos = list(itertools.product(*[sweep[k] for k in keys])) if keys else [()]
         for combo in combos:
             cfg = {**defaults, **dict(s.get("config") or {}), **dict(zip(keys, combo))}
             if miniature:
                 cfg = miniaturize(cfg)
             suffix = "".join(f"-{k}={_fmt_value(v)}" for k, v in zip(keys, combo))
+            try:
+                check_name(f"{s['name']}{suffix}", "name")
+            except IgamError as e:
+                raise IgamError(f"'{path}', stage '{s['name']}': the stage name its sweep makes is refused: "
+                                f"{e}") from None
             row, curve, tag = s.get("row", ""), s.get("curve", ""), MINIATURE_TAG if miniature else ""
             stages.append(
                 Stage(
@@ -229,17 +253,30 @@ def load_experiment(
         str(raw.get("primary_metric", "pgd20")),
         str(p),
         miniature,
+        check_cluster(raw.get("cluster"), str(path)),
     )
     for st in exp.stages:
         resolve_stage(exp, st)  # validates keys, types and references
         if not str(st.config.get("dataset") or "").strip():
             raise IgamError(f"Stage '{st.name}' of '{path}' has no dataset: give it in the stage's config or "
                             "in the file's defaults (e.g. `dataset: cifar10`).")
+        here = names.index(st.name)
         for ref in references(st):
-            if ref not in names[: names.index(st.name)]:
+            if ref == st.name:
+                raise IgamError(f"Stage '{st.name}' refers to itself ('{{{ref}}}'): a stage can use only the "
+                                "run of an earlier stage (e.g. its teacher). Name an earlier stage.")
+            if ref in names[here:]:
                 raise IgamError(
-                    f"Stage '{st.name}' refers to '{{{ref}}}', which is not an earlier stage."
-                    f"{suggest(ref, names)}"
+                    f"Stage '{st.name}' refers to '{{{ref}}}', which comes later in the file (stage "
+                    f"{names.index(ref) + 1}; '{st.name}' is stage {here + 1}). Stages run in order and each "
+                    f"may use only earlier ones: move '{ref}' above '{st.name}'"
+                    + (" (two stages that refer to each other cannot both run first: break the cycle)."
+                       if st.name in references(exp.stages[names.index(ref)]) else ".")
+                )
+            if ref not in names:
+                raise IgamError(
+                    f"Stage '{st.name}' refers to '{{{ref}}}', which is not a stage of '{path}'."
+                    f"{suggest(ref, names[:here])}"
                 )
     return exp
 
@@ -336,7 +373,6 @@ def resolve_stage(exp: Experiment, stage: Stage) -> Config:
     return out
 
 
-IGAM_KEYS = group_keys("igam")
 
 
 PATH_KEYS = ("data_dir", "init_from", "teacher", "teacher_dir")  # compared as the folders or files they name
@@ -347,13 +383,22 @@ def _where(value: Any) -> Any:
     path are one folder); names such as igam:NAME or robustbench:... stay as they are."""
     if not isinstance(value, str) or not value or re.match(r"^[A-Za-z][\w+-]*:(?![\\/])", value):
         return value
-    return str(Path(value).expanduser().resolve())
+    try:
+        return str(Path(value).expanduser().resolve())
+    except (OSError, ValueError, RuntimeError):  # e.g. a NUL byte (a damaged config.yaml): not a path
+        return value
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The keys that decide what a stage computes (IGAM keys only matter to igam/igr stages), with
-    path-valued keys resolved, so that a relative and an absolute spelling of one folder agree."""
-    skip = set(IGNORED_KEYS) | (set() if cfg.get("method") in ("igam", "igr") else set(IGAM_KEYS))
+    """The keys that decide what a stage computes (a key some methods read matters only to the stages
+    whose method reads it: igam.config.reads), with path-valued keys resolved, so that a relative and an
+    absolute spelling of one folder agree."""
+    try:
+        used = reads(Config.from_dict({k: v for k, v in cfg.items() if k in all_keys()}))
+    except (IgamError, TypeError, ValueError):  # a config saved by another version: compare every key
+        used = set(cfg)
+    optional = set(used_by())
+    skip = set(IGNORED_KEYS) | {k for k in optional if k not in used}
     return {k: (_where(v) if k in PATH_KEYS else v) for k, v in cfg.items() if k not in skip}
 
 

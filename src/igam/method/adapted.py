@@ -18,25 +18,31 @@ class AdaptedTeacher(nn.Module):
     """`adapter` then a frozen teacher `body` with a new logit layer: f_t(A x + b) (eqs. 15-16).
 
     With body_bn='eval' (default) the frozen body always runs with its running BatchNorm statistics;
-    'train' reproduces the official code, which runs every network with batch statistics.
+    'train' reproduces the official code, which runs every network with batch statistics. `frozen` is
+    False while the body's own layers are trained (fine-tuning beyond the head, a robust start): the body
+    then follows train/eval mode like any network being trained. A network loaded from disk is frozen.
     """
 
     def __init__(self, adapter: Adapter, body: ImageClassifier, body_bn: str = "eval"):
         super().__init__()
         self.adapter, self.body, self.body_bn = adapter, body, body_bn
         self.adapter_spec = adapter.spec
+        self.frozen = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Target-task logits (B, K) of target images x (B, C, H, W) in [0, 1]."""
-        if self.body_bn == "train" and self.training:  # batch statistics, frozen running averages
+        if self.body_bn == "train" and self.training and self.frozen:  # batch statistics, frozen averages
             with bn_batch_stats(self.body):
                 return self.body(self.adapter(x))
         return self.body(self.adapter(x))
 
     def train(self, mode: bool = True):
         """The adapter follows `mode`; the frozen body stays in eval mode, except its BatchNorm layers
-        with body_bn='train' (Dropout and every other layer never switch on in a frozen teacher)."""
+        with body_bn='train' (Dropout and every other layer never switch on in a frozen teacher). A body
+        being trained (`frozen` False) follows `mode` as a whole."""
         super().train(mode)
+        if not self.frozen:
+            return self
         self.body.eval()
         if self.body_bn == "train":
             for m in batchnorms(self.body):
@@ -45,6 +51,10 @@ class AdaptedTeacher(nn.Module):
 
     def get_classifier(self) -> nn.Linear:
         return self.body.get_classifier()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The body's penultimate features (B, D) of target images x (B, C, H, W) in [0, 1]."""
+        return self.body.forward_features(self.adapter(x))
 
     @property
     def igam_args(self) -> dict[str, Any]:

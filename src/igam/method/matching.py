@@ -79,6 +79,12 @@ class InputGradientMatching(nn.Module):
         double_backward: exact mode's double backward through the student's convolutions and train-mode
             BatchNorm: 'lean' (igam.method.double_backward: the same derivatives from leaner kernels) or
             'torch' (PyTorch's own formulas). Equal up to float rounding.
+        diff_loss: the per-example L_diff: 'l2', ||J_s - J_t||^2 (eq. 13), or 'cos', 1 - cos(J_s, J_t): the
+            direction only, as in perceptually aligned gradients (Ganz, Kawar & Elad, ICML 2023), with the
+            robust teacher's gradient as the target direction; lambda_diff='auto' is then lambda_diff_auto
+            itself (the cosine has no scale to match).
+        include_ce: False leaves the cross-entropy out of 'loss' (loss = the weighted matching terms only),
+            for a matching term added to another method's loss; exact mode only.
 
     Raises:
         IgamError: lambda_diff='auto' without a teacher, an unknown mode or scheme, amp_input_grad in
@@ -111,8 +117,15 @@ class InputGradientMatching(nn.Module):
         teacher_cache: bool = False,
         cache_device_limit_bytes: int | None = None,
         double_backward: str = "lean",
+        diff_loss: str = "l2",
+        include_ce: bool = True,
     ):
         super().__init__()
+        if diff_loss not in ("l2", "cos"):
+            raise IgamError(f"diff_loss={diff_loss!r}: choose l2 or cos.")
+        if not include_ce and mode != "exact":
+            raise IgamError("An input-gradient term added to another method's loss needs grad_matching=exact "
+                            "(the finite-difference surrogate carries the cross-entropy's gradient).")
         if teacher is None and lambda_diff == "auto":
             raise IgamError(
                 "lambda_diff=auto scales L_diff by the teacher's gradients; without a teacher "
@@ -153,6 +166,7 @@ class InputGradientMatching(nn.Module):
         self.mode, self.fd_step, self.fd_scheme = mode, float(fd_step), fd_scheme
         self.amp_input_grad = bool(amp_input_grad)
         self.double_backward = double_backward
+        self.diff_loss, self.include_ce = diff_loss, include_ce
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -192,7 +206,7 @@ class InputGradientMatching(nn.Module):
 
                 tdist.all_reduce(energy_t)
                 energy_t /= world_size()
-            energy = float(energy_t)
+            energy = 1.0 if self.diff_loss == "cos" else float(energy_t)  # the cosine has no scale
             per = energy if self.diff_reduction == "mean" else energy * batch_size
             if per <= 0:
                 raise IgamError(
@@ -205,8 +219,11 @@ class InputGradientMatching(nn.Module):
     def matching_loss(self, js: torch.Tensor, jt: torch.Tensor) -> tuple[torch.Tensor, Terms]:
         """lambda_diff L_diff (eq. 13) + lambda_adv L_adv (eq. 10, the student's side; f_disc held fixed)
         for gradient maps js, jt (B, C, H, W). Returns (the weighted sum, {l_diff, l_adv, disc
-        accuracies})."""
-        d = (js - jt).flatten(1).pow(2).sum(1)
+        accuracies}). L_diff per example is ||J_s - J_t||^2 (diff_loss 'l2') or 1 - cos(J_s, J_t) ('cos')."""
+        if self.diff_loss == "cos":
+            d = 1 - flat_cosine(js, jt)
+        else:
+            d = (js - jt).flatten(1).pow(2).sum(1)
         l_diff = d.mean() if self.diff_reduction == "mean" else d.sum()
         total = self.lambda_diff * l_diff
         metrics = {"l_diff": l_diff.detach()}
@@ -260,7 +277,7 @@ class InputGradientMatching(nn.Module):
             if exact:
                 x_in.requires_grad_(False)  # the step's backward needs no gradient w.r.t. the input itself
                 match, metrics = self.matching_loss(js, jt)
-                loss = ce + match
+                loss = ce + match if self.include_ce else match
             else:
                 js_leaf = js.detach().requires_grad_(True)
                 with torch.enable_grad():

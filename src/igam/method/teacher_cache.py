@@ -1,4 +1,5 @@
-"""The frozen teacher's input gradients J_t (eqs. 9, 17), computed once per training image.
+"""The frozen teacher's input gradients J_t (eqs. 9, 17), computed once per training image; the same store
+keeps any other per-image output of a frozen teacher (its features for rrm, its logits for ard / rslad).
 
 J_t of a training image does not change between epochs when (a) the student's input is the same image
 every epoch (no augmentation, no input noise), (b) the teacher is frozen and deterministic (eval-mode
@@ -44,7 +45,8 @@ class TeacherGradientCache:
     """J_t per training-set index, filled lazily.
 
     `lookup(index, x, y, compute)` returns J_t (B, C, H, W) of the batch x (B, C, H, W) with labels y (B,)
-    whose rows are the training images `index` (B,) int64. When any of them is not cached yet (every batch
+    whose rows are the training images `index` (B,) int64 (or whatever per-image tensor (B, ...) compute
+    returns: the store takes its shape from the first batch). When any of them is not cached yet (every batch
     of epoch 0, batches holding images that epoch 0 dropped, batches after a resume), compute(x, y) -> J_t
     runs on the whole batch as it would without the cache, its result is returned and its new rows are
     stored bit for bit; a batch of cached images only is served from the store. With a fixed batch size
@@ -114,9 +116,16 @@ class TeacherGradientCache:
         if len(index) != len(x):
             raise ValueError(f"index has {len(index)} entries for a batch of {len(x)} images")
         idx = index.detach().to("cpu", torch.long)
-        if self.store is None or int(idx.max()) >= len(self.store):
-            self._reserve(int(idx.max()) + 1, x.detach()[:1].contiguous())
-        assert self.store is not None
+        if self.store is None:  # the first batch: the store takes the shape of what compute returns
+            fresh = compute(x, y)
+            self._reserve(int(idx.max()) + 1, fresh.detach()[:1].contiguous())
+            assert self.store is not None
+            self.computed += len(idx)
+            self.store[idx.to(self.store.device)] = fresh.detach().to(self.store.device)
+            self.filled[idx] = True
+            return fresh
+        if int(idx.max()) >= len(self.store):
+            self._reserve(int(idx.max()) + 1, self.store[:1])
         miss = ~self.filled[idx]
         n_miss = int(miss.sum())
         self.computed += n_miss

@@ -6,9 +6,10 @@ Public teacher checkpoints keep disappearing behind dead links; these cannot. A 
 
     name, dataset, threat ("Linf"), eps (input units in [0, 1]), model (the architecture as igam_args:
     name, num_classes, in_chans, input_size, width, activation, normalize), sha256 of the weights file,
-    accuracy {clean, pgd100x3, autoattack, ...} in [0, 1] on the first n test images, n, attacks
-    (the attack versions and settings), command (that trained it), train_minutes, machine, date,
-    igam_version, torch.
+    accuracy {clean, pgd100x3-mix-cos (igam's strongest PGD), autoattack, ...} in [0, 1] on the first n
+    test images, n, attacks (the attack versions and settings), command (that trained it), train_minutes,
+    machine, date, igam_version, torch; recertified (when a figure was re-measured: date, command, commit,
+    the figures it replaced; `scripts/recertify-teacher`).
 
 `load_shipped` refuses weights whose sha256 differs from the certificate's (a damaged or replaced file);
 `scripts/ship-teacher` writes both files from a finished, evaluated run.
@@ -63,6 +64,21 @@ def certificate(spec: str) -> dict[str, Any]:
     return cert
 
 
+def weights_mismatch(spec: str) -> str:
+    """'' when the weights file of shipped teacher `spec` has the sha256 its certificate names; otherwise
+    what is wrong (the file was damaged or replaced), as one sentence with the fix."""
+    cert = certificate(spec)
+    path = WEIGHTS_DIR / f"{cert['name']}.safetensors"
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror or e}); reinstall igam."
+    if digest != cert["sha256"]:
+        return (f"{path} does not match its certificate (sha256 {digest[:12]}... instead of "
+                f"{str(cert['sha256'])[:12]}...): the file was damaged or replaced. Reinstall igam.")
+    return ""
+
+
 def load_shipped(spec: str) -> ImageClassifier:
     """The shipped teacher `spec` ('igam:NAME') in eval mode on the CPU, float32, inputs in [0, 1] pixel
     units of shape (N, C, H, W) as its certificate's model says; it returns logits (N, num_classes).
@@ -74,10 +90,9 @@ def load_shipped(spec: str) -> ImageClassifier:
     cert = certificate(spec)
     name = cert["name"]
     path = WEIGHTS_DIR / f"{name}.safetensors"
-    digest = sha256_file(path)
-    if digest != cert["sha256"]:
-        raise IgamError(f"{path} does not match its certificate (sha256 {digest[:12]}... instead of "
-                        f"{str(cert['sha256'])[:12]}...): the file was damaged or replaced. Reinstall igam.")
+    problem = weights_mismatch(spec)
+    if problem:
+        raise IgamError(problem)
     net = model_from_args(cert["model"])
     try:
         net.load_state_dict(load_weights(path))

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from igam.attacks.base import generator_for
 from igam.errors import IgamError
 from igam.objectives.base import Metrics, Passes, count, register_objective
-from igam.objectives.pgd_at import PGDAT, AttackTraining
-from igam.units import check_eps
+from igam.objectives.pgd_at import PGDAT, AttackTraining, adversarial_reads, with_teacher_term
+from igam.objectives.terms import term_cost
+from igam.registry import Key
+from igam.units import check_eps, in_range, non_negative
 from igam.utils import bn_mode, unwrap
 
 
@@ -57,7 +59,7 @@ class NFGSM(AttackTraining):
                             "U(-2 eps, 2 eps)).")
         self.noise = float(noise)
 
-    def passes(self, step: int) -> Passes:
+    def own_passes(self, step: int) -> Passes:
         """One forward and backward for the FGSM gradient, one of each to train."""
         return {"student": count(2, 2)}
 
@@ -94,7 +96,7 @@ class FreeAT(AttackTraining):
         self.replays = int(replays)
         self.delta: torch.Tensor | None = None  # the carried perturbation (B, C, H, W)
 
-    def passes(self, step: int) -> Passes:
+    def own_passes(self, step: int) -> Passes:
         """One forward and one backward per step: the backward gives the perturbation's gradient too."""
         return {"student": count(1, 1)}
 
@@ -104,14 +106,16 @@ class FreeAT(AttackTraining):
         return (x + delta.to(device=x.device, dtype=x.dtype)).clamp(0.0, 1.0).detach()
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             step: int) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
+             step: int, index: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
         if self.delta is None or self.delta.shape != x.shape:
             self.delta = torch.zeros_like(x)
         delta = self.delta.to(device=x.device, dtype=x.dtype).requires_grad_(True)
-        logits = model((x + delta).clamp(0.0, 1.0))
+        x_adv = (x + delta).clamp(0.0, 1.0)
+        logits = model(x_adv)
         ce = F.cross_entropy(logits, y)
-        return ce, {"ce": ce.detach(), "adv_acc": (logits.argmax(1) == y).float().mean(),
-                    **self.ramp_metrics(step, x.device)}, delta
+        metrics = {"ce": ce.detach(), "adv_acc": (logits.argmax(1) == y).float().mean(),
+                   **self.ramp_metrics(step, x.device)}
+        return *self.add_term(ce, metrics, model, x, y, step, index, x_train=x_adv, logits=logits), delta
 
     def after_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int, aux: Any) -> Metrics:
         """The perturbation's ascent step from the gradient the loop's backward left on it (entries whose
@@ -138,7 +142,23 @@ def _eps(cfg: Any, method: str) -> float:
     return eps
 
 
-@register_objective("fast-at")
+def _free_notes(cfg: Any) -> list[str]:
+    """free-at counts epochs in gradient steps: a run shorter than free_replays epochs misses images."""
+    if cfg.epochs >= cfg.free_replays:
+        return []
+    return [f"free-at counts epochs in gradient steps and replays each batch free_replays={cfg.free_replays} "
+            f"times, so epochs={cfg.epochs:g} passes over only {100 * cfg.epochs / cfg.free_replays:.0f}% of "
+            f"the training images; give epochs >= {cfg.free_replays} to see each image at least once "
+            "(Shafahi et al. train m times fewer passes for the same steps)."]
+
+
+@register_objective(
+    "fast-at", help="fast AT (Wong et al. 2020): FGSM from a random start, step fast_alpha (1.25 eps), "
+    "projected",
+    reads=adversarial_reads("attack_bn", "fast_alpha"), summary=("eps", "fast_alpha"), adversarial=True,
+    cost=lambda cfg: 2.0 + term_cost(cfg),
+    keys=(Key("fast_alpha", "0", "fast-at: FGSM step size (0: 1.25 eps, Wong et al.)", "attack",
+              check=check_eps),))
 def make_fast_at(cfg: Any, model: nn.Module, spec: Any, device: torch.device) -> FastAT:
     eps = _eps(cfg, "fast-at")
     alpha = check_eps(cfg.fast_alpha, "fast_alpha") if str(cfg.fast_alpha).strip() not in ("", "0") \
@@ -146,18 +166,33 @@ def make_fast_at(cfg: Any, model: nn.Module, spec: Any, device: torch.device) ->
     if alpha <= 0:
         raise IgamError(f"fast_alpha={cfg.fast_alpha} must be positive (Wong et al.: 1.25 eps, which 0 "
                         "selects).")
-    return FastAT(eps, alpha, cfg.attack_bn, int(cfg.seed), float(cfg.eps_warmup_epochs))
+    return with_teacher_term(FastAT(eps, alpha, cfg.attack_bn, int(cfg.seed), float(cfg.eps_warmup_epochs)),
+                             cfg, model, spec, device)
 
 
-@register_objective("n-fgsm")
+@register_objective(
+    "n-fgsm", help="N-FGSM (de Jorge et al. 2022): FGSM of step eps from x + U(-k eps, k eps), "
+    "k = nfgsm_noise, no projection", reads=adversarial_reads("attack_bn", "nfgsm_noise"),
+    summary=("eps", "nfgsm_noise"),
+    adversarial=True, cost=lambda cfg: 2.0 + term_cost(cfg),
+    keys=(Key("nfgsm_noise", 2.0, "n-fgsm: noise U(-k eps, k eps) before the FGSM step of eps; this is k "
+              "(de Jorge et al.: 2)", "attack", check=non_negative),))
 def make_n_fgsm(cfg: Any, model: nn.Module, spec: Any, device: torch.device) -> NFGSM:
-    return NFGSM(_eps(cfg, "n-fgsm"), float(cfg.nfgsm_noise), cfg.attack_bn, int(cfg.seed),
-                 float(cfg.eps_warmup_epochs))
+    return with_teacher_term(NFGSM(_eps(cfg, "n-fgsm"), float(cfg.nfgsm_noise), cfg.attack_bn, int(cfg.seed),
+                                   float(cfg.eps_warmup_epochs)), cfg, model, spec, device)
 
 
-@register_objective("free-at")
+@register_objective(
+    "free-at", help="free AT (Shafahi et al. 2019): each batch free_replays times, the perturbation carried "
+    "over; epochs count gradient steps (epochs / free_replays passes over the data)",
+    reads=adversarial_reads("free_replays"), summary=("eps", "free_replays"), adversarial=True,
+    cost=lambda cfg: 1.0 + term_cost(cfg), notes=_free_notes,
+    keys=(Key("free_replays", 4, "free-at: steps on each minibatch in a row, m (Shafahi et al.: 8 CIFAR, 4 "
+              "ImageNet); epochs still count gradient steps", "attack",
+              check=in_range(1, 1000, "Shafahi et al. use 4-10")),))
 def make_free_at(cfg: Any, model: nn.Module, spec: Any, device: torch.device) -> FreeAT:
-    return FreeAT(_eps(cfg, "free-at"), int(cfg.free_replays), int(cfg.seed), float(cfg.eps_warmup_epochs))
+    return with_teacher_term(FreeAT(_eps(cfg, "free-at"), int(cfg.free_replays), int(cfg.seed),
+                                    float(cfg.eps_warmup_epochs)), cfg, model, spec, device)
 
 
 __all__ = ["FastAT", "FreeAT", "NFGSM"]

@@ -10,6 +10,7 @@ that way). The method itself, and the discriminator's training, live in igam.met
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -18,13 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from igam.data import resolve_augment
-from igam.errors import IgamError
+from igam.errors import IgamError, suggest
 from igam.method.discriminator import GradientDiscriminator
 from igam.method.matching import InputGradientMatching
 from igam.method.teacher_cache import teacher_cache_blockers
-from igam.objectives.base import Metrics, Objective, Passes, count, register_objective
+from igam.objectives.base import Metrics, Objective, Passes, count, register_keys, register_objective
+from igam.registry import PRESETS, Key, add_check
 from igam.teachers import frozen_teacher
-from igam.units import parse_fraction, start_step
+from igam.units import at_least, check_start, in_range, non_negative, parse_fraction, start_step
 from igam.utils import bn_mode
 
 
@@ -150,8 +152,8 @@ def teacher_cache_decision(cfg: Any, spec: Any, teacher: nn.Module | None) -> tu
     return not reasons, reasons
 
 
-def build_matching(cfg: Any, spec: Any, device: torch.device,
-                   use_teacher: bool = True) -> InputGradientMatching:
+def build_matching(cfg: Any, spec: Any, device: torch.device, use_teacher: bool = True,
+                   lambda_adv: float | None = None, include_ce: bool = True) -> InputGradientMatching:
     """The InputGradientMatching module a config describes: the frozen fine-tuned teacher, the adapter's
     view for the discriminator, the discriminator with its optimiser, the lambdas and the matching mode.
 
@@ -169,7 +171,8 @@ def build_matching(cfg: Any, spec: Any, device: torch.device,
         )
     disc, disc_opt = None, None
     view = teacher.adapter.disc_view if teacher is not None else None
-    if use_teacher and cfg.lambda_adv != 0:
+    lambda_adv = cfg.lambda_adv if lambda_adv is None else lambda_adv
+    if use_teacher and lambda_adv != 0:
         view_shape = tuple(view(torch.zeros(1, *spec.shape, device=device)).shape[1:])
         disc = GradientDiscriminator(view_shape, cfg.disc_layers, cfg.disc_channels, cfg.disc_input_norm)
         disc = disc.to(device)
@@ -181,7 +184,7 @@ def build_matching(cfg: Any, spec: Any, device: torch.device,
     m = InputGradientMatching(
         teacher,
         disc,
-        lambda_adv=cfg.lambda_adv if use_teacher else 0.0,
+        lambda_adv=lambda_adv if use_teacher else 0.0,
         lambda_diff=lam,
         lambda_diff_auto=cfg.lambda_diff_auto,
         use_teacher=use_teacher,
@@ -200,6 +203,8 @@ def build_matching(cfg: Any, spec: Any, device: torch.device,
         amp_input_grad=cfg.amp_input_grad,
         teacher_cache=teacher_cache_decision(cfg, spec, teacher)[0],
         double_backward=cfg.double_backward,
+        diff_loss=cfg.diff_loss,
+        include_ce=include_ce,
     )
     return m.to(device)
 
@@ -234,14 +239,177 @@ def check_double_backward(model: nn.Module, shape: tuple[int, ...], device: torc
             p.grad = grad
 
 
-@register_objective("igam")
+FD_STEP_MIN = 1e-6  # below this the finite-difference step is lost in float32 rounding
+
+
+def _lambda_diff(value: str, key: str) -> None:
+    if str(value).strip() != "auto" and parse_fraction(value, key) < 0:
+        raise IgamError(f"{key}={value} must not be negative (a negative weight would reward gradients "
+                        "unlike the teacher's); give a number >= 0 or auto.")
+
+
+def _pixel_scale(value: float, key: str) -> None:
+    if value == 0:
+        raise IgamError("pixel_scale=0 divides every input gradient by 0, so every IGAM step would be "
+                        "skipped; use 1 (inputs in [0, 1]) or 255 (the official code's 0-255 pixels).")
+    non_negative(value, key)
+
+
+def _fd_step(value: float, key: str) -> None:
+    if value < FD_STEP_MIN:
+        raise IgamError(f"fd_step={value:g} is below {FD_STEP_MIN:g}: the finite-difference step vanishes in "
+                        "float32, so every finite-difference IGAM step would be skipped (0/0). Use e.g. "
+                        "fd_step=1e-2 (the default) or 1e-3.")
+    if value > 1:
+        raise IgamError(f"fd_step={value:g} is more than 1: the step is relative to ||x|| / ||v||, so the "
+                        "difference would probe images far from x. Choose a value in [1e-06, 1] (typical: "
+                        "1e-2 central, 1e-3 forward).")
+
+
+def _preset(value: str, key: str) -> None:
+    if value and value not in PRESETS:
+        raise IgamError(f"preset={value!r} is not allowed.{suggest(value, list(PRESETS))} Choose "
+                        f"{' or '.join(PRESETS)} (or leave it empty).")
+
+
+# the input-gradient matching keys: IGAM's, igr's, and the gradient teacher term's (objectives/terms.py)
+MATCHING_KEYS = (
+    Key("lambda_diff", "auto", "weight of L_diff (eq. 13: ||J_s - J_t||^2, or 1 - cos(J_s, J_t) with "
+        "diff_loss=cos); 'auto' scales it to lambda_diff_auto / E||J_t||^2 on the first batch (cos: "
+        "lambda_diff_auto itself)", "igam", check=_lambda_diff),
+    Key("lambda_diff_auto", 2.3, "target of lambda_diff=auto: lambda_diff * E||J_t||^2", "igam",
+        check=non_negative),
+    Key("diff_loss", "l2", "L_diff per example: l2 (||J_s - J_t||^2, paper eq. 13) | cos (1 - cos(J_s, J_t), "
+        "the direction only: perceptually aligned gradients, Ganz et al. 2023)", "igam", ("l2", "cos")),
+    Key("gradient_target", "ce", "differentiate the cross-entropy (paper eq. 8) or the true-class "
+        "probability p_y (official code)", "igam", ("ce", "true-prob")),
+    Key("pixel_scale", 1.0, "gradients taken w.r.t. x * pixel_scale (official code: 255)", "igam",
+        check=_pixel_scale),
+    Key("diff_reduction", "mean", "L_diff over the batch: mean (paper) | sum (official)", "igam",
+        ("mean", "sum")),
+    Key("grad_matching", "exact", "student gradient of the matching terms: exact (double backprop) | "
+        "finite-difference (Hessian-vector product from first-order passes)", "igam",
+        ("exact", "finite-difference")),
+    Key("fd_step", 1e-2, "finite-difference step h relative to ||x|| / ||v||", "igam", check=_fd_step),
+    Key("fd_scheme", "central", "finite-difference scheme: central (two extra passes, error O(h^2)) | "
+        "forward (one extra pass reusing the pass at x, error O(h); use fd_step=1e-3)", "igam",
+        ("central", "forward")),
+    Key("amp_input_grad", False, "run the IGAM input-gradient path under amp too (exact mode; default: it "
+        "stays float32)", "igam"),
+    Key("double_backward", "lean", "exact mode's double backward through the student's convolutions and "
+        "train-mode BatchNorm: lean (the same derivatives from leaner kernels; docs/IGAM.md) | torch "
+        "(PyTorch's own formulas); equal up to float rounding", "igam", ("lean", "torch")),
+    Key("teacher_cache", "auto", "compute the teacher's input gradient (or features) of each training image "
+        "once and reuse it: auto (on exactly when exact: augment none, noise 0, teacher_bn eval, no random "
+        "adapter) | on (refused where it would be wrong) | off", "igam", ("auto", "on", "off")),
+)
+DISCRIMINATOR_KEYS = (
+    Key("preset", "", "paper | official: sets the gradient target, scaling, discriminator input and schedule "
+        "of IGAM (see docs/IGAM.md)", "igam", check=_preset),
+    Key("lambda_adv", 1.0, "weight of the adversarial discriminator loss L_adv (eq. 14)", "igam",
+        check=non_negative),
+    Key("disc_input_norm", "none", "gradient normalisation before the discriminator: none | zero-mean-l2 "
+        "(official)", "igam", ("none", "zero-mean-l2")),
+    Key("adv_loss", "saturating", "student's adversarial loss: saturating (minimax, eq. 14; the default, "
+        "measured better in docs/RESULTS.md) | non-saturating (GAN trick)", "igam",
+        ("saturating", "non-saturating")),
+    Key("disc_layers", 4, "discriminator conv layers (Appendix A: 4 or 5)", "igam",
+        check=in_range(1, 8, "each layer halves the gradient map and doubles the channels")),
+    Key("disc_channels", 8, "discriminator channels of the first layer, doubled per layer (8 or 16)", "igam",
+        check=in_range(1, 1024, "channels of the discriminator's first layer")),
+    Key("disc_every", 5, "discriminator update every k student steps", "igam", check=at_least(1)),
+    Key("disc_lr", 0.0, "discriminator learning rate (0: the student's lr and schedule)", "igam",
+        check=non_negative),
+    Key("disc_optimizer", "sgd", "sgd | adam", "igam", ("sgd", "adam")),
+    Key("igam_start", "0", "when the IGAM terms switch on: a step (1000), an epoch (5ep) or a fraction of "
+        "training (0.875 = official); plain cross-entropy before", "igam", check=check_start),
+)
+register_keys(*MATCHING_KEYS)
+
+# IGAM presets (docs/IGAM.md): what each sets unless the key is given explicitly.
+PRESETS.update({
+    # the paper's equations 8-14: CE input gradients on [0,1] pixels, per-example mean L_diff, raw gradients
+    # to the discriminator, minimax L_adv, eval-mode teacher, IGAM from the first step
+    "paper": {"gradient_target": "ce", "pixel_scale": 1.0, "diff_reduction": "mean",
+              "disc_input_norm": "none", "adv_loss": "saturating", "teacher_bn": "eval", "igam_start": "0"},
+    # the released TF1 code: true-class-probability gradients on 0-255 pixels, batch-summed L_diff,
+    # zero-mean unit-L2 maps to the discriminator, minimax L_adv at weight lambda_adv/2, train-mode
+    # BatchNorm in the teacher, IGAM only for the last 12.5% of training, +-2 px crops
+    "official": {"gradient_target": "true-prob", "pixel_scale": 255.0, "diff_reduction": "sum",
+                 "disc_input_norm": "zero-mean-l2", "adv_loss": "saturating", "teacher_bn": "train",
+                 "igam_start": "0.875", "crop_padding": 2},
+})
+
+
+@add_check
+def _discriminator_size(cfg: Any) -> None:
+    last = cfg.disc_channels * 2 ** (cfg.disc_layers - 1)
+    if last > 8192:
+        raise IgamError(f"disc_channels={cfg.disc_channels} doubled over disc_layers={cfg.disc_layers} gives "
+                        f"{last} channels in the last layer (at most 8192); lower one of them (Appendix A: 5 "
+                        "layers of 16 channels).")
+
+
+@add_check
+def _amp_input_grad(cfg: Any) -> None:
+    if cfg.amp_input_grad and cfg.amp != "bf16":
+        raise IgamError("amp_input_grad=true runs the input-gradient path under amp=bf16; set amp=bf16 (fp16 "
+                        "would need loss scaling inside the input gradient) or drop amp_input_grad.")
+
+
+def check_matching(cfg: Any) -> None:
+    """The matching keys that do not fit together (for igam, igr and the gradient teacher term).
+
+    Raises:
+        IgamError: lambda_diff=auto with gradient_target=true-prob.
+    """
+    if cfg.lambda_diff == "auto" and cfg.gradient_target == "true-prob" and cfg.diff_loss == "l2":
+        raise IgamError(
+            "lambda_diff=auto does not work with gradient_target=true-prob (set by preset=official): "
+            "true-class-probability gradients vanish on confidently classified images, so a weight fixed "
+            "on the first batch blows up later (measured: the student collapsed to chance, docs/RESULTS.md). "
+            "Give lambda_diff a number, e.g. Appendix A's lambda_diff=100 for MNIST -> CIFAR-10, "
+            "or use gradient_target=ce.")
+
+
+def _check_igr(cfg: Any) -> None:
+    check_matching(cfg)
+    if cfg.diff_loss == "cos":
+        raise IgamError("diff_loss=cos matches the direction of J_s to J_t; igr has J_t = 0, which has no "
+                        "direction (1 - cos(J_s, 0) is constant). Use diff_loss=l2 with igr, or method=igam "
+                        "for the cosine term.")
+
+
+def igam_cost(base: float):
+    """A step's cost relative to standard training, with plain CE before igam_start."""
+
+    def cost(cfg: Any) -> float:
+        start = cfg.igam_start.strip()
+        frac = float(start) if re.fullmatch(r"0?\.\d+", start) else 0.0
+        return frac + (1 - frac) * base
+
+    return cost
+
+
+MATCHING = tuple(k.name for k in MATCHING_KEYS)
+SUMMARY = ("lambda_adv", "lambda_diff", "lambda_diff_auto", "diff_loss", "preset", "grad_matching",
+           "igam_start")
+
+
+@register_objective("igam", help="IGAM (paper eqs. 7-14): CE + lambda_adv L_adv + lambda_diff L_diff from a "
+                    "fine-tuned teacher (diff_loss=cos: the gradient direction only)",
+                    reads=("teacher", "igam"), summary=SUMMARY, cost=igam_cost(3.5), check=check_matching,
+                    keys=DISCRIMINATOR_KEYS)
 def make_igam(cfg: Any, model: nn.Module, spec: Any, device: torch.device) -> IGAMObjective:
     if cfg.grad_matching == "exact":
         check_double_backward(model, spec.shape, device)
     return IGAMObjective("igam", build_matching(cfg, spec, device, use_teacher=True), cfg.igam_start)
 
 
-@register_objective("igr")
+@register_objective("igr", help="input-gradient regularisation, IGAM's J_t = 0 control: CE + lambda_diff "
+                    "||J_s||^2 (smooth students: activation=gelu)",
+                    reads=("teacher", *MATCHING, "igam_start"), summary=SUMMARY, cost=igam_cost(3.0),
+                    check=_check_igr)
 def make_igr(cfg: Any, model: nn.Module, spec: Any, device: torch.device) -> IGAMObjective:
     if cfg.grad_matching == "exact":
         check_double_backward(model, spec.shape, device)

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from igam.attacks.base import generator_for
 from igam.errors import IgamError
 from igam.objectives.base import Metrics, Objective, Passes, count, register_objective
+from igam.registry import Key
 from igam.teachers import frozen_teacher
+from igam.units import non_negative, positive
 from igam.utils import mix_seed
 
 
@@ -58,7 +60,7 @@ class KDNoise(Objective):
         """The seed of this step's noise (per seed, step and rank: a resumed run draws the same)."""
         return mix_seed(self.seed, step, stride=8191, offset=17, rank=self.rank)
 
-    def passes(self, step: int) -> Passes:
+    def own_passes(self, step: int) -> Passes:
         """The student at x and at x + n (two forwards, two backwards), the teacher at x + n (a forward)."""
         return {"student": count(2, 2), "teacher": count(1, 0)}
 
@@ -83,7 +85,18 @@ class KDNoise(Objective):
             "teacher_noisy_acc": (log_pt.argmax(1) == y).float().mean()}, None
 
 
-@register_objective("kd-noise")
+@register_objective(
+    "kd-noise", help="distillation from the fine-tuned teacher on x + N(0, kd_sigma^2) at kd_temperature "
+    "(Srinivas & Fleuret 2018: Jacobian matching's first-order equivalent)",
+    reads=("teacher", "kd_temperature", "kd_sigma", "kd_weight"),
+    summary=("kd_temperature", "kd_sigma", "kd_weight"),
+    cost=2.5,
+    keys=(Key("kd_temperature", 4.0, "kd-noise: softmax temperature T (the KL is scaled by T^2)", "distill",
+              check=positive),
+          Key("kd_sigma", 0.1, "kd-noise: standard deviation of the Gaussian input noise, pixels in [0, 1]",
+              "distill", check=non_negative),
+          Key("kd_weight", 1.0, "kd-noise: weight of T^2 KL(teacher || student) on noisy inputs", "distill",
+              check=non_negative)))
 def make_kd_noise(cfg: Any, model: nn.Module, spec: Any, device: torch.device) -> KDNoise:
     """The kd-noise objective: cfg.teacher (a fine-tuned teacher run, as IGAM's), kd_temperature,
     kd_sigma, kd_weight.

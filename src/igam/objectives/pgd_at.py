@@ -19,7 +19,9 @@ from igam.attacks import PGD
 from igam.attacks.base import generator_for, project
 from igam.errors import IgamError
 from igam.objectives.base import Metrics, Objective, Passes, count, register_objective
-from igam.units import check_eps
+from igam.objectives.terms import build_term, term_cost, term_reads
+from igam.registry import Key
+from igam.units import check_eps, non_negative
 from igam.utils import bn_mode, mix_seed, unwrap
 
 
@@ -39,6 +41,7 @@ class AttackTraining(Objective, metaclass=abc.ABCMeta):
         self.eps_warmup_epochs, self.ramp_steps, self.rank = eps_warmup_epochs, 0, 0
 
     def begin(self, total_steps: int, steps_per_epoch: int, rank: int = 0) -> None:
+        super().begin(total_steps, steps_per_epoch, rank)
         self.ramp_steps = int(round(self.eps_warmup_epochs * steps_per_epoch))
         self.rank = rank
 
@@ -59,12 +62,13 @@ class AttackTraining(Objective, metaclass=abc.ABCMeta):
         """The points the model trains on at this step (detached, in [0, 1]); each method defines it."""
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             step: int) -> tuple[torch.Tensor, Metrics, None]:
+             step: int, index: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics, None]:
         x_adv = self.attack(model, x, y, step)
         logits = model(x_adv)
         ce = F.cross_entropy(logits, y)
-        return ce, {"ce": ce.detach(), "adv_acc": (logits.argmax(1) == y).float().mean(),
-                    **self.ramp_metrics(step, x.device)}, None
+        metrics = {"ce": ce.detach(), "adv_acc": (logits.argmax(1) == y).float().mean(),
+                   **self.ramp_metrics(step, x.device)}
+        return *self.add_term(ce, metrics, model, x, y, step, index, x_train=x_adv, logits=logits), None
 
 
 class PGDAT(AttackTraining):
@@ -85,7 +89,7 @@ class PGDAT(AttackTraining):
                             "(MNIST).")
         self.steps, self.random_start = steps, random_start
 
-    def passes(self, step: int) -> Passes:
+    def own_passes(self, step: int) -> Passes:
         """PGD-k: k forwards and backwards (input gradients) for the attack, one of each to train."""
         return {"student": count(self.steps + 1, self.steps + 1)}
 
@@ -110,7 +114,7 @@ class TRADES(PGDAT):
             raise IgamError(f"trades_beta={beta} must not be negative (Zhang et al. use 6).")
         self.beta = beta
 
-    def passes(self, step: int) -> Passes:
+    def own_passes(self, step: int) -> Passes:
         """TRADES-k: a forward for p(x), k forwards and backwards for the KL attack, then the loss at x and
         at x' (two forwards, two backwards)."""
         return {"student": count(self.steps + 3, self.steps + 2)}
@@ -132,31 +136,60 @@ class TRADES(PGDAT):
         return x_adv.detach()
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             step: int) -> tuple[torch.Tensor, Metrics, None]:
+             step: int, index: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics, None]:
         x_adv = self.attack(model, x, y, step)
         logits = model(x)
         logits_adv = model(x_adv)
         ce = F.cross_entropy(logits, y)
         kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="sum") / len(x)
-        return ce + self.beta * kl, {"ce": ce.detach(), "kl": kl.detach(),
-                                     "acc": (logits.argmax(1) == y).float().mean(),
-                                     "adv_acc": (logits_adv.argmax(1) == y).float().mean(),
-                                     **self.ramp_metrics(step, x.device)}, None
+        metrics = {"ce": ce.detach(), "kl": kl.detach(), "acc": (logits.argmax(1) == y).float().mean(),
+                   "adv_acc": (logits_adv.argmax(1) == y).float().mean(), **self.ramp_metrics(step, x.device)}
+        return *self.add_term(ce + self.beta * kl, metrics, model, x, y, step, index, x_train=x_adv,
+                              logits=logits_adv), None
 
 
-def _budget(cfg) -> tuple[float, float]:
+def attack_budget(cfg) -> tuple[float, float]:
     return check_eps(cfg.eps, "eps"), check_eps(cfg.step_size, "step_size")
 
 
-@register_objective("pgd-at")
+ATTACK_KEYS = ("step_size", "steps", "random_start", "eps_warmup_epochs", "attack_bn")
+
+
+def adversarial_reads(*own: str):
+    """`reads` of an adversarial method: its own keys, the eps ramp, and a teacher term's keys when
+    teacher_term is set (igam.objectives.terms.term_reads)."""
+    def reads(cfg) -> tuple[str, ...]:
+        return (*own, "eps_warmup_epochs", "teacher_term", *term_reads(cfg))
+
+    return reads
+
+
+def with_teacher_term(objective, cfg, model: nn.Module, spec, device: torch.device):
+    """The objective with the teacher term cfg.teacher_term names added (none: as it is)."""
+    return objective.with_term(build_term(cfg, model, spec, device))
+
+
+def pgd_cost(cfg) -> float:
+    return cfg.steps + 1.0 + term_cost(cfg)
+
+
+@register_objective(
+    "pgd-at", help="PGD adversarial training (Madry et al. 2018): PGD-`steps` of `step_size` within `eps`",
+    reads=adversarial_reads("step_size", "steps", "random_start", "attack_bn"), summary=("eps", "steps"),
+    adversarial=True, cost=pgd_cost)
 def make_pgd_at(cfg, model: nn.Module, spec, device: torch.device) -> PGDAT:
-    eps, step = _budget(cfg)
-    return PGDAT(eps, step, int(cfg.steps), bool(cfg.random_start), cfg.attack_bn, int(cfg.seed),
-                 float(cfg.eps_warmup_epochs))
+    eps, step = attack_budget(cfg)
+    return with_teacher_term(PGDAT(eps, step, int(cfg.steps), bool(cfg.random_start), cfg.attack_bn,
+                                   int(cfg.seed), float(cfg.eps_warmup_epochs)), cfg, model, spec, device)
 
 
-@register_objective("trades")
+@register_objective(
+    "trades", help="TRADES (Zhang et al. 2019): CE + trades_beta KL(f(x) || f(x')), x' by PGD on the KL",
+    reads=adversarial_reads("step_size", "steps", "attack_bn", "trades_beta"),
+    summary=("eps", "steps", "trades_beta"), adversarial=True, cost=lambda cfg: pgd_cost(cfg) + 1.0,
+    keys=(Key("trades_beta", 6.0, "TRADES robustness weight (Zhang et al.: 6)", "attack",
+              check=non_negative),))
 def make_trades(cfg, model: nn.Module, spec, device: torch.device) -> TRADES:
-    eps, step = _budget(cfg)
-    return TRADES(eps, step, int(cfg.steps), float(cfg.trades_beta), cfg.attack_bn, int(cfg.seed),
-                  float(cfg.eps_warmup_epochs))
+    eps, step = attack_budget(cfg)
+    return with_teacher_term(TRADES(eps, step, int(cfg.steps), float(cfg.trades_beta), cfg.attack_bn,
+                                    int(cfg.seed), float(cfg.eps_warmup_epochs)), cfg, model, spec, device)

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from igam.data import load_data  # noqa: E402
 from igam.errors import IgamError  # noqa: E402
+from igam.files import refuse_link, write_figure  # noqa: E402
 from igam.runs import Run, resolve_run  # noqa: E402
 
 DPI = 150
@@ -28,16 +29,18 @@ DPI = 150
 
 def save_figure(fig: Figure, path: str | Path, pdf: bool = False, dpi: int = DPI) -> Path:
     """Write `fig` as PNG at `path`, plus a PDF beside it on request (or when `path` ends in .pdf).
-    The figure keeps its size: the PNG is exactly figsize * dpi pixels."""
+    The figure keeps its size: the PNG is exactly figsize * dpi pixels. Written with files.safe_write
+    (beside, then renamed; a symbolic link at either path is refused)."""
     path = Path(path)
     if path.suffix.lower() == ".pdf":
         path, pdf = path.with_suffix(".png"), True
     elif path.suffix.lower() != ".png":
         raise IgamError(f"Output '{path}' should end in .png (add --pdf for a PDF beside it).")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png", facecolor="white")
+    if pdf:  # both refused before either is written when one of them is a link
+        refuse_link(path.with_suffix(".pdf"))
+    write_figure(fig, path, dpi=dpi, format="png", facecolor="white")
     if pdf:
-        fig.savefig(path.with_suffix(".pdf"), format="pdf", facecolor="white")
+        write_figure(fig, path.with_suffix(".pdf"), format="pdf", facecolor="white")
     return path
 
 
@@ -89,9 +92,21 @@ def run_meta(run: str | Path) -> tuple[Path, dict]:
     return run_dir, Run(run_dir).meta
 
 
+MAX_FIGURE_IMAGES = 64  # rows of a gradient grid
+
+
 def load_test_images(run: str | Path, *, n: int | None = None, indices: list[int] | None = None,
                      seed: int = 0, data_dir: str | None = None) -> ImageSample:
-    """n test images of a run's dataset drawn at random with `seed` (or the given test-set indices)."""
+    """n test images of a run's dataset drawn at random with `seed` (or the given test-set indices).
+
+    Raises:
+        IgamError: for n below 1 or above MAX_FIGURE_IMAGES (before the data are read), or an index outside
+            the test set.
+    """
+    if indices is None and n is not None and n > MAX_FIGURE_IMAGES:
+        raise IgamError(f"Asked for n={n} test images; a gradient grid shows one image per row, and more "
+                        f"than {MAX_FIGURE_IMAGES} rows cannot be read (nor drawn in reasonable time and "
+                        f"memory). Give --n {MAX_FIGURE_IMAGES} or fewer.")
     run_dir, meta = run_meta(run)
     dataset = meta["data"]["dataset"]
     arrays = load_data(dataset, data_dir or Run(run_dir).data_dir, False, 0, 0)
@@ -99,6 +114,7 @@ def load_test_images(run: str | Path, *, n: int | None = None, indices: list[int
     if indices is None:
         if n is None or n < 1:
             raise IgamError(f"Asked for n={n} test images; give at least 1.")
+
         g = torch.Generator().manual_seed(int(seed))
         indices = torch.randperm(total, generator=g)[: min(n, total)].tolist()
     for i in indices:

@@ -26,8 +26,8 @@ import markdown as markdown_lib
 from igam.attacks import column_name, default_eps
 from igam.config import Config
 from igam.errors import IgamError
-from igam.evaluate import eps_text, worst_case
-from igam.files import PACKAGE_VERSION, atomic_write_text, read_json_object
+from igam.evaluate import eps_text, read_eval, worst_case
+from igam.files import PACKAGE_VERSION, atomic_write_text
 from igam.report.common import png_bytes, run_labels
 from igam.report.curves import curves_figure
 from igam.report.gradients import run_gradient_figure
@@ -64,14 +64,14 @@ class RunInfo:
         return (self.dir / Run.WEIGHTS).exists()
 
 
-def read_run(run_dir: Path, label: str | None = None) -> RunInfo:
+def read_run(run_dir: Path, label: str | None = None, log: Callable[[str], None] = print) -> RunInfo:
+    """A run's files for its report; damaged records of eval.json and metrics.json are left out with a
+    warning through `log` (`evaluate.read_eval`, `Run.read_metrics`)."""
     run = Run(run_dir)
     info = RunInfo(run_dir, label or run_dir.name, run.meta)
     info.config = run.config
-    for name in ("metrics", "eval"):
-        path = run_dir / f"{name}.json"
-        if path.exists():
-            setattr(info, name, read_json_object(path))
+    info.metrics = run.read_metrics(log)
+    info.eval = read_eval(run, log)
     try:
         info.curve = read_curve(run_dir)
     except IgamError as e:  # a damaged curve file costs its section, not the report
@@ -703,13 +703,13 @@ def write_report(path_or_dir: str | Path, out: str | Path | None = None, *, n: i
     if out.suffix.lower() not in (".html", ".htm"):
         raise IgamError(f"Report output '{out}' should end in .html.")
     if (path / Run.META).exists():
-        text = run_report(read_run(path), n, seed, data_dir, device, gradients, landscape_index, log)
+        text = run_report(read_run(path, log=log), n, seed, data_dir, device, gradients, landscape_index, log)
     else:
         dirs = find_runs(path)
         if not dirs:
             raise IgamError(f"'{path}' is neither a run directory (no meta.json) nor an experiment directory "
                             "(no subdirectory holds a meta.json).")
-        runs = [read_run(d, label) for d, label in zip(dirs, run_labels(dirs))]
+        runs = [read_run(d, label, log) for d, label in zip(dirs, run_labels(dirs))]
         text = experiment_report(path, runs, n, seed, data_dir, device, gradients, log)
     atomic_write_text(out, text)
     out.chmod(0o644)  # a report is for sharing (the atomic temp file starts private)

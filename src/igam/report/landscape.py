@@ -42,13 +42,23 @@ class Landscape:
     num_classes: int
 
 
+MAX_GRID = 401  # points per axis of a landscape grid
+
+
+def check_grid(n: int) -> None:
+    """Refuse a grid of fewer than 2 or more than MAX_GRID points per axis, before anything is allocated."""
+    if not 2 <= n <= MAX_GRID:
+        raise IgamError(f"The landscape grid needs 2 to {MAX_GRID} points per axis; got {n}. (A {MAX_GRID} x "
+                        f"{MAX_GRID} grid is {MAX_GRID ** 2:,} forward passes, finer than the figure shows; "
+                        f"--grid {min(max(n, 2), MAX_GRID)} fits.)")
+
+
 def loss_landscape(model: nn.Module, x: torch.Tensor, y: int, eps_max: float, n: int = 21, seed: int = 0,
                    clamp: bool = True, batch_size: int = 256) -> Landscape:
     """Evaluate `model` (eval mode) on an n x n grid around one image x (CHW or 1CHW, [0,1]) with true
     label y, spanned by the gradient-sign direction and a Rademacher direction drawn with `seed`.
     With clamp=True every grid point is clipped to the valid image range [0, 1]."""
-    if n < 2:
-        raise IgamError(f"The landscape grid needs at least 2 points per axis; got {n}.")
+    check_grid(n)
     if not eps_max > 0:
         raise IgamError(f"eps_max={eps_max} must be positive.")
     x = x.detach().float().reshape(1, *x.shape[-3:])
@@ -181,6 +191,7 @@ def run_landscapes(runs: list[str | Path], index: int, eps: float | str | None =
     """Landscapes of saved runs around test image `index` of the first run's dataset, and the figure."""
     if not runs:
         raise IgamError("Give at least one run directory.")
+    check_grid(n)
     resolved = [run_meta(r) for r in runs]
     dirs, metas = [d for d, _ in resolved], [m for _, m in resolved]
     check_same_input(dirs, metas, log=lambda s: print(s, file=sys.stderr))

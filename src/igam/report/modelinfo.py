@@ -12,8 +12,8 @@ nominal eps; without it the field is null and the footnote says so: a PGD number
 AutoAttack. `reported` means what RobustBench means, the figure of the model's paper: null unless given;
 igam's own figure (per image, the worst case over the attacks run at that eps) is `igam.worst_case_acc`.
 `additional_data` is true when the robustness came from a teacher trained on other data than the run's
-own (a fine-tuned teacher or an IGAM / kd-noise student of a teacher from another task; true when that
-cannot be told), and the footnote says where it came from. `link`, `authors` and `venue` are null unless
+own (a fine-tuned teacher, or a student of a teacher from another task: any method that reads its teacher,
+`transfers_from_teacher`; true when that cannot be told), and the footnote says where it came from. `link`, `authors` and `venue` are null unless
 given.
 """
 
@@ -23,9 +23,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import igam.registry as registry
 from igam.errors import IgamError
-from igam.evaluate import worst_case
-from igam.files import read_json, write_json
+from igam.evaluate import read_eval, worst_case
+from igam.files import write_json
 from igam.models import shipped
 from igam.runs import Run
 
@@ -43,7 +44,20 @@ def _eps_text(eps: float) -> str:
     return f"{frac.numerator * (255 // frac.denominator)}/255" if exact else f"{eps:g}"
 
 
-TRANSFER_METHODS = ("finetune", "igam", "kd-noise")  # whose robustness comes from the teacher
+def transfers_from_teacher(meta: dict[str, Any], config: dict[str, Any]) -> bool:
+    """Whether a run's robustness came (in part) from its teacher: it names one and its method reads it
+    (what the method registered, igam.registry.MethodInfo.reads, for this run's settings: finetune, igam,
+    kd-noise, rrm, ard, rslad, an adversarial method with a teacher term; model=teacher too)."""
+    if not meta.get("teacher"):
+        return False
+    from igam.config import make_config, reads
+
+    try:
+        return "teacher" in reads(make_config(overrides=dict(config)))
+    except IgamError:  # a config.yaml this version does not take: what the method can read at all
+        info = registry.METHODS.get(str(meta.get("method")))
+        declared = (info.reads(None) if callable(info.reads) else info.reads) if info is not None else ()
+        return "teacher" in declared
 
 
 def teacher_origin(meta: dict[str, Any],
@@ -91,7 +105,7 @@ def model_info(run: str | Path, *, name: str = "", additional_data: bool | None 
     if not r.eval_path.exists():
         raise IgamError(f"Run '{r.dir}' has no eval.json; evaluate it first (igam evaluate {r.dir} "
                         "--attacks clean,autoattack).")
-    ev = read_json(r.eval_path)
+    ev = read_eval(r)  # damaged records left out
     meta = r.meta
     clean = ev.get("clean")
     if not isinstance(clean, dict) or "accuracy" not in clean:
@@ -120,7 +134,8 @@ def model_info(run: str | Path, *, name: str = "", additional_data: bool | None 
     if not aa_ok:
         notes.append("no reference AutoAttack (pyautoattack, standard version) in eval.json: "
                      "autoattack_acc is null")
-    chain, source = teacher_origin(meta, r.config) if meta.get("method") in TRANSFER_METHODS else ([], None)
+    config = r.config
+    chain, source = teacher_origin(meta, config) if transfers_from_teacher(meta, config) else ([], None)
     if chain:
         via = f" through {', '.join(chain[:-1])}" if len(chain) > 1 else ""
         notes.append(f"robustness transferred ({meta.get('method')}) from the teacher {chain[-1]}{via}, "

@@ -9,6 +9,7 @@ about 0 as a grey vertical line; several runs overlay with one colour each.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +37,22 @@ def read_curve(run: str | Path) -> dict[str, Any] | None:
     curve = read_json_object(path)
     curves = curve.get("curves")
 
+    def number(v: Any, optional: bool = False) -> bool:
+        if v is None:
+            return optional
+        return (isinstance(v, int | float) and not isinstance(v, bool) and abs(v) < 1e300
+                and (isinstance(v, int) or math.isfinite(v)))
+
     def point_ok(p: Any) -> bool:
-        values = [p.get(k) for k in ("eps", "accuracy")] if isinstance(p, dict) else [None]
-        return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        return (isinstance(p, dict) and number(p.get("eps")) and number(p.get("accuracy"))
+                and number(p.get("worst_class"), True)
+                and isinstance(p.get("eps_text", ""), str | int | float))
 
     if not isinstance(curves, list) or not all(
             isinstance(c, dict) and isinstance(c.get("points"), list) and all(map(point_ok, c["points"]))
-            for c in curves):
+            for c in curves) or not number(curve.get("large_eps"), True):
         raise IgamError(f"'{path}' holds no robustness curves (a list under 'curves', each with 'points' of "
-                        "numeric eps and accuracy); "
+                        "finite numeric eps and accuracy); "
                         "write it again with `igam evaluate RUN --attacks pgd20 --eps-sweep ...`.")
     return curve
 
