@@ -244,7 +244,7 @@ def test_a_weak_teacher_is_reported_once(run, tmp_path, capsys) -> None:
 
     ft = train(make_config(overrides=dict(
         QUIET, method="finetune", teacher=str(run), dataset="synthetic:8x8x3:4", train_subset=64,
-        test_subset=32, epochs=0.5, batch_size=32, eval_n=32, finetune_lr=1e-6, out_dir=str(tmp_path),
+        test_subset=32, epochs=0.5, batch_size=32, eval_n=32, finetune_lr=0.01, out_dir=str(tmp_path),
         name="ft")),
         log=lambda *a: None)
     metrics = json.loads((ft / "metrics.json").read_text())

@@ -12,9 +12,9 @@ nominal eps; without it the field is null and the footnote says so: a PGD number
 AutoAttack. `reported` means what RobustBench means, the figure of the model's paper: null unless given;
 igam's own figure (per image, the worst case over the attacks run at that eps) is `igam.worst_case_acc`.
 `additional_data` is true when the robustness came from a teacher trained on other data than the run's
-own (a fine-tuned teacher, or a student of a teacher from another task: any method that reads its teacher,
-`transfers_from_teacher`; true when that cannot be told), and the footnote says where it came from. `link`, `authors` and `venue` are null unless
-given.
+own (a fine-tuned teacher, or a student of a teacher from another task: any method that reads its
+teacher, `transfers_from_teacher`; true when that cannot be told), and the footnote says where it came
+from. `link`, `authors` and `venue` are null unless given.
 """
 
 from __future__ import annotations
