@@ -100,3 +100,25 @@ def test_fd_accuracy_mode_matches_exact_on_smooth_networks(step_cost) -> None:
     assert set(out) == {"default", "softplus"}
     assert all(v > 0.999 for v in out["softplus"].values())  # smooth: both schemes agree with exact
     assert all(-1 <= v <= 1 for v in out["default"].values())
+
+
+def test_step_cost_tiny_routes_times_every_route_with_its_passes(step_cost, tmp_path: Path) -> None:
+    """--routes: the other routes of issue 22 beside standard and fast AT, each with the passes per image of
+    one step as its objective counted them (the same counters that write meta.json's passes_per_image)."""
+    out = step_cost.main(["--tiny", "--routes", "--threads", "1", "--quiet", "--json",
+                          str(tmp_path / "r.json")])
+    routes = {"rrm", "rrm+cache", "igam-cos+cache", "ard-fgsm-rs+cache", "rslad-1step+cache",
+              "fast-at+feature+cache", "fast-at+distill+cache", "fast-at+gradient+cache", "fast-at"}
+    assert routes <= set(out["seconds_per_step"])
+    assert all(s > 0 for r in routes for s in out["all_times"][r])
+    ratio = {**out["ratios"], **out.get("extra_ratios", {})}
+    assert math.isfinite(ratio["rrm+cache / standard"]) and ratio["rrm+cache / standard"] > 0
+    passes = out["passes_per_image"]
+    student = {r: (passes[r]["student"]["forward"], passes[r]["student"]["backward"],
+                   passes[r]["student"]["double_backward"]) for r in routes}
+    # one step per image: what each route's loss needs (teacher passes cached away where "+cache")
+    assert student["rrm+cache"] == (1, 1, 0) and "teacher" not in passes["rrm+cache"]
+    assert passes["rrm"]["teacher"]["forward"] == 1  # without the cache the teacher's features cost a forward
+    assert student["ard-fgsm-rs+cache"] == student["fast-at"] == (2, 2, 0)  # FGSM-RS + the training step
+    assert student["rslad-1step+cache"] == student["fast-at+feature+cache"] == (3, 3, 0)  # + a clean pass
+    assert student["fast-at+gradient+cache"] == (3, 3, 1) and student["igam-cos+cache"] == (1, 1, 1)

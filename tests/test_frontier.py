@@ -66,6 +66,9 @@ def test_frontier_points_join_second_seeds_and_label_the_knob() -> None:
     assert frontier_metric(rows(["pgd20", "fgsm"]), "pgd20") == "pgd20"
     assert frontier_metric(rows(["fgsm"], ["fgsm", "pgd5"]), "pgd20") == "fgsm"  # a miniature: no pgd20
     assert frontier_metric(rows([]), "pgd20") == "pgd20"
+    # AutoAttack still running: measured on 1 of 2 rows, so the pictures keep every row on pgd20
+    assert frontier_metric(rows(["pgd20", "autoattack"], ["pgd20"]), "pgd20") == "pgd20"
+    assert frontier_metric(rows(["pgd20", "autoattack"], ["pgd20", "autoattack"]), "pgd20") == "autoattack"
     pts = {q["stage"]: q for q in frontier_points(exp, results, "autoattack")}
     assert pts["pgd-seed=1"]["series"] == "PGD" and pts["pgd-seed=1"]["repeat_of"] == "pgd-eps=8"
     assert pts["pgd-eps=2"]["label"] == "2/255" and pts["pgd-seed=1"]["label"] == "8/255"

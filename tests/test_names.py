@@ -12,7 +12,10 @@ from conftest import TINY_RUN
 from igam.cli import main
 
 BAD_NAMES = ["..", ".", "../../y", "../y", "a/b", "a\\b", "/abs", "x\x00y", "line\nbreak", " ", "x" * 300,
-             "a/../b"]
+             "a/../b",
+             # (a field report: accepted, though some file systems drop the dot or space, or the name only
+             # looks like a path)
+             "foo.", "x ", " x", "\uff46\uff0fx", "a\u2215b"]
 
 
 def _files(root: Path) -> list[str]:
@@ -138,7 +141,7 @@ def test_swept_values_with_separators_stay_in_one_folder(tmp_path: Path, capsys)
         "    config: {method: standard}", "    config: {method: standard}\n    sweep: {data_dir: ['a/b', "
         "'c\\d', '..']}"))
     exp = load_experiment(spec)
-    assert [st.name for st in exp.stages] == ["s-data_dir=a_b", "s-data_dir=c_d", "s-data_dir=.."]
+    assert [st.name for st in exp.stages] == ["s-data_dir=a_b", "s-data_dir=c_d", "s-data_dir=__"]
     assert all((exp.out_dir / st.name).parent == exp.out_dir for st in exp.stages)
 
 
@@ -163,3 +166,15 @@ def test_an_out_dir_no_file_system_takes_is_one_clear_error(tmp_path: Path, monk
     _error(capsys, ["train", *_tiny(), override], needle)
     _error(capsys, ["evaluate", str(tmp_path / ("r" * 5000))], "too long")
     assert _files(tmp_path) == []
+
+
+def test_a_damaged_training_log_is_reported_not_silently_drawn(tiny_run, tmp_path: Path, capsys) -> None:
+    """A field report: `igam report RUN` with a garbled log.csv wrote report.html, exit 0, without a word."""
+    from conftest import copy_run
+
+    run = copy_run(tiny_run, tmp_path)
+    (run / "log.csv").write_bytes(b"step,loss\n1,abc,\x00\x01garbage\n")
+    rc = main(["report", str(run), "--no-gradients"])
+    err = capsys.readouterr().err
+    assert rc in (0, 2) and "Traceback" not in err
+    assert f"'{run / 'log.csv'}' holds" in err and "damaged" in err, err

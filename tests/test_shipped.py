@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from igam.attacks import STRONG_PGD
 from igam.cli import main
 from igam.data import load_data
 from igam.errors import IgamError
@@ -24,9 +25,9 @@ def test_the_mnist_teacher_ships_with_a_complete_certificate() -> None:
     assert "mnist-linf-0.3" in shipped.list_shipped()
     cert = shipped.certificate(MNIST)
     assert cert["dataset"] == "mnist" and cert["threat"] == "Linf" and cert["eps"] == pytest.approx(0.3)
-    assert set(cert["accuracy"]) >= {"clean", "pgd100x3", "autoattack"}
+    assert set(cert["accuracy"]) >= {"clean", STRONG_PGD, "autoattack"}
     assert cert["n"] >= 1000
-    assert cert["accuracy"]["autoattack"] <= cert["accuracy"]["pgd100x3"] <= cert["accuracy"]["clean"]
+    assert cert["accuracy"]["autoattack"] <= cert["accuracy"][STRONG_PGD] <= cert["accuracy"]["clean"]
     assert "igam train" in cert["command"] and cert["train_minutes"] <= 60
     size_mb = (shipped.WEIGHTS_DIR / "mnist-linf-0.3.safetensors").stat().st_size / 1e6
     assert size_mb < 10, f"a shipped teacher should be a few MB, not {size_mb:.1f}"
@@ -36,7 +37,7 @@ def test_the_mnist_teacher_ships_with_a_complete_certificate() -> None:
 def test_every_shipped_teacher_loads_and_its_certificate_is_complete(name: str) -> None:
     cert = shipped.certificate(name)
     acc = cert["accuracy"]
-    assert acc["autoattack"] <= acc["pgd100x3"] <= acc["clean"] and cert["n"] >= 1000
+    assert acc["autoattack"] <= acc[STRONG_PGD] <= acc["clean"] and cert["n"] >= 1000
     net = load_teacher(f"igam:{name}")
     model = cert["model"]
     x = torch.rand(2, model["in_chans"], *model["input_size"])

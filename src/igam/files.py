@@ -114,6 +114,11 @@ def check_name(name: Any, what: str = "name") -> str:
         problem = "holds a path separator ('/' or '\\'): it would make a folder outside or below out_dir"
     elif any(ord(c) < 32 or ord(c) == 127 for c in text):
         problem = "holds a control character (NUL, newline, ...)"
+    elif text != text.strip() or text.endswith("."):
+        problem = ("starts or ends with a space or ends with '.', which some file systems (Windows, SMB "
+                   "shares) drop, so the folder would not be found under this name")
+    elif any(c in text for c in "\u2215\u2044\uff0f\u29f8\uff3c\u2216"):
+        problem = "holds a character that looks like a path separator (a lookalike of '/' or '\\')"
     elif len(text) > MAX_NAME or len(text.encode("utf-8", "surrogatepass")) > 240:
         problem = f"is {len(text)} characters long (at most {MAX_NAME})"
     if problem is not None:

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -283,19 +284,28 @@ def read_log(run_dir: Path, name: str = "log.csv") -> list[dict[str, Any]]:
         raise IgamError(f"'{path}' is not a readable CSV log ({' '.join(str(e).split())[:160]}); it was not "
                         "written by igam or is damaged. Delete it (training rewrites it on resume)."
                         ) from None
+    damaged = 0
     for r in rows:  # igam's logs hold numbers only: a cell that is none (damage) is left out
         conv: dict[str, Any] = {}
         for k, v in r.items():
             if not isinstance(k, str) or not isinstance(v, str) or not k:
+                damaged += k is None or v is None or bool(v)  # an extra field or a cell without a column
                 continue
             try:
                 x = float(v)
             except ValueError:
+                damaged += bool(v.strip())  # (an empty cell is a column this row did not log)
                 continue
             if math.isfinite(x) and abs(x) < 1e300:
                 conv[k] = x
         if "step" in conv:
             out.append(conv)
+        else:
+            damaged += 1
+    if damaged:  # never silently: the curves drawn from this file lack what was left out
+        print(f"igam: WARNING: '{path}' holds {damaged} damaged cell(s) or row(s) (igam writes numbers "
+              "only); they are left out of what is drawn from it. Delete the file to drop it (training "
+              "rewrites it on resume).", file=sys.stderr)
     return out
 
 

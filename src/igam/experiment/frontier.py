@@ -68,16 +68,19 @@ def pareto_front(points: list[tuple[float, float]], *, lower_x_better: bool = Fa
 
 
 def frontier_metric(results: dict[str, Any], primary: str) -> str:
-    """autoattack where any row has it, else the experiment's primary metric, else the robust accuracy
-    measured on the most rows (a miniature's fgsm, say); the primary metric when there is none."""
+    """autoattack where every row that has the primary metric has it too (an experiment whose AutoAttack is
+    still running plots the primary metric for all rows rather than AutoAttack for a few), else the
+    experiment's primary metric, else the robust accuracy measured on the most rows (a miniature's fgsm,
+    say); the primary metric when there is none."""
     counts: dict[str, int] = {}
     for r in results["rows"]:
         for k in r["accuracy"]:
             if k != "clean" and (r["curve"] or r["row"]):
                 counts[k] = counts.get(k, 0) + 1
-    for k in ("autoattack", primary):
-        if k in counts:
-            return k
+    if "autoattack" in counts and counts["autoattack"] >= counts.get(primary, 0):
+        return "autoattack"
+    if primary in counts:
+        return primary
     return max(sorted(counts), key=lambda k: counts[k]) if counts else primary
 
 

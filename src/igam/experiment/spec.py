@@ -79,8 +79,10 @@ def _expand_env(value: Any) -> Any:
 
 
 def _fmt_value(v: Any) -> str:
-    """A swept value as part of a stage (folder) name: path separators become '_'."""
-    return str(v).replace("/", "_").replace("\\", "_")
+    """A swept value as part of a stage (folder) name: path separators, and dots or spaces at its end
+    (which some file systems drop), become '_'."""
+    text = str(v).replace("/", "_").replace("\\", "_")
+    return re.sub(r"[. ]+$", lambda m: "_" * len(m.group()), text)
 
 
 MINIATURE_DATA = {
