@@ -11,11 +11,14 @@ own temporary folder, with `igam run` as a user types it:
 1. `--jobs 1 threads=C`: one stage after another, all C cores for each stage (timed);
 2. `--jobs N`: N stages at once in local slots, C // N torch threads each (timed, right after 1);
 3. `--jobs 1 threads=C//N`: one after another with the slots' threads: the reference for 2's weights
-   (sha256 of each stage's model.safetensors must be identical; not timed).
+   (sha256 of each stage's model.safetensors must be identical; timed too).
 
-Prints the wall times, their ratio (the issue's target for N = 2 on a 2-core CPU: at most 0.7), the 1-minute
-load average around each timed run (a loaded machine makes the ratio meaningless), and whether every
-stage's weights match. Exit status 1 when a weight differs or a run fails.
+Prints the wall times, the ratio parallel / serial (the issue's target for N = 2 on a 2-core CPU: at most
+0.7), the two ratios that explain it (parallel / reference: how well the slots share the machine, ideally
+1/N; reference / serial: what C threads give one stage), each stage's training time (meta.json's
+train_time_s) in every run, the 1-minute load average around each timed run (a loaded machine makes the
+ratios meaningless), and whether every stage's weights match. Exit status 1 when a weight differs or a run
+fails.
 """
 
 from __future__ import annotations
@@ -76,6 +79,17 @@ def igam_run(path: Path, out: Path, stages: str, jobs: int, extra: list[str]) ->
     return wall, " ".join(cmd)
 
 
+def train_times(out: Path, stages: list[str]) -> dict[str, float | None]:
+    """Each stage's training time in seconds, as its meta.json records it (None where absent)."""
+    times = {}
+    for s in stages:
+        try:
+            times[s] = json.loads((out / s / "meta.json").read_text()).get("train_time_s")
+        except (OSError, ValueError):
+            times[s] = None
+    return times
+
+
 def weights(out: Path, stages: list[str]) -> dict[str, str]:
     return {s: hashlib.sha256((out / s / "model.safetensors").read_bytes()).hexdigest() for s in stages}
 
@@ -102,28 +116,35 @@ def main(argv: list[str] | None = None) -> dict:
         root.mkdir(parents=True, exist_ok=True)
         path = training_only(Path(args.file), root / "stages.yaml", settings)
         runs = {}
-        for name, jobs, threads in (("serial", 1, c), ("parallel", args.jobs, None)):
+        for name, jobs, threads in (("serial", 1, c), ("parallel", args.jobs, None),
+                                    ("reference", 1, c // args.jobs)):
             before = load()
             threads_arg = [f"threads={threads}"] if threads else []  # --jobs N: cores // N per slot
             wall, cmd = igam_run(path, root / name, args.stages, jobs, threads_arg)
             runs[name] = {"wall_s": round(wall, 2), "load_before": before, "load_after": load(),
-                          "command": cmd}
-        _, cmd = igam_run(path, root / "reference", args.stages, 1, [f"threads={c // args.jobs}"])
-        runs["reference"] = {"command": cmd}
+                          "command": cmd, "train_time_s": train_times(root / name, stages)}
         ref, par = weights(root / "reference", stages), weights(root / "parallel", stages)
         same = {s: ref[s] == par[s] for s in stages}
-    ratio = runs["parallel"]["wall_s"] / runs["serial"]["wall_s"]
+    wall = {name: r["wall_s"] for name, r in runs.items()}
+    ratio = wall["parallel"] / wall["serial"]
     out = {"cores": c, "jobs": args.jobs, "stages": stages, "settings": settings, "runs": runs,
-           "ratio": round(ratio, 3), "weights_identical": same}
+           "ratio": round(ratio, 3), "weights_identical": same,
+           "parallel_over_reference": round(wall["parallel"] / wall["reference"], 3),
+           "reference_over_serial": round(wall["reference"] / wall["serial"], 3)}
     print(f"{len(stages)} stages of {args.file} ({', '.join(stages)}), {c} cores, "
           f"settings: {' '.join(settings)}")
-    for name in ("serial", "parallel"):
+    for name in ("serial", "parallel", "reference"):
         r = runs[name]
-        print(f"  {name:8s} {r['wall_s']:8.1f} s   1-min load average {r['load_before']:.2f} -> "
+        print(f"  {name:9s} {r['wall_s']:8.1f} s   1-min load average {r['load_before']:.2f} -> "
               f"{r['load_after']:.2f}   {r['command']}")
-    print(f"  reference (not timed): {runs['reference']['command']}")
+        print("            training time per stage (s): "
+              + ", ".join(f"{s} {t}" for s, t in r["train_time_s"].items()))
     print(f"--jobs {args.jobs} / --jobs 1: {ratio:.3f} (target for 2 slots on 2 cores: <= 0.7; valid only on "
           "a quiet machine: the load averages above should stay well under 1)")
+    print(f"  parallel / reference: {out['parallel_over_reference']:.3f} (ideal 1/{args.jobs}: how well the "
+          f"slots share the machine); reference / serial: {out['reference_over_serial']:.3f} (what {c} "
+          "threads give one stage: the parallel run can beat the serial one by at most this factor's "
+          f"inverse times 1/{args.jobs})")
     print("weights identical to the serial run with the slots' threads: "
           + ", ".join(f"{s} {'yes' if ok else 'NO'}" for s, ok in same.items()))
     if args.json:

@@ -49,14 +49,15 @@ def test_a_missing_teacher_run_is_called_missing(tmp_path: Path, capsys) -> None
 
 def test_a_stage_cycle_names_the_order_not_a_spelling(tmp_path: Path, capsys) -> None:
     spec = tmp_path / "e.yaml"
-    spec.write_text(f"out_dir: {tmp_path / 'out'}\nstages:\n"
+    head = f"out_dir: {tmp_path / 'out'}\ndefaults: {{dataset: synthetic}}\nstages:\n"
+    spec.write_text(head +
                     "  - {name: a, config: {method: igam, teacher: '{b}'}}\n"
                     "  - {name: b, config: {method: igam, teacher: '{a}'}}\n")
     line = _error(capsys, ["run", str(spec), "--dry-run"], "'b'", "later", "cycle", absent=("Did you mean",))
     assert "move 'b' above 'a'" in line
-    spec.write_text(f"out_dir: {tmp_path / 'out'}\nstages:\n  - {{name: a, config: {{teacher: '{{a}}'}}}}\n")
+    spec.write_text(head + "  - {name: a, config: {teacher: '{a}'}}\n")
     _error(capsys, ["run", str(spec), "--dry-run"], "refers to itself", absent=("Did you mean",))
-    spec.write_text(f"out_dir: {tmp_path / 'out'}\nstages:\n  - {{name: teacher, config: {{}}}}\n"
+    spec.write_text(head + "  - {name: teacher, config: {}}\n"
                     "  - {name: s, config: {init_from: '{teachr}'}}\n")
     _error(capsys, ["run", str(spec), "--dry-run"], "not a stage", "Did you mean 'teacher'?")
 

@@ -222,10 +222,14 @@ def is_model_spec(text: str) -> bool:
 
 
 def cmd_info(args, extra) -> int:
+    from igam.evaluate import read_eval
     from igam.files import read_json
     from igam.models import shipped
     from igam.runs import Run, resolve_run
     from igam.summary import certificate_text, eval_text, format_sweep_table
+
+    def warn(text: str) -> None:
+        print(text, file=sys.stderr)
 
     if str(args.run).startswith(shipped.PREFIX):  # a shipped teacher: its certificate
         cert = shipped.certificate(args.run)
@@ -238,7 +242,7 @@ def cmd_info(args, extra) -> int:
         return 0
     folder = Path(args.run)
     if folder.is_dir() and not (folder / Run.META).exists() and (folder / Run.EVAL).exists():
-        ev = read_json(folder / Run.EVAL)  # `igam evaluate igam:NAME` keeps only eval.json
+        ev = read_eval(folder, log=warn)  # `igam evaluate igam:NAME` keeps only eval.json
         print(json.dumps({"folder": str(folder), "eval": ev}, indent=2, default=str) if args.json
               else f"folder   {folder} (the evaluation of a model that is not a run)\n\n"
               + eval_text(ev, folder.name))
@@ -246,8 +250,8 @@ def cmd_info(args, extra) -> int:
     run_dir = resolve_run(args.run)
     out = {"run": str(run_dir), "meta": Run(run_dir).meta}  # checked: a damaged field is one clear error
     for name in (Run.METRICS, Run.EVAL, Run.CURVE):
-        if (run_dir / name).exists():
-            out[name[:-5]] = read_json(run_dir / name)
+        if (run_dir / name).exists():  # eval.json's damaged records are left out with a warning
+            out[name[:-5]] = read_eval(run_dir, log=warn) if name == Run.EVAL else read_json(run_dir / name)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0

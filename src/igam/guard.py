@@ -180,8 +180,12 @@ class StateGuard:
                 "loss_sum": float(self.loss_sum), "loss_count": self.loss_count, "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore `state_dict` (a checkpoint of an older igam has none: the guard then starts from now)."""
+        """Restore `state_dict`, after the watched networks' own weights were restored: the guard looks at
+        them as they are now (a checkpoint of an older igam has no guard state: the run's early values are
+        then taken from now)."""
+        self.norm = self._norms()[0]
         if not state:
+            self.start_norm, self.start_param_norm = self.norm, self._param_norm()
             return
         self.start_norm, self.start_param_norm = float(state["start_norm"]), float(state["start_param_norm"])
         self.ref_loss = None if state.get("ref_loss") is None else float(state["ref_loss"])

@@ -13,6 +13,7 @@ folder) and deletes both once the job has ended.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import shutil
@@ -147,8 +148,9 @@ def job_main(exp: Experiment, stage: str, kind: str, threads: int | None = None,
 
 # ---------------------------------------------------------------------------------------------
 # the scheduler's side
-class _SubmititExecutor(_Slots):
-    """What local slots and SLURM jobs share: job folders, records, the end of a job."""
+class _SubmititExecutor(_Slots, abc.ABC):
+    """What local slots and SLURM jobs share: job folders, records, the end of a job. Each executor says
+    how its jobs end without a final record (`ended_without_record`)."""
 
     record_tries = 1  # how often to look for a job's final record (a cluster's shared file system may lag)
 
@@ -192,8 +194,10 @@ class _SubmititExecutor(_Slots):
             time.sleep(0.5)
         return rec
 
+    @abc.abstractmethod
     def ended_without_record(self, job: Any, rec: dict[str, Any]) -> str:
-        raise NotImplementedError
+        """Why `job` ended without an outcome of ok, failed or busy (stopped, killed, cancelled, timed out),
+        with where its log is: the `error` of its record."""
 
 
 class LocalExecutor(_SubmititExecutor):

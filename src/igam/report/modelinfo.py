@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import igam.registry as registry
+from igam.config import make_config, reads
 from igam.errors import IgamError
 from igam.evaluate import read_eval, worst_case
 from igam.files import write_json
@@ -50,10 +51,8 @@ def transfers_from_teacher(meta: dict[str, Any], config: dict[str, Any]) -> bool
     kd-noise, rrm, ard, rslad, an adversarial method with a teacher term; model=teacher too)."""
     if not meta.get("teacher"):
         return False
-    from igam.config import make_config, reads
-
-    try:
-        return "teacher" in reads(make_config(overrides=dict(config)))
+    try:  # (a run folder without config.yaml: its method from meta.json)
+        return "teacher" in reads(make_config(overrides={"method": meta.get("method"), **dict(config)}))
     except IgamError:  # a config.yaml this version does not take: what the method can read at all
         info = registry.METHODS.get(str(meta.get("method")))
         declared = (info.reads(None) if callable(info.reads) else info.reads) if info is not None else ()
