@@ -113,13 +113,14 @@ def cmd_run(args, extra) -> int:
 def cmd_evaluate(args, extra) -> int:
     import igam.progress as progress
     from igam.api import benchmark, spec_folder
-    from igam.attacks.checks import older_notes
+    from igam.attacks.checks import older_notes, warning_block
     from igam.attacks.checks import summary as check_summary
     from igam.attacks.presets import check_queries
-    from igam.evaluate import eps_text, evaluate_run, record_notes, validate_attacks, warning_block
+    from igam.evaluate import evaluate_run, validate_attacks
     from igam.models import shipped
+    from igam.records import record_notes
     from igam.summary import format_sweep_table, format_table, headline_lines, per_class_text, sweep_notes
-    from igam.units import check_eps
+    from igam.units import check_eps, eps_text
 
     attacks = [a.strip().lower() for a in args.attacks.split(",") if a.strip()]
     validate_attacks(attacks)
