@@ -11,8 +11,8 @@ leaves damaged entries out with a warning; writers merge into it under the run's
 inputs of the masking checks (`record_observations`, `stored_check_observations`); AutoAttack's flags and
 settings become notes under a results table (`record_notes`).
 
-    from igam.records import read_eval, worst_case
-    head = worst_case({k: r for k, r in read_eval(run).items() if k != "masking_checks"})
+    from igam.records import read_eval
+    records = read_eval("runs/igam", log=print)   # {} without eval.json; damaged entries left out, warned
 """
 
 from __future__ import annotations
