@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import igam.registry as registry
+from igam.config import make_config, reads
 from igam.errors import IgamError
 from igam.files import write_json
 from igam.models import shipped
@@ -50,8 +51,6 @@ def transfers_from_teacher(meta: dict[str, Any], config: dict[str, Any]) -> bool
     kd-noise, rrm, ard, rslad, an adversarial method with a teacher term; model=teacher too)."""
     if not meta.get("teacher"):
         return False
-    from igam.config import make_config, reads
-
     try:
         return "teacher" in reads(make_config(overrides=dict(config)))
     except IgamError:  # a config.yaml this version does not take: what the method can read at all
