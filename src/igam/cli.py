@@ -733,15 +733,15 @@ def _flag(sp: argparse.ArgumentParser, token: str) -> list[str] | None:
 
 def split_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str, list[str], list[str]]:
     """`igam VERB TOKENS...` read once, in the typed order, before argparse sees it: (VERB, what the verb's
-    parser reads: its own options with their values and its positionals, the configuration overrides).
+    parser reads: its own options with their values, then its positionals, the configuration overrides).
 
     One grammar on every verb, in any order. A token naming one of the verb's options (`_option`) is that
     option, with the next token as its value when it takes one. On train, finetune, transfer and run every
     other token is an override, read later by `igam.config.parse_override_args` (`key=value`, `--key value`,
     `--key=value`, a bare `--key` for true), except run's EXPERIMENT.yaml: its first token that is neither.
-    On the other verbs `key=value` is the option --key (`_flag`), other tokens are positionals (RUN ...), and
-    an option the verb does not have is returned among the overrides, which those verbs refuse. After `--`,
-    no token is an option of the verb.
+    On the other verbs `key=value` is the option --key (`_flag`), other tokens are positionals (RUN ...),
+    and an option the verb does not have, or a positional beyond those it takes, is returned among the
+    overrides, which those verbs refuse. After `--`, no token is an option of the verb.
 
     Raises:
         IgamError: a switch written key=VALUE with a VALUE that is not true or false.
@@ -749,44 +749,40 @@ def split_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str, l
     verb, tokens = argv[0], argv[1:]
     sp = parser.verbs[verb]  # type: ignore[attr-defined]
     takes_overrides = verb in OVERRIDE_VERBS
-    positionals = 1 if verb == "run" else 0  # what a verb with overrides takes besides them
-    own: list[str] = []
+    room = sum(1 if a.nargs in (None, "?") else len(tokens) for a in sp._actions  # positionals it takes
+               if not a.option_strings and a.dest != "overrides")
+    options: list[str] = []
+    positionals: list[str] = []
     overrides: list[str] = []
     ended = False  # after `--`
     i = 0
     while i < len(tokens):
         t, nxt = tokens[i], tokens[i + 1] if i + 1 < len(tokens) else None
         i += 1
+        action = None if ended else _option(sp, t)
+        flag = None if ended or takes_overrides or action is not None else _flag(sp, t)
         if t == "--" and not ended:  # what follows is never an option of the verb
             ended = True
-            own.append(t)
-            continue
-        action = None if ended else _option(sp, t)
-        if action is not None:  # one of the verb's options, with its value
-            own.append(t)
+        elif action is not None:  # one of the verb's options, with its value
+            options.append(t)
             if (action.nargs != 0 and "=" not in t and nxt is not None and not _option_like(nxt)
                     and (takes_overrides or _flag(sp, nxt) is None)):
-                own.append(nxt)
+                options.append(nxt)
                 i += 1
-        elif not takes_overrides:  # evaluate, info, models, demo, gradients, landscape, report
-            flag = None if ended else _flag(sp, t)
-            if flag is not None:
-                own += flag
-            elif _option_like(t) and not ended:
-                overrides.append(t)  # an option this verb does not have: refused
-            else:
-                own.append(t)  # RUN ...
-        elif (t.startswith("--") or "=" in t and KEY.fullmatch(t.partition("=")[0]) or not positionals
-              or _option_like(t) and not ended):
+        elif flag is not None:  # evaluate RUN n=100: --n 100
+            options += flag
+        elif takes_overrides and (t.startswith("--") or "=" in t and KEY.fullmatch(t.partition("=")[0])):
             overrides.append(t)
             if (t.startswith("--") and "=" not in t and nxt is not None and not nxt.startswith("--")
                     and "=" not in nxt and (ended or _option(sp, nxt) is None)):
                 overrides.append(nxt)  # --key value
                 i += 1
-        else:  # run's EXPERIMENT.yaml
-            own.append(t)
-            positionals -= 1
-    return verb, own, overrides
+        elif room and (ended or not _option_like(t)):  # RUN ..., run's EXPERIMENT.yaml
+            positionals.append(t)
+            room -= 1
+        else:  # a bad override (refused by parse_override_args), or what this verb does not take
+            overrides.append(t)
+    return verb, options + (["--", *positionals] if positionals else []), overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -796,7 +792,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if argv[0] not in parser.verbs:  # type: ignore[attr-defined]
-        parser.parse_args(argv[:1])  # --help, or argparse's error naming the verbs
+        if _option(parser, argv[0]) is not None or not _option_like(argv[0]):
+            parser.parse_args(argv[:1])  # --help, or argparse's error naming the verbs
         parser.print_help()
         return 2
     try:
