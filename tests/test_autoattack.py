@@ -19,7 +19,8 @@ from igam.attacks import PGD, AutoAttack, column_label, make_attack, pyautoattac
 from igam.attacks.autoattack import PINNED_VERSION  # noqa: E402
 from igam.cli import main  # noqa: E402
 from igam.errors import IgamError  # noqa: E402
-from igam.evaluate import evaluate_run, record_notes  # noqa: E402
+from igam.evaluate import evaluate_run  # noqa: E402
+from igam.records import record_notes  # noqa: E402
 
 
 class Tiny(nn.Module):

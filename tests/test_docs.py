@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from igam.cli import CONFIG_VERBS, _flag_tokens, build_parser, main
+from igam.cli import CONFIG_VERBS, build_parser, main, split_argv
 from igam.config import make_config, parse_override_args
 from igam.errors import IgamError
 from igam.evaluate import validate_attacks
@@ -172,11 +172,10 @@ def check(argv: list[str]) -> None:
             verb == "models" or args[0].startswith("igam:")):
         assert main([verb, *args]) == 0, argv
         return
-    sp = VERBS[verb]
-    tokens = _flag_tokens(sp, ["x" if placeholder(a) else a for a in args])
-    _, extra = sp.parse_known_args(tokens + (["x"] if verb != "demo" and not any(
-        not t.startswith("-") for t in tokens) else []))
+    _, tokens, extra = split_argv(PARSER, [verb, *("x" if placeholder(a) else a for a in args)])
     assert not extra, f"`igam {verb}` does not take {extra}"
+    VERBS[verb].parse_args(tokens + (["x"] if verb != "demo" and not any(
+        not t.startswith("-") for t in tokens) else []))
     if verb == "evaluate" and "--attacks" in tokens:
         validate_attacks(tokens[tokens.index("--attacks") + 1].split(","))
 

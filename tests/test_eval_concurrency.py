@@ -17,6 +17,7 @@ from conftest import copy_run
 import igam
 import igam.evaluate as ev
 from igam.files import read_json
+from igam.records import update_eval_json
 from igam.runs import Run
 
 
@@ -57,7 +58,7 @@ def test_many_writers_at_once_lose_nothing(tmp_path: Path) -> None:
     def writer(i: int) -> None:
         try:
             for j in range(5):
-                ev.update_eval_json(run, lambda m, i=i, j=j: {**m, f"w{i}-{j}": {"accuracy": 0.5}})
+                update_eval_json(run, lambda m, i=i, j=j: {**m, f"w{i}-{j}": {"accuracy": 0.5}})
         except BaseException as e:  # noqa: BLE001  (reported below)
             errors.append(e)
 
@@ -80,7 +81,7 @@ def test_a_writer_waits_for_the_lock_and_says_for_whom(tmp_path: Path) -> None:
     said: list[str] = []
     t = threading.Timer(0.3, held.release)
     t.start()
-    ev.update_eval_json(Run(run_dir), lambda m: {**m, "x": {}}, log=said.append)
+    update_eval_json(Run(run_dir), lambda m: {**m, "x": {}}, log=said.append)
     t.join()
     assert read_json(run_dir / Run.EVAL) == {"x": {}}
     assert len(said) == 1 and f"pid {os.getpid()}" in said[0] and "eval.json" in said[0]

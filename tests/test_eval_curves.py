@@ -17,9 +17,11 @@ from igam.attacks.admission import ADMISSION_CHECKS, admission_checks
 from igam.attacks.checks import CHECKS, Observation, run_checks
 from igam.cli import main
 from igam.errors import IgamError
-from igam.evaluate import masking_report, parse_eps_sweep, per_class_accuracy
+from igam.evaluate import masking_report
 from igam.models import create_model
+from igam.records import per_class_accuracy
 from igam.runs import Run
+from igam.sweeps import parse_eps_sweep
 
 SWEEP = "1/255,2/255,4/255,8/255,16/255"
 

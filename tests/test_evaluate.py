@@ -12,7 +12,8 @@ import torch
 from igam.attacks.checks import CHECKS, Observation, noise_margin, run_checks
 from igam.cli import main
 from igam.errors import IgamError
-from igam.evaluate import evaluate_attack, evaluate_run, result_key, run_attack
+from igam.evaluate import evaluate_attack, evaluate_run, run_attack
+from igam.records import result_key
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +226,7 @@ def test_several_runs_share_one_load_of_the_test_images_and_batch_size_auto(tmp_
 
 def test_worst_case_per_image_over_attacks() -> None:
     """The headline number: an image counts as robust only if every attack left it correct."""
-    from igam.evaluate import pack_correct, unpack_correct, worst_case
+    from igam.records import pack_correct, unpack_correct, worst_case
 
     a = torch.tensor([1, 1, 0, 1, 1, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
     b = torch.tensor([1, 0, 1, 1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)

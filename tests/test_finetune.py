@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 from igam.cli import main
 from igam.config import Config, make_config
 from igam.errors import IgamError
-from igam.evaluate import EXPECTED_CLEAN, check_foreign_teacher
 from igam.experiment import run_experiment
 from igam.experiment.spec import load_experiment, stage_status
 from igam.files import load_weights
 from igam.runs import Run
+from igam.teacher_checks import EXPECTED_CLEAN, check_foreign_teacher
 from igam.teachers import load_teacher
 from igam.train import train
 

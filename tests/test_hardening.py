@@ -407,7 +407,7 @@ def test_evaluation_leaves_every_buffer_bit_identical() -> None:
 
 @pytest.mark.parametrize("verb", ["gradients", "landscape", "report", "info"])
 def test_verbs_with_options_say_they_read_key_value_too(verb, capsys) -> None:
-    """Their --help says options can be written key=value, as `igam evaluate`'s does (_flag_tokens)."""
+    """Their --help says options can be written key=value, as `igam evaluate`'s does (split_argv)."""
     with pytest.raises(SystemExit):
         main([verb, "--help"])
     assert "Every option can also be written key=value" in " ".join(capsys.readouterr().out.split())

@@ -14,9 +14,9 @@ import torch
 from igam.cli import main
 from igam.config import Config, make_config
 from igam.errors import IgamError
-from igam.evaluate import parse_eps_sweep
 from igam.experiment.spec import load_experiment
 from igam.files import read_yaml
+from igam.sweeps import parse_eps_sweep
 
 TINY = ["dataset=synthetic:8x8x3:4", "model=small-cnn", "width=4", "train_subset=64", "test_subset=32",
         "batch_size=32", "epochs=1", "progress=false", "tensorboard=false", "eval_n=32", "threads=1"]
@@ -199,8 +199,8 @@ def test_sizes_of_figures_and_attacks_are_refused_before_any_work(
 
 
 def test_an_eps_sweep_and_an_experiment_sweep_have_bounded_lengths(tmp_path: Path) -> None:
-    from igam.evaluate import MAX_SWEEP
     from igam.experiment.spec import MAX_STAGES
+    from igam.sweeps import MAX_SWEEP
 
     radii = ",".join(f"{i}/1000" for i in range(1, MAX_SWEEP + 2))
     with pytest.raises(IgamError, match=f"{MAX_SWEEP + 1} radii"):

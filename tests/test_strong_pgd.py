@@ -79,7 +79,7 @@ def test_margin_restarts_find_what_cross_entropy_cannot(saturated) -> None:
     mix = run_attack(model, x, y, "pgd20x2-mix-cos", eps=0.3)
     assert ce["accuracy"] > 0.6 and cw["accuracy"] < ce["accuracy"] - 0.5  # (CE: only its random starts)
     assert mix["accuracy"] <= cw["accuracy"] + 0.05
-    from igam.evaluate import unpack_correct
+    from igam.records import unpack_correct
 
     c_ce, c_mix = unpack_correct(ce["correct"], len(x)), unpack_correct(mix["correct"], len(x))
     assert not bool((c_mix & ~c_ce).any())  # no image the cross-entropy restarts broke survives the mix

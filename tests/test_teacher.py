@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 
 from igam.config import make_config
 from igam.errors import IgamError
-from igam.evaluate import check_teacher_robustness as check_robustness
 from igam.files import load_weights
 from igam.objectives.finetune import build_finetune_model
 from igam.runs import load_run_model
+from igam.teacher_checks import check_teacher_robustness as check_robustness
 from igam.teachers import frozen_teacher, load_teacher
 from igam.train import train
 

@@ -19,9 +19,10 @@ from igam.attacks import PGD, AutoAttack
 from igam.cli import main
 from igam.config import make_config
 from igam.errors import IgamError
-from igam.evaluate import evaluate_model, evaluate_run, masking_report, reusable_record, run_attack
+from igam.evaluate import evaluate_model, evaluate_run, masking_report, run_attack
 from igam.files import save_weights
 from igam.models import create_model, normalization_metadata
+from igam.records import reusable_record
 from igam.train import train
 
 QUIET = dict(progress=False, tensorboard=False, threads=1)

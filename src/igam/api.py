@@ -27,8 +27,9 @@ import igam.progress as bars
 from igam.attacks.checks import summary as check_summary
 from igam.data import NAMED, default_data_dir
 from igam.errors import IgamError
-from igam.evaluate import evaluate_model, evaluate_run, test_images, worst_case
+from igam.evaluate import evaluate_model, evaluate_run, test_images
 from igam.models import robustbench_zoo, shipped
+from igam.records import worst_case
 from igam.runs import Run
 from igam.summary import format_sweep_table, format_table, headline_lines, per_class_text
 from igam.teachers import load_teacher

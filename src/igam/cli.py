@@ -1,4 +1,8 @@
-"""The `igam` command line: one small function per verb; no training logic lives here."""
+"""The `igam` command line: one small function per verb; no training logic lives here.
+
+`split_argv` reads a command line once, in the typed order: the verb's own options (and positionals) go to
+argparse, the configuration overrides (`key=value`, `--key value`) to the verb, as `cmd_VERB(args,
+overrides)`."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,28 +18,17 @@ from igam.config import config_help, make_config, methods_help, parse_override_a
 from igam.errors import IgamError
 
 CONFIG_VERBS = {"train", "finetune", "transfer"}  # verbs whose every argument is a configuration key
+OVERRIDE_VERBS = CONFIG_VERBS | {"run"}  # verbs that take configuration overrides (run: for every stage)
 EPILOG_OVERRIDES = (
     "Any configuration key can be given as key=value or --key value, after an optional "
     "--config FILE.yaml; later values win. Unknown keys are errors."
 )
 
 
-def _override_tokens(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """The key=value / --key value tokens in the order they were typed. argparse splits them between the
-    `overrides` positional and the unknown extras (`--epochs 3` gives extra ['--epochs'], overrides ['3'])."""
-    pool = list(args.overrides or []) + list(extra)
-    ordered = []
-    for token in getattr(args, "typed_argv", pool):
-        if token in pool:
-            pool.remove(token)
-            ordered.append(token)
-    return ordered + pool
-
-
-def _config_from(args: argparse.Namespace, extra: list[str], **forced):
-    overrides = parse_override_args(_override_tokens(args, extra))
-    overrides.update({k: v for k, v in forced.items() if k not in overrides})
-    return make_config(args.config, overrides)
+def _config_from(args: argparse.Namespace, overrides: list[str], **forced):
+    given = parse_override_args(overrides)
+    given.update({k: v for k, v in forced.items() if k not in given})
+    return make_config(args.config, given)
 
 
 def _print_notes(cfg) -> None:
@@ -45,19 +39,19 @@ def _print_notes(cfg) -> None:
         print(f"igam: note: {note}", file=sys.stderr)
 
 
-def cmd_train(args, extra) -> int:
+def cmd_train(args, overrides) -> int:
     from igam.train import train
 
-    cfg = _config_from(args, extra)
+    cfg = _config_from(args, overrides)
     _print_notes(cfg)
     print(train(cfg))
     return 0
 
 
-def cmd_finetune(args, extra) -> int:
+def cmd_finetune(args, overrides) -> int:
     from igam.train import train
 
-    cfg = _config_from(args, extra, method="finetune", epochs="10")
+    cfg = _config_from(args, overrides, method="finetune", epochs="10")
     if cfg.method != "finetune":
         raise IgamError("`igam finetune` always uses method=finetune; use `igam train` for other methods.")
     _print_notes(cfg)
@@ -65,10 +59,10 @@ def cmd_finetune(args, extra) -> int:
     return 0
 
 
-def cmd_transfer(args, extra) -> int:
+def cmd_transfer(args, overrides) -> int:
     from igam.train import train
 
-    cfg = _config_from(args, extra, method="igam")
+    cfg = _config_from(args, overrides, method="igam")
     if cfg.method not in ("igam", "igr"):
         raise IgamError(f"`igam transfer` trains method=igam (or the igr control), not {cfg.method}.")
     _print_notes(cfg)
@@ -76,11 +70,11 @@ def cmd_transfer(args, extra) -> int:
     return 0
 
 
-def cmd_run(args, extra) -> int:
+def cmd_run(args, overrides) -> int:
     from igam.experiment import StagesFailed, run_experiment
     from igam.experiment.cluster import ClusterOptions, parse_gpus, parse_sbatch, parse_time
 
-    overrides = parse_override_args(_override_tokens(args, extra))
+    given = parse_override_args(overrides)
     cluster = ClusterOptions(
         partition=args.partition,
         time=parse_time(args.time) if args.time is not None else None,
@@ -95,7 +89,7 @@ def cmd_run(args, extra) -> int:
             args.experiment,
             dry_run=args.dry_run,
             out_dir=args.out_dir,
-            overrides=overrides,
+            overrides=given,
             only=args.only.split(",") if args.only is not None else None,
             miniature=args.miniature,
             results_only=args.results_only,
@@ -110,16 +104,17 @@ def cmd_run(args, extra) -> int:
     return 0
 
 
-def cmd_evaluate(args, extra) -> int:
+def cmd_evaluate(args, overrides) -> int:
     import igam.progress as progress
     from igam.api import benchmark, spec_folder
-    from igam.attacks.checks import older_notes
+    from igam.attacks.checks import older_notes, warning_block
     from igam.attacks.checks import summary as check_summary
     from igam.attacks.presets import check_queries
-    from igam.evaluate import eps_text, evaluate_run, record_notes, validate_attacks, warning_block
+    from igam.evaluate import evaluate_run, validate_attacks
     from igam.models import shipped
+    from igam.records import record_notes
     from igam.summary import format_sweep_table, format_table, headline_lines, per_class_text, sweep_notes
-    from igam.units import check_eps
+    from igam.units import check_eps, eps_text
 
     attacks = [a.strip().lower() for a in args.attacks.split(",") if a.strip()]
     validate_attacks(attacks)
@@ -221,10 +216,10 @@ def is_model_spec(text: str) -> bool:
     return text.startswith(("igam:", "robustbench:")) and not Path(text).exists()
 
 
-def cmd_info(args, extra) -> int:
-    from igam.evaluate import read_eval
+def cmd_info(args, overrides) -> int:
     from igam.files import read_json
     from igam.models import shipped
+    from igam.records import read_eval
     from igam.runs import Run, resolve_run
     from igam.summary import certificate_text, eval_text, format_sweep_table
 
@@ -287,7 +282,7 @@ def cmd_info(args, extra) -> int:
     return 0
 
 
-def cmd_models(args, extra) -> int:
+def cmd_models(args, overrides) -> int:
     """`igam models`: the zoo, the library prefixes, and RobustBench's teachers where its extra is there."""
     from igam.models import describe_models, robustbench_zoo, shipped
 
@@ -307,7 +302,7 @@ def cmd_models(args, extra) -> int:
     return 0
 
 
-def cmd_demo(args, extra) -> int:
+def cmd_demo(args, overrides) -> int:
     from igam.demo import demo
 
     demo(out_dir=args.out_dir, data_dir=args.data_dir, quick=args.quick)
@@ -322,7 +317,7 @@ def _print_outputs(path, pdf: bool) -> int:
     return 0
 
 
-def cmd_gradients(args, extra) -> int:
+def cmd_gradients(args, overrides) -> int:
     from igam.report.gradients import plot_run_gradients
 
     if args.n < 1:
@@ -340,7 +335,7 @@ def cmd_gradients(args, extra) -> int:
     return _print_outputs(path, args.pdf)
 
 
-def cmd_landscape(args, extra) -> int:
+def cmd_landscape(args, overrides) -> int:
     from igam.report.landscape import plot_run_landscape
 
     if args.grid < 2:
@@ -359,7 +354,7 @@ def cmd_landscape(args, extra) -> int:
     return _print_outputs(path, args.pdf)
 
 
-def cmd_report(args, extra) -> int:
+def cmd_report(args, overrides) -> int:
     from igam.report.common import MAX_FIGURE_IMAGES
     from igam.report.html import write_report
 
@@ -407,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.verbs[name] = sp  # type: ignore[attr-defined]
         if config:
             sp.add_argument("--config", metavar="FILE.yaml", help="YAML file of configuration keys")
+            # named for --help; split_argv hands the overrides to the verb itself, in the typed order
             sp.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
         return sp
 
@@ -463,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         "docs/DISTRIBUTED.md compares this with torchrun (one stage on many GPUs).",
     )
     r.add_argument("experiment", metavar="EXPERIMENT.yaml")
-    r.add_argument("overrides", nargs="*", metavar="key=value", help="keys applied to every stage")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="keys applied to every stage")  # --help
     r.add_argument("--dry-run", action="store_true", help="print the plan with estimated costs, run nothing")
     r.add_argument("--out-dir", default=None, help="where the stages' runs go (default: the file's out_dir)")
     r.add_argument("--only", default=None,
@@ -673,10 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--device", default="cpu")
     rp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     for name, sp in p.verbs.items():  # type: ignore[attr-defined]
-        # the verbs with classic options read key=value too (_flag_tokens): say so where the help does not
+        # the verbs with classic options read key=value too (split_argv): say so where the help does not
         opts = [(o, a.nargs == 0) for a in sp._actions for o in a.option_strings
                 if o.startswith("--") and o != "--help"]
-        if name in CONFIG_VERBS | {"run"} or not opts or "key=value" in (sp.description or ""):
+        if name in OVERRIDE_VERBS or not opts or "key=value" in (sp.description or ""):
             continue
         flag, switch = next(((o, sw) for o, sw in opts if not sw), opts[0])
         key = flag.removeprefix("--").replace("-", "_")
@@ -685,35 +681,112 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flag_tokens(sp: argparse.ArgumentParser, tokens: list[str]) -> list[str]:
-    """One grammar on every verb: on the verbs with classic options (evaluate, gradients, landscape,
-    report, run, ...), `key=value` means `--key value` when `--key` is one of the verb's options
-    ('-' and '_' alike), so `igam evaluate RUN attacks=clean,pgd20 n=100` works like the flags."""
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value, not an option (as argparse reads it)
+KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")  # the key of a key=value override (not a path with a '=')
+
+
+def _option(sp: argparse.ArgumentParser, token: str) -> argparse.Action | None:
+    """The verb's option that `token` names as argparse reads it: exactly (`--n`, `-h`), as `--n=8`, or as
+    the beginning of --long options (`--att` is --attacks; an ambiguous one, `--o` on `igam run`, names one
+    of them and argparse refuses it). None when it names none."""
+    actions = sp._option_string_actions
+    if token in actions:
+        return actions[token]
+    if not token.startswith("--") or token == "--":
+        return None
+    name = token.partition("=")[0]
+    hits = [actions[name]] if name in actions else [a for o, a in actions.items() if o.startswith(name)]
+    return hits[0] if hits else None
+
+
+def _option_like(token: str) -> bool:
+    """Whether argparse reads `token` as an option rather than a value (a negative number, `-` and a token
+    with a space are values)."""
+    return token.startswith("-") and token != "-" and not NEGATIVE_NUMBER.match(token) and " " not in token
+
+
+def _flag(sp: argparse.ArgumentParser, token: str) -> list[str] | None:
+    """On a verb with classic options, `key=value` is `--key value` when --key is one of its options ('-' and
+    '_' alike): `igam evaluate RUN attacks=clean,pgd20 n=100` works like the flags. A switch is key=true or
+    key=false (`progress=false` is --no-progress). None when `token` is no such key=value.
+
+    Raises:
+        IgamError: a switch given a value other than true/false (1/0, yes/no, on/off).
+    """
+    key, eq, value = token.partition("=")
+    if not eq or token.startswith("-"):
+        return None
     options = {o.lstrip("-").replace("-", "_"): (o, a) for a in sp._actions for o in a.option_strings
                if o.startswith("--")}
-    out: list[str] = []
-    for t in tokens:
-        key, eq, value = t.partition("=")
-        found = options.get(key.replace("-", "_")) if eq and not t.startswith("-") else None
-        negated = options.get("no_" + key.replace("-", "_")) if eq and not t.startswith("-") else None
-        if found is None and negated is not None and negated[1].nargs == 0:  # progress=false: --no-progress
-            flag = value.strip().lower()
-            if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise IgamError(f"{key}={value!r}: write {key}=true or {key}=false.")
-            out += [] if flag in ("1", "true", "yes", "on") else [negated[0]]
-            continue
-        if found is None:
-            out.append(t)
-            continue
-        opt, action = found
-        if action.nargs == 0:  # a switch: key=true turns it on, key=false leaves it off
-            flag = value.strip().lower()
-            if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise IgamError(f"{key}={value!r}: {opt} is a switch; write {key}=true or {key}=false.")
-            out += [opt] if flag in ("1", "true", "yes", "on") else []
-        else:
-            out += [opt, value]
-    return out
+    found, negated = options.get(key.replace("-", "_")), options.get("no_" + key.replace("-", "_"))
+    flag = value.strip().lower()
+    if found is None and negated is not None and negated[1].nargs == 0:  # progress=false: --no-progress
+        if flag not in TRUE + FALSE:
+            raise IgamError(f"{key}={value!r}: write {key}=true or {key}=false.")
+        return [] if flag in TRUE else [negated[0]]
+    if found is None:
+        return None
+    opt, action = found
+    if action.nargs != 0:
+        return [opt, value]
+    if flag not in TRUE + FALSE:  # a switch: key=true turns it on, key=false leaves it off
+        raise IgamError(f"{key}={value!r}: {opt} is a switch; write {key}=true or {key}=false.")
+    return [opt] if flag in TRUE else []
+
+
+def split_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str, list[str], list[str]]:
+    """`igam VERB TOKENS...` read once, in the typed order, before argparse sees it: (VERB, what the verb's
+    parser reads: its own options with their values, then its positionals, the configuration overrides).
+
+    One grammar on every verb, in any order. A token naming one of the verb's options (`_option`) is that
+    option, with the next token as its value when it takes one. On train, finetune, transfer and run every
+    other token is an override, read later by `igam.config.parse_override_args` (`key=value`, `--key value`,
+    `--key=value`, a bare `--key` for true), except run's EXPERIMENT.yaml: its first token that is neither.
+    On the other verbs `key=value` is the option --key (`_flag`), other tokens are positionals (RUN ...),
+    and an option the verb does not have, or a positional beyond those it takes, is returned among the
+    overrides, which those verbs refuse. After `--`, no token is an option of the verb.
+
+    Raises:
+        IgamError: a switch written key=VALUE with a VALUE that is not true or false.
+    """
+    verb, tokens = argv[0], argv[1:]
+    sp = parser.verbs[verb]  # type: ignore[attr-defined]
+    takes_overrides = verb in OVERRIDE_VERBS
+    room = sum(1 if a.nargs in (None, "?") else len(tokens) for a in sp._actions  # positionals it takes
+               if not a.option_strings and a.dest != "overrides")
+    options: list[str] = []
+    positionals: list[str] = []
+    overrides: list[str] = []
+    ended = False  # after `--`
+    i = 0
+    while i < len(tokens):
+        t, nxt = tokens[i], tokens[i + 1] if i + 1 < len(tokens) else None
+        i += 1
+        action = None if ended else _option(sp, t)
+        flag = None if ended or takes_overrides or action is not None else _flag(sp, t)
+        if t == "--" and not ended:  # what follows is never an option of the verb
+            ended = True
+        elif action is not None:  # one of the verb's options, with its value
+            options.append(t)
+            if (action.nargs != 0 and "=" not in t and nxt is not None and not _option_like(nxt)
+                    and (takes_overrides or _flag(sp, nxt) is None)):
+                options.append(nxt)
+                i += 1
+        elif flag is not None:  # evaluate RUN n=100: --n 100
+            options += flag
+        elif takes_overrides and (t.startswith("--") or "=" in t and KEY.fullmatch(t.partition("=")[0])):
+            overrides.append(t)
+            if (t.startswith("--") and "=" not in t and nxt is not None and not nxt.startswith("--")
+                    and "=" not in nxt and (ended or _option(sp, nxt) is None)):
+                overrides.append(nxt)  # --key value
+                i += 1
+        elif room and (ended or not _option_like(t)):  # RUN ..., run's EXPERIMENT.yaml
+            positionals.append(t)
+            room -= 1
+        else:  # a bad override (refused by parse_override_args), or what this verb does not take
+            overrides.append(t)
+    return verb, options + (["--", *positionals] if positionals else []), overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -722,22 +795,20 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 0
-    if argv[0] in parser.verbs and argv[0] not in CONFIG_VERBS | {"run"}:  # type: ignore[attr-defined]
-        try:
-            argv = [argv[0], *_flag_tokens(parser.verbs[argv[0]], argv[1:])]  # type: ignore[attr-defined]
-        except IgamError as e:
-            print(f"igam: error: {e}", file=sys.stderr)
-            return 2
-    args, extra = parser.parse_known_args(argv)
-    args.typed_argv = argv[1:]  # the typed order of override tokens (see _override_tokens)
-    if not getattr(args, "fn", None):
+    if argv[0] not in parser.verbs:  # type: ignore[attr-defined]
+        if _option(parser, argv[0]) is not None or not _option_like(argv[0]):
+            parser.parse_args(argv[:1])  # --help, or argparse's error naming the verbs
         parser.print_help()
         return 2
     try:
-        if extra and args.verb not in CONFIG_VERBS | {"run"}:
-            raise IgamError(
-                f"`igam {args.verb}` does not take {' '.join(extra)!r}; see `igam {args.verb} --help`."
-            )
+        verb, own, overrides = split_argv(parser, argv)
+    except IgamError as e:
+        print(f"igam: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args([verb, *own])
+    try:
+        if overrides and verb not in OVERRIDE_VERBS:
+            raise IgamError(f"`igam {verb}` does not take {' '.join(overrides)!r}; see `igam {verb} --help`.")
         if isinstance(getattr(args, "device", None), str):  # evaluate, gradients, landscape, report
             from igam.utils import resolve_device
 
@@ -748,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         from igam.utils import torch_threads
 
         with torch_threads(threads or 0):  # the verbs that compute outside a training run
-            return int(args.fn(args, extra) or 0)
+            return int(args.fn(args, overrides) or 0)
     except IgamError as e:
         print(f"igam: error: {e}", file=sys.stderr)
         return 2
@@ -758,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:  # the environment, not the input: a full disk, permissions, a vanished file
         where = f" ('{str(e.filename)[:300]}')" if e.filename else ""
-        trains = args.verb in CONFIG_VERBS | {"run", "demo"}
+        trains = verb in OVERRIDE_VERBS | {"demo"}
         if e.errno == errno.ENAMETOOLONG:
             print(f"igam: error: {e.strerror}{where}: use a shorter path.", file=sys.stderr)
             return 2
@@ -770,7 +841,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        verb = argv[0] if argv else ""
         hint = ("rerun the same `igam run` command to resume: finished stages and evaluations are reused"
                 if verb == "run" else "resume a training run with resume=true")
         print(f"igam: interrupted; {hint}.", file=sys.stderr)

@@ -425,7 +425,7 @@ class Run:
     LOG, EVAL_LOG, TB, CHECKPOINTS = "log.csv", "eval_log.csv", "tb", "checkpoints"
     JOBS = "jobs"  # `igam run`'s job files for this stage (igam.experiment.executors)
     LOCK = ".lock"  # held (OS lock) by the one process that trains in this folder
-    EVAL_LOCK = ".eval.lock"  # held while a process updates eval.json (evaluate.update_eval_json)
+    EVAL_LOCK = ".eval.lock"  # held while a process updates eval.json (records.update_eval_json)
     CURVE, CURVE_PNG = "robustness_curve.json", "robustness_curve.png"  # `igam evaluate --eps-sweep`
 
     def __init__(self, path: str | Path):

@@ -13,7 +13,8 @@ from typing import Any
 
 from igam.attacks import column_label, column_name
 from igam.attacks.checks import summary as check_summary
-from igam.evaluate import eps_text, worst_case
+from igam.records import worst_case
+from igam.units import eps_text
 
 __all__ = ["certificate_text", "column_title", "eval_text", "format_sweep_table", "format_table",
            "headline_lines", "order_attacks", "per_class_text", "sweep_notes"]

@@ -2,7 +2,7 @@
 fine-tuning trains (paper 4.1, eq. 6: every weight frozen, a new logit layer for the target classes, an
 input adapter in front), and loading a fine-tuned teacher for IGAM, checked against the target task.
 
-Whether a teacher is robust on its own task is checked by igam.evaluate.check_teacher_robustness, called
+Whether a teacher is robust on its own task is checked by igam.teacher_checks.check_teacher_robustness, called
 by the fine-tuning method's set-up, not here.
 """
 

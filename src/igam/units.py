@@ -1,5 +1,6 @@
-"""Numbers users type: fractions such as 8/255, L-inf radii in [0, 1] pixel units, and training-time
-points such as 1000 (a step), 5ep (an epoch) or 0.875 (a fraction of training).
+"""Numbers users type: fractions such as 8/255, L-inf radii in [0, 1] pixel units (and how a radius is
+written back: `eps_text`), and training-time points such as 1000 (a step), 5ep (an epoch) or 0.875 (a
+fraction of training).
 
 Parsed once, where configuration is read; everything downstream receives floats and ints.
 """
@@ -58,6 +59,15 @@ def check_eps(value: str | float, key: str = "eps") -> float:
         raise IgamError(f"{key}={value} is larger than 1, but inputs live in [0, 1]. If you meant "
                         f"{value}/255 on the 0-255 scale, write {key}={value}/255.")
     return eps
+
+
+def eps_text(eps: float) -> str:
+    """How a radius is written in keys and tables: its short decimal when that is exact (0.5, 0.2), else
+    k/255 when it is one (64/255), else 4 significant digits."""
+    short, k = f"{eps:.4g}", eps * 255
+    if float(short) == eps:
+        return short
+    return f"{round(k)}/255" if 0 < eps < 1 and abs(k - round(k)) < 1e-6 else short
 
 
 def check_start(text: str | float | int, key: str = "igam_start") -> str:

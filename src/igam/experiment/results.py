@@ -10,10 +10,10 @@ from typing import Any
 
 import igam.registry as registry
 from igam.attacks.checks import summary
-from igam.evaluate import read_eval
 from igam.experiment.costs import hms
 from igam.experiment.spec import Experiment, Stage, mark_smoke_test, resolve_stage
 from igam.files import write_figure
+from igam.records import read_eval
 from igam.runs import Run
 
 

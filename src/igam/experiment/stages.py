@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from igam.errors import IgamError
-from igam.evaluate import evaluate_run, result_key
+from igam.evaluate import evaluate_run
 from igam.experiment.spec import Experiment, Stage, resolve_stage, stage_status
 from igam.files import read_json_object
+from igam.records import result_key
 from igam.runs import Run
 from igam.train import train
 from igam.utils import resolve_device

@@ -11,11 +11,10 @@ finetune_lr.
 layer of it, starting from the robust teacher's weights (robust initialisation): `teacher_network`. The
 teacher's own training is not counted in the run's passes (the premise: the robust model exists).
 
-Set-up checks the teacher on its own task first: a run directory's robustness
-(igam.evaluate.check_teacher_robustness: IGAM transfers the teacher's robustness, so a teacher that has
-none is worth a warning), a foreign teacher's clean accuracy on the dataset it was trained on
-(igam.evaluate.check_foreign_teacher, teacher_dataset: near chance means its weights are read wrongly, and
-is refused).
+Set-up checks the teacher on its own task first (igam.teacher_checks): a run directory's robustness
+(`check_teacher_robustness`: IGAM transfers the teacher's robustness, so a teacher that has none is worth a
+warning), a foreign teacher's clean accuracy on the dataset it was trained on (`check_foreign_teacher`,
+teacher_dataset: near chance means its weights are read wrongly, and is refused).
 """
 
 from __future__ import annotations
@@ -28,12 +27,12 @@ import torch.nn as nn
 
 from igam.data import default_data_dir
 from igam.errors import IgamError
-from igam.evaluate import check_foreign_teacher, check_shipped_teacher, check_teacher_robustness
 from igam.method.adapted import AdaptedTeacher
 from igam.models import shipped
 from igam.objectives.base import Objective, Passes, count, register_objective
 from igam.registry import Key
 from igam.runs import init_model_from
+from igam.teacher_checks import check_foreign_teacher, check_shipped_teacher, check_teacher_robustness
 from igam.teachers import finetune_model, load_teacher, teacher_architecture
 from igam.units import positive
 

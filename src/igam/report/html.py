@@ -26,8 +26,8 @@ import markdown as markdown_lib
 from igam.attacks import column_name, default_eps
 from igam.config import Config
 from igam.errors import IgamError
-from igam.evaluate import eps_text, read_eval, worst_case
 from igam.files import PACKAGE_VERSION, atomic_write_text
+from igam.records import read_eval, worst_case
 from igam.report.common import png_bytes, run_labels
 from igam.report.curves import curves_figure
 from igam.report.gradients import run_gradient_figure
@@ -35,6 +35,7 @@ from igam.report.landscape import run_landscapes
 from igam.report.robustness import read_curve, robustness_figure
 from igam.runs import Run
 from igam.summary import order_attacks
+from igam.units import eps_text
 
 CSS = resources.files("igam.report").joinpath("report.css").read_text(encoding="utf-8")
 
@@ -66,7 +67,7 @@ class RunInfo:
 
 def read_run(run_dir: Path, label: str | None = None, log: Callable[[str], None] = print) -> RunInfo:
     """A run's files for its report; damaged records of eval.json and metrics.json are left out with a
-    warning through `log` (`evaluate.read_eval`, `Run.read_metrics`)."""
+    warning through `log` (`records.read_eval`, `Run.read_metrics`)."""
     run = Run(run_dir)
     info = RunInfo(run_dir, label or run_dir.name, run.meta)
     info.config = run.config
@@ -265,7 +266,7 @@ def attack_title(a: str) -> str:
 
 
 def fmt_eps(eps: Any) -> Any:
-    """A radius written one way everywhere (igam.evaluate.eps_text): 0.0313725 -> '8/255', 0.3 -> '0.3',
+    """A radius written one way everywhere (igam.units.eps_text): 0.0313725 -> '8/255', 0.3 -> '0.3',
     0.0157 -> '4/255'; anything that is not a number unchanged."""
     return eps_text(float(eps)) if _is_num(eps) else eps
 

@@ -26,9 +26,9 @@ from typing import Any
 import igam.registry as registry
 from igam.config import make_config, reads
 from igam.errors import IgamError
-from igam.evaluate import read_eval, worst_case
 from igam.files import write_json
 from igam.models import shipped
+from igam.records import read_eval, worst_case
 from igam.runs import Run
 
 MODEL_INFO = "model_info.json"

@@ -16,10 +16,10 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from igam.errors import IgamError
-from igam.evaluate import eps_text
 from igam.files import read_json_object
 from igam.report.common import save_figure
 from igam.runs import Run, resolve_run
+from igam.units import eps_text
 
 STYLES = ("-", "--", "-.", (0, (5, 1, 1, 1)))
 MARKERS = ("o", "s", "^", "D", "v", "P")
