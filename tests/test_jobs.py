@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SLOWER
 
 from igam.cli import main
 from igam.errors import IgamError
@@ -348,7 +349,7 @@ def test_a_killed_slot_and_ctrl_c_leave_a_run_that_the_rerun_finishes(tmp_path, 
     proc, log = start_run(*args, cwd=tmp_path, env=env)
     rec = wait_for(lambda: checkpoint(stage, 4) and job_record(stage), proc=proc)
     os.kill(rec["pid"], signal.SIGKILL)
-    assert proc.wait(timeout=120) == 1
+    assert proc.wait(timeout=120 * SLOWER) == 1
     text = log.read_text()
     assert "long (training): FAILED" in text and "its process ended without finishing (killed" in text
     assert f"log: {stage / 'jobs' / (rec['job'] + '_0_log.out')}" in text
@@ -358,11 +359,11 @@ def test_a_killed_slot_and_ctrl_c_leave_a_run_that_the_rerun_finishes(tmp_path, 
     rec2 = wait_for(lambda: checkpoint(stage, 12) and job_record(stage, {rec["job"]}), proc=proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    assert proc.wait(timeout=120 * SLOWER) == 130
     text = log.read_text()
     assert re.search(r"stopped 1 local slot: long \(training\) \[slot 1, pid \d+\]", text), text
     assert "rerun the same command" in text
-    wait_for(lambda: not alive(rec2["pid"]), timeout=30)
+    wait_for(lambda: not alive(rec2["pid"]), timeout=30 * SLOWER)
     assert "resumed" in (stage / "jobs" / f"{rec2['job']}_0_log.out").read_text()
 
     r = igam_run(*args, cwd=tmp_path)
@@ -425,7 +426,7 @@ def test_scancel_and_ctrl_c_on_slurm_leave_a_run_that_the_rerun_finishes(tmp_pat
     proc, log = start_run(*args, cwd=tmp_path, env=env)
     rec2 = wait_for(lambda: checkpoint(stage, 12) and job_record(stage, {rec["job"]}), proc=proc)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    assert proc.wait(timeout=120 * SLOWER) == 130
     text = log.read_text()
     assert f"cancelled SLURM jobs {rec2['job']} (long (training))" in text, text
 
